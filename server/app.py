@@ -1,0 +1,103 @@
+"""The ASGI application: routes, error handling, and the shared clients its lifespan owns."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+
+from . import api
+from .config import Settings
+from .core import Relay
+from .errors import RelayError
+from .hub import StreamHub
+from .store import Store
+from .transports import sse, websocket
+from .upstream.anthropic import AnthropicUpstream
+from .upstream.offline import OfflineOptions, OfflineTransport
+
+log = logging.getLogger("deltarelay")
+
+ROOT = Path(__file__).resolve().parent.parent
+STATIC = ROOT / "static"
+CLIENT = ROOT / "client"
+
+
+def upstream_transport(settings: Settings) -> httpx.AsyncBaseTransport | None:
+    """The offline model when there is no API key; else httpx's own network transport."""
+    if settings.offline:
+        return OfflineTransport(OfflineOptions(delay_ms=settings.offline_delay_ms, words=settings.offline_words))
+    return None
+
+
+async def relay_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RelayError)
+    headers = {"retry-after": str(int(exc.retry_after + 0.999))} if exc.retry_after else None
+    return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
+                        headers=exc.headers)
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"error": {"code": "internal_error", "message": "internal server error"}}, status_code=500)
+
+
+async def index(request: Request) -> Response:
+    return FileResponse(STATIC / "index.html")
+
+
+def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+    """The app for `settings`; `transport` replaces the upstream's network (tests)."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        store = Store(settings.database_url)
+        await store.connect()
+        left = await store.interrupt_unfinished()
+        if left:
+            log.warning("marked %d answers left unfinished by an earlier run as interrupted", left)
+        upstream = AnthropicUpstream(settings, transport or upstream_transport(settings))
+        hub = StreamHub(settings.stream_log_events, settings.stream_retention_seconds)
+        app.state.store = store
+        app.state.hub = hub
+        app.state.relay = Relay(settings, store, upstream, hub)
+        app.state.settings = settings
+        try:
+            yield
+        finally:
+            await hub.shutdown(grace_seconds=0)
+            await upstream.aclose()
+            await store.disconnect()
+
+    routes = [
+        Route("/", index),
+        Route("/healthz", api.healthz),
+        Route("/api/conversations", api.list_conversations),
+        Route("/api/conversations/{conversation_id}/messages", api.list_messages),
+        Route("/api/command-center/message", sse.post_message, methods=["POST"]),
+        Route("/api/command-center/streams/{stream_id}", sse.get_stream),
+        Route("/api/command-center/streams/{stream_id}/cancel", sse.cancel_stream, methods=["POST"]),
+        WebSocketRoute("/api/command-center/ws", websocket.websocket_endpoint),
+        Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),
+        Mount("/client", StaticFiles(directory=CLIENT, check_dir=False), name="client"),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={RelayError: relay_error, HTTPException: http_error, Exception: internal_error},
+    )

@@ -1,0 +1,60 @@
+"""Command line: `deltarelay` (or `python -m server`) runs the server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .config import ConfigError, Settings, load_settings
+
+
+def _serve_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="address to bind (HOST, default 127.0.0.1)")
+    parser.add_argument("--port", help="port to bind (PORT, default 8000)")
+    parser.add_argument("--database-url", help="sqlite:///file.db or postgresql://... (DATABASE_URL)")
+    parser.add_argument("--model", help="default model (RELAY_MODEL)")
+    parser.add_argument("--log-level", help="critical, error, warning, info or debug (RELAY_LOG_LEVEL)")
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    from .app import create_app
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("deltarelay")
+    if settings.offline:
+        log.warning("no ANTHROPIC_API_KEY: answers come from the built-in offline demo model")
+    log.info("deltarelay on http://%s:%d (database %s)", settings.host, settings.port,
+             settings.database_url.split("@")[-1])
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        loop="auto",  # uvloop when installed
+        http="auto",  # httptools when installed
+        ws="websockets-sansio",
+        lifespan="on",
+        timeout_graceful_shutdown=30,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deltarelay", description="Stream model answers to browsers.")
+    sub = parser.add_subparsers(dest="command")
+    _serve_parser(parser)
+    _serve_parser(sub.add_parser("serve", help="run the server (the default)"))
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(
+            host=args.host, port=args.port, database_url=args.database_url, model=args.model,
+            log_level=args.log_level,
+        )
+    except ConfigError as exc:
+        print(f"deltarelay: {exc}", file=sys.stderr)
+        return 2
+    serve(settings)
+    return 0

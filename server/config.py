@@ -1,0 +1,198 @@
+"""Settings: environment variables and command-line flags, read once, validated, frozen.
+
+Every setting has an environment variable; the most used ones are also flags of
+`python -m server`. Invalid configuration fails at start with one clear line
+(ConfigError), never later with a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+OFFLINE_MODEL = "deltarelay-offline"
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+
+
+class ConfigError(Exception):
+    """A setting is invalid; the message names the variable and what it accepts."""
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """A named assistant: which model answers, with which system prompt and output limit."""
+
+    id: str
+    model: str
+    system: str = ""
+    max_tokens: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    database_url: str = "sqlite:///deltarelay.db"
+    anthropic_api_key: str | None = None
+    anthropic_base_url: str = DEFAULT_BASE_URL
+    model: str = "claude-sonnet-4-5"
+    max_tokens: int = 1024
+    system_prompt: str = ""
+    agents_file: str | None = None
+    max_message_bytes: int = 32 * 1024
+    # httpx's default pool holds 100 connections and would queue the 101st stream.
+    upstream_max_connections: int = 4096
+    connect_timeout: float = 10.0
+    first_event_timeout: float = 60.0
+    idle_timeout: float = 60.0
+    offline_delay_ms: float = 40.0
+    offline_words: int = 0  # 0: the demo answer's natural length
+    stream_log_events: int = 20_000
+    stream_retention_seconds: float = 300.0
+    log_level: str = "info"
+    agents: tuple[Agent, ...] = field(default=())
+
+    @property
+    def offline(self) -> bool:
+        """No API key: answers come from the built-in offline model."""
+        return not self.anthropic_api_key
+
+    @property
+    def default_model(self) -> str:
+        return OFFLINE_MODEL if self.offline else self.model
+
+    def agent(self, agent_id: str | None) -> Agent | None:
+        """The agent by id; None picks the default agent."""
+        wanted = agent_id or "default"
+        for agent in self.agents:
+            if agent.id == wanted:
+                return agent
+        return None
+
+    def with_agents(self) -> Settings:
+        """Settings whose agents include the default one (and the agents file's)."""
+        agents: dict[str, Agent] = {
+            "default": Agent("default", self.default_model, self.system_prompt, self.max_tokens)
+        }
+        if self.agents_file:
+            for agent in _read_agents_file(self.agents_file, self.default_model, self.max_tokens):
+                agents[agent.id] = agent
+        for agent in self.agents:
+            agents[agent.id] = agent
+        return replace(self, agents=tuple(agents.values()))
+
+
+ENV_NAMES: dict[str, str] = {
+    "host": "HOST",
+    "port": "PORT",
+    "database_url": "DATABASE_URL",
+    "anthropic_api_key": "ANTHROPIC_API_KEY",
+    "anthropic_base_url": "ANTHROPIC_BASE_URL",
+    "model": "RELAY_MODEL",
+    "max_tokens": "RELAY_MAX_TOKENS",
+    "system_prompt": "RELAY_SYSTEM_PROMPT",
+    "agents_file": "RELAY_AGENTS_FILE",
+    "max_message_bytes": "RELAY_MAX_MESSAGE_BYTES",
+    "upstream_max_connections": "RELAY_UPSTREAM_MAX_CONNECTIONS",
+    "connect_timeout": "RELAY_CONNECT_TIMEOUT",
+    "first_event_timeout": "RELAY_FIRST_EVENT_TIMEOUT",
+    "idle_timeout": "RELAY_IDLE_TIMEOUT",
+    "offline_delay_ms": "RELAY_OFFLINE_DELAY_MS",
+    "offline_words": "RELAY_OFFLINE_WORDS",
+    "stream_log_events": "RELAY_STREAM_LOG_EVENTS",
+    "stream_retention_seconds": "RELAY_STREAM_RETENTION_SECONDS",
+    "log_level": "RELAY_LOG_LEVEL",
+}
+
+_POSITIVE = {
+    "port", "max_tokens", "max_message_bytes", "upstream_max_connections", "connect_timeout",
+    "first_event_timeout", "idle_timeout", "stream_log_events",
+}
+_NON_NEGATIVE = {"offline_delay_ms", "offline_words", "stream_retention_seconds"}
+
+
+def _convert(name: str, kind: Any, raw: str) -> Any:
+    env = ENV_NAMES[name]
+    if kind in (int, "int"):
+        try:
+            value: Any = int(raw)
+        except ValueError:
+            raise ConfigError(f"{env} must be a whole number, got {raw!r}") from None
+    elif kind in (float, "float"):
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{env} must be a number, got {raw!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{env} must be a finite number, got {raw!r}")
+    else:
+        value = raw
+    if name in _POSITIVE and value <= 0:
+        raise ConfigError(f"{env} must be greater than 0, got {raw!r}")
+    if name in _NON_NEGATIVE and value < 0:
+        raise ConfigError(f"{env} must be 0 or more, got {raw!r}")
+    return value
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment, then explicit overrides (command-line flags, tests).
+
+    Raises:
+        ConfigError: a value is invalid; its message is one line naming the variable.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        env = ENV_NAMES.get(f.name)
+        if env is None:
+            continue
+        raw = environ.get(env)
+        if raw is None or raw == "":
+            continue
+        values[f.name] = _convert(f.name, f.type, raw)
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, str) and name in ENV_NAMES:
+            kind = next(f.type for f in fields(Settings) if f.name == name)
+            value = _convert(name, kind, value)
+        values[name] = value
+    settings = Settings(**values)
+    _validate(settings)
+    return settings.with_agents()
+
+
+def _validate(settings: Settings) -> None:
+    if not settings.database_url.startswith(("sqlite:", "postgresql:", "postgres:")):
+        raise ConfigError(
+            f"DATABASE_URL must start with sqlite:// or postgresql://, got {settings.database_url.split(':')[0]!r}"
+        )
+    if not settings.anthropic_base_url.startswith(("http://", "https://")):
+        raise ConfigError("ANTHROPIC_BASE_URL must be an http:// or https:// URL")
+    if settings.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
+        raise ConfigError("RELAY_LOG_LEVEL must be one of critical, error, warning, info, debug")
+
+
+def _read_agents_file(path: str, default_model: str, default_max_tokens: int) -> list[Agent]:
+    """Agents from a JSON file: {"agents": [{"id", "model"?, "system"?, "maxTokens"?}]}."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+        entries = document["agents"]
+        agents = []
+        for entry in entries:
+            agent_id = entry["id"]
+            max_tokens = int(entry.get("maxTokens", default_max_tokens))
+            if not isinstance(agent_id, str) or not agent_id or max_tokens <= 0:
+                raise ValueError("each agent needs a non-empty id and a positive maxTokens")
+            agents.append(
+                Agent(agent_id, str(entry.get("model", default_model)), str(entry.get("system", "")), max_tokens)
+            )
+        return agents
+    except OSError as exc:
+        raise ConfigError(f"RELAY_AGENTS_FILE {path!r} cannot be read: {exc.strerror}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"RELAY_AGENTS_FILE {path!r} is not a valid agents file: {exc}") from None

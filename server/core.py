@@ -1,0 +1,150 @@
+"""The one streaming core: a user message in, relay events out, the answer saved once.
+
+Transport-agnostic: it never frames or writes anything. It appends events to the
+stream's log in the hub; transports read that log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from .config import Settings
+from .errors import NotFoundError, ProtocolError, RelayError
+from .events import Cost, Done, Error, Start
+from .hub import LiveStream, StreamHub
+from .protocol.anthropic import ReplyState
+from .protocol.frames import SendMessage
+from .protocol.sse import SSEEvent
+from .store import Reply, Status, Store, new_id
+from .upstream.anthropic import UpstreamRequest
+
+log = logging.getLogger("deltarelay.core")
+
+
+class Upstream(Protocol):
+    def events(self, request: UpstreamRequest) -> AsyncIterator[SSEEvent]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One answer to generate."""
+
+    stream_id: str
+    conversation_id: str
+    message_id: str
+    request: UpstreamRequest
+
+
+class Relay:
+    """Starts answers: validates against configuration and database, then runs them in the hub."""
+
+    def __init__(self, settings: Settings, store: Store, upstream: Upstream, hub: StreamHub) -> None:
+        self.settings = settings
+        self.store = store
+        self.upstream = upstream
+        self.hub = hub
+
+    async def start(self, command: SendMessage) -> LiveStream:
+        """Save the user's message and start generating the answer.
+
+        Raises:
+            NotFoundError: unknown agent or conversation (nothing is saved).
+            RelayError: the server is shutting down (503, retryable).
+        """
+        if not self.hub.accepting:
+            raise RelayError("the server is shutting down; try again", code="shutting_down", status=503,
+                             retryable=True)
+        agent = self.settings.agent(command.agent_id)
+        if agent is None:
+            raise NotFoundError(f"agent {command.agent_id} not found")
+        stream_id = new_id()
+        turn = await self.store.begin_turn(
+            conversation_id=command.conversation_id,
+            agent_id=agent.id,
+            user_text=command.message,
+            model=agent.model,
+            stream_id=stream_id,
+            trace_session_id=command.conversation_id or stream_id,
+            task_trace_id=stream_id,
+        )
+        request = UpstreamRequest(model=agent.model, max_tokens=agent.max_tokens, messages=turn.history,
+                                  system=agent.system)
+        job = Job(stream_id, turn.conversation_id, turn.assistant_message_id, request)
+        stream = self.hub.create(stream_id, turn.conversation_id, turn.assistant_message_id, agent.model)
+        self.hub.run(stream, run_stream(job, self.upstream, self.store, stream))
+        return stream
+
+
+async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStream) -> None:
+    """Relay one answer into `stream`'s log and save it exactly once, however it ends."""
+    reply = ReplyState(job.request.model)
+    stream.append(Start(job.stream_id, job.conversation_id, job.request.model))
+    status = Status.COMPLETE
+    failure: RelayError | None = None
+    try:
+        # No await in this loop but the upstream's own: the upstream's deadlines
+        # (asyncio.timeout inside its generator) must only ever interrupt its reads.
+        async for upstream_event in upstream.events(job.request):
+            for event in reply.feed(upstream_event.event, upstream_event.data):
+                stream.append(event)
+            if reply.finished:
+                break
+        if not reply.finished:
+            raise ProtocolError("the model's stream ended before message_stop")
+    except RelayError as exc:
+        status, failure = Status.ERROR, exc
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        status = Status.INTERRUPTED if stream.stop_status == "interrupted" else Status.CANCELLED
+    except Exception as exc:  # a bug, not the user's fault: log it, still save and end the stream
+        log.exception("stream %s failed", job.stream_id)
+        status, failure = Status.ERROR, RelayError("internal error while relaying the answer")
+
+    finished = status is Status.COMPLETE
+    cost = reply.cost_event(estimated=not finished)
+    if not finished and reply.has_content:
+        stream.append(cost)
+    saved = await _save(store, job, reply, status, cost, failure)
+    message_id = job.message_id if saved else None
+    if status is Status.COMPLETE:
+        stream.append(Done(job.conversation_id, message_id, reply.stop_reason))
+    elif status is Status.CANCELLED:
+        stream.append(Done(job.conversation_id, message_id, "cancelled"))
+    elif status is Status.INTERRUPTED:
+        stream.append(Error("interrupted", "the server stopped before the answer was finished", True,
+                            message_id=message_id))
+    else:
+        assert failure is not None
+        stream.append(Error(failure.code, failure.message, failure.retryable, failure.retry_after, message_id))
+
+
+async def _save(store: Store, job: Job, reply: ReplyState, status: Status, cost: Cost,
+                failure: RelayError | None) -> bool:
+    usage = reply.usage
+    record = Reply(
+        content=reply.text,
+        thinking=reply.thinking,
+        model=reply.model,
+        status=status,
+        stop_reason="cancelled" if status is Status.CANCELLED else reply.stop_reason,
+        input_tokens=usage.input_tokens,
+        output_tokens=cost.output_tokens,
+        cache_creation_input_tokens=usage.cache_creation_input_tokens,
+        cache_read_input_tokens=usage.cache_read_input_tokens,
+        cost=cost.total_cost,
+        cost_estimated=cost.estimated,
+        error_code=failure.code if failure is not None else None,
+    )
+    try:
+        # Shielded: a cancel arriving now must not lose the answer.
+        await asyncio.shield(store.save_reply(job.message_id, record))
+        return True
+    except Exception:
+        log.exception("could not save message %s of stream %s", job.message_id, job.stream_id)
+        return False

@@ -1,0 +1,99 @@
+"""Every error a user can see, as one tree.
+
+    RelayError(code, message, retryable, status)
+      BadRequestError          400, invalid input
+        TooLargeError          413, message over the size limit
+      NotFoundError            404, unknown conversation, agent or stream
+      GoneError                410, a stream whose log has expired
+      LimitError               429, a limit was reached (retry_after tells when)
+      UpstreamError            the model's API failed (auth, rate_limited, overloaded...)
+        UpstreamTimeoutError   connect, first-event or idle timeout
+      ProtocolError            the upstream stream is malformed
+
+A transport turns a RelayError into a 4xx JSON body or an `error` event; no other
+exception reaches a user. Messages never contain keys or tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RelayError(Exception):
+    """An error with a stable code that a client can act on."""
+
+    code = "internal_error"
+    status = 500
+    retryable = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        retryable: bool | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+        message_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if retryable is not None:
+            self.retryable = retryable
+        if status is not None:
+            self.status = status
+        self.retry_after = retry_after
+        self.message_id = message_id
+
+    def to_json(self) -> dict[str, Any]:
+        """The body of a 4xx/5xx HTTP answer: {"error": {"code", "message"}}."""
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.retry_after is not None:
+            body["retryAfter"] = self.retry_after
+        if self.message_id is not None:
+            body["messageId"] = self.message_id
+        return {"error": body}
+
+
+class BadRequestError(RelayError):
+    code = "invalid_request"
+    status = 400
+
+
+class TooLargeError(BadRequestError):
+    code = "too_large"
+    status = 413
+
+
+class NotFoundError(RelayError):
+    code = "not_found"
+    status = 404
+
+
+class GoneError(RelayError):
+    code = "not_resumable"
+    status = 410
+
+
+class LimitError(RelayError):
+    code = "rate_limited"
+    status = 429
+    retryable = True
+
+
+class UpstreamError(RelayError):
+    code = "upstream_error"
+    status = 502
+    retryable = True
+
+
+class UpstreamTimeoutError(UpstreamError):
+    code = "timeout"
+    status = 504
+
+
+class ProtocolError(UpstreamError):
+    code = "protocol_error"
+    retryable = False

@@ -1,0 +1,118 @@
+"""The relay's events: start chunk thinking cost done error, and their wire JSON.
+
+Python is snake_case, the wire is camelCase; the conversion happens here only.
+Each event is encoded to JSON once, when it enters a stream's log; both transports
+frame those same bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, ClassVar, Union
+
+import orjson
+
+
+def decimal_json(value: Decimal | None) -> orjson.Fragment | None:
+    """An exact JSON number for a Decimal: no float ever touches money."""
+    if value is None:
+        return None
+    return orjson.Fragment(format(value, "f").encode())
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    name: ClassVar[str] = "start"
+    stream_id: str
+    conversation_id: str
+    model: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"streamId": self.stream_id, "conversationId": self.conversation_id, "model": self.model}
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    name: ClassVar[str] = "chunk"
+    text: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"text": self.text}
+
+
+@dataclass(frozen=True, slots=True)
+class Thinking:
+    name: ClassVar[str] = "thinking"
+    text: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"text": self.text}
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    name: ClassVar[str] = "cost"
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+    total_cost: Decimal | None
+    model: str
+    estimated: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {
+            "inputTokens": self.input_tokens,
+            "outputTokens": self.output_tokens,
+            "cacheCreationInputTokens": self.cache_creation_input_tokens,
+            "cacheReadInputTokens": self.cache_read_input_tokens,
+            "totalCost": decimal_json(self.total_cost),
+            "model": self.model,
+        }
+        if self.estimated:
+            wire["estimated"] = True
+        return wire
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    name: ClassVar[str] = "done"
+    conversation_id: str
+    message_id: str | None
+    stop_reason: str | None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "conversationId": self.conversation_id,
+            "messageId": self.message_id,
+            "stopReason": self.stop_reason,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    name: ClassVar[str] = "error"
+    code: str
+    message: str
+    retryable: bool
+    retry_after: float | None = None
+    message_id: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"code": self.code, "message": self.message, "retryable": self.retryable}
+        if self.retry_after is not None:
+            wire["retryAfter"] = self.retry_after
+        if self.message_id is not None:
+            wire["messageId"] = self.message_id
+        return wire
+
+
+RelayEvent = Union[Start, Chunk, Thinking, Cost, Done, Error]
+
+TERMINAL_EVENTS = frozenset({"done", "error"})
+
+
+def encode_data(event: RelayEvent) -> bytes:
+    """The event's `data` as compact JSON bytes."""
+    return orjson.dumps(event.to_wire())

@@ -1,0 +1,214 @@
+"""Live streams by id: each stream's bounded, numbered event log and its subscribers.
+
+The hub owns the task that runs each answer, so generation goes on when the
+connection that started it drops. A subscriber gets the log after its cursor and
+then the live events, with no gap and no duplicate: both happen in one step of
+the event loop. Every queue is bounded; a subscriber that falls too far behind
+is dropped and may resume from the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+from .errors import GoneError, NotFoundError
+from .events import TERMINAL_EVENTS, RelayEvent, encode_data
+
+log = logging.getLogger("deltarelay.hub")
+
+# One logged event: (id, name, data as JSON text). Tuples keep thousands of streams small.
+Entry = tuple[int, str, str]
+
+
+class SubscriberDropped(Exception):
+    """The subscriber fell more than its queue bound behind; it may resume from the log."""
+
+
+class Subscriber:
+    """One reader of one stream: a bounded queue of entries, read in batches."""
+
+    __slots__ = ("stream", "limit", "pending", "closed", "dropped", "_wake")
+
+    def __init__(self, stream: LiveStream, backlog: list[Entry], limit: int) -> None:
+        self.stream = stream
+        self.limit = limit
+        self.pending = backlog
+        self.closed = False
+        self.dropped = False
+        self._wake = asyncio.Event()
+
+    def push(self, entry: Entry) -> None:
+        if self.dropped:
+            return
+        if len(self.pending) >= self.limit:
+            self.dropped = True
+            self.pending = []
+        else:
+            self.pending.append(entry)
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake.set()
+
+    def detach(self) -> None:
+        """Stop receiving; called when the reader goes away."""
+        self.stream.unsubscribe(self)
+
+    async def batches(self) -> AsyncIterator[list[Entry]]:
+        """Every entry ready at once comes as one batch, so a transport writes it in one go."""
+        try:
+            while True:
+                if self.pending:
+                    batch, self.pending = self.pending, []
+                    yield batch
+                    continue
+                if self.dropped:
+                    raise SubscriberDropped(f"more than {self.limit} events behind")
+                if self.closed:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+        finally:
+            self.detach()
+
+
+class LiveStream:
+    """One answer being generated (or just finished): its numbered event log."""
+
+    __slots__ = (
+        "id", "conversation_id", "message_id", "model", "log", "last_id", "finished",
+        "subscribers", "task", "stop_status",
+    )
+
+    def __init__(self, stream_id: str, conversation_id: str, message_id: str, model: str, log_limit: int) -> None:
+        self.id = stream_id
+        self.conversation_id = conversation_id
+        self.message_id = message_id
+        self.model = model
+        self.log: deque[Entry] = deque(maxlen=log_limit)
+        self.last_id = 0
+        self.finished = False
+        self.subscribers: list[Subscriber] = []
+        self.task: asyncio.Task[None] | None = None
+        # Why the task was cancelled: "cancelled" by a user, "interrupted" by shutdown.
+        self.stop_status: str | None = None
+
+    def append(self, event: RelayEvent) -> None:
+        """Number, encode (once) and log an event, and hand it to every subscriber."""
+        if self.finished:
+            return
+        self.last_id += 1
+        entry: Entry = (self.last_id, event.name, encode_data(event).decode())
+        self.log.append(entry)
+        for subscriber in self.subscribers:
+            subscriber.push(entry)
+        if event.name in TERMINAL_EVENTS:
+            self.finished = True
+            for subscriber in self.subscribers:
+                subscriber.close()
+            self.subscribers = []
+
+    def subscribe(self, after: int, queue_limit: int) -> Subscriber:
+        """A subscriber that gets every event with an id above `after`.
+
+        Raises:
+            GoneError: the cursor is ahead of the log, or older than what it still holds.
+        """
+        if after > self.last_id:
+            raise GoneError(
+                f"event {after} is ahead of stream {self.id}, which is at event {self.last_id}",
+                message_id=self.message_id,
+            )
+        first_id = self.log[0][0] if self.log else self.last_id + 1
+        if after < first_id - 1:
+            raise GoneError(
+                f"the log of stream {self.id} no longer holds event {after + 1}", message_id=self.message_id
+            )
+        start = after - first_id + 1
+        backlog = list(itertools.islice(self.log, start, None))
+        subscriber = Subscriber(self, backlog, max(queue_limit, len(backlog) + 1))
+        if self.finished:
+            subscriber.closed = True
+        else:
+            self.subscribers.append(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        try:
+            self.subscribers.remove(subscriber)
+        except ValueError:
+            pass
+
+
+class StreamHub:
+    """All live and recently finished streams of this process."""
+
+    def __init__(self, log_limit: int, retention_seconds: float, queue_limit: int = 4096) -> None:
+        self.log_limit = log_limit
+        self.retention_seconds = retention_seconds
+        self.queue_limit = queue_limit
+        self.streams: dict[str, LiveStream] = {}
+        self.accepting = True
+
+    def create(self, stream_id: str, conversation_id: str, message_id: str, model: str) -> LiveStream:
+        stream = LiveStream(stream_id, conversation_id, message_id, model, self.log_limit)
+        self.streams[stream_id] = stream
+        return stream
+
+    def run(self, stream: LiveStream, work: Coroutine[Any, Any, None]) -> None:
+        """Run the stream's generation as a task the hub owns."""
+        task = asyncio.create_task(work, name=f"stream-{stream.id}")
+        stream.task = task
+        task.add_done_callback(lambda _: self._finished(stream))
+
+    def _finished(self, stream: LiveStream) -> None:
+        if stream.task is not None and not stream.task.cancelled() and stream.task.exception() is not None:
+            log.error("stream %s failed", stream.id, exc_info=stream.task.exception())
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.retention_seconds, self._expire, stream.id)
+
+    def _expire(self, stream_id: str) -> None:
+        self.streams.pop(stream_id, None)
+
+    def get(self, stream_id: str) -> LiveStream:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            raise NotFoundError(f"stream {stream_id} not found or expired", code="not_resumable")
+        return stream
+
+    def subscribe(self, stream_id: str, after: int = 0) -> Subscriber:
+        return self.get(stream_id).subscribe(after, self.queue_limit)
+
+    def cancel(self, stream_id: str, status: str = "cancelled") -> bool:
+        """Stop generating; True when the stream was still running."""
+        stream = self.get(stream_id)
+        if stream.task is None or stream.task.done():
+            return False
+        stream.stop_status = status
+        stream.task.cancel()
+        return True
+
+    def active(self) -> list[LiveStream]:
+        return [s for s in self.streams.values() if s.task is not None and not s.task.done()]
+
+    async def shutdown(self, grace_seconds: float, on_interrupt: Callable[[LiveStream], None] | None = None) -> None:
+        """Stop accepting streams, let running ones finish for a while, then interrupt the rest."""
+        self.accepting = False
+        running = [s.task for s in self.active() if s.task is not None]
+        if running and grace_seconds > 0:
+            await asyncio.wait(running, timeout=grace_seconds)
+        leftover = self.active()
+        for stream in leftover:
+            self.cancel(stream.id, status="interrupted")
+            if on_interrupt is not None:
+                on_interrupt(stream)
+        tasks = [s.task for s in leftover if s.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)

@@ -1,0 +1,133 @@
+"""Client input: WebSocket frames and SSE request bodies -> commands.
+
+Pure: no I/O. Both transports validate here, so the same input gets the same error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+import orjson
+
+from ..errors import BadRequestError, TooLargeError
+
+_ID_LIMIT = 200
+
+
+@dataclass(frozen=True, slots=True)
+class SendMessage:
+    """Start an answer to `message`, in a new conversation unless conversation_id is given."""
+
+    message: str
+    agent_id: str | None = None
+    conversation_id: str | None = None
+    request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    stream_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    stream_id: str
+    last_event_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+Command = Union[SendMessage, Cancel, Resume, Ping]
+
+
+def parse_json_object(raw: bytes | str) -> dict[str, Any]:
+    """A JSON object, or BadRequestError saying what is wrong with it."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequestError("the body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise BadRequestError("the body must be a JSON object")
+    return value
+
+
+def _optional_id(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > _ID_LIMIT:
+        raise BadRequestError(f"{key} must be a non-empty string of at most {_ID_LIMIT} characters")
+    return value
+
+
+def _required_id(body: dict[str, Any], key: str) -> str:
+    value = _optional_id(body, key)
+    if value is None:
+        raise BadRequestError(f"{key} is required")
+    return value
+
+
+def parse_send_message(body: dict[str, Any], max_message_bytes: int) -> SendMessage:
+    """The `{message, agentId?, conversationId?, requestId?}` of a new answer."""
+    message = body.get("message")
+    if message is None:
+        raise BadRequestError("message is required")
+    if not isinstance(message, str):
+        raise BadRequestError("message must be a string")
+    if not message.strip():
+        raise BadRequestError("message must not be empty")
+    size = len(message.encode("utf-8", "surrogatepass"))
+    if size > max_message_bytes:
+        raise TooLargeError(f"message is {size} bytes; the limit is {max_message_bytes}")
+    return SendMessage(
+        message=message,
+        agent_id=_optional_id(body, "agentId"),
+        conversation_id=_optional_id(body, "conversationId"),
+        request_id=_optional_id(body, "requestId"),
+    )
+
+
+def parse_event_id(raw: Any) -> int:
+    """A resume cursor: the id of the last event the client saw (0: none)."""
+    if isinstance(raw, bool):
+        raise BadRequestError("lastEventId must be a whole number of 0 or more")
+    if isinstance(raw, int):
+        value = raw
+    elif isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 18:
+        value = int(raw)
+    else:
+        raise BadRequestError("lastEventId must be a whole number of 0 or more")
+    if value < 0:
+        raise BadRequestError("lastEventId must be a whole number of 0 or more")
+    return value
+
+
+def parse_frame(raw: bytes | str, max_message_bytes: int) -> Command:
+    """One WebSocket client frame."""
+    body = parse_json_object(raw)
+    kind = body.get("type")
+    if kind == "message":
+        return parse_send_message(body, max_message_bytes)
+    if kind == "cancel":
+        return Cancel(_required_id(body, "streamId"))
+    if kind == "resume":
+        return Resume(_required_id(body, "streamId"), parse_event_id(body.get("lastEventId", 0)))
+    if kind == "ping":
+        return Ping()
+    if kind is None:
+        raise BadRequestError("the frame needs a type: message, resume, cancel or ping")
+    raise BadRequestError("unknown frame type; expected message, resume, cancel or ping")
+
+
+def request_id_of(raw: bytes | str) -> str | None:
+    """The requestId of a frame that failed validation, so its error can be routed."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    value = body.get("requestId") if isinstance(body, dict) else None
+    return value if isinstance(value, str) and 0 < len(value) <= _ID_LIMIT else None

@@ -1,0 +1,1 @@
+"""Transports frame and write the hub's events; they never parse upstream data."""

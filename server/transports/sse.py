@@ -1,0 +1,102 @@
+"""SSE transport: POST a message and read its events, or read a running stream by id.
+
+Thin: it validates input, asks the relay or the hub, and frames log entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ..core import Relay
+from ..errors import BadRequestError, RelayError, TooLargeError
+from ..events import Error, encode_data
+from ..hub import Entry, StreamHub, Subscriber, SubscriberDropped
+from ..protocol.frames import parse_event_id, parse_json_object, parse_send_message
+
+SSE_HEADERS = {
+    "cache-control": "no-store",
+    "x-accel-buffering": "no",  # nginx: pass each event on at once
+    "content-encoding": "identity",  # never compressed: a gzip layer would hold events back
+}
+SSE_MEDIA_TYPE = "text/event-stream; charset=utf-8"
+
+
+def frame_entries(batch: list[Entry]) -> bytes:
+    """The SSE bytes of a batch of log entries; data is one line of compact JSON."""
+    return "".join([f"id: {i}\nevent: {name}\ndata: {data}\n\n" for i, name, data in batch]).encode()
+
+
+async def _relay_events(subscriber: Subscriber) -> AsyncIterator[bytes]:
+    try:
+        async for batch in subscriber.batches():
+            yield frame_entries(batch)
+    except SubscriberDropped as exc:
+        stream = subscriber.stream
+        yield frame_entries([(stream.last_id, "error", encode_data(
+            Error("slow_consumer", f"this connection fell behind ({exc}); resume with Last-Event-ID", True)
+        ).decode())])
+
+
+def event_stream(subscriber: Subscriber) -> StreamingResponse:
+    return StreamingResponse(_relay_events(subscriber), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+
+
+def _wants_json(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return "application/json" in accept and "text/event-stream" not in accept
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing early once it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLargeError(f"the body is over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLargeError(f"the body is over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def post_message(request: Request) -> Response:
+    """POST /api/command-center/message: start an answer and stream it (or 202 with its id)."""
+    relay: Relay = request.app.state.relay
+    max_bytes = relay.settings.max_message_bytes
+    # JSON escapes can take 6 bytes per character of the message, plus room for the other fields.
+    body = await read_body(request, max_bytes * 6 + 4096)
+    command = parse_send_message(parse_json_object(body), max_bytes)
+    stream = await relay.start(command)
+    if _wants_json(request):
+        return JSONResponse({"streamId": stream.id, "conversationId": stream.conversation_id}, status_code=202)
+    return event_stream(relay.hub.subscribe(stream.id, 0))
+
+
+async def get_stream(request: Request) -> Response:
+    """GET /api/command-center/streams/{id}: the stream's events after Last-Event-ID (EventSource-ready)."""
+    hub: StreamHub = request.app.state.hub
+    raw_cursor = request.headers.get("last-event-id") or request.query_params.get("lastEventId") or "0"
+    try:
+        after = parse_event_id(raw_cursor)
+        subscriber = hub.subscribe(request.path_params["stream_id"], after)
+    except RelayError as exc:
+        if isinstance(exc, BadRequestError) or _wants_json(request):
+            raise
+        # EventSource cannot read an error status's body: say it as one terminal event.
+        event = Error(exc.code, exc.message, exc.retryable, message_id=exc.message_id)
+        return Response(frame_entries([(0, "error", encode_data(event).decode())]), media_type=SSE_MEDIA_TYPE,
+                        headers=SSE_HEADERS)
+    return event_stream(subscriber)
+
+
+async def cancel_stream(request: Request) -> Response:
+    """POST /api/command-center/streams/{id}/cancel."""
+    hub: StreamHub = request.app.state.hub
+    stream_id = request.path_params["stream_id"]
+    running = hub.cancel(stream_id)
+    return JSONResponse({"streamId": stream_id, "cancelled": running}, status_code=202 if running else 200)

@@ -1,0 +1,116 @@
+"""The Anthropic Messages API, streamed over one shared httpx client.
+
+I/O lives here; decoding does not: bytes go to the pure SSEDecoder. Connection
+failures, HTTP errors and timeouts become UpstreamError subclasses with stable codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+
+from ..config import Settings
+from ..errors import UpstreamError, UpstreamTimeoutError
+from ..protocol.anthropic import error_for_status
+from ..protocol.sse import SSEDecoder, SSEEvent
+
+API_VERSION = "2023-06-01"
+# Push the idle deadline forward at most this often: one timer per chunk would cost more than the chunk.
+_DEADLINE_SLACK = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    """One Messages API call."""
+
+    model: str
+    max_tokens: int
+    messages: list[dict[str, Any]]
+    system: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def body(self) -> bytes:
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            "messages": self.messages,
+            "stream": True,
+        }
+        if self.system:
+            payload["system"] = self.system
+        return orjson.dumps(payload)
+
+
+class AnthropicUpstream:
+    """Streams Messages API answers as decoded SSE events."""
+
+    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.settings = settings
+        limits = httpx.Limits(
+            max_connections=settings.upstream_max_connections,
+            max_keepalive_connections=settings.upstream_max_connections,
+        )
+        # read=None: the first-event and idle deadlines below replace httpx's per-read timeout.
+        timeout = httpx.Timeout(connect=settings.connect_timeout, read=None, write=30.0, pool=settings.connect_timeout)
+        headers = {"anthropic-version": API_VERSION, "content-type": "application/json"}
+        if settings.anthropic_api_key:
+            headers["x-api-key"] = settings.anthropic_api_key
+        self.client = httpx.AsyncClient(
+            base_url=settings.anthropic_base_url,
+            headers=headers,
+            limits=limits,
+            timeout=timeout,
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def events(self, request: UpstreamRequest) -> AsyncIterator[SSEEvent]:
+        """Yield the upstream's SSE events as they arrive.
+
+        Raises:
+            UpstreamError: HTTP error status, connection failure (code `connection_failed`).
+            UpstreamTimeoutError: no first event within first_event_timeout, or a silence
+                longer than idle_timeout between events.
+        """
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        waiting_for_first = True
+        try:
+            async with asyncio.timeout(settings.connect_timeout + settings.first_event_timeout) as deadline:
+                async with self.client.stream("POST", "/v1/messages", content=request.body()) as response:
+                    if response.status_code != 200:
+                        body = await response.aread()
+                        raise error_for_status(response.status_code, body, response.headers.get("retry-after"))
+                    deadline.reschedule(loop.time() + settings.first_event_timeout)
+                    decoder = SSEDecoder()
+                    pushed_at = loop.time()
+                    async for chunk in response.aiter_raw():
+                        events = decoder.decode(chunk)
+                        if not events:
+                            continue
+                        now = loop.time()
+                        if waiting_for_first or now - pushed_at > _DEADLINE_SLACK:
+                            waiting_for_first = False
+                            pushed_at = now
+                            deadline.reschedule(now + settings.idle_timeout)
+                        for event in events:
+                            yield event
+                    for event in decoder.flush():
+                        yield event
+        except TimeoutError:
+            if waiting_for_first:
+                raise UpstreamTimeoutError("the model did not start answering in time") from None
+            raise UpstreamTimeoutError("the model stopped sending data mid-answer") from None
+        except httpx.TimeoutException:
+            raise UpstreamTimeoutError("could not connect to the model's API in time") from None
+        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            raise UpstreamError(
+                f"connection to the model's API failed ({type(exc).__name__})", code="connection_failed"
+            ) from None

@@ -1,0 +1,169 @@
+"""The built-in offline model: a demo that speaks the Anthropic stream format byte for byte.
+
+Without an API key the relay's httpx client gets OfflineTransport, so a demo answer
+takes exactly the path a real one does: HTTP response, bytes, SSE decoding, ReplyState.
+The same generator serves `python -m server.mock_upstream` as a real HTTP server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+
+from ..config import OFFLINE_MODEL
+
+ERROR_MODES = (
+    "none",
+    "http-400", "http-401", "http-429", "http-500", "http-529",
+    "overloaded-first",  # event: error before any content
+    "overloaded-midstream",  # event: error after half the deltas
+    "cut-midstream",  # the connection ends after half the deltas, no message_stop
+)
+
+_FILLER = (
+    "streaming relays send each word the moment the model writes it so people read while the answer is"
+    " still being written and nothing waits for the end"
+).split()
+
+
+@dataclass(frozen=True, slots=True)
+class OfflineOptions:
+    """How the offline model answers."""
+
+    delay_ms: float = 40.0  # pause before each text delta
+    words: int = 0  # text deltas per answer; 0: the demo answer's natural length
+    error: str = "none"
+    stamp: bool = False  # each delta carries "seq:send_time_ns " for latency benchmarks
+
+
+def demo_words(messages: list[dict[str, Any]], words: int = 0) -> list[str]:
+    """The demo answer as text deltas, one word each; deterministic for a given history."""
+    if words > 0:
+        return [("" if i == 0 else " ") + _FILLER[i % len(_FILLER)] for i in range(words)]
+    last = _text_of(messages[-1]) if messages else ""
+    quoted = " ".join(last.split()[:8])
+    if len(last.split()) > 8:
+        quoted += " …"
+    turn = sum(1 for m in messages if m.get("role") == "user")
+    text = (
+        "This is deltarelay's offline demo model: no ANTHROPIC_API_KEY is set, so this answer is made up"
+        f" locally and streamed word by word in the Anthropic format. You wrote: “{quoted}”."
+        f" This is turn {turn} of the conversation. Set ANTHROPIC_API_KEY to talk to a real model."
+    )
+    parts = text.split(" ")
+    return [parts[0]] + [" " + word for word in parts[1:]]
+
+
+def _text_of(message: dict[str, Any]) -> str:
+    content = message.get("content", "")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(block.get("text", "")) for block in content if isinstance(block, dict))
+    return ""
+
+
+def _event(name: str, payload: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _estimate_tokens(messages: Iterable[dict[str, Any]], system: str) -> int:
+    characters = len(system) + sum(len(_text_of(m)) for m in messages)
+    return max(1, characters // 4)
+
+
+def error_status(options: OfflineOptions) -> int | None:
+    """The HTTP status the request fails with, for the http-NNN error modes."""
+    if options.error.startswith("http-"):
+        return int(options.error[5:])
+    return None
+
+
+def error_body(status: int) -> bytes:
+    kinds = {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error",
+             500: "api_error", 529: "overloaded_error"}
+    kind = kinds.get(status, "api_error")
+    return orjson.dumps({"type": "error", "error": {"type": kind, "message": f"offline model: simulated {kind}"}})
+
+
+async def anthropic_stream(request: dict[str, Any], options: OfflineOptions) -> AsyncIterator[bytes]:
+    """The SSE body of one streamed Messages API response, paced like a real model."""
+    messages = request.get("messages") or []
+    model = str(request.get("model") or OFFLINE_MODEL)
+    deltas = demo_words(messages, options.words)
+    input_tokens = _estimate_tokens(messages, str(request.get("system") or ""))
+    delay = options.delay_ms / 1000
+    yield _event("message_start", {
+        "type": "message_start",
+        "message": {
+            "id": "msg_offline_" + uuid.uuid4().hex[:20], "type": "message", "role": "assistant", "content": [],
+            "model": model, "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": input_tokens, "cache_creation_input_tokens": 0,
+                      "cache_read_input_tokens": 0, "output_tokens": 1},
+        },
+    })
+    if options.error == "overloaded-first":
+        yield _event("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+        return
+    yield _event("content_block_start",
+                 {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+    yield _event("ping", {"type": "ping"})
+    half = len(deltas) // 2
+    for seq, text in enumerate(deltas):
+        if seq == half and options.error == "overloaded-midstream":
+            yield _event("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+            return
+        if seq == half and options.error == "cut-midstream":
+            return
+        if delay:
+            await asyncio.sleep(delay)
+        if options.stamp:
+            text = f"{seq}:{time.time_ns()} "
+        yield _event("content_block_delta",
+                     {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}})
+    yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
+    yield _event("message_delta", {
+        "type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+        "usage": {"output_tokens": len(deltas)},
+    })
+    yield _event("message_stop", {"type": "message_stop"})
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._chunks:
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()  # type: ignore[attr-defined]
+
+
+class OfflineTransport(httpx.AsyncBaseTransport):
+    """An httpx transport that answers POST /v1/messages with the offline model's stream."""
+
+    def __init__(self, options: OfflineOptions | None = None) -> None:
+        self.options = options or OfflineOptions()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method != "POST" or not request.url.path.endswith("/v1/messages"):
+            return httpx.Response(404, json={"type": "error", "error": {"type": "not_found_error",
+                                                                        "message": "offline model: no such route"}})
+        status = error_status(self.options)
+        if status is not None:
+            return httpx.Response(status, content=error_body(status), headers={"retry-after": "1"})
+        payload = orjson.loads(await request.aread())
+        return httpx.Response(
+            200,
+            headers={"content-type": "text/event-stream; charset=utf-8"},
+            stream=_Body(anthropic_stream(payload, self.options)),
+        )
