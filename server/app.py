@@ -71,7 +71,9 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         left = await store.interrupt_unfinished()
         if left:
             log.warning("marked %d answers left unfinished by an earlier run as interrupted", left)
-        upstream = AnthropicUpstream(settings, transport or upstream_transport(settings))
+        offline = transport is None and settings.offline
+        upstream = AnthropicUpstream(settings, transport or upstream_transport(settings),
+                                     base_url="http://offline-model.invalid" if offline else None)
         hub = StreamHub(settings.stream_log_events, settings.stream_retention_seconds)
         app.state.store = store
         app.state.hub = hub

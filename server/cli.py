@@ -24,6 +24,7 @@ def serve(settings: Settings) -> None:
     from .app import create_app
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request is noise at scale
     log = logging.getLogger("deltarelay")
     if settings.offline:
         log.warning("no ANTHROPIC_API_KEY: answers come from the built-in offline demo model")

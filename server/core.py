@@ -102,7 +102,7 @@ async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStr
         if task is not None:
             task.uncancel()
         status = Status.INTERRUPTED if stream.stop_status == "interrupted" else Status.CANCELLED
-    except Exception as exc:  # a bug, not the user's fault: log it, still save and end the stream
+    except Exception:  # a bug, not the user's fault: log it, still save and end the stream
         log.exception("stream %s failed", job.stream_id)
         status, failure = Status.ERROR, RelayError("internal error while relaying the answer")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import orjson
 
@@ -108,7 +108,7 @@ class Error:
         return wire
 
 
-RelayEvent = Union[Start, Chunk, Thinking, Cost, Done, Error]
+RelayEvent = Start | Chunk | Thinking | Cost | Done | Error
 
 TERMINAL_EVENTS = frozenset({"done", "error"})
 

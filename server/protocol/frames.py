@@ -6,7 +6,7 @@ Pure: no I/O. Both transports validate here, so the same input gets the same err
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import orjson
 
@@ -41,7 +41,7 @@ class Ping:
     pass
 
 
-Command = Union[SendMessage, Cancel, Resume, Ping]
+Command = SendMessage | Cancel | Resume | Ping
 
 
 def parse_json_object(raw: bytes | str) -> dict[str, Any]:

@@ -49,7 +49,9 @@ class UpstreamRequest:
 class AnthropicUpstream:
     """Streams Messages API answers as decoded SSE events."""
 
-    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None, base_url: str | None = None
+    ) -> None:
         self.settings = settings
         limits = httpx.Limits(
             max_connections=settings.upstream_max_connections,
@@ -61,7 +63,7 @@ class AnthropicUpstream:
         if settings.anthropic_api_key:
             headers["x-api-key"] = settings.anthropic_api_key
         self.client = httpx.AsyncClient(
-            base_url=settings.anthropic_base_url,
+            base_url=base_url or settings.anthropic_base_url,
             headers=headers,
             limits=limits,
             timeout=timeout,

@@ -1,0 +1,104 @@
+"""The offline model as its own Anthropic-compatible HTTP server, for development and benchmarks.
+
+    python -m server.mock_upstream --port 9000 [--delay-ms 40] [--words 0] [--error MODE] [--stamp]
+
+Point the relay at it with ANTHROPIC_BASE_URL=http://127.0.0.1:9000 and any ANTHROPIC_API_KEY.
+A request may override the options with headers x-mock-delay-ms, x-mock-words, x-mock-error.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import replace
+from typing import Any
+
+import orjson
+
+from .upstream.offline import ERROR_MODES, OfflineOptions, anthropic_stream, error_body, error_status
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+def _overrides(options: OfflineOptions, headers: dict[bytes, bytes]) -> OfflineOptions:
+    changes: dict[str, Any] = {}
+    if b"x-mock-delay-ms" in headers:
+        changes["delay_ms"] = float(headers[b"x-mock-delay-ms"])
+    if b"x-mock-words" in headers:
+        changes["words"] = int(headers[b"x-mock-words"])
+    if b"x-mock-error" in headers:
+        changes["error"] = headers[b"x-mock-error"].decode()
+    return replace(options, **changes) if changes else options
+
+
+def mock_app(options: OfflineOptions) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """A bare ASGI app: as little server work per delta as possible, so it can feed a benchmark."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        if scope["method"] != "POST" or scope["path"] != "/v1/messages":
+            await _respond(send, 404, orjson.dumps({"type": "error", "error": {"type": "not_found_error",
+                                                                                 "message": "no such route"}}))
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        try:
+            request = orjson.loads(body)
+            request_options = _overrides(options, dict(scope["headers"]))
+        except (orjson.JSONDecodeError, ValueError):
+            await _respond(send, 400, orjson.dumps({"type": "error", "error": {
+                "type": "invalid_request_error", "message": "the body is not valid JSON"}}))
+            return
+        status = error_status(request_options)
+        if status is not None:
+            await _respond(send, status, error_body(status), [(b"retry-after", b"1")])
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
+                                (b"cache-control", b"no-store")]})
+        async for chunk in anthropic_stream(request, request_options):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return app
+
+
+async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m server.mock_upstream", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--delay-ms", type=float, default=40.0, help="pause before each text delta")
+    parser.add_argument("--words", type=int, default=0, help="text deltas per answer (0: the demo answer)")
+    parser.add_argument("--error", choices=ERROR_MODES, default="none", help="fail every request this way")
+    parser.add_argument("--stamp", action="store_true", help="each delta is 'seq:send_time_ns ' (benchmarks)")
+    args = parser.parse_args()
+    import uvicorn
+
+    options = OfflineOptions(delay_ms=args.delay_ms, words=args.words, error=args.error, stamp=args.stamp)
+    uvicorn.run(mock_app(options), host=args.host, port=args.port, log_level="warning", lifespan="on",
+                access_log=False)
+
+
+if __name__ == "__main__":
+    main()

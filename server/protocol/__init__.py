@@ -1,0 +1,1 @@
+"""Pure protocol code: no I/O, no httpx, no starlette."""

@@ -1,0 +1,142 @@
+"""Shared fixtures: real server processes on free ports, temp SQLite files, recorded streams."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+STREAMS = DATA / "anthropic-streams"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _clean_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "RELAY_", "DATABASE_URL"))}
+    env.update({"RELAY_OFFLINE_DELAY_MS": "0", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+class Process:
+    """A real server process (uvicorn) on a free port, with its log kept for assertions."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, port: int, ready_path: str) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.ws_url = f"ws://127.0.0.1:{port}"
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        try:
+            self._wait_ready(ready_path)
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
+
+    def _wait_ready(self, path: str) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited at start:\n{self.log()}")
+            try:
+                httpx.get(self.url + path, timeout=1)
+                return
+            except httpx.TransportError:
+                time.sleep(0.05)  # waiting for a process to bind, not for test logic
+        raise RuntimeError(f"server did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+class RelayServer(Process):
+    """`python -m server` with a SQLite file of its own."""
+
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None) -> None:
+        port = free_port()
+        self.db_path = tmp / "relay.db"
+        full_env = _clean_env({"DATABASE_URL": f"sqlite:///{self.db_path}", **(env or {})})
+        super().__init__([sys.executable, "-m", "server", "--port", str(port)], full_env, tmp / "server.log",
+                         port, "/healthz")
+
+
+class MockUpstream(Process):
+    """`python -m server.mock_upstream`: the offline model as an Anthropic-compatible server."""
+
+    def __init__(self, tmp: Path, *args: str) -> None:
+        port = free_port()
+        super().__init__([sys.executable, "-m", "server.mock_upstream", "--port", str(port), *args],
+                         _clean_env({}), tmp / f"upstream-{port}.log", port, "/")
+
+
+def assert_no_traceback(server: Process) -> None:
+    log = server.log()
+    assert "Traceback" not in log, log
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayServer]:
+    """One offline-model server for a test module; its log must end without a traceback."""
+    relay = RelayServer(tmp_path_factory.mktemp("relay"))
+    yield relay
+    relay.stop()
+    assert_no_traceback(relay)
+
+
+@pytest.fixture
+def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """Start servers with custom settings; all stopped (and checked for tracebacks) after the test."""
+    started: list[Process] = []
+
+    def start(env: dict[str, str] | None = None) -> RelayServer:
+        relay = RelayServer(tmp_path_factory.mktemp("relay"), env)
+        started.append(relay)
+        return relay
+
+    yield start
+    for process in started:
+        process.stop()
+    for process in started:
+        assert_no_traceback(process)
+
+
+@pytest.fixture
+def make_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    started: list[Process] = []
+
+    def start(*args: str) -> MockUpstream:
+        upstream = MockUpstream(tmp_path_factory.mktemp("upstream"), *args)
+        started.append(upstream)
+        return upstream
+
+    yield start
+    for process in started:
+        process.stop()

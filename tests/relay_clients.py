@@ -1,0 +1,71 @@
+"""Real clients for a live server: SSE through httpx-sse, WebSocket through `websockets`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import websockets
+from httpx_sse import aconnect_sse
+
+from server.upstream.offline import demo_words
+
+Event = tuple[int | None, str, dict[str, Any]]
+TERMINAL = {"done", "error"}
+
+
+def demo_answer(*user_messages: str) -> str:
+    """The offline model's exact answer to the last message of a conversation of `user_messages`."""
+    history = [{"role": "user", "content": text} for text in user_messages]
+    return "".join(demo_words(history))
+
+
+def loads(data: str) -> dict[str, Any]:
+    value: dict[str, Any] = json.loads(data, parse_float=Decimal)  # money stays exact
+    return value
+
+
+async def sse_stream(base_url: str, body: dict[str, Any], **kwargs: Any) -> list[Event]:
+    """POST a message and read every event to the end of the stream."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        async with aconnect_sse(client, "POST", "/api/command-center/message", json=body, **kwargs) as source:
+            source.response.raise_for_status()
+            return [(int(e.id) if e.id else None, e.event, loads(e.data)) async for e in source.aiter_sse()]
+
+
+async def sse_read(base_url: str, stream_id: str, last_event_id: int | None = None) -> list[Event]:
+    headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        async with aconnect_sse(client, "GET", f"/api/command-center/streams/{stream_id}",
+                                headers=headers) as source:
+            return [(int(e.id) if e.id else None, e.event, loads(e.data)) async for e in source.aiter_sse()]
+
+
+async def ws_stream(ws_url: str, frame: dict[str, Any]) -> list[Event]:
+    """Send one message frame over a new socket and read its stream to the end."""
+    async with websockets.connect(ws_url + "/api/command-center/ws") as socket:
+        await socket.send(json.dumps({"type": "message", **frame}))
+        return await ws_read_until_end(socket)
+
+
+async def ws_read_until_end(socket: Any, stream_id: str | None = None) -> list[Event]:
+    events: list[Event] = []
+    async with asyncio.timeout(30):
+        while True:
+            frame = json.loads(await socket.recv(), parse_float=Decimal)
+            if stream_id is not None and frame.get("streamId") != stream_id:
+                continue
+            events.append((frame["id"], frame["event"], frame["data"]))
+            if frame["event"] in TERMINAL:
+                return events
+
+
+def text_of(events: list[Event]) -> str:
+    return "".join(data["text"] for _, name, data in events if name == "chunk")
+
+
+def names(events: list[Event]) -> list[str]:
+    return [name for _, name, _ in events]

@@ -1,0 +1,161 @@
+"""SSE transport against a real server process, read with httpx-sse."""
+
+from __future__ import annotations
+
+import sqlite3
+from decimal import Decimal
+
+import httpx
+import pytest
+
+from .relay_clients import demo_answer, names, sse_read, sse_stream, text_of
+
+
+async def test_sse_streams_a_costed_answer_with_numbered_events(server):
+    events = await sse_stream(server.url, {"message": "Hello, relay"})
+
+    assert names(events)[0] == "start"
+    assert names(events)[-2:] == ["cost", "done"]
+    assert set(names(events)[1:-2]) == {"chunk"}
+    assert [event_id for event_id, _, _ in events] == list(range(1, len(events) + 1))
+    assert text_of(events) == demo_answer("Hello, relay")
+    start, cost, done = events[0][2], events[-2][2], events[-1][2]
+    assert start["model"] == "deltarelay-offline"
+    assert done["conversationId"] == start["conversationId"]
+    assert done["stopReason"] == "end_turn"
+    assert cost["outputTokens"] == len(events) - 3
+    assert isinstance(cost["totalCost"], Decimal) and cost["totalCost"] > 0
+
+
+async def test_sse_response_is_never_cached_buffered_or_compressed(server):
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        async with client.stream("POST", "/api/command-center/message", json={"message": "headers"},
+                                 headers={"accept-encoding": "gzip"}) as response:
+            await response.aread()
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["x-accel-buffering"] == "no"
+    assert response.headers.get("content-encoding", "identity") == "identity"
+
+
+async def test_answer_is_saved_with_its_tokens_and_exact_cost(server):
+    events = await sse_stream(server.url, {"message": "save me"})
+    done, cost = events[-1][2], events[-2][2]
+
+    with sqlite3.connect(server.db_path) as db:
+        row = db.execute(
+            "SELECT role, content, status, stop_reason, input_tokens, output_tokens, cost FROM messages WHERE id = ?",
+            (done["messageId"],),
+        ).fetchone()
+        user = db.execute(
+            "SELECT content FROM messages WHERE conversation_id = ? AND role = 'user'", (done["conversationId"],)
+        ).fetchall()
+    assert row == ("assistant", demo_answer("save me"), "complete", "end_turn", cost["inputTokens"],
+                   cost["outputTokens"], format(cost["totalCost"], "f"))
+    assert user == [("save me",)]
+
+
+async def test_second_message_continues_the_conversation_with_its_history(server):
+    first = await sse_stream(server.url, {"message": "first question"})
+    conversation_id = first[-1][2]["conversationId"]
+
+    second = await sse_stream(server.url, {"message": "second question", "conversationId": conversation_id})
+
+    # The offline model counts the user turns in the history it was sent.
+    assert text_of(second) == demo_answer("first question", "second question")
+    assert "turn 2 of the conversation" in text_of(second)
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        listing = (await client.get(f"/api/conversations/{conversation_id}/messages")).json()
+    assert [(m["role"], m["content"], m["status"]) for m in listing["messages"]] == [
+        ("user", "first question", "complete"),
+        ("assistant", text_of(first), "complete"),
+        ("user", "second question", "complete"),
+        ("assistant", text_of(second), "complete"),
+    ]
+    assert Decimal(listing["conversation"]["totalCost"]) == first[-2][2]["totalCost"] + second[-2][2]["totalCost"]
+
+
+async def test_accept_json_answers_202_and_the_stream_is_read_by_id(server):
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.post("/api/command-center/message", json={"message": "background"},
+                                     headers={"accept": "application/json"})
+    assert response.status_code == 202
+    stream_id = response.json()["streamId"]
+
+    events = await sse_read(server.url, stream_id)
+
+    assert events[0][2]["streamId"] == stream_id
+    assert text_of(events) == demo_answer("background")
+    assert names(events)[-1] == "done"
+
+
+async def test_last_event_id_replays_exactly_the_events_after_it(server):
+    full = await sse_stream(server.url, {"message": "resume me"})
+    stream_id = full[0][2]["streamId"]
+
+    rest = await sse_read(server.url, stream_id, last_event_id=5)
+
+    assert rest == full[5:]
+
+
+async def test_unknown_stream_is_one_terminal_not_resumable_event_for_eventsource(server):
+    events = await sse_read(server.url, "no-such-stream")
+    assert names(events) == ["error"]
+    assert events[0][2]["code"] == "not_resumable"
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.get("/api/command-center/streams/no-such-stream",
+                                    headers={"accept": "application/json"})
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_resumable"
+
+
+def _message_count(server) -> int:
+    with sqlite3.connect(server.db_path) as db:
+        return int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"{not json", 400, "invalid_request"),
+        (b"[1, 2]", 400, "invalid_request"),
+        (b"{}", 400, "invalid_request"),
+        (b'{"message": ""}', 400, "invalid_request"),
+        (b'{"message": "   "}', 400, "invalid_request"),
+        (b'{"message": 42}', 400, "invalid_request"),
+        (b'{"message": null}', 400, "invalid_request"),
+        (b'{"message": "hi", "agentId": 7}', 400, "invalid_request"),
+        (b'{"message": "' + b"x" * (32 * 1024 + 1) + b'"}', 413, "too_large"),
+        (b'{"message": "hi", "agentId": "nobody"}', 404, "not_found"),
+        (b'{"message": "hi", "conversationId": "missing"}', 404, "not_found"),
+    ],
+)
+async def test_bad_input_gets_a_json_error_and_saves_nothing(server, body, status, code):
+    before = _message_count(server)
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.post("/api/command-center/message", content=body,
+                                     headers={"content-type": "application/json"})
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    assert response.json()["error"]["message"]
+    assert _message_count(server) == before
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_rest_lists_conversations_newest_first_with_exact_costs(server):
+    await sse_stream(server.url, {"message": "listed"})
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        listing = (await client.get("/api/conversations")).json()["conversations"]
+        missing = await client.get("/api/conversations/nope/messages")
+    assert listing[0]["title"] == "listed"
+    assert listing[0]["messageCount"] == 2
+    assert Decimal(listing[0]["totalCost"]) > 0
+    assert [c["updatedAt"] for c in listing] == sorted((c["updatedAt"] for c in listing), reverse=True)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+async def test_healthz_checks_the_database(server):
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.get("/healthz")
+    assert response.json() == {"status": "ok", "database": "ok"}

@@ -1,0 +1,110 @@
+"""WebSocket transport against a real server process, with the `websockets` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+
+import websockets
+
+from .relay_clients import demo_answer, names, sse_stream, text_of, ws_read_until_end, ws_stream
+
+
+async def test_websocket_streams_a_costed_answer(server):
+    events = await ws_stream(server.ws_url, {"message": "Hello over a socket"})
+
+    assert names(events)[0] == "start"
+    assert names(events)[-2:] == ["cost", "done"]
+    assert [event_id for event_id, _, _ in events] == list(range(1, len(events) + 1))
+    assert text_of(events) == demo_answer("Hello over a socket")
+    assert events[-2][2]["totalCost"] > 0
+
+
+async def test_several_streams_run_at_once_over_one_socket_routed_by_request_id(server):
+    async with websockets.connect(server.ws_url + "/api/command-center/ws") as socket:
+        for n in range(3):
+            await socket.send(json.dumps({"type": "message", "message": f"parallel {n}", "requestId": f"r{n}"}))
+        streams: dict[str, list] = {}
+        request_of: dict[str, str] = {}
+        finished = 0
+        async with asyncio.timeout(30):
+            while finished < 3:
+                frame = json.loads(await socket.recv())
+                if frame["event"] == "start":
+                    request_of[frame["streamId"]] = frame["requestId"]
+                streams.setdefault(frame["streamId"], []).append((frame["id"], frame["event"], frame["data"]))
+                finished += frame["event"] == "done"
+    assert sorted(request_of.values()) == ["r0", "r1", "r2"]
+    for stream_id, events in streams.items():
+        n = request_of[stream_id][1:]
+        assert text_of(events) == demo_answer(f"parallel {n}")
+        assert [event_id for event_id, _, _ in events] == list(range(1, len(events) + 1))
+
+
+async def test_bad_frames_get_an_error_event_and_the_socket_stays_open(server):
+    bad_frames = [
+        "not json",
+        "[]",
+        json.dumps({"message": "no type"}),
+        json.dumps({"type": "dance"}),
+        json.dumps({"type": "message", "message": ""}),
+        json.dumps({"type": "message", "message": 5, "requestId": "bad-1"}),
+        json.dumps({"type": "message", "message": "x" * (32 * 1024 + 1)}),
+        json.dumps({"type": "message", "message": "hi", "conversationId": "missing"}),
+        json.dumps({"type": "message", "message": "hi", "agentId": "nobody"}),
+        json.dumps({"type": "resume", "streamId": "missing", "lastEventId": 0}),
+        json.dumps({"type": "resume", "streamId": "x", "lastEventId": -1}),
+        json.dumps({"type": "cancel"}),
+    ]
+    async with websockets.connect(server.ws_url + "/api/command-center/ws") as socket:
+        codes = []
+        for raw in bad_frames:
+            await socket.send(raw)
+            frame = json.loads(await asyncio.wait_for(socket.recv(), 10))
+            assert frame["event"] == "error"
+            assert frame["data"]["message"]
+            codes.append(frame["data"]["code"])
+            if "bad-1" in raw:
+                assert frame["requestId"] == "bad-1"
+        await socket.send(b"binary frame")
+        assert json.loads(await socket.recv())["event"] == "error"
+        await socket.send(json.dumps({"type": "ping"}))
+        assert json.loads(await socket.recv()) == {"event": "pong"}
+        await socket.send(json.dumps({"type": "message", "message": "still here"}))
+        events = await ws_read_until_end(socket)
+    assert codes == ["invalid_request"] * 6 + ["too_large", "not_found", "not_found", "not_resumable",
+                                               "invalid_request", "invalid_request"]
+    assert text_of(events) == demo_answer("still here")
+
+
+async def test_twenty_concurrent_streams_over_both_transports_are_exact_and_saved_once(server):
+    messages = [f"concurrent message {n}" for n in range(20)]
+
+    async def one(n: int, text: str):
+        if n % 2:
+            return await sse_stream(server.url, {"message": text})
+        return await ws_stream(server.ws_url, {"message": text})
+
+    results = await asyncio.gather(*(one(n, text) for n, text in enumerate(messages)))
+
+    for text, events in zip(messages, results, strict=True):
+        assert names(events)[-1] == "done"
+        assert text_of(events) == demo_answer(text)
+    message_ids = [events[-1][2]["messageId"] for events in results]
+    with sqlite3.connect(server.db_path) as db:
+        rows = db.execute(
+            f"SELECT id, content, status FROM messages WHERE id IN ({','.join('?' * 20)})", message_ids
+        ).fetchall()
+    expected = [(events[-1][2]["messageId"], demo_answer(text), "complete")
+                for text, events in zip(messages, results, strict=True)]
+    assert sorted(rows) == sorted(expected)
+
+
+async def test_a_stream_started_over_sse_can_be_watched_over_the_websocket(server):
+    full = await sse_stream(server.url, {"message": "cross transport"})
+    stream_id = full[0][2]["streamId"]
+    async with websockets.connect(server.ws_url + "/api/command-center/ws") as socket:
+        await socket.send(json.dumps({"type": "resume", "streamId": stream_id, "lastEventId": 3}))
+        rest = await ws_read_until_end(socket, stream_id)
+    assert rest == full[3:]
