@@ -74,7 +74,9 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         offline = transport is None and settings.offline
         upstream = AnthropicUpstream(settings, transport or upstream_transport(settings),
                                      base_url="http://offline-model.invalid" if offline else None)
-        hub = StreamHub(settings.stream_log_events, settings.stream_retention_seconds)
+        hub = StreamHub(settings.stream_log_events, settings.stream_retention_seconds,
+                        settings.subscriber_queue_events, settings.keepalive_seconds)
+        hub.start()
         app.state.store = store
         app.state.hub = hub
         app.state.relay = Relay(settings, store, upstream, hub)
@@ -82,7 +84,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         try:
             yield
         finally:
-            await hub.shutdown(grace_seconds=0)
+            await hub.shutdown(settings.shutdown_grace_seconds)
             await upstream.aclose()
             await store.disconnect()
 

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 from .config import ConfigError, Settings, load_settings
 
@@ -30,17 +31,29 @@ def serve(settings: Settings) -> None:
         log.warning("no ANTHROPIC_API_KEY: answers come from the built-in offline demo model")
     log.info("deltarelay on http://%s:%d (database %s)", settings.host, settings.port,
              settings.database_url.split("@")[-1])
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # SIGTERM: refuse new answers at once; running ones get the grace period.
+            hub = getattr(app.state, "hub", None)
+            if hub is not None:
+                hub.begin_shutdown()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         loop="auto",  # uvloop when installed
         http="auto",  # httptools when installed
         ws="websockets-sansio",
+        ws_ping_interval=settings.keepalive_seconds,
         lifespan="on",
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds)),
     )
+    Server(config).run()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

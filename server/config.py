@@ -53,6 +53,13 @@ class Settings:
     offline_words: int = 0  # 0: the demo answer's natural length
     stream_log_events: int = 20_000
     stream_retention_seconds: float = 300.0
+    subscriber_queue_events: int = 2000  # a reader this far behind is dropped and resumes from the log
+    keepalive_seconds: float = 15.0
+    cancel_on_disconnect: bool = False  # default: a dropped connection never stops a paid-for answer
+    retry_attempts: int = 3
+    retry_base_delay: float = 0.5
+    retry_max_wait: float = 10.0
+    shutdown_grace_seconds: float = 20.0
     log_level: str = "info"
     agents: tuple[Agent, ...] = field(default=())
 
@@ -105,18 +112,36 @@ ENV_NAMES: dict[str, str] = {
     "offline_words": "RELAY_OFFLINE_WORDS",
     "stream_log_events": "RELAY_STREAM_LOG_EVENTS",
     "stream_retention_seconds": "RELAY_STREAM_RETENTION_SECONDS",
+    "subscriber_queue_events": "RELAY_SUBSCRIBER_QUEUE_EVENTS",
+    "keepalive_seconds": "RELAY_KEEPALIVE_SECONDS",
+    "cancel_on_disconnect": "RELAY_CANCEL_ON_DISCONNECT",
+    "retry_attempts": "RELAY_RETRY_ATTEMPTS",
+    "retry_base_delay": "RELAY_RETRY_BASE_DELAY",
+    "retry_max_wait": "RELAY_RETRY_MAX_WAIT",
+    "shutdown_grace_seconds": "RELAY_SHUTDOWN_GRACE_SECONDS",
     "log_level": "RELAY_LOG_LEVEL",
 }
 
 _POSITIVE = {
     "port", "max_tokens", "max_message_bytes", "upstream_max_connections", "connect_timeout",
-    "first_event_timeout", "idle_timeout", "stream_log_events",
+    "first_event_timeout", "idle_timeout", "stream_log_events", "subscriber_queue_events", "keepalive_seconds",
 }
-_NON_NEGATIVE = {"offline_delay_ms", "offline_words", "stream_retention_seconds"}
+_NON_NEGATIVE = {
+    "offline_delay_ms", "offline_words", "stream_retention_seconds", "retry_attempts", "retry_base_delay",
+    "retry_max_wait", "shutdown_grace_seconds",
+}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 def _convert(name: str, kind: Any, raw: str) -> Any:
     env = ENV_NAMES[name]
+    if kind in (bool, "bool"):
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise ConfigError(f"{env} must be 1 or 0 (true or false), got {raw!r}")
     if kind in (int, "int"):
         try:
             value: Any = int(raw)

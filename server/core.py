@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -47,6 +48,7 @@ class Relay:
         self.store = store
         self.upstream = upstream
         self.hub = hub
+        self.retry = RetryPolicy(settings.retry_attempts, settings.retry_base_delay, settings.retry_max_wait)
 
     async def start(self, command: SendMessage) -> LiveStream:
         """Save the user's message and start generating the answer.
@@ -75,26 +77,48 @@ class Relay:
                                   system=agent.system)
         job = Job(stream_id, turn.conversation_id, turn.assistant_message_id, request)
         stream = self.hub.create(stream_id, turn.conversation_id, turn.assistant_message_id, agent.model)
-        self.hub.run(stream, run_stream(job, self.upstream, self.store, stream))
+        self.hub.run(stream, run_stream(job, self.upstream, self.store, stream, self.retry))
         return stream
 
 
-async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStream) -> None:
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Retries before the first delta: bounded in count and in total wait."""
+
+    attempts: int = 3
+    base_delay: float = 0.5
+    max_wait: float = 10.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        """Exponential backoff with jitter, never shorter than the upstream's retry-after."""
+        backoff = self.base_delay * (2**attempt) * (0.5 + random.random() / 2)
+        return float(max(backoff, retry_after or 0.0))
+
+
+async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStream,
+                     retry: RetryPolicy | None = None) -> None:
     """Relay one answer into `stream`'s log and save it exactly once, however it ends."""
-    reply = ReplyState(job.request.model)
+    retry = retry or RetryPolicy()
     stream.append(Start(job.stream_id, job.conversation_id, job.request.model))
     status = Status.COMPLETE
     failure: RelayError | None = None
+    attempt, waited = 0, 0.0
     try:
-        # No await in this loop but the upstream's own: the upstream's deadlines
-        # (asyncio.timeout inside its generator) must only ever interrupt its reads.
-        async for upstream_event in upstream.events(job.request):
-            for event in reply.feed(upstream_event.event, upstream_event.data):
-                stream.append(event)
-            if reply.finished:
+        while True:
+            attempt_reply = ReplyState(job.request.model)
+            stream.reply = attempt_reply
+            try:
+                await _relay_attempt(job, upstream, stream, attempt_reply)
                 break
-        if not reply.finished:
-            raise ProtocolError("the model's stream ended before message_stop")
+            except RelayError as exc:
+                # Once a delta went out, a retry would repeat text: only a clean failure is retried.
+                delay = retry.delay(attempt, exc.retry_after)
+                if not exc.retryable or attempt_reply.has_content or attempt >= retry.attempts \
+                        or waited + delay > retry.max_wait:
+                    raise
+                attempt, waited = attempt + 1, waited + delay
+                log.info("stream %s: upstream %s, retry %d in %.2fs", job.stream_id, exc.code, attempt, delay)
+                await asyncio.sleep(delay)
     except RelayError as exc:
         status, failure = Status.ERROR, exc
     except asyncio.CancelledError:
@@ -106,6 +130,8 @@ async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStr
         log.exception("stream %s failed", job.stream_id)
         status, failure = Status.ERROR, RelayError("internal error while relaying the answer")
 
+    reply = stream.reply
+    assert reply is not None
     finished = status is Status.COMPLETE
     cost = reply.cost_event(estimated=not finished)
     if not finished and reply.has_content:
@@ -122,6 +148,18 @@ async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStr
     else:
         assert failure is not None
         stream.append(Error(failure.code, failure.message, failure.retryable, failure.retry_after, message_id))
+
+
+async def _relay_attempt(job: Job, upstream: Upstream, stream: LiveStream, reply: ReplyState) -> None:
+    # No await in this loop but the upstream's own: the upstream's deadlines
+    # (asyncio.timeout inside its generator) must only ever interrupt its reads.
+    append = stream.append
+    async for upstream_event in upstream.events(job.request):
+        for event in reply.feed(upstream_event.event, upstream_event.data):
+            append(event)
+        if reply.finished:
+            return
+    raise ProtocolError("the model's stream ended before message_stop")
 
 
 async def _save(store: Store, job: Job, reply: ReplyState, status: Status, cost: Cost,

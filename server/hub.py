@@ -12,17 +12,23 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import GoneError, NotFoundError
 from .events import TERMINAL_EVENTS, RelayEvent, encode_data
+from .protocol.anthropic import ReplyState
 
 log = logging.getLogger("deltarelay.hub")
 
 # One logged event: (id, name, data as JSON text). Tuples keep thousands of streams small.
 Entry = tuple[int, str, str]
+
+
+class KeepaliveTarget(Protocol):
+    def keepalive_tick(self) -> None: ...
 
 
 class SubscriberDropped(Exception):
@@ -32,7 +38,7 @@ class SubscriberDropped(Exception):
 class Subscriber:
     """One reader of one stream: a bounded queue of entries, read in batches."""
 
-    __slots__ = ("stream", "limit", "pending", "closed", "dropped", "_wake")
+    __slots__ = ("stream", "limit", "pending", "closed", "dropped", "active", "keepalive_due", "on_detach", "_wake")
 
     def __init__(self, stream: LiveStream, backlog: list[Entry], limit: int) -> None:
         self.stream = stream
@@ -40,9 +46,13 @@ class Subscriber:
         self.pending = backlog
         self.closed = False
         self.dropped = False
+        self.active = True  # got an event since the last keepalive tick
+        self.keepalive_due = False
+        self.on_detach: Callable[[Subscriber], None] | None = None
         self._wake = asyncio.Event()
 
     def push(self, entry: Entry) -> None:
+        self.active = True
         if self.dropped:
             return
         if len(self.pending) >= self.limit:
@@ -57,17 +67,36 @@ class Subscriber:
         self.closed = True
         self._wake.set()
 
+    def keepalive_tick(self) -> None:
+        """Called every keepalive interval: a subscriber idle for a whole interval gets an empty batch."""
+        if self.active:
+            self.active = False
+        else:
+            self.keepalive_due = True
+            self._wake.set()
+
     def detach(self) -> None:
         """Stop receiving; called when the reader goes away."""
         self.stream.unsubscribe(self)
+        if self.on_detach is not None:
+            self.on_detach(self)
+            self.on_detach = None
 
     async def batches(self) -> AsyncIterator[list[Entry]]:
-        """Every entry ready at once comes as one batch, so a transport writes it in one go."""
+        """Every entry ready at once comes as one batch, so a transport writes it in one go.
+
+        An empty batch means "keepalive due": nothing happened for a keepalive interval.
+        """
         try:
             while True:
                 if self.pending:
                     batch, self.pending = self.pending, []
+                    self.keepalive_due = False
                     yield batch
+                    continue
+                if self.keepalive_due:
+                    self.keepalive_due = False
+                    yield []
                     continue
                 if self.dropped:
                     raise SubscriberDropped(f"more than {self.limit} events behind")
@@ -84,7 +113,7 @@ class LiveStream:
 
     __slots__ = (
         "id", "conversation_id", "message_id", "model", "log", "last_id", "finished",
-        "subscribers", "task", "stop_status",
+        "subscribers", "task", "stop_status", "reply",
     )
 
     def __init__(self, stream_id: str, conversation_id: str, message_id: str, model: str, log_limit: int) -> None:
@@ -99,6 +128,7 @@ class LiveStream:
         self.task: asyncio.Task[None] | None = None
         # Why the task was cancelled: "cancelled" by a user, "interrupted" by shutdown.
         self.stop_status: str | None = None
+        self.reply: ReplyState | None = None  # the core's state of the current attempt
 
     def append(self, event: RelayEvent) -> None:
         """Number, encode (once) and log an event, and hand it to every subscriber."""
@@ -150,12 +180,27 @@ class LiveStream:
 class StreamHub:
     """All live and recently finished streams of this process."""
 
-    def __init__(self, log_limit: int, retention_seconds: float, queue_limit: int = 4096) -> None:
+    def __init__(self, log_limit: int, retention_seconds: float, queue_limit: int = 2000,
+                 keepalive_seconds: float = 15.0) -> None:
         self.log_limit = log_limit
         self.retention_seconds = retention_seconds
         self.queue_limit = queue_limit
+        self.keepalive_seconds = keepalive_seconds
         self.streams: dict[str, LiveStream] = {}
         self.accepting = True
+        self.shutdown_started: float | None = None
+        # Readers that want keepalives: one sweep per interval for all of them, no timer per reader.
+        self.keepalive_targets: set[KeepaliveTarget] = set()
+        self._keepalive_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._keepalive_task = asyncio.create_task(self._keepalive_loop(), name="keepalive")
+
+    async def _keepalive_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.keepalive_seconds)
+            for target in list(self.keepalive_targets):
+                target.keepalive_tick()
 
     def create(self, stream_id: str, conversation_id: str, message_id: str, model: str) -> LiveStream:
         stream = LiveStream(stream_id, conversation_id, message_id, model, self.log_limit)
@@ -183,8 +228,13 @@ class StreamHub:
             raise NotFoundError(f"stream {stream_id} not found or expired", code="not_resumable")
         return stream
 
-    def subscribe(self, stream_id: str, after: int = 0) -> Subscriber:
-        return self.get(stream_id).subscribe(after, self.queue_limit)
+    def subscribe(self, stream_id: str, after: int = 0, keepalive: bool = False) -> Subscriber:
+        """Read a stream from after event `after`; `keepalive`: get an empty batch when idle."""
+        subscriber = self.get(stream_id).subscribe(after, self.queue_limit)
+        if keepalive and not subscriber.closed:
+            self.keepalive_targets.add(subscriber)
+            subscriber.on_detach = self.keepalive_targets.discard
+        return subscriber
 
     def cancel(self, stream_id: str, status: str = "cancelled") -> bool:
         """Stop generating; True when the stream was still running."""
@@ -198,12 +248,25 @@ class StreamHub:
     def active(self) -> list[LiveStream]:
         return [s for s in self.streams.values() if s.task is not None and not s.task.done()]
 
+    def begin_shutdown(self) -> None:
+        """Refuse new streams from now on (SIGTERM); running ones go on."""
+        if self.shutdown_started is None:
+            self.accepting = False
+            self.shutdown_started = time.monotonic()
+
     async def shutdown(self, grace_seconds: float, on_interrupt: Callable[[LiveStream], None] | None = None) -> None:
-        """Stop accepting streams, let running ones finish for a while, then interrupt the rest."""
-        self.accepting = False
+        """Stop accepting streams, let running ones finish within the grace period, then interrupt the rest.
+
+        The grace period counts from begin_shutdown() (the signal), not from this call.
+        """
+        self.begin_shutdown()
+        assert self.shutdown_started is not None
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
         running = [s.task for s in self.active() if s.task is not None]
-        if running and grace_seconds > 0:
-            await asyncio.wait(running, timeout=grace_seconds)
+        left = grace_seconds - (time.monotonic() - self.shutdown_started)
+        if running and left > 0:
+            await asyncio.wait(running, timeout=left)
         leftover = self.active()
         for stream in leftover:
             self.cancel(stream.id, status="interrupted")

@@ -9,6 +9,7 @@ A request may override the options with headers x-mock-delay-ms, x-mock-words, x
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import replace
 from typing import Any
@@ -33,8 +34,13 @@ def _overrides(options: OfflineOptions, headers: dict[bytes, bytes]) -> OfflineO
     return replace(options, **changes) if changes else options
 
 
-def mock_app(options: OfflineOptions) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    """A bare ASGI app: as little server work per delta as possible, so it can feed a benchmark."""
+def mock_app(options: OfflineOptions, fail_first: int = 0) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """A bare ASGI app: as little server work per delta as possible, so it can feed a benchmark.
+
+    `fail_first`: only the first N requests fail with options.error; later ones succeed.
+    GET /stats tells what it saw: requests, answers completed, and answers whose client hung up.
+    """
+    stats = {"requests": 0, "completed": 0, "disconnected": 0}
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -47,6 +53,9 @@ def mock_app(options: OfflineOptions) -> Callable[[Scope, Receive, Send], Awaita
                     return
         if scope["type"] != "http":
             return
+        if scope["method"] == "GET" and scope["path"] == "/stats":
+            await _respond(send, 200, orjson.dumps(stats))
+            return
         if scope["method"] != "POST" or scope["path"] != "/v1/messages":
             await _respond(send, 404, orjson.dumps({"type": "error", "error": {"type": "not_found_error",
                                                                                  "message": "no such route"}}))
@@ -57,9 +66,12 @@ def mock_app(options: OfflineOptions) -> Callable[[Scope, Receive, Send], Awaita
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
+        stats["requests"] += 1
         try:
             request = orjson.loads(body)
             request_options = _overrides(options, dict(scope["headers"]))
+            if fail_first and stats["requests"] > fail_first:
+                request_options = replace(request_options, error="none")
         except (orjson.JSONDecodeError, ValueError):
             await _respond(send, 400, orjson.dumps({"type": "error", "error": {
                 "type": "invalid_request_error", "message": "the body is not valid JSON"}}))
@@ -71,9 +83,24 @@ def mock_app(options: OfflineOptions) -> Callable[[Scope, Receive, Send], Awaita
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
                                 (b"cache-control", b"no-store")]})
-        async for chunk in anthropic_stream(request, request_options):
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        hung_up = asyncio.Event()
+
+        async def watch_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            hung_up.set()
+
+        watcher = asyncio.create_task(watch_disconnect())
+        try:
+            async for chunk in anthropic_stream(request, request_options):
+                if hung_up.is_set():
+                    stats["disconnected"] += 1
+                    return
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            stats["completed"] += 1
+        finally:
+            watcher.cancel()
 
     return app
 
@@ -91,12 +118,13 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=40.0, help="pause before each text delta")
     parser.add_argument("--words", type=int, default=0, help="text deltas per answer (0: the demo answer)")
     parser.add_argument("--error", choices=ERROR_MODES, default="none", help="fail every request this way")
+    parser.add_argument("--fail-first", type=int, default=0, help="with --error: only the first N requests fail")
     parser.add_argument("--stamp", action="store_true", help="each delta is 'seq:send_time_ns ' (benchmarks)")
     args = parser.parse_args()
     import uvicorn
 
     options = OfflineOptions(delay_ms=args.delay_ms, words=args.words, error=args.error, stamp=args.stamp)
-    uvicorn.run(mock_app(options), host=args.host, port=args.port, log_level="warning", lifespan="on",
+    uvicorn.run(mock_app(options, args.fail_first), host=args.host, port=args.port, log_level="warning", lifespan="on",
                 access_log=False)
 
 

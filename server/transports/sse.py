@@ -5,6 +5,7 @@ Thin: it validates input, asks the relay or the hub, and frames log entries.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
@@ -15,6 +16,7 @@ from ..errors import BadRequestError, RelayError, TooLargeError
 from ..events import Error, encode_data
 from ..hub import Entry, StreamHub, Subscriber, SubscriberDropped
 from ..protocol.frames import parse_event_id, parse_json_object, parse_send_message
+from ..protocol.sse import encode_comment
 
 SSE_HEADERS = {
     "cache-control": "no-store",
@@ -29,10 +31,19 @@ def frame_entries(batch: list[Entry]) -> bytes:
     return "".join([f"id: {i}\nevent: {name}\ndata: {data}\n\n" for i, name, data in batch]).encode()
 
 
-async def _relay_events(subscriber: Subscriber) -> AsyncIterator[bytes]:
+KEEPALIVE = encode_comment("keepalive")
+
+
+async def _relay_events(subscriber: Subscriber, cancel_on_disconnect: StreamHub | None) -> AsyncIterator[bytes]:
+    stream = subscriber.stream
     try:
         async for batch in subscriber.batches():
-            yield frame_entries(batch)
+            yield frame_entries(batch) if batch else KEEPALIVE
+    except (asyncio.CancelledError, GeneratorExit):
+        # The client went away. The answer goes on and is saved, unless configured to stop with it.
+        if cancel_on_disconnect is not None and not stream.finished:
+            cancel_on_disconnect.cancel(stream.id)
+        raise
     except SubscriberDropped as exc:
         stream = subscriber.stream
         yield frame_entries([(stream.last_id, "error", encode_data(
@@ -40,8 +51,9 @@ async def _relay_events(subscriber: Subscriber) -> AsyncIterator[bytes]:
         ).decode())])
 
 
-def event_stream(subscriber: Subscriber) -> StreamingResponse:
-    return StreamingResponse(_relay_events(subscriber), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+def event_stream(subscriber: Subscriber, cancel_on_disconnect: StreamHub | None = None) -> StreamingResponse:
+    return StreamingResponse(_relay_events(subscriber, cancel_on_disconnect), media_type=SSE_MEDIA_TYPE,
+                             headers=SSE_HEADERS)
 
 
 def _wants_json(request: Request) -> bool:
@@ -74,7 +86,8 @@ async def post_message(request: Request) -> Response:
     stream = await relay.start(command)
     if _wants_json(request):
         return JSONResponse({"streamId": stream.id, "conversationId": stream.conversation_id}, status_code=202)
-    return event_stream(relay.hub.subscribe(stream.id, 0))
+    owner = relay.hub if relay.settings.cancel_on_disconnect else None
+    return event_stream(relay.hub.subscribe(stream.id, 0, keepalive=True), owner)
 
 
 async def get_stream(request: Request) -> Response:
@@ -83,7 +96,7 @@ async def get_stream(request: Request) -> Response:
     raw_cursor = request.headers.get("last-event-id") or request.query_params.get("lastEventId") or "0"
     try:
         after = parse_event_id(raw_cursor)
-        subscriber = hub.subscribe(request.path_params["stream_id"], after)
+        subscriber = hub.subscribe(request.path_params["stream_id"], after, keepalive=True)
     except RelayError as exc:
         if isinstance(exc, BadRequestError) or _wants_json(request):
             raise

@@ -36,14 +36,34 @@ class Connection:
         self.websocket = websocket
         self.relay = relay
         self.pumps: set[asyncio.Task[None]] = set()
+        self.started: list[str] = []  # streams this socket asked for
+        self.active = True
         self._send_lock = asyncio.Lock()
 
     async def send(self, text: str) -> None:
+        self.active = True
         async with self._send_lock:
             await self.websocket.send_text(text)
 
+    def keepalive_tick(self) -> None:
+        """An idle socket gets a keepalive frame, so proxies keep it and the client's watchdog sees life."""
+        if self.active:
+            self.active = False
+        else:
+            task = asyncio.create_task(self._keepalive())
+            self.pumps.add(task)
+            task.add_done_callback(self.pumps.discard)
+
+    async def _keepalive(self) -> None:
+        try:
+            await self.send('{"event":"keepalive"}')
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass
+
     async def run(self) -> None:
         await self.websocket.accept()
+        hub = self.relay.hub
+        hub.keepalive_targets.add(self)
         try:
             while True:
                 message = await self.websocket.receive()
@@ -57,9 +77,14 @@ class Connection:
         except WebSocketDisconnect:
             return
         finally:
+            hub.keepalive_targets.discard(self)
             # The generation goes on in the hub; only this socket's readers stop.
-            for pump in self.pumps:
+            for pump in list(self.pumps):
                 pump.cancel()
+            if self.relay.settings.cancel_on_disconnect:
+                for stream_id in self.started:
+                    if stream_id in hub.streams and not hub.streams[stream_id].finished:
+                        hub.cancel(stream_id)
 
     async def handle(self, raw: str) -> None:
         request_id: str | None = None
@@ -68,6 +93,7 @@ class Connection:
             if isinstance(command, SendMessage):
                 request_id = command.request_id
                 stream = await self.relay.start(command)
+                self.started.append(stream.id)
                 self.pump(self.relay.hub.subscribe(stream.id, 0), request_id)
             elif isinstance(command, Resume):
                 self.pump(self.relay.hub.subscribe(command.stream_id, command.last_event_id), None)

@@ -122,8 +122,8 @@ async def anthropic_stream(request: dict[str, Any], options: OfflineOptions) -> 
             return
         if seq == half and options.error == "cut-midstream":
             return
-        if delay:
-            await asyncio.sleep(delay)
+        # Even at pace 0, give the loop a turn per delta as a network read would: no stream hogs it.
+        await asyncio.sleep(delay)
         if options.stamp:
             text = f"{seq}:{time.time_ns()} "
         yield _event("content_block_delta",
