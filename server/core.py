@@ -70,7 +70,6 @@ class Relay:
             user_text=command.message,
             model=agent.model,
             stream_id=stream_id,
-            trace_session_id=command.conversation_id or stream_id,
             task_trace_id=stream_id,
         )
         request = UpstreamRequest(model=agent.model, max_tokens=agent.max_tokens, messages=turn.history,
@@ -99,11 +98,15 @@ async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStr
                      retry: RetryPolicy | None = None) -> None:
     """Relay one answer into `stream`'s log and save it exactly once, however it ends."""
     retry = retry or RetryPolicy()
+    stream.running = True
     stream.append(Start(job.stream_id, job.conversation_id, job.request.model))
+    stream.reply = ReplyState(job.request.model)
     status = Status.COMPLETE
     failure: RelayError | None = None
     attempt, waited = 0, 0.0
     try:
+        if stream.stop_status is not None:  # cancelled before the core began
+            raise asyncio.CancelledError
         while True:
             attempt_reply = ReplyState(job.request.model)
             stream.reply = attempt_reply
@@ -130,8 +133,8 @@ async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStr
         log.exception("stream %s failed", job.stream_id)
         status, failure = Status.ERROR, RelayError("internal error while relaying the answer")
 
+    stream.finalizing = True
     reply = stream.reply
-    assert reply is not None
     finished = status is Status.COMPLETE
     cost = reply.cost_event(estimated=not finished)
     if not finished and reply.has_content:
@@ -179,10 +182,22 @@ async def _save(store: Store, job: Job, reply: ReplyState, status: Status, cost:
         cost_estimated=cost.estimated,
         error_code=failure.code if failure is not None else None,
     )
-    try:
-        # Shielded: a cancel arriving now must not lose the answer.
-        await asyncio.shield(store.save_reply(job.message_id, record))
-        return True
-    except Exception:
-        log.exception("could not save message %s of stream %s", job.message_id, job.stream_id)
-        return False
+    saving = asyncio.ensure_future(store.save_reply(job.message_id, record))
+    while True:
+        try:
+            # Shielded, and waited for even if cancelled: the answer is saved and the stream ended, always.
+            await asyncio.shield(saving)
+            return True
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            if not saving.done():
+                continue
+            if saving.cancelled() or saving.exception() is not None:
+                log.error("could not save message %s of stream %s", job.message_id, job.stream_id)
+                return False
+            return True
+        except Exception:
+            log.exception("could not save message %s of stream %s", job.message_id, job.stream_id)
+            return False

@@ -113,7 +113,7 @@ class LiveStream:
 
     __slots__ = (
         "id", "conversation_id", "message_id", "model", "log", "last_id", "finished",
-        "subscribers", "task", "stop_status", "reply",
+        "subscribers", "task", "stop_status", "reply", "running", "finalizing",
     )
 
     def __init__(self, stream_id: str, conversation_id: str, message_id: str, model: str, log_limit: int) -> None:
@@ -128,6 +128,8 @@ class LiveStream:
         self.task: asyncio.Task[None] | None = None
         # Why the task was cancelled: "cancelled" by a user, "interrupted" by shutdown.
         self.stop_status: str | None = None
+        self.running = False  # the core has begun: a cancel can be delivered into it
+        self.finalizing = False  # the core is saving and ending the stream: too late to cancel
         self.reply: ReplyState | None = None  # the core's state of the current attempt
 
     def append(self, event: RelayEvent) -> None:
@@ -239,10 +241,12 @@ class StreamHub:
     def cancel(self, stream_id: str, status: str = "cancelled") -> bool:
         """Stop generating; True when the stream was still running."""
         stream = self.get(stream_id)
-        if stream.task is None or stream.task.done():
+        if stream.task is None or stream.task.done() or stream.finalizing or stream.stop_status is not None:
             return False
         stream.stop_status = status
-        stream.task.cancel()
+        # A task that has not started yet cannot catch a cancel: the core checks stop_status first instead.
+        if stream.running:
+            stream.task.cancel()
         return True
 
     def active(self) -> list[LiveStream]:

@@ -175,8 +175,8 @@ class Store:
         user_text: str,
         model: str,
         stream_id: str,
-        trace_session_id: str,
         task_trace_id: str,
+        trace_session_id: str | None = None,
     ) -> Turn:
         """Save the user's message and an empty assistant message; return the history to send.
 
@@ -218,7 +218,9 @@ class Store:
                 " trace_session_id, task_trace_id, created_at, completed_at)"
                 " VALUES (:id, :conv, :seq, :role, :content, :model, :status, :stream, :ts, :tt, :t, :done)"
             )
-            common = {"conv": conv_id, "stream": stream_id, "ts": trace_session_id, "tt": task_trace_id, "t": stamp}
+            # One trace session per conversation unless the caller names one.
+            common = {"conv": conv_id, "stream": stream_id, "ts": trace_session_id or conv_id, "tt": task_trace_id,
+                      "t": stamp}
             await connection.execute(
                 insert,
                 {**common, "id": user_id, "seq": seq, "role": "user", "content": user_text, "model": None,

@@ -89,16 +89,20 @@ class AnthropicUpstream:
                 async with self.client.stream("POST", "/v1/messages", content=request.body()) as response:
                     if response.status_code != 200:
                         body = await response.aread()
-                        raise error_for_status(response.status_code, body, response.headers.get("retry-after"))
+                        error = error_for_status(response.status_code, body, response.headers.get("retry-after"))
+                        if settings.anthropic_api_key and settings.anthropic_api_key in error.message:
+                            error.message = error.message.replace(settings.anthropic_api_key, "[redacted]")
+                        raise error
                     deadline.reschedule(loop.time() + settings.first_event_timeout)
                     decoder = SSEDecoder()
                     pushed_at = loop.time()
+                    slack = min(_DEADLINE_SLACK, settings.idle_timeout / 4)
                     async for chunk in response.aiter_raw():
                         events = decoder.decode(chunk)
                         if not events:
                             continue
                         now = loop.time()
-                        if waiting_for_first or now - pushed_at > _DEADLINE_SLACK:
+                        if waiting_for_first or now - pushed_at > slack:
                             waiting_for_first = False
                             pushed_at = now
                             deadline.reschedule(now + settings.idle_timeout)

@@ -1,0 +1,476 @@
+"""The streaming core in-process: a real Relay, SQLite file and hub; the upstream faked with respx."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import respx
+
+from server.core import Relay
+from server.errors import NotFoundError
+from server.protocol.frames import SendMessage
+from server.protocol.sse import SSEDecoder
+from server.store import new_id
+
+from .fakes import (
+    API_KEY,
+    MESSAGES_URL,
+    FakeBody,
+    RelayedEvent,
+    anthropic_events,
+    anthropic_stream_bytes,
+    collect,
+    relay_in_process,
+    run_to_end,
+    sse_response,
+)
+
+STREAMS = Path(__file__).parent / "data" / "anthropic-streams"
+EXPECTED: dict[str, Any] = orjson.loads((STREAMS / "expected.json").read_bytes())["fixtures"]
+FIXTURES = sorted(path.stem for path in STREAMS.glob("*.sse"))
+ERROR_FIXTURE = "docs_error_overloaded_midstream"
+
+
+@pytest.fixture
+async def relay(tmp_path: Path) -> AsyncIterator[Relay]:
+    async with relay_in_process(tmp_path) as relay:
+        yield relay
+
+
+@pytest.fixture
+def upstream() -> Iterator[respx.Route]:
+    """The route of POST https://upstream.test/v1/messages; each test says what it answers."""
+    with respx.mock(assert_all_called=False) as router:
+        yield router.post(MESSAGES_URL)
+
+
+def names(events: list[RelayedEvent]) -> list[str]:
+    return [name for _, name, _ in events]
+
+
+def text_of(events: list[RelayedEvent], name: str = "chunk") -> str:
+    return "".join(data["text"] for _, event_name, data in events if event_name == name)
+
+
+async def saved_messages(relay: Relay, events: list[RelayedEvent]) -> list[dict[str, Any]]:
+    conversation_id = events[0][2]["conversationId"]
+    return await relay.store.list_messages(conversation_id)
+
+
+async def count_rows(relay: Relay) -> tuple[int, int]:
+    conversations = await relay.store.db.fetch_val("SELECT COUNT(*) FROM conversations")
+    messages = await relay.store.db.fetch_val("SELECT COUNT(*) FROM messages")
+    return conversations, messages
+
+
+def upstream_body(request: httpx.Request) -> dict[str, Any]:
+    body: dict[str, Any] = orjson.loads(request.content)
+    return body
+
+
+# --- a scripted answer ------------------------------------------------------------------------------
+
+
+async def test_scripted_answer_gives_start_chunks_cost_done_and_is_saved_complete(relay, upstream):
+    texts = ["Hel", "lo, ", "wor", "ld 🙂"]
+    upstream.mock(return_value=sse_response(
+        anthropic_stream_bytes(texts, input_tokens=10, output_tokens=7, cache_read=4)
+    ))
+
+    stream = await relay.start(SendMessage("Say hello"))
+    events = await collect(relay.hub, stream.id)
+
+    assert names(events) == ["start", "chunk", "chunk", "chunk", "chunk", "cost", "done"]
+    assert [event_id for event_id, _, _ in events] == list(range(1, 8))
+    assert [data["text"] for _, name, data in events if name == "chunk"] == texts
+    start, cost, done = events[0][2], events[-2][2], events[-1][2]
+    assert start == {"streamId": stream.id, "conversationId": stream.conversation_id, "model": "claude-sonnet-4-5"}
+    assert cost == {
+        "inputTokens": 10, "outputTokens": 7, "cacheCreationInputTokens": 0, "cacheReadInputTokens": 4,
+        "totalCost": Decimal("0.0000454"), "model": "claude-haiku-4-5",
+    }
+    assert done == {"conversationId": stream.conversation_id, "messageId": stream.message_id, "stopReason": "end_turn"}
+
+    user, assistant = await saved_messages(relay, events)
+    assert (user["role"], user["content"], user["status"]) == ("user", "Say hello", "complete")
+    assert assistant["id"] == stream.message_id
+    assert {key: assistant[key] for key in (
+        "role", "content", "status", "stop_reason", "model", "input_tokens", "output_tokens",
+        "cache_creation_input_tokens", "cache_read_input_tokens", "cost", "cost_estimated", "error_code", "stream_id",
+    )} == {
+        "role": "assistant", "content": "Hello, world 🙂", "status": "complete", "stop_reason": "end_turn",
+        "model": "claude-haiku-4-5", "input_tokens": 10, "output_tokens": 7, "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 4, "cost": "0.0000454", "cost_estimated": 0, "error_code": None,
+        "stream_id": stream.id,
+    }
+    assert assistant["completed_at"] is not None
+
+
+# --- recorded upstream streams ----------------------------------------------------------------------
+
+
+def tool_input_json(name: str) -> list[str]:
+    """The tool input JSON of each tool_use block of a recorded stream, joined per block."""
+    decoder = SSEDecoder()
+    parts: dict[int, list[str]] = {}
+    for event in decoder.decode((STREAMS / f"{name}.sse").read_bytes()) + decoder.flush():
+        payload = orjson.loads(event.data)
+        delta = payload.get("delta") or {}
+        if payload.get("type") == "content_block_delta" and delta.get("type") == "input_json_delta":
+            parts.setdefault(payload["index"], []).append(delta["partial_json"])
+    return ["".join(block) for block in parts.values() if "".join(block)]
+
+
+@pytest.mark.parametrize("name", [name for name in FIXTURES if name != ERROR_FIXTURE])
+async def test_recorded_stream_relays_its_text_and_thinking_and_is_saved_complete(relay, upstream, name):
+    expected = EXPECTED[name]
+    upstream.mock(return_value=sse_response((STREAMS / f"{name}.sse").read_bytes()))
+
+    events = await run_to_end(relay, SendMessage("replay"))
+
+    assert names(events)[0] == "start" and names(events)[-2:] == ["cost", "done"]
+    assert [data["text"] for _, event_name, data in events if event_name == "chunk"] == expected["relay"]["text_deltas"]
+    assert text_of(events) == expected["relay"]["text"]
+    assert text_of(events, "thinking") == expected["relay"]["thinking"]
+    if expected["relay"]["thinking"]:
+        assert expected["relay"]["thinking"] not in text_of(events)
+    for tool_json in tool_input_json(name):
+        assert tool_json not in text_of(events)
+    # The SDK could not accumulate two recordings: their relay block says null, the top level does not.
+    assert events[-1][2]["stopReason"] == (expected["relay"]["stop_reason"] or expected["stop_reason"])
+
+    cost = events[-2][2]
+    _, assistant = await saved_messages(relay, events)
+    assert (assistant["content"], assistant["thinking"], assistant["status"]) == (
+        expected["relay"]["text"], expected["relay"]["thinking"], "complete"
+    )
+    assert (assistant["input_tokens"], assistant["output_tokens"]) == (cost["inputTokens"], cost["outputTokens"])
+    if expected["relay"]["usage"] is not None:
+        assert {key: cost[key] for key in expected["relay"]["usage"]} == expected["relay"]["usage"]
+    if cost["totalCost"] is None:
+        assert assistant["cost"] is None
+    else:
+        assert assistant["cost"] == format(Decimal(str(cost["totalCost"])), "f")
+
+
+async def test_recorded_overload_midstream_ends_with_a_retryable_error_and_saves_the_partial_text(relay, upstream):
+    upstream.mock(return_value=sse_response((STREAMS / f"{ERROR_FIXTURE}.sse").read_bytes()))
+
+    events = await run_to_end(relay, SendMessage("replay"))
+
+    assert names(events) == ["start", "chunk", "cost", "error"]
+    assert events[2][2]["estimated"] is True
+    error = events[-1][2]
+    assert (error["code"], error["retryable"], error["message"]) == ("overloaded", True, "Overloaded")
+    user, assistant = await saved_messages(relay, events)
+    assert error["messageId"] == assistant["id"]
+    assert (assistant["content"], assistant["status"], assistant["error_code"]) == ("Hello", "error", "overloaded")
+    assert assistant["cost_estimated"] == 1
+    assert user["status"] == "complete"
+
+
+# --- the request sent upstream ----------------------------------------------------------------------
+
+
+async def test_request_sent_upstream_has_the_key_the_version_and_a_streaming_body(relay, upstream):
+    upstream.mock(return_value=sse_response(anthropic_stream_bytes(["Hi"])))
+
+    await run_to_end(relay, SendMessage("first question"))
+
+    request = upstream.calls.last.request
+    assert request.headers["x-api-key"] == API_KEY
+    assert request.headers["anthropic-version"] == "2023-06-01"
+    assert request.headers["content-type"] == "application/json"
+    assert upstream_body(request) == {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 1024,
+        "messages": [{"role": "user", "content": "first question"}],
+        "stream": True,
+    }
+
+
+async def test_second_message_in_a_conversation_sends_the_whole_history(relay, upstream):
+    upstream.mock(side_effect=[
+        sse_response(anthropic_stream_bytes(["First ", "answer."])),
+        sse_response(anthropic_stream_bytes(["Second answer."])),
+    ])
+
+    first = await run_to_end(relay, SendMessage("first question"))
+    conversation_id = first[-1][2]["conversationId"]
+    second = await run_to_end(relay, SendMessage("second question", conversation_id=conversation_id))
+
+    assert second[0][2]["conversationId"] == conversation_id
+    assert upstream_body(upstream.calls.last.request)["messages"] == [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "First answer."},
+        {"role": "user", "content": "second question"},
+    ]
+    saved = await relay.store.list_messages(conversation_id)
+    assert [(m["seq"], m["role"], m["content"]) for m in saved] == [
+        (0, "user", "first question"), (1, "assistant", "First answer."),
+        (2, "user", "second question"), (3, "assistant", "Second answer."),
+    ]
+
+
+# --- upstream failures ------------------------------------------------------------------------------
+
+# HTTP status -> (Anthropic error type, relay code, retryable): error_for_status's stable mapping.
+HTTP_ERRORS = {
+    400: ("invalid_request_error", "invalid_request", False),
+    401: ("authentication_error", "auth", False),
+    403: ("permission_error", "auth", False),
+    404: ("not_found_error", "not_found", False),
+    413: ("request_too_large", "too_large", False),
+    429: ("rate_limit_error", "rate_limited", True),
+    500: ("api_error", "upstream_error", True),
+    502: ("api_error", "upstream_error", True),
+    503: ("api_error", "upstream_error", True),
+    529: ("overloaded_error", "overloaded", True),
+}
+
+
+@pytest.mark.parametrize("status", sorted(HTTP_ERRORS))
+async def test_upstream_http_error_becomes_an_error_event_with_a_stable_code(relay, upstream, status):
+    error_type, code, retryable = HTTP_ERRORS[status]
+    # An auth error answer that quotes the key: the relay must never pass it on.
+    message = f"invalid x-api-key {API_KEY}" if code == "auth" else f"upstream says {status}"
+    upstream.mock(return_value=httpx.Response(
+        status, json={"type": "error", "error": {"type": error_type, "message": message}}, headers={"retry-after": "7"}
+    ))
+
+    events = await run_to_end(relay, SendMessage("hello"))
+
+    assert names(events) == ["start", "error"]
+    error = events[-1][2]
+    assert (error["code"], error["retryable"]) == (code, retryable)
+    if retryable:
+        assert error["retryAfter"] == 7
+    else:
+        assert "retryAfter" not in error
+    if code != "auth":
+        assert error["message"] == message
+    user, assistant = await saved_messages(relay, events)
+    assert error["messageId"] == assistant["id"]
+    assert (user["content"], user["status"]) == ("hello", "complete")
+    assert (assistant["content"], assistant["status"], assistant["error_code"]) == ("", "error", code)
+    assert API_KEY not in repr(events)
+    assert API_KEY not in repr(await relay.store.db.fetch_all("SELECT * FROM messages"))
+    assert API_KEY not in repr(await relay.store.db.fetch_all("SELECT * FROM conversations"))
+
+
+async def test_connection_failure_becomes_a_connection_failed_error(relay, upstream):
+    upstream.mock(side_effect=httpx.ConnectError("connection refused"))
+
+    events = await run_to_end(relay, SendMessage("hello"))
+
+    assert names(events) == ["start", "error"]
+    assert (events[-1][2]["code"], events[-1][2]["retryable"]) == ("connection_failed", True)
+    _, assistant = await saved_messages(relay, events)
+    assert (assistant["status"], assistant["error_code"]) == ("error", "connection_failed")
+
+
+async def test_upstream_that_never_sends_an_event_times_out(tmp_path, upstream):
+    body = FakeBody([], hang=True)
+    upstream.mock(return_value=sse_response(body))
+
+    async with relay_in_process(tmp_path, first_event_timeout=0.05) as relay:
+        events = await run_to_end(relay, SendMessage("hello"))
+        _, assistant = await saved_messages(relay, events)
+
+    assert names(events) == ["start", "error"]
+    error = events[-1][2]
+    assert (error["code"], error["retryable"]) == ("timeout", True)
+    assert "start answering" in error["message"]
+    assert (assistant["content"], assistant["status"], assistant["error_code"]) == ("", "error", "timeout")
+    assert body.closed.is_set()
+
+
+async def test_upstream_that_goes_silent_mid_answer_times_out_and_saves_the_partial_text(tmp_path, upstream):
+    body = FakeBody(anthropic_events(["Hel", "lo", " never sent"])[:5], hang=True)
+    upstream.mock(return_value=sse_response(body))
+
+    async with relay_in_process(tmp_path, idle_timeout=0.05) as relay:
+        events = await run_to_end(relay, SendMessage("hello"))
+        _, assistant = await saved_messages(relay, events)
+
+    assert names(events) == ["start", "chunk", "chunk", "cost", "error"]
+    error = events[-1][2]
+    assert (error["code"], error["retryable"]) == ("timeout", True)
+    assert "mid-answer" in error["message"]
+    assert (assistant["content"], assistant["status"], assistant["error_code"]) == ("Hello", "error", "timeout")
+    assert body.closed.is_set()
+
+
+async def test_stream_that_ends_without_message_stop_is_a_protocol_error(relay, upstream):
+    upstream.mock(return_value=sse_response(b"".join(anthropic_events(["Hel", "lo"])[:-1])))
+
+    events = await run_to_end(relay, SendMessage("hello"))
+
+    assert names(events) == ["start", "chunk", "chunk", "cost", "error"]
+    assert (events[-1][2]["code"], events[-1][2]["retryable"]) == ("protocol_error", False)
+    _, assistant = await saved_messages(relay, events)
+    assert (assistant["content"], assistant["status"], assistant["error_code"]) == ("Hello", "error", "protocol_error")
+    # message_delta came, so the output count is the real one, not an estimate.
+    assert (assistant["output_tokens"], assistant["cost_estimated"], assistant["stop_reason"]) == (2, 0, "end_turn")
+
+
+# --- cancelling -------------------------------------------------------------------------------------
+
+
+async def test_cancelled_stream_ends_done_cancelled_saves_the_partial_text_and_closes_upstream(relay, upstream):
+    body = FakeBody(anthropic_events(["Hel", "lo", " never sent"])[:5], hang=True)
+    upstream.mock(return_value=sse_response(body))
+    stream = await relay.start(SendMessage("hello"))
+
+    async with asyncio.timeout(10):
+        await body.waiting.wait()
+    assert relay.hub.cancel(stream.id) is True
+    events = await collect(relay.hub, stream.id)
+
+    assert names(events) == ["start", "chunk", "chunk", "cost", "done"]
+    assert events[-2][2]["estimated"] is True
+    assert events[-1][2] == {"conversationId": stream.conversation_id, "messageId": stream.message_id,
+                             "stopReason": "cancelled"}
+    _, assistant = await saved_messages(relay, events)
+    assert (assistant["content"], assistant["status"], assistant["stop_reason"]) == ("Hello", "cancelled", "cancelled")
+    assert assistant["cost_estimated"] == 1
+    assert body.closed.is_set() and body.ended.is_set()
+    assert relay.hub.cancel(stream.id) is False
+
+
+# --- what is not found saves nothing ----------------------------------------------------------------
+
+
+async def test_unknown_conversation_raises_not_found_and_saves_nothing(relay, upstream):
+    with pytest.raises(NotFoundError):
+        await relay.start(SendMessage("hello", conversation_id=new_id()))
+    assert await count_rows(relay) == (0, 0)
+    assert not upstream.called
+    assert relay.hub.streams == {}
+
+
+async def test_unknown_agent_raises_not_found_and_saves_nothing(relay, upstream):
+    with pytest.raises(NotFoundError):
+        await relay.start(SendMessage("hello", agent_id="no-such-agent"))
+    assert await count_rows(relay) == (0, 0)
+    assert not upstream.called
+    assert relay.hub.streams == {}
+
+
+# --- concurrency ------------------------------------------------------------------------------------
+
+
+async def test_twenty_concurrent_streams_on_one_sqlite_file_all_complete_and_are_saved(relay, upstream):
+    def answer(request: httpx.Request) -> httpx.Response:
+        question = upstream_body(request)["messages"][-1]["content"]
+        return sse_response(anthropic_stream_bytes(["Answer", " to ", question]))
+
+    upstream.mock(side_effect=answer)
+
+    results = await asyncio.gather(*(run_to_end(relay, SendMessage(f"question {i}")) for i in range(20)))
+
+    for i, events in enumerate(results):
+        assert names(events)[-1] == "done", events[-1]
+        assert text_of(events) == f"Answer to question {i}"
+    rows = await relay.store.db.fetch_all("SELECT content, status FROM messages WHERE role = 'assistant'")
+    assert sorted((row[0], row[1]) for row in rows) == sorted(
+        (f"Answer to question {i}", "complete") for i in range(20)
+    )
+
+
+# --- retries ----------------------------------------------------------------------------------------
+
+
+async def test_retryable_error_before_any_text_is_retried_and_the_answer_completes(tmp_path, upstream):
+    upstream.mock(side_effect=[
+        httpx.Response(529, json={"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+        sse_response(anthropic_stream_bytes(["Second ", "try"])),
+    ])
+
+    async with relay_in_process(tmp_path, retry_attempts=2, retry_base_delay=0) as relay:
+        events = await run_to_end(relay, SendMessage("hello"))
+        _, assistant = await saved_messages(relay, events)
+
+    assert names(events) == ["start", "chunk", "chunk", "cost", "done"]
+    assert upstream.call_count == 2
+    assert (assistant["content"], assistant["status"]) == ("Second try", "complete")
+
+
+async def test_retries_stop_after_the_configured_attempts(tmp_path, upstream):
+    upstream.mock(side_effect=lambda request: httpx.Response(503, json={"type": "error", "error": {
+        "type": "api_error", "message": "unavailable"}}))
+
+    async with relay_in_process(tmp_path, retry_attempts=2, retry_base_delay=0) as relay:
+        events = await run_to_end(relay, SendMessage("hello"))
+
+    assert names(events) == ["start", "error"]
+    assert events[-1][2]["code"] == "upstream_error"
+    assert upstream.call_count == 3
+
+
+async def test_error_after_text_went_out_is_never_retried(tmp_path, upstream):
+    upstream.mock(side_effect=lambda request: sse_response((STREAMS / f"{ERROR_FIXTURE}.sse").read_bytes()))
+
+    async with relay_in_process(tmp_path, retry_attempts=3, retry_base_delay=0) as relay:
+        events = await run_to_end(relay, SendMessage("hello"))
+
+    assert names(events) == ["start", "chunk", "cost", "error"]
+    assert text_of(events) == "Hello"
+    assert upstream.call_count == 1
+
+
+async def test_retry_after_longer_than_the_retry_budget_fails_at_once(tmp_path, upstream):
+    upstream.mock(side_effect=lambda request: httpx.Response(429, headers={"retry-after": "7"}, json={
+        "type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}))
+
+    async with relay_in_process(tmp_path, retry_attempts=3, retry_max_wait=1.0) as relay:
+        events = await run_to_end(relay, SendMessage("hello"))
+
+    assert names(events) == ["start", "error"]
+    assert (events[-1][2]["code"], events[-1][2]["retryAfter"]) == ("rate_limited", 7)
+    assert upstream.call_count == 1
+
+
+async def test_cancel_while_the_answer_is_being_saved_still_ends_the_stream(relay, upstream, monkeypatch):
+    upstream.mock(return_value=sse_response(anthropic_stream_bytes(["Hel", "lo"])))
+    saving, gate = asyncio.Event(), asyncio.Event()
+    save_reply = relay.store.save_reply
+
+    async def slow_save_reply(message_id: str, reply: Any) -> None:
+        saving.set()
+        await gate.wait()
+        await save_reply(message_id, reply)
+
+    monkeypatch.setattr(relay.store, "save_reply", slow_save_reply)
+    stream = await relay.start(SendMessage("hello"))
+    subscriber = relay.hub.subscribe(stream.id, 0)
+    async with asyncio.timeout(10):
+        await saving.wait()
+        relay.hub.cancel(stream.id)  # a user's cancel racing the end of the answer
+        gate.set()
+        await asyncio.wait([stream.task])
+
+    _, assistant = await relay.store.list_messages(stream.conversation_id)
+    assert (assistant["content"], assistant["status"]) == ("Hello", "complete")
+    assert stream.finished and subscriber.closed, f"no terminal event: the log ends with {stream.log[-1][:2]}"
+
+
+async def test_cancel_right_after_start_still_ends_the_stream_and_saves_it_cancelled(relay, upstream):
+    upstream.mock(return_value=sse_response(anthropic_stream_bytes(["never", " read"])))
+    stream = await relay.start(SendMessage("hello"))
+
+    assert relay.hub.cancel(stream.id) is True  # before the event loop ran the stream's task
+    async with asyncio.timeout(10):
+        await asyncio.wait([stream.task])
+
+    assert stream.finished, f"no terminal event: the log is {list(stream.log)}"
+    assert names(await collect(relay.hub, stream.id))[-1] == "done"
+    saved = await relay.store.get_message(stream.message_id)
+    assert saved is not None and saved["status"] == "cancelled"

@@ -1,0 +1,232 @@
+"""Store on a real database: a SQLite file, and PostgreSQL for each URL in TEST_DATABASE_URLS."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from databases import Database
+
+from server.errors import NotFoundError
+from server.store import MIGRATIONS, Reply, Status, Store, Turn, databases_url, new_id
+
+# Comma-separated, e.g. postgresql://postgres@127.0.0.1:5432/test; the tests drop their tables at the end.
+SERVER_URLS = [url.strip() for url in os.environ.get("TEST_DATABASE_URLS", "").split(",") if url.strip()]
+TABLES = ("messages", "conversations", "schema_migrations")
+
+
+async def drop_tables(url: str) -> None:
+    database = Database(databases_url(url))
+    await database.connect()
+    try:
+        for table in TABLES:
+            await database.execute(f"DROP TABLE IF EXISTS {table}")
+    finally:
+        await database.disconnect()
+
+
+@pytest.fixture(params=["sqlite", *SERVER_URLS], ids=lambda url: url.split(":")[0])
+async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A database URL with no tables in it yet."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/store.db"
+        return
+    await drop_tables(request.param)  # what an interrupted earlier run may have left
+    yield request.param
+    await drop_tables(request.param)
+
+
+@pytest.fixture
+async def store(url: str) -> AsyncIterator[Store]:
+    store = Store(url)
+    await store.connect()
+    yield store
+    await store.disconnect()
+
+
+async def turn(store: Store, text: str, conversation_id: str | None = None) -> Turn:
+    return await store.begin_turn(
+        conversation_id=conversation_id, agent_id="default", user_text=text, model="claude-haiku-4-5",
+        stream_id=new_id(), trace_session_id="session", task_trace_id="task",
+    )
+
+
+def reply(content: str, status: Status = Status.COMPLETE, cost: Decimal | None = Decimal("0.000025")) -> Reply:
+    return Reply(
+        content=content, thinking="", model="claude-haiku-4-5", status=status,
+        stop_reason="end_turn" if status is Status.COMPLETE else None, input_tokens=10, output_tokens=3,
+        cache_creation_input_tokens=0, cache_read_input_tokens=0, cost=cost,
+    )
+
+
+async def answer(store: Store, text: str, content: str, conversation_id: str | None = None, **kwargs: Any) -> Turn:
+    """One user message and its saved answer."""
+    started = await turn(store, text, conversation_id)
+    await store.save_reply(started.assistant_message_id, reply(content, **kwargs))
+    return started
+
+
+# --- migrations -------------------------------------------------------------------------------------
+
+
+async def test_migrations_apply_once_and_are_recorded_one_row_per_file(url, caplog):
+    caplog.set_level(logging.INFO, logger="deltarelay.store")
+    files = sorted(MIGRATIONS.glob("*.sql"))
+    first = Store(url)
+    await first.connect()
+    applied = await first.db.fetch_all("SELECT version, applied_at FROM schema_migrations ORDER BY version")
+    await first.disconnect()
+    assert [row[0] for row in applied] == [int(path.name.split("_", 1)[0]) for path in files]
+    assert [r.getMessage() for r in caplog.records] == [f"applied migration {path.name}" for path in files]
+
+    caplog.clear()
+    second = Store(url)
+    await second.connect()
+    again = await second.db.fetch_all("SELECT version, applied_at FROM schema_migrations ORDER BY version")
+    await second.disconnect()
+    assert [tuple(row) for row in again] == [tuple(row) for row in applied]
+    assert caplog.records == []
+
+
+# --- history ----------------------------------------------------------------------------------------
+
+
+async def test_history_alternates_user_and_assistant_turns(store):
+    first = await answer(store, "first question", "First answer.")
+    second = await turn(store, "second question", first.conversation_id)
+
+    assert first.history == [{"role": "user", "content": "first question"}]
+    assert second.history == [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "First answer."},
+        {"role": "user", "content": "second question"},
+    ]
+    saved = await store.list_messages(first.conversation_id)
+    assert [(m["seq"], m["role"], m["status"]) for m in saved] == [
+        (0, "user", "complete"), (1, "assistant", "complete"), (2, "user", "complete"), (3, "assistant", "streaming"),
+    ]
+
+
+async def test_history_drops_empty_answers_and_merges_the_user_turns_around_them(store):
+    first = await answer(store, "first question", "", status=Status.ERROR, cost=None)
+    streaming = await turn(store, "second question", first.conversation_id)  # its answer never saved
+    third = await turn(store, "third question", first.conversation_id)
+
+    assert streaming.history == [{"role": "user", "content": "first question\n\nsecond question"}]
+    assert third.history == [{"role": "user", "content": "first question\n\nsecond question\n\nthird question"}]
+
+
+async def test_history_keeps_the_partial_text_of_a_cancelled_answer(store):
+    first = await answer(store, "first question", "Half an ans", status=Status.CANCELLED)
+    second = await turn(store, "go on", first.conversation_id)
+
+    assert second.history == [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "Half an ans"},
+        {"role": "user", "content": "go on"},
+    ]
+
+
+async def test_unknown_conversation_saves_nothing_and_the_writer_goes_on(store):
+    with pytest.raises(NotFoundError):
+        await turn(store, "hello", conversation_id=new_id())
+    assert await store.db.fetch_val("SELECT COUNT(*) FROM messages") == 0
+    assert await store.db.fetch_val("SELECT COUNT(*) FROM conversations") == 0
+
+    started = await answer(store, "hello", "Hi!")
+    assert [m["content"] for m in await store.list_messages(started.conversation_id)] == ["hello", "Hi!"]
+
+
+# --- finishing messages -----------------------------------------------------------------------------
+
+
+async def test_interrupt_unfinished_marks_streaming_answers_interrupted(store):
+    done = await answer(store, "finished", "All done.")
+    left = await turn(store, "left streaming")
+
+    assert await store.interrupt_unfinished() == 1
+    assert await store.interrupt_unfinished() == 0
+
+    interrupted = await store.get_message(left.assistant_message_id)
+    assert interrupted is not None
+    assert (interrupted["status"], interrupted["content"]) == ("interrupted", "")
+    assert interrupted["completed_at"] is not None
+    complete = await store.get_message(done.assistant_message_id)
+    assert complete is not None and complete["status"] == "complete"
+
+
+async def test_a_message_is_finished_exactly_once(store):
+    started = await turn(store, "hello")
+    await store.save_reply(started.assistant_message_id, reply("First save."))
+    await store.save_reply(started.assistant_message_id, reply("", status=Status.ERROR))
+
+    saved = await store.get_message(started.assistant_message_id)
+    assert saved is not None
+    assert (saved["content"], saved["status"]) == ("First save.", "complete")
+
+
+# --- money ------------------------------------------------------------------------------------------
+
+
+async def test_smallest_and_longest_costs_survive_a_round_trip_exactly(store):
+    tiny = await answer(store, "tiny", "a", cost=Decimal("0.00000001"))
+    long = await answer(store, "long", "b", cost=Decimal("12345.678901234567890123"))
+    unpriced = await answer(store, "unpriced", "c", cost=None)
+
+    assert (await store.list_messages(tiny.conversation_id))[1]["cost"] == "0.00000001"
+    assert (await store.list_messages(long.conversation_id))[1]["cost"] == "12345.678901234567890123"
+    assert (await store.list_messages(unpriced.conversation_id))[1]["cost"] is None
+    tiny_total = (await store.get_conversation(tiny.conversation_id))["total_cost"]
+    assert isinstance(tiny_total, Decimal) and tiny_total == Decimal("0.00000001")
+    assert (await store.get_conversation(unpriced.conversation_id))["total_cost"] is None
+
+
+async def test_costs_saved_through_the_store_add_up_to_the_exact_sum(store):
+    # cost i = 0.1 + i * 0.00000001 for i in 1..100: exactly 10.0000505.
+    conversations, turns = 4, 25
+
+    async def conversation(first: int) -> str:
+        conversation_id = None
+        for i in range(first, first + turns):
+            started = await answer(store, f"q{i}", f"a{i}", conversation_id,
+                                   cost=Decimal("0.1") + i * Decimal("0.00000001"))
+            conversation_id = started.conversation_id
+        assert conversation_id is not None
+        return conversation_id
+
+    ids = await asyncio.gather(*(conversation(1 + c * turns) for c in range(conversations)))
+
+    totals = [(await store.get_conversation(conversation_id))["total_cost"] for conversation_id in ids]
+    assert totals[0] == Decimal("2.50000325")  # 25 * 0.1 + (1 + ... + 25) * 0.00000001
+    assert sum(totals, Decimal(0)) == Decimal("10.0000505")
+    listed = await store.list_conversations(limit=conversations)
+    assert sum((c["total_cost"] for c in listed), Decimal(0)) == Decimal("10.0000505")
+    assert {c["message_count"] for c in listed} == {2 * turns}
+
+
+async def test_two_thousand_stored_costs_add_up_to_the_exact_sum(store):
+    # 2,000 answers through begin_turn and save_reply would take seconds of one-row
+    # transactions; the sum is what is tested here, so the rows go in as one write,
+    # their cost text made the way save_reply makes it.
+    started = await turn(store, "q0")
+    costs = [Decimal("0.1") + i * Decimal("0.00000001") for i in range(1, 2001)]
+
+    async def insert(connection: Any) -> None:
+        await connection.execute_many(
+            "INSERT INTO messages (id, conversation_id, seq, role, content, status, cost, created_at)"
+            " VALUES (:id, :conv, :seq, 'assistant', 'a', 'complete', :cost, 't')",
+            [{"id": new_id(), "conv": started.conversation_id, "seq": 2 + i, "cost": format(cost, "f")}
+             for i, cost in enumerate(costs)],
+        )
+
+    await store.write(insert)
+
+    total = (await store.get_conversation(started.conversation_id))["total_cost"]
+    # 2000 * 0.1 + (1 + ... + 2000) * 0.00000001 = 200 + 0.02001
+    assert isinstance(total, Decimal) and total == Decimal("200.02001")
