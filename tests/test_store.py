@@ -14,7 +14,7 @@ import pytest
 from databases import Database
 
 from server.errors import NotFoundError
-from server.store import MIGRATIONS, Reply, Status, Store, Turn, databases_url, new_id
+from server.store import MIGRATIONS, Query, Reply, Status, Store, Turn, databases_url, new_id
 
 # Comma-separated, e.g. postgresql://postgres@127.0.0.1:5432/test; the tests drop their tables at the end.
 SERVER_URLS = [url.strip() for url in os.environ.get("TEST_DATABASE_URLS", "").split(",") if url.strip()]
@@ -211,21 +211,18 @@ async def test_costs_saved_through_the_store_add_up_to_the_exact_sum(store):
 
 
 async def test_two_thousand_stored_costs_add_up_to_the_exact_sum(store):
-    # 2,000 answers through begin_turn and save_reply would take seconds of one-row
-    # transactions; the sum is what is tested here, so the rows go in as one write,
-    # their cost text made the way save_reply makes it.
     started = await turn(store, "q0")
     costs = [Decimal("0.1") + i * Decimal("0.00000001") for i in range(1, 2001)]
 
-    async def insert(connection: Any) -> None:
-        await connection.execute_many(
-            "INSERT INTO messages (id, conversation_id, seq, role, content, status, cost, created_at)"
-            " VALUES (:id, :conv, :seq, 'assistant', 'a', 'complete', :cost, 't')",
-            [{"id": new_id(), "conv": started.conversation_id, "seq": 2 + i, "cost": format(cost, "f")}
-             for i, cost in enumerate(costs)],
-        )
+    def insert() -> Any:
+        for i, cost in enumerate(costs):
+            yield Query(
+                "INSERT INTO messages (id, conversation_id, seq, role, content, status, cost, created_at)"
+                " VALUES (:id, :conv, :seq, 'assistant', 'a', 'complete', :cost, 't')",
+                {"id": new_id(), "conv": started.conversation_id, "seq": 2 + i, "cost": format(cost, "f")},
+            )
 
-    await store.write(insert)
+    await store.write(insert())
 
     total = (await store.get_conversation(started.conversation_id))["total_cost"]
     # 2000 * 0.1 + (1 + ... + 2000) * 0.00000001 = 200 + 0.02001
