@@ -61,6 +61,10 @@ async def index(request: Request) -> Response:
     return FileResponse(STATIC / "index.html")
 
 
+async def favicon(request: Request) -> Response:
+    return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
+
+
 def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
     """The app for `settings`; `transport` replaces the upstream's network (tests)."""
 
@@ -90,6 +94,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
 
     routes = [
         Route("/", index),
+        Route("/favicon.ico", favicon),
         Route("/healthz", api.healthz),
         Route("/api/conversations", api.list_conversations),
         Route("/api/conversations/{conversation_id}/messages", api.list_messages),
