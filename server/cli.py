@@ -50,6 +50,8 @@ def serve(settings: Settings) -> None:
         http="auto",  # httptools when installed
         ws="websockets-sansio",
         ws_ping_interval=settings.keepalive_seconds,
+        # Answers are small text frames: compression costs more CPU than it saves, and a zlib context per socket.
+        ws_per_message_deflate=False,
         lifespan="on",
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds)),
     )

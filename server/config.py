@@ -46,6 +46,7 @@ class Settings:
     max_message_bytes: int = 32 * 1024
     # httpx's default pool holds 100 connections and would queue the 101st stream.
     upstream_max_connections: int = 4096
+    upstream_transport: str = "aiohttp"  # "aiohttp" (measured faster) or "httpx" (httpcore)
     connect_timeout: float = 10.0
     first_event_timeout: float = 60.0
     idle_timeout: float = 60.0
@@ -105,6 +106,7 @@ ENV_NAMES: dict[str, str] = {
     "agents_file": "RELAY_AGENTS_FILE",
     "max_message_bytes": "RELAY_MAX_MESSAGE_BYTES",
     "upstream_max_connections": "RELAY_UPSTREAM_MAX_CONNECTIONS",
+    "upstream_transport": "RELAY_UPSTREAM_TRANSPORT",
     "connect_timeout": "RELAY_CONNECT_TIMEOUT",
     "first_event_timeout": "RELAY_FIRST_EVENT_TIMEOUT",
     "idle_timeout": "RELAY_IDLE_TIMEOUT",
@@ -198,6 +200,8 @@ def _validate(settings: Settings) -> None:
         )
     if not settings.anthropic_base_url.startswith(("http://", "https://")):
         raise ConfigError("ANTHROPIC_BASE_URL must be an http:// or https:// URL")
+    if settings.upstream_transport not in ("aiohttp", "httpx"):
+        raise ConfigError("RELAY_UPSTREAM_TRANSPORT must be aiohttp or httpx")
     if settings.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
         raise ConfigError("RELAY_LOG_LEVEL must be one of critical, error, warning, info, debug")
 

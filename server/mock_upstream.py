@@ -117,13 +117,15 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--delay-ms", type=float, default=40.0, help="pause before each text delta")
     parser.add_argument("--words", type=int, default=0, help="text deltas per answer (0: the demo answer)")
+    parser.add_argument("--repeat", type=int, default=1, help="each delta is its word this many times")
     parser.add_argument("--error", choices=ERROR_MODES, default="none", help="fail every request this way")
     parser.add_argument("--fail-first", type=int, default=0, help="with --error: only the first N requests fail")
     parser.add_argument("--stamp", action="store_true", help="each delta is 'seq:send_time_ns ' (benchmarks)")
     args = parser.parse_args()
     import uvicorn
 
-    options = OfflineOptions(delay_ms=args.delay_ms, words=args.words, error=args.error, stamp=args.stamp)
+    options = OfflineOptions(delay_ms=args.delay_ms, words=args.words, repeat=args.repeat, error=args.error,
+                             stamp=args.stamp)
     uvicorn.run(mock_app(options, args.fail_first), host=args.host, port=args.port, log_level="warning", lifespan="on",
                 access_log=False)
 

@@ -156,6 +156,7 @@ async def relay_in_process(
         first_event_timeout=first_event_timeout,
         idle_timeout=idle_timeout,
         retry_attempts=retry_attempts,
+        upstream_transport="httpx",  # respx fakes httpcore; the aiohttp transport is tested against processes
         **overrides,
     )
     store = Store(settings.database_url)

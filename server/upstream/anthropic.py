@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import orjson
+from httpx_aiohttp import AiohttpTransport
 
 from ..config import Settings
 from ..errors import UpstreamError, UpstreamTimeoutError
@@ -59,6 +60,11 @@ class AnthropicUpstream:
         )
         # read=None: the first-event and idle deadlines below replace httpx's per-read timeout.
         timeout = httpx.Timeout(connect=settings.connect_timeout, read=None, write=30.0, pool=settings.connect_timeout)
+        if transport is None and settings.upstream_transport == "aiohttp":
+            # httpcore's pool walks (and polls) every pooled connection on each request and release: with
+            # hundreds of concurrent streams that was a third of the relay's CPU. aiohttp's pool and C parser
+            # are O(1) per request; httpx stays the API.
+            transport = AiohttpTransport(limits=limits)
         headers = {"anthropic-version": API_VERSION, "content-type": "application/json"}
         if settings.anthropic_api_key:
             headers["x-api-key"] = settings.anthropic_api_key

@@ -39,14 +39,15 @@ class OfflineOptions:
 
     delay_ms: float = 40.0  # pause before each text delta
     words: int = 0  # text deltas per answer; 0: the demo answer's natural length
+    repeat: int = 1  # each delta is its word this many times (big deltas for load tests)
     error: str = "none"
     stamp: bool = False  # each delta carries "seq:send_time_ns " for latency benchmarks
 
 
-def demo_words(messages: list[dict[str, Any]], words: int = 0) -> list[str]:
+def demo_words(messages: list[dict[str, Any]], words: int = 0, repeat: int = 1) -> list[str]:
     """The demo answer as text deltas, one word each; deterministic for a given history."""
     if words > 0:
-        return [("" if i == 0 else " ") + _FILLER[i % len(_FILLER)] for i in range(words)]
+        return [("" if i == 0 else " ") + " ".join([_FILLER[i % len(_FILLER)]] * repeat) for i in range(words)]
     last = _text_of(messages[-1]) if messages else ""
     quoted = " ".join(last.split()[:8])
     if len(last.split()) > 8:
@@ -97,7 +98,7 @@ async def anthropic_stream(request: dict[str, Any], options: OfflineOptions) -> 
     """The SSE body of one streamed Messages API response, paced like a real model."""
     messages = request.get("messages") or []
     model = str(request.get("model") or OFFLINE_MODEL)
-    deltas = demo_words(messages, options.words)
+    deltas = demo_words(messages, options.words, options.repeat)
     input_tokens = _estimate_tokens(messages, str(request.get("system") or ""))
     delay = options.delay_ms / 1000
     yield _event("message_start", {

@@ -22,8 +22,9 @@ CHROMIUM_ARGS = [
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", ROOT / "test-artifacts"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def playwright_driver() -> Iterator[object]:
+    # Module scope: the sync API runs an event loop of its own, which must be gone before async tests run.
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: install Debian's chromium (scripts/test does)"
     with sync_playwright() as driver:
         yield driver
