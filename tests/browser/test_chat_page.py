@@ -35,7 +35,8 @@ def test_the_answer_appears_word_by_word_before_it_is_done(page, paced_server):
     page.wait_for_function(
         """() => { const m = document.querySelector('[data-testid=message][data-role=assistant]');
                    return m && m.querySelector('[data-testid=message-text]').textContent.length > 0; }""")
-    first_seen = page.eval_on_selector(ANSWER, "m => [m.dataset.state, m.querySelector('[data-testid=message-text]').textContent]")
+    first_seen = page.eval_on_selector(
+        ANSWER, "m => [m.dataset.state, m.querySelector('[data-testid=message-text]').textContent]")
     assert first_seen[0] == "streaming"
     assert 0 < len(first_seen[1]) < len(demo_answer("Stream to me"))
 
