@@ -64,22 +64,50 @@ export interface StreamResult {
   stopReason: string | null
   messageId: string | null
   conversationId: string | null
-  /** Set when the stream ended with an error event. */
+  /**
+   * Set when the stream ended with an error event: the server's, or "network_error" when the
+   * connection was lost before start (it is never sent twice) or could not be resumed in time.
+   */
   error: ErrorData | null
 }
 
-export interface StreamEventMap {
-  start: CustomEvent<StartData>
-  chunk: CustomEvent<TextData>
-  thinking: CustomEvent<TextData>
-  cost: CustomEvent<CostData>
-  done: CustomEvent<DoneData>
-  error: CustomEvent<ErrorData>
+/** The connection was lost before done or error; the next try comes after delayMs. */
+export interface ReconnectingData {
+  /** 1 for the first try since the last new event, then 2, 3... */
+  attempt: number
+  delayMs: number
 }
 
+/** A new connection carries the stream again, from where it was. */
+export interface ReconnectedData {
+  attempt: number
+  /** May differ from before: a WebSocket stream resumes over SSE when no socket opens. */
+  transport: Transport
+}
+
+/** Events about the connection, not the answer: dispatched and on(), never iterated. */
+export interface LifecycleDataMap {
+  reconnecting: ReconnectingData
+  reconnected: ReconnectedData
+}
+
+export type StreamEventDataMap = EventDataMap & LifecycleDataMap
+
+export type StreamEventMap = { [K in keyof StreamEventDataMap]: CustomEvent<StreamEventDataMap[K]> }
+
+/**
+ * connecting: before the first event; streaming: events arrive; reconnecting: the connection
+ * was lost and is being resumed; then done, cancelled (done with stopReason "cancelled") or error.
+ */
+export type StreamState = 'connecting' | 'streaming' | 'reconnecting' | 'done' | 'cancelled' | 'error'
+
 export interface RelayStream extends EventTarget, AsyncIterable<StreamMessage> {
-  /** The transport in use; in "auto" mode it may turn from "websocket" to "sse" before the first event. */
+  /**
+   * The transport in use. In "auto" mode it turns from "websocket" to "sse" when the socket cannot
+   * open, before the message is sent or, for one resume, when no socket opens again.
+   */
   readonly transport: Transport
+  readonly state: StreamState
   /** Known from the start event (or, for EventSource, from the POST's answer). */
   readonly streamId: string | null
   readonly conversationId: string | null
@@ -96,10 +124,13 @@ export interface RelayStream extends EventTarget, AsyncIterable<StreamMessage> {
   /** True once done or error has arrived. */
   readonly finished: boolean
   readonly done: Promise<StreamResult>
-  /** Asks the server to stop; the stream then ends with done, stopReason "cancelled". */
+  /**
+   * Asks the server to stop; the stream then ends with done, stopReason "cancelled". While
+   * reconnecting it posts to the cancel endpoint and reconnects at once to get that done.
+   */
   cancel(): void
-  on<K extends EventName>(name: K, fn: (data: EventDataMap[K], event: StreamEventMap[K]) => void): this
-  addEventListener<K extends EventName>(
+  on<K extends keyof StreamEventDataMap>(name: K, fn: (data: StreamEventDataMap[K], event: StreamEventMap[K]) => void): this
+  addEventListener<K extends keyof StreamEventMap>(
     name: K,
     listener: (event: StreamEventMap[K]) => void,
     options?: boolean | AddEventListenerOptions,
@@ -121,6 +152,25 @@ export interface ClientOptions {
   baseUrl?: string
   /** Default "auto": WebSocket, falling back to SSE if the socket fails before its first frame. */
   transport?: 'auto' | Transport
+  /**
+   * The server's keepalive interval (RELAY_KEEPALIVE_SECONDS, in ms); default 15000. Sets the
+   * default stallTimeoutMs.
+   */
+  keepaliveMs?: number
+  /**
+   * A connection with no event and no keepalive for this long is taken for dead and resumed;
+   * default 2.5 × keepaliveMs. Not for "eventsource": EventSource hides keepalive comments.
+   */
+  stallTimeoutMs?: number
+  /** A WebSocket upgrade that has not opened by then failed (auto mode: SSE instead); default 5000. */
+  wsOpenTimeoutMs?: number
+  /**
+   * Resuming lost connections: try n waits min(maxMs, baseMs × 2^(n-1)), from half to all of
+   * it (jitter). After maxAttempts tries, or giveUpMs since the last new event, the stream ends
+   * with network_error. Defaults: 500, 10000, Infinity, 120000. maxAttempts 0: never resume.
+   * A page coming back into view, or the browser coming back online, retries at once.
+   */
+  reconnect?: { baseMs?: number; maxMs?: number; maxAttempts?: number; giveUpMs?: number }
   /** Implementations to use instead of the globals (tests, Node). */
   WebSocket?: typeof WebSocket
   EventSource?: typeof EventSource
@@ -131,7 +181,7 @@ export interface Client {
   /** The transport of the latest stream; null before the first. */
   readonly transport: Transport | null
   send(message: string, options?: SendOptions): RelayStream
-  /** Ends every open stream with a network_error and closes the socket. */
+  /** Ends every open stream with a network_error, closes the socket and stops listening to the page. */
   close(): void
 }
 

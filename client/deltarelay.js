@@ -3,7 +3,8 @@
 // Streams a relay answer over one shared WebSocket, or over SSE (a fetch POST
 // whose body is parsed incrementally) or EventSource when the socket is not an
 // option. Whatever the transport, a stream gives the same events with the same
-// data. Public surface: createClient and createSSEParser, nothing else.
+// data, and a dropped connection is resumed from the last event id it saw.
+// Public surface: createClient and createSSEParser, nothing else.
 
 const MESSAGE_PATH = '/api/command-center/message'
 const STREAMS_PATH = '/api/command-center/streams/'
@@ -71,21 +72,23 @@ export function createSSEParser(onEvent, onRetry) {
  * with on(name, fn) callbacks and async iteration of {event, id, data}.
  *
  * Events carry ids 1, 2, 3...; an id not above lastEventId is a replay and is
- * ignored, so a resumed connection can replay from any point.
+ * ignored, so a resumed connection can replay from any point. `reconnecting`
+ * and `reconnected` are events too, but not part of the iterated answer.
  */
 class Stream extends EventTarget {
   constructor(transport, body) {
     super()
-    this.transport = transport
+    this.transport = this._home = transport
+    this.state = 'connecting'
     this.text = this.thinking = ''
     this.streamId = this.conversationId = this.messageId = this.model = null
     this.cost = this.stopReason = this.error = null
-    this.lastEventId = 0
+    this.lastEventId = this._attempt = this._lostAt = 0
     this.finished = false
     this.done = new Promise((resolve) => (this._resolve = resolve))
     this._body = body
     this._log = []
-    this._cancel = this._stop = () => {}
+    this._conn = this._timer = null
   }
 
   on(name, fn) {
@@ -109,6 +112,10 @@ class Stream extends EventTarget {
     }
   }
 
+  _emit(name, detail) {
+    this.dispatchEvent(new CustomEvent(name, { detail }))
+  }
+
   _learnId(streamId) {
     if (this.streamId) return
     this.streamId = streamId
@@ -117,9 +124,13 @@ class Stream extends EventTarget {
 
   _push(event, data, id) {
     if (this.finished) return
-    if (id == null || id === '') id = null
-    else if ((id = +id) <= this.lastEventId) return
-    else this.lastEventId = id
+    // No id (or the id 0 of a server's "cannot resume" answer) is never a replay.
+    if ((id = +id || null)) {
+      if (id <= this.lastEventId) return
+      this.lastEventId = id
+      this._attempt = this._lostAt = 0 // news: the connection works
+    }
+    if (this.state === 'connecting') this.state = 'streaming'
 
     if (event === 'start') {
       this._learnId(data.streamId)
@@ -140,13 +151,15 @@ class Stream extends EventTarget {
     const end = event === 'done' || event === 'error'
     if (end) {
       this.finished = true
-      this._stop()
+      this.state = this.error ? 'error' : this.stopReason === 'cancelled' ? 'cancelled' : 'done'
+      this._conn?.drop(this)
+      clearTimeout(this._timer)
     }
     this._log.push({ event, id, data })
     const wake = this._wake
     this._next = this._wake = null
     wake?.()
-    this.dispatchEvent(new CustomEvent(event, { detail: data }))
+    this._emit(event, data)
     if (end) {
       const { text, thinking, cost, stopReason, messageId, conversationId, error } = this
       this._resolve({ text, thinking, cost, stopReason, messageId, conversationId, error })
@@ -154,10 +167,21 @@ class Stream extends EventTarget {
   }
 }
 
+/** A timer that does not keep Node alive by itself. */
+const later = (fn, ms) => {
+  const timer = setTimeout(fn, ms)
+  timer.unref?.()
+  return timer
+}
+
 /**
  * A relay client. transport: "auto" (WebSocket, falling back to SSE by
  * itself), "websocket", "sse" or "eventsource". WebSocket, fetch and
  * EventSource default to the globals and can be passed in (tests, Node).
+ *
+ * A connection lost before done or error is resumed from the last event id,
+ * with exponential backoff and jitter; silence longer than stallTimeoutMs (no
+ * event, no keepalive) counts as a lost connection.
  */
 export function createClient(options = {}) {
   const {
@@ -165,64 +189,145 @@ export function createClient(options = {}) {
     WebSocket: WS = globalThis.WebSocket,
     EventSource: ES = globalThis.EventSource,
     fetch: fetchImpl = (...args) => globalThis.fetch(...args),
+    keepaliveMs = 15000,
+    stallTimeoutMs = keepaliveMs * 2.5,
+    wsOpenTimeoutMs = 5000,
+    reconnect: { baseMs = 500, maxMs = 10000, maxAttempts = Infinity, giveUpMs = 120000 } = {},
   } = options
   const base = baseUrl.replace(/\/+$/, '')
-  let mode = options.transport || 'auto'
-  if (mode === 'auto' && !WS) mode = 'sse'
+  const auto = !options.transport || options.transport === 'auto'
+  let mode = auto ? (WS ? 'websocket' : 'sse') : options.transport
   let socket = null
+  let socketWorked = false // a socket of this client has carried a frame
   let requests = 0
   const live = new Set()
+  const doc = globalThis.document
+  const win = globalThis.window
+
+  // Back in view or back online: retry every waiting stream now, not after its backoff.
+  const retryAll = () => {
+    if (!doc || doc.visibilityState !== 'hidden') for (const stream of live) if (stream._timer) retry(stream)
+  }
+  doc?.addEventListener('visibilitychange', retryAll)
+  win?.addEventListener('online', retryAll)
 
   const client = {
     transport: null,
 
     send(message, { conversationId, agentId } = {}) {
-      const stream = new Stream(mode === 'auto' ? 'websocket' : mode, { message, agentId, conversationId })
+      const stream = new Stream(mode, { message, agentId, conversationId })
+      stream._cancel = () => cancel(stream)
       live.add(stream)
       stream.done.then(() => live.delete(stream))
+      client.transport = mode
       start(stream)
       return stream
     },
 
     /** Ends every open stream with network_error and closes the socket. */
     close() {
-      const conn = socket
-      socket = null
       for (const stream of live) stream._push('error', networkError('Client closed'))
-      conn?.close()
+      socket?.close()
+      doc?.removeEventListener('visibilitychange', retryAll)
+      win?.removeEventListener('online', retryAll)
     },
   }
 
-  function start(stream) {
-    client.transport = stream.transport
-    if (stream.transport === 'websocket') {
-      try {
-        return viaSocket(stream)
-      } catch {
-        return socketFailed(stream, false)
-      }
+  function start(stream, resume) {
+    if (stream._home !== 'websocket') return (stream._home === 'sse' ? viaFetch : viaEventSource)(stream, resume)
+    try {
+      viaSocket(stream, resume)
+    } catch {
+      socketFailed(stream, null)
     }
-    ;(stream.transport === 'eventsource' ? viaEventSource : viaFetch)(stream)
   }
 
-  // A socket that never worked means WebSockets do not get through here:
-  // in auto mode, send over SSE instead, now and for later streams.
-  function socketFailed(stream, heard) {
-    if (heard || mode !== 'auto') return stream._push('error', networkError('Connection lost'))
-    mode = stream.transport = 'sse'
-    start(stream)
+  /**
+   * The connection `conn` of a stream is gone: resume after a backoff, or end
+   * with network_error. A stream with no id yet cannot be resumed, and sending
+   * its message again could pay for the answer twice.
+   */
+  function lost(stream, conn, now) {
+    if (stream.finished || stream._conn !== conn) return // already handled
+    conn?.drop(stream)
+    stream._conn = null
+    if (!stream.streamId) return stream._push('error', networkError('The connection closed before the answer started'))
+    const attempt = ++stream._attempt
+    stream._lostAt ||= Date.now()
+    if (attempt > maxAttempts || Date.now() - stream._lostAt >= giveUpMs) {
+      return stream._push('error', networkError('The connection was lost and could not be resumed'))
+    }
+    const delayMs = now ? 0 : Math.round(Math.min(maxMs, baseMs * 2 ** (attempt - 1)) * (0.5 + Math.random() / 2))
+    stream.state = 'reconnecting'
+    stream._timer = setTimeout(() => retry(stream), delayMs)
+    stream._emit('reconnecting', { attempt, delayMs })
   }
 
-  function viaSocket(stream) {
+  function retry(stream) {
+    clearTimeout(stream._timer)
+    stream._timer = null
+    if (!stream.finished) start(stream, true)
+  }
+
+  function connected(stream) {
+    if (stream.state !== 'reconnecting') return
+    stream.state = 'streaming'
+    stream._emit('reconnected', { attempt: stream._attempt, transport: stream.transport })
+    if (stream._cancelled && !stream._cancelSent) cancel(stream) // the last try may not have got through
+  }
+
+  /** Every event goes through here: slow_consumer is not an end, only a reason to resume. */
+  function deliver(stream, conn, event, data, id) {
+    connected(stream)
+    if (event === 'error' && data.code === 'slow_consumer') lost(stream, conn, true)
+    else stream._push(event, data, id)
+  }
+
+  function cancel(stream) {
+    const conn = stream._conn
+    if (conn?.open) {
+      stream._cancelSent = true
+      conn.send({ type: 'cancel', streamId: stream.streamId })
+    } else {
+      // No socket open (SSE, or reconnecting): the HTTP endpoint.
+      const path = STREAMS_PATH + encodeURIComponent(stream.streamId) + '/cancel'
+      fetchImpl(base + path, { method: 'POST' }).then((res) => (stream._cancelSent = res.ok), () => {})
+    }
+    if (stream._timer) retry(stream) // reconnect now, so the cancelled done arrives
+  }
+
+  /** Calls onStall once nothing has been kick()ed for stallTimeoutMs. */
+  function watchdog(onStall) {
+    let seen = Date.now()
+    let timer
+    const check = () => {
+      const wait = seen + stallTimeoutMs - Date.now()
+      if (wait > 0) timer = later(check, wait)
+      else onStall()
+    }
+    timer = later(check, stallTimeoutMs)
+    return { kick: () => (seen = Date.now()), stop: () => clearTimeout(timer) }
+  }
+
+  // A socket that never opened carried no frame, so in auto mode SSE can take
+  // over: a new stream is posted there, a known one resumed there.
+  function socketFailed(stream, conn) {
+    if (!auto || conn?.open) return lost(stream, conn)
+    if (!stream.streamId) stream._home = client.transport = 'sse'
+    stream._conn = null
+    viaFetch(stream, !!stream.streamId)
+  }
+
+  function viaSocket(stream, resume) {
     const conn = (socket ||= connect())
     const requestId = 'r' + ++requests
+    stream._conn = conn
+    stream.transport = 'websocket'
     conn.byRequest.set(requestId, stream)
-    stream._cancel = () => conn.send({ type: 'cancel', streamId: stream.streamId })
-    stream._stop = () => {
-      conn.byRequest.delete(requestId)
-      conn.byStream.delete(stream.streamId)
-    }
-    conn.send({ type: 'message', ...stream._body, requestId })
+    if (resume) conn.byStream.set(stream.streamId, stream)
+    const { streamId, lastEventId } = stream
+    conn.send(resume ? { type: 'resume', streamId, lastEventId, requestId } : { type: 'message', ...stream._body, requestId })
+    if (conn.open) connected(stream)
   }
 
   function connect() {
@@ -230,23 +335,32 @@ export function createClient(options = {}) {
     url.protocol = url.protocol.replace('http', 'ws')
     const ws = new WS(url.href)
     const queue = []
-    let open = false
-    let heard = false
+    let dog
     const conn = {
+      open: false,
       byRequest: new Map(),
       byStream: new Map(),
       send(frame) {
         frame = JSON.stringify(frame)
-        open ? ws.send(frame) : queue.push(frame)
+        conn.open ? ws.send(frame) : queue.push(frame)
       },
-      close: () => ws.close(),
+      drop(stream) {
+        for (const map of [conn.byRequest, conn.byStream]) for (const [key, s] of map) if (s === stream) map.delete(key)
+      },
+      close: () => fail(),
     }
+    // A hanging upgrade counts as a failed one.
+    const opening = later(() => fail(), wsOpenTimeoutMs)
     ws.onopen = () => {
-      open = true
+      clearTimeout(opening)
+      conn.open = true
+      dog = watchdog(fail)
       for (const frame of queue.splice(0)) ws.send(frame)
+      for (const stream of conn.byRequest.values()) connected(stream)
     }
     ws.onmessage = (e) => {
-      heard = true
+      dog?.kick() // a keepalive frame is life too
+      socketWorked = true
       let frame
       try {
         frame = JSON.parse(e.data)
@@ -255,22 +369,98 @@ export function createClient(options = {}) {
       }
       const { event, streamId, requestId, id, data } = frame
       const stream = conn.byStream.get(streamId) || conn.byRequest.get(requestId)
-      if (!stream) return // a pong, or an error about a frame no stream owns
+      if (!stream) return // a keepalive, a pong, or an error about a frame no stream owns
       if (event === 'start') conn.byStream.set(streamId ?? data.streamId, stream)
-      stream._push(event, data, id)
+      deliver(stream, conn, event, data, id)
     }
-    ws.onerror = ws.onclose = () => {
-      if (socket !== conn) return
-      socket = null
-      const streams = [...conn.byRequest.values()]
-      conn.byRequest.clear()
-      conn.byStream.clear()
+    const fail = (ws.onerror = ws.onclose = () => {
+      ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null
+      clearTimeout(opening)
+      dog?.stop()
+      if (socket === conn) socket = null
       try {
         ws.close()
       } catch {}
-      for (const stream of streams) socketFailed(stream, heard)
-    }
+      // A socket that never carried a frame: WebSockets do not get through here.
+      if (auto && !socketWorked) mode = 'sse'
+      const streams = new Set([...conn.byRequest.values(), ...conn.byStream.values()])
+      conn.byRequest.clear()
+      conn.byStream.clear()
+      for (const stream of streams) socketFailed(stream, conn)
+    })
     return conn
+  }
+
+  async function viaFetch(stream, resume) {
+    const abort = new AbortController()
+    const conn = { drop: () => abort.abort() }
+    stream._conn = conn
+    stream.transport = 'sse'
+    const dog = watchdog(() => abort.abort())
+    try {
+      const signal = abort.signal
+      const res = await (resume
+        ? fetchImpl(base + STREAMS_PATH + encodeURIComponent(stream.streamId), {
+            headers: { Accept: 'text/event-stream', 'Last-Event-ID': '' + stream.lastEventId },
+            signal,
+          })
+        : post(MESSAGE_PATH, stream._body, 'text/event-stream', signal))
+      if (!res.ok) {
+        // A proxy's 502 while the server restarts is worth another try; a 4xx is an answer.
+        if (resume && (res.status >= 500 || res.status === 429)) throw res
+        return stream._conn === conn && stream._push('error', await httpError(res))
+      }
+      connected(stream)
+      const parser = createSSEParser((e) => deliver(stream, conn, e.event, JSON.parse(e.data), e.id))
+      // ignoreBOM: keep a BOM in the text, so the parser strips exactly one.
+      const decoder = new TextDecoder('utf-8', { ignoreBOM: true })
+      const reader = res.body.getReader()
+      for (let r; !(r = await reader.read()).done; ) {
+        dog.kick() // any bytes, a ": keepalive" comment too
+        parser.feed(decoder.decode(r.value, { stream: true }))
+      }
+      parser.feed(decoder.decode())
+    } catch {
+    } finally {
+      dog.stop()
+    }
+    lost(stream, conn)
+  }
+
+  // EventSource reconnects by itself, but from the id it saw last (a
+  // slow_consumer error's id too), at its own pace: close it and resume here.
+  // It shows no comments, so it has no stall watchdog.
+  async function viaEventSource(stream, resume) {
+    stream.transport = 'eventsource'
+    if (!resume) {
+      try {
+        const res = await post(MESSAGE_PATH, stream._body, 'application/json')
+        if (!res.ok) return stream._push('error', await httpError(res))
+        const { streamId, conversationId } = await res.json()
+        stream.conversationId = conversationId
+        stream._learnId(streamId)
+      } catch {
+        return stream._push('error', networkError('Request failed'))
+      }
+      if (stream.finished) return
+    }
+    const cursor = stream.lastEventId ? '?lastEventId=' + stream.lastEventId : ''
+    let source
+    try {
+      source = new ES(base + STREAMS_PATH + encodeURIComponent(stream.streamId) + cursor)
+    } catch {
+      return lost(stream, null)
+    }
+    const conn = { drop: () => source.close() }
+    stream._conn = conn
+    source.onopen = () => connected(stream)
+    for (const name of EVENTS) {
+      source.addEventListener(name, (e) => {
+        // A server "error" event has data; a failed connection has none.
+        if (e.data != null) deliver(stream, conn, name, JSON.parse(e.data), e.lastEventId)
+        else lost(stream, conn)
+      })
+    }
   }
 
   function post(path, body, accept, signal) {
@@ -280,53 +470,6 @@ export function createClient(options = {}) {
       body: JSON.stringify(body),
       signal,
     })
-  }
-
-  function cancelOverHttp(stream) {
-    const path = STREAMS_PATH + encodeURIComponent(stream.streamId) + '/cancel'
-    fetchImpl(base + path, { method: 'POST' }).catch(() => {})
-  }
-
-  async function viaFetch(stream) {
-    const abort = new AbortController()
-    stream._stop = () => abort.abort()
-    stream._cancel = () => cancelOverHttp(stream)
-    try {
-      const res = await post(MESSAGE_PATH, stream._body, 'text/event-stream', abort.signal)
-      if (!res.ok) return stream._push('error', await httpError(res))
-      const parser = createSSEParser((e) => stream._push(e.event, JSON.parse(e.data), e.id))
-      // ignoreBOM: keep a BOM in the text, so the parser strips exactly one.
-      const decoder = new TextDecoder('utf-8', { ignoreBOM: true })
-      const reader = res.body.getReader()
-      for (let r; !(r = await reader.read()).done; ) parser.feed(decoder.decode(r.value, { stream: true }))
-      parser.feed(decoder.decode())
-    } catch {}
-    stream._push('error', networkError('The connection closed before the answer finished'))
-  }
-
-  async function viaEventSource(stream) {
-    let source
-    stream._stop = () => source?.close() // or EventSource reconnects after done
-    stream._cancel = () => cancelOverHttp(stream)
-    try {
-      const res = await post(MESSAGE_PATH, stream._body, 'application/json')
-      if (!res.ok) return stream._push('error', await httpError(res))
-      const { streamId, conversationId } = await res.json()
-      if (stream.finished) return
-      stream.conversationId = conversationId
-      source = new ES(base + STREAMS_PATH + encodeURIComponent(streamId))
-      for (const name of EVENTS) {
-        source.addEventListener(name, (e) => {
-          // A server "error" event has data; a failed connection has none,
-          // and EventSource retries by itself unless it has given up (CLOSED).
-          if (e.data != null) stream._push(name, JSON.parse(e.data), e.lastEventId)
-          else if (source.readyState === 2) stream._push('error', networkError('Connection lost'))
-        })
-      }
-      stream._learnId(streamId)
-    } catch {
-      stream._push('error', networkError('Request failed'))
-    }
   }
 
   return client

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -85,6 +86,9 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         app.state.hub = hub
         app.state.relay = Relay(settings, store, upstream, hub)
         app.state.settings = settings
+        # Everything made at start lives for the process: keep it out of every later collection.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
@@ -101,7 +105,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         Route("/api/command-center/message", sse.post_message, methods=["POST"]),
         Route("/api/command-center/streams/{stream_id}", sse.get_stream),
         Route("/api/command-center/streams/{stream_id}/cancel", sse.cancel_stream, methods=["POST"]),
-        WebSocketRoute("/api/command-center/ws", websocket.websocket_endpoint),
+        WebSocketRoute("/api/command-center/ws", websocket.WebSocketEndpoint()),
         Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),
         Mount("/client", StaticFiles(directory=CLIENT, check_dir=False), name="client"),
     ]

@@ -67,6 +67,12 @@ class Subscriber:
         self.closed = True
         self._wake.set()
 
+    def abandon(self) -> None:
+        """The reader went away: stop its batches now, whatever is still pending."""
+        self.pending = []
+        self.close()
+        self.detach()
+
     def keepalive_tick(self) -> None:
         """Called every keepalive interval: a subscriber idle for a whole interval gets an empty batch."""
         if self.active:

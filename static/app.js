@@ -20,17 +20,21 @@ const toggleSidebar = $('toggle-sidebar')
 const status = $('status')
 const template = $('message-template')
 
+// The server's keepalive interval, for the client's stall watchdog: ?keepaliveMs=1000 or
+// <body data-keepalive-ms="1000"> (match RELAY_KEEPALIVE_SECONDS); default 15 s.
+const keepaliveMs = Number(new URLSearchParams(location.search).get('keepaliveMs') || document.body.dataset.keepaliveMs) || undefined
+
 // One client per transport choice, so each keeps its own socket and fallback memory.
 const clients = new Map()
 const clientFor = (transport) => {
-  if (!clients.has(transport)) clients.set(transport, createClient({ transport }))
+  if (!clients.has(transport)) clients.set(transport, createClient({ transport, keepaliveMs }))
   return clients.get(transport)
 }
 
 let conversationId = null // the open conversation; null for a new one
 let view = 0 // bumped whenever the message pane shows something else
 let spent = money('0') // the running total of the open conversation
-let active = null // the stream being answered, one at a time
+let active = null // the answer being streamed, one at a time: {stream, stop}
 
 // ---- Money: exact decimals, never floats -------------------------------------
 
@@ -233,7 +237,14 @@ async function send(text) {
   messages.scrollTop = messages.scrollHeight
 
   const stream = clientFor(forceSSE.checked ? 'sse' : 'auto').send(text, { conversationId: conversationId ?? undefined })
-  setActive(stream)
+  let stopping = false
+  // Works in every state: while reconnecting the client cancels over HTTP and reconnects at once.
+  const stop = () => {
+    stopping = true
+    stream.cancel()
+    if (stream.state !== 'reconnecting') setStatus(answer, 'note', 'Stopping…')
+  }
+  setActive({ stream, stop })
   const sentAt = performance.now()
   let firstAt = null
   const firstToken = () => {
@@ -265,6 +276,20 @@ async function send(text) {
     answerText.appendData(text)
     keepScrolledDown(wasAtBottom)
   })
+  // The client resumes a lost connection by itself; the answer goes on where it stopped.
+  stream.on('reconnecting', ({ attempt }) => {
+    answer.article.dataset.state = 'reconnecting'
+    const tries = attempt > 1 ? ` (try ${attempt})` : ''
+    setStatus(answer, 'reconnecting', `${stopping ? 'Stopping. ' : ''}Connection lost. Reconnecting…${tries}`)
+    status.textContent = 'Connection lost. Reconnecting…'
+  })
+  stream.on('reconnected', ({ transport }) => {
+    answer.article.dataset.state = 'streaming'
+    $('transport').value = transport
+    if (stopping) setStatus(answer, 'note', 'Stopping…')
+    else answer.status.hidden = true
+    status.textContent = 'Reconnected.'
+  })
   stream.on('cost', (cost) => {
     setMeta(answer, cost)
     if (shownIn === view && cost.totalCost != null) addToTotal(cost.totalCost)
@@ -272,6 +297,7 @@ async function send(text) {
 
   const result = await stream.done
   const doneAt = performance.now()
+  answer.status.hidden = true
   const state = result.error ? 'error' : result.stopReason === 'cancelled' ? 'cancelled' : 'complete'
   answer.article.dataset.state = state
   answer.article.removeAttribute('aria-busy')
@@ -282,6 +308,7 @@ async function send(text) {
     setStatus(answer, 'error', `${message.replace(/\.?$/, '.')}${advice} (${code})`)
     answer.status.dataset.code = code
   } else if (state === 'cancelled') setStatus(answer, 'note', 'Stopped.')
+  $('transport').value = stream.transport
   const outputTokens = result.cost?.outputTokens
   if (firstAt !== null && outputTokens && doneAt > firstAt) {
     $('tokens-per-second').value = `${(outputTokens / ((doneAt - firstAt) / 1000)).toFixed(1)} tok/s`
@@ -291,11 +318,11 @@ async function send(text) {
   refreshList()
 }
 
-function setActive(stream) {
-  active = stream
-  sendButton.disabled = stream !== null
-  stopButton.disabled = stream === null
-  app.dataset.busy = String(stream !== null)
+function setActive(answering) {
+  active = answering
+  sendButton.disabled = answering !== null
+  stopButton.disabled = answering === null
+  app.dataset.busy = String(answering !== null)
 }
 
 // ---- Wiring -------------------------------------------------------------------
@@ -313,11 +340,11 @@ input.addEventListener('keydown', (event) => {
     event.preventDefault()
     form.requestSubmit()
   } else if (event.key === 'Escape' && active) {
-    active.cancel()
+    active.stop()
   }
 })
 
-stopButton.addEventListener('click', () => active?.cancel())
+stopButton.addEventListener('click', () => active?.stop())
 
 $('new-conversation').addEventListener('click', () => {
   if (location.hash) history.pushState(null, '', location.pathname + location.search)

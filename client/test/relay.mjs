@@ -57,27 +57,43 @@ const tick = () => new Promise((resolve) => setImmediate(resolve))
  * A relay on a free loopback port. The message text picks the answer:
  *   "split:N"  RECORDED written as two pieces split at byte N
  *   "bad"      400 {"error": {...}}        "limit"  429 with retryAfter
- *   "cut"      start and a chunk, then the body ends
  *   "fail"     start, then an error event
  *   "dupes"    events with repeated ids
  *   "hang"     start and a chunk, then waits for the cancel endpoint
+ *   "KIND:N,M" a resumable answer (RECORDED's events; over SSE stream id "p1",
+ *              "p2"...): the POST goes up to event N, the first GET
+ *              /streams/{id} up to M, and so on; later GETs serve the rest
+ *              after Last-Event-ID (or ?lastEventId). Over EventSource the POST
+ *              carries nothing, so the first GET goes up to N. After its cut,
+ *              a connection of KIND
+ *                drop       ends
+ *                stall      stays open and silent until the client goes
+ *                keepalive  sends ": keepalive" every 10 ms for 150 ms, then the rest
+ *                slow       sends slow_consumer (with the stream's last id, as the server does) and ends
+ *                gone       ends; every later connection gets one not_resumable event (id 0)
+ *                cancel     ends; later connections wait for the cancel endpoint, then
+ *                           get an estimated cost and done "cancelled"
+ *   "nostart"  a keepalive comment, then the body ends
  *   anything else: RECORDED
  * With Accept: application/json the POST answers 202 and GET
  * /api/command-center/streams/{id} streams the same answer; "drop" makes the
  * first GET end after two events, so EventSource reconnects with Last-Event-ID.
+ * `requests` records every request (method, path, query, headers, body) in order.
  */
 export async function startRelay() {
   const requests = []
   const cancels = []
   const streams = new Map() // streamId -> message
   const hanging = new Map() // streamId -> res waiting for cancel
+  const cancelled = new Set() // streamIds whose cancel came before their GET
   const gets = new Map() // streamId -> GET count
+  let plans = 0
 
   const server = createServer(async (req, res) => {
     const url = new URL(req.url, 'http://relay')
     let body = ''
     for await (const piece of req) body += piece
-    requests.push({ method: req.method, path: url.pathname, headers: req.headers, body })
+    requests.push({ method: req.method, path: url.pathname, query: url.search, headers: req.headers, body })
 
     const cancel = url.pathname.match(/^\/api\/command-center\/streams\/([^/]+)\/cancel$/)
     if (req.method === 'POST' && cancel) {
@@ -86,7 +102,8 @@ export async function startRelay() {
       res.writeHead(202, { 'Content-Type': 'application/json' }).end('{}')
       const waiting = hanging.get(streamId)
       hanging.delete(streamId)
-      waiting?.end(sse(3, 'done', { conversationId: 'c1', messageId: 'm9', stopReason: 'cancelled' }))
+      if (waiting) waiting()
+      else cancelled.add(streamId)
       return
     }
 
@@ -95,6 +112,7 @@ export async function startRelay() {
       const streamId = decodeURIComponent(get[1])
       const after = Number(req.headers['last-event-id'] || url.searchParams.get('lastEventId') || 0)
       gets.set(streamId, (gets.get(streamId) || 0) + 1)
+      if (!streams.has(streamId)) return error(res, 404, { code: 'not_resumable', message: 'unknown stream' })
       return answer(streams.get(streamId), res, { after, streamId, first: gets.get(streamId) === 1 })
     }
 
@@ -105,10 +123,15 @@ export async function startRelay() {
       if (req.headers.accept === 'application/json') {
         const streamId = 'es' + (streams.size + 1)
         streams.set(streamId, message)
+        if (/^\w+:[\d,]+$/.test(message)) gets.set(streamId, -1) // the first GET is connection 0
         res.writeHead(202, { 'Content-Type': 'application/json' })
         return res.end(JSON.stringify({ streamId, conversationId: 'c1' }))
       }
-      return answer(message, res, { after: 0, streamId: 's1' })
+      const planned = /^\w+:[\d,]+$/.test(message) && !message.startsWith('split:')
+      const streamId = planned ? 'p' + ++plans : 's1'
+      streams.set(streamId, message)
+      if (planned) gets.set(streamId, 0)
+      return answer(message, res, { after: 0, streamId })
     }
     error(res, 404, { code: 'not_found', message: 'no such route' })
   })
@@ -127,7 +150,6 @@ export async function startRelay() {
       await tick()
       return res.end(RECORDED_BYTES.subarray(at))
     }
-    if (message === 'cut') return res.end(sse(1, 'start', start) + sse(2, 'chunk', { text: 'Hel' }))
     if (message === 'fail') {
       const failure = { code: 'overloaded', message: 'Overloaded', retryable: true, messageId: 'm2' }
       return res.end(sse(1, 'start', start) + sse(2, 'chunk', { text: 'Hel' }) + sse(3, 'error', failure))
@@ -138,12 +160,46 @@ export async function startRelay() {
       return res.end(events.join(''))
     }
     if (message === 'hang') {
-      hanging.set(streamId, res)
-      return res.write(sse(1, 'start', start) + sse(2, 'chunk', { text: 'Hel' }))
+      res.write(sse(1, 'start', start) + sse(2, 'chunk', { text: 'Hel' }))
+      const done = () => res.end(sse(3, 'done', { conversationId: 'c1', messageId: 'm9', stopReason: 'cancelled' }))
+      return cancelled.has(streamId) ? done() : hanging.set(streamId, done)
     }
+    if (message === 'nostart') return res.end(': keepalive\n\n')
     const events = RECORDED_EVENTS.map((e) => sse(e.id, e.event, e.event === 'start' ? start : e.data))
+    const plan = message.match(/^(\w+):([\d,]+)$/)
+    if (plan && plan[1] !== 'split') return planned(res, plan[1], plan[2].split(',').map(Number), events, after, streamId)
     if (message === 'drop' && first) return res.end(events.slice(0, 2).join(''))
     res.end(events.filter((_, i) => i + 1 > after).join(''))
+  }
+
+  async function planned(res, kind, cuts, events, after, streamId) {
+    // 0 for the POST (or an EventSource's first GET), then 1, 2... for the next GETs
+    const connection = gets.get(streamId)
+    const cut = connection < cuts.length ? cuts[connection] : Infinity
+    if (connection > 0 && kind === 'gone') {
+      const gone = { code: 'not_resumable', message: 'stream expired', retryable: false, messageId: 'm7' }
+      return res.end(sse(0, 'error', gone))
+    }
+    if (connection > 0 && kind === 'cancel' && cut === Infinity) {
+      const estimated = { ...COST, outputTokens: 2, estimated: true }
+      const done = () => res.end(sse(after + 1, 'cost', estimated) + sse(after + 2, 'done', { ...DONE, stopReason: 'cancelled' }))
+      return cancelled.has(streamId) ? done() : hanging.set(streamId, done)
+    }
+    res.write(events.slice(after, Math.min(cut, events.length)).join(''))
+    if (cut >= events.length) return res.end()
+    if (kind === 'stall') return // silent until the client gives up on it
+    if (kind === 'keepalive') {
+      for (let i = 0; i < 15; i++) {
+        await new Promise((resolve) => setTimeout(resolve, 10))
+        res.write(': keepalive\n\n')
+      }
+      return res.end(events.slice(cut).join(''))
+    }
+    if (kind === 'slow') {
+      const slow = { code: 'slow_consumer', message: 'this connection fell behind', retryable: true }
+      return res.end(sse(events.length, 'error', slow))
+    }
+    res.end()
   }
 
   server.listen(0, '127.0.0.1')
@@ -256,6 +312,7 @@ export class FetchEventSource extends EventTarget {
         return this.dispatchEvent(new Event('error'))
       }
       this.readyState = 1
+      this.onopen?.(new Event('open'))
       const parser = createSSEParser((e) => {
         if (this.readyState === 2) return
         this.lastEventId = e.id

@@ -6,10 +6,9 @@ Thin: it validates input, asks the relay or the hub, and frames log entries.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from ..core import Relay
 from ..errors import BadRequestError, RelayError, TooLargeError
@@ -32,28 +31,54 @@ def frame_entries(batch: list[Entry]) -> bytes:
 
 
 KEEPALIVE = encode_comment("keepalive")
+_HEADERS = [(b"content-type", SSE_MEDIA_TYPE.encode())] + [(k.encode(), v.encode()) for k, v in SSE_HEADERS.items()]
 
 
-async def _relay_events(subscriber: Subscriber, cancel_on_disconnect: StreamHub | None) -> AsyncIterator[bytes]:
-    stream = subscriber.stream
-    try:
-        async for batch in subscriber.batches():
-            yield frame_entries(batch) if batch else KEEPALIVE
-    except (asyncio.CancelledError, GeneratorExit):
-        # The client went away. The answer goes on and is saved, unless configured to stop with it.
-        if cancel_on_disconnect is not None and not stream.finished:
-            cancel_on_disconnect.cancel(stream.id)
-        raise
-    except SubscriberDropped as exc:
+class EventStreamResponse:
+    """A stream's events as text/event-stream: every batch of ready events is one write.
+
+    Bare ASGI rather than StreamingResponse: no task group per stream, and the client's
+    disconnect detaches the reader at once instead of when the next event fails to send.
+    """
+
+    def __init__(self, subscriber: Subscriber, cancel_on_disconnect: StreamHub | None = None) -> None:
+        self.subscriber = subscriber
+        self.cancel_on_disconnect = cancel_on_disconnect
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        subscriber = self.subscriber
         stream = subscriber.stream
-        yield frame_entries([(stream.last_id, "error", encode_data(
-            Error("slow_consumer", f"this connection fell behind ({exc}); resume with Last-Event-ID", True)
-        ).decode())])
+        gone = asyncio.ensure_future(_wait_for_disconnect(receive))
+        gone.add_done_callback(lambda _: subscriber.abandon())
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+            try:
+                async for batch in subscriber.batches():
+                    await send({"type": "http.response.body", "body": frame_entries(batch) if batch else KEEPALIVE,
+                                "more_body": True})
+            except SubscriberDropped as exc:
+                # No id: the client's Last-Event-ID stays at the last event it really got.
+                error = Error("slow_consumer", f"this connection fell behind ({exc}); resume with Last-Event-ID",
+                              True)
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": f"event: error\ndata: {encode_data(error).decode()}\n\n".encode()})
+            if gone.done():
+                # The client went away. The answer goes on and is saved, unless configured to stop with it.
+                if self.cancel_on_disconnect is not None and not stream.finished:
+                    self.cancel_on_disconnect.cancel(stream.id)
+                return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            gone.cancel()
 
 
-def event_stream(subscriber: Subscriber, cancel_on_disconnect: StreamHub | None = None) -> StreamingResponse:
-    return StreamingResponse(_relay_events(subscriber, cancel_on_disconnect), media_type=SSE_MEDIA_TYPE,
-                             headers=SSE_HEADERS)
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def event_stream(subscriber: Subscriber, cancel_on_disconnect: StreamHub | None = None) -> EventStreamResponse:
+    return EventStreamResponse(subscriber, cancel_on_disconnect)
 
 
 def _wants_json(request: Request) -> bool:
@@ -76,7 +101,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def post_message(request: Request) -> Response:
+async def post_message(request: Request) -> Response | EventStreamResponse:
     """POST /api/command-center/message: start an answer and stream it (or 202 with its id)."""
     relay: Relay = request.app.state.relay
     max_bytes = relay.settings.max_message_bytes
@@ -90,7 +115,7 @@ async def post_message(request: Request) -> Response:
     return event_stream(relay.hub.subscribe(stream.id, 0, keepalive=True), owner)
 
 
-async def get_stream(request: Request) -> Response:
+async def get_stream(request: Request) -> Response | EventStreamResponse:
     """GET /api/command-center/streams/{id}: the stream's events after Last-Event-ID (EventSource-ready)."""
     hub: StreamHub = request.app.state.hub
     raw_cursor = request.headers.get("last-event-id") or request.query_params.get("lastEventId") or "0"

@@ -11,7 +11,7 @@ import asyncio
 import logging
 
 import orjson
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.types import Receive, Scope, Send
 
 from ..core import Relay
 from ..errors import RelayError
@@ -32,18 +32,18 @@ def error_frame(exc: RelayError, stream_id: str | None = None, request_id: str |
 class Connection:
     """One client socket: reads commands, pumps each subscribed stream's events into it."""
 
-    def __init__(self, websocket: WebSocket, relay: Relay) -> None:
-        self.websocket = websocket
+    def __init__(self, relay: Relay, receive: Receive, send: Send) -> None:
         self.relay = relay
+        self._receive = receive
+        self._send = send
         self.pumps: set[asyncio.Task[None]] = set()
-        self.started: list[str] = []  # streams this socket asked for
+        self.started: list[str] = []  # streams this socket asked for, not yet finished
         self.active = True
-        self._send_lock = asyncio.Lock()
 
     async def send(self, text: str) -> None:
+        # No lock: the server writes each frame whole, so concurrent pumps cannot interleave bytes.
         self.active = True
-        async with self._send_lock:
-            await self.websocket.send_text(text)
+        await self._send({"type": "websocket.send", "text": text})
 
     def keepalive_tick(self) -> None:
         """An idle socket gets a keepalive frame, so proxies keep it and the client's watchdog sees life."""
@@ -57,16 +57,18 @@ class Connection:
     async def _keepalive(self) -> None:
         try:
             await self.send('{"event":"keepalive"}')
-        except (WebSocketDisconnect, RuntimeError, OSError):
+        except (RuntimeError, OSError):
             pass
 
     async def run(self) -> None:
-        await self.websocket.accept()
+        if (await self._receive())["type"] != "websocket.connect":
+            return
+        await self._send({"type": "websocket.accept"})
         hub = self.relay.hub
         hub.keepalive_targets.add(self)
         try:
             while True:
-                message = await self.websocket.receive()
+                message = await self._receive()
                 if message["type"] == "websocket.disconnect":
                     return
                 raw = message.get("text")
@@ -74,7 +76,7 @@ class Connection:
                     await self.send(error_frame(RelayError("frames must be JSON text", code="invalid_request")))
                     continue
                 await self.handle(raw)
-        except WebSocketDisconnect:
+        except OSError:
             return
         finally:
             hub.keepalive_targets.discard(self)
@@ -93,6 +95,8 @@ class Connection:
             if isinstance(command, SendMessage):
                 request_id = command.request_id
                 stream = await self.relay.start(command)
+                hub = self.relay.hub
+                self.started = [sid for sid in self.started if sid in hub.streams and not hub.streams[sid].finished]
                 self.started.append(stream.id)
                 self.pump(self.relay.hub.subscribe(stream.id, 0), request_id)
             elif isinstance(command, Resume):
@@ -122,9 +126,12 @@ class Connection:
             await self.send(error_frame(
                 RelayError(f"this connection fell behind ({exc}); resume from your last event id",
                            code="slow_consumer", retryable=True), stream_id=stream_id))
-        except (WebSocketDisconnect, RuntimeError, OSError):
+        except (RuntimeError, OSError):
             pass  # the socket closed; the reader loop ends the connection
 
 
-async def websocket_endpoint(websocket: WebSocket) -> None:
-    await Connection(websocket, websocket.app.state.relay).run()
+class WebSocketEndpoint:
+    """Bare ASGI: no per-frame wrapper between a stream's events and the socket."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await Connection(scope["app"].state.relay, receive, send).run()
