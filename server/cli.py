@@ -46,6 +46,7 @@ def serve(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        access_log=settings.access_log,
         loop="auto",  # uvloop when installed
         http="auto",  # httptools when installed
         ws="websockets-sansio",

@@ -62,6 +62,7 @@ class Settings:
     retry_max_wait: float = 10.0
     shutdown_grace_seconds: float = 20.0
     log_level: str = "info"
+    access_log: bool = False  # one line per request; streams get their own start/end lines
     agents: tuple[Agent, ...] = field(default=())
 
     @property
@@ -122,6 +123,7 @@ ENV_NAMES: dict[str, str] = {
     "retry_max_wait": "RELAY_RETRY_MAX_WAIT",
     "shutdown_grace_seconds": "RELAY_SHUTDOWN_GRACE_SECONDS",
     "log_level": "RELAY_LOG_LEVEL",
+    "access_log": "RELAY_ACCESS_LOG",
 }
 
 _POSITIVE = {
