@@ -80,7 +80,8 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         upstream = AnthropicUpstream(settings, transport or upstream_transport(settings),
                                      base_url="http://offline-model.invalid" if offline else None)
         hub = StreamHub(settings.stream_log_events, settings.stream_retention_seconds,
-                        settings.subscriber_queue_events, settings.keepalive_seconds)
+                        settings.subscriber_queue_events, settings.keepalive_seconds,
+                        settings.stream_retention_max)
         hub.start()
         app.state.store = store
         app.state.hub = hub

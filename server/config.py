@@ -54,6 +54,7 @@ class Settings:
     offline_words: int = 0  # 0: the demo answer's natural length
     stream_log_events: int = 20_000
     stream_retention_seconds: float = 300.0
+    stream_retention_max: int = 1000  # finished streams kept for resumes: memory stays flat however many end
     subscriber_queue_events: int = 2000  # a reader this far behind is dropped and resumes from the log
     keepalive_seconds: float = 15.0
     cancel_on_disconnect: bool = False  # default: a dropped connection never stops a paid-for answer
@@ -115,6 +116,7 @@ ENV_NAMES: dict[str, str] = {
     "offline_words": "RELAY_OFFLINE_WORDS",
     "stream_log_events": "RELAY_STREAM_LOG_EVENTS",
     "stream_retention_seconds": "RELAY_STREAM_RETENTION_SECONDS",
+    "stream_retention_max": "RELAY_STREAM_RETENTION_MAX",
     "subscriber_queue_events": "RELAY_SUBSCRIBER_QUEUE_EVENTS",
     "keepalive_seconds": "RELAY_KEEPALIVE_SECONDS",
     "cancel_on_disconnect": "RELAY_CANCEL_ON_DISCONNECT",
@@ -128,7 +130,7 @@ ENV_NAMES: dict[str, str] = {
 
 _POSITIVE = {
     "port", "max_tokens", "max_message_bytes", "upstream_max_connections", "connect_timeout",
-    "first_event_timeout", "idle_timeout", "stream_log_events", "subscriber_queue_events", "keepalive_seconds",
+    "first_event_timeout", "idle_timeout", "stream_log_events", "subscriber_queue_events", "keepalive_seconds", "stream_retention_max",
 }
 _NON_NEGATIVE = {
     "offline_delay_ms", "offline_words", "stream_retention_seconds", "retry_attempts", "retry_base_delay",

@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Protocol
 
@@ -38,7 +38,7 @@ class SubscriberDropped(Exception):
 class Subscriber:
     """One reader of one stream: a bounded queue of entries, read in batches."""
 
-    __slots__ = ("stream", "limit", "pending", "closed", "dropped", "active", "keepalive_due", "on_detach", "_wake")
+    __slots__ = ("stream", "limit", "pending", "closed", "dropped", "active", "keepalive_due", "on_detach", "_waiter")
 
     def __init__(self, stream: LiveStream, backlog: list[Entry], limit: int) -> None:
         self.stream = stream
@@ -49,7 +49,8 @@ class Subscriber:
         self.active = True  # got an event since the last keepalive tick
         self.keepalive_due = False
         self.on_detach: Callable[[Subscriber], None] | None = None
-        self._wake = asyncio.Event()
+        # A bare future, not an asyncio.Event: this wake-up happens for every event of every reader.
+        self._waiter: asyncio.Future[None] | None = None
 
     def push(self, entry: Entry) -> None:
         self.active = True
@@ -60,12 +61,16 @@ class Subscriber:
             self.pending = []
         else:
             self.pending.append(entry)
-        if not self._wake.is_set():
-            self._wake.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def close(self) -> None:
         self.closed = True
-        self._wake.set()
+        self._wake()
 
     def abandon(self) -> None:
         """The reader went away: stop its batches now, whatever is still pending."""
@@ -79,7 +84,7 @@ class Subscriber:
             self.active = False
         else:
             self.keepalive_due = True
-            self._wake.set()
+            self._wake()
 
     def detach(self) -> None:
         """Stop receiving; called when the reader goes away."""
@@ -108,8 +113,11 @@ class Subscriber:
                     raise SubscriberDropped(f"more than {self.limit} events behind")
                 if self.closed:
                     return
-                self._wake.clear()
-                await self._wake.wait()
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
         finally:
             self.detach()
 
@@ -189,9 +197,12 @@ class StreamHub:
     """All live and recently finished streams of this process."""
 
     def __init__(self, log_limit: int, retention_seconds: float, queue_limit: int = 2000,
-                 keepalive_seconds: float = 15.0) -> None:
+                 keepalive_seconds: float = 15.0, retention_max: int = 1000) -> None:
         self.log_limit = log_limit
         self.retention_seconds = retention_seconds
+        self.retention_max = retention_max
+        # Finished streams, oldest first: kept for resumes, within both a time and a count.
+        self.finished: OrderedDict[str, None] = OrderedDict()
         self.queue_limit = queue_limit
         self.keepalive_seconds = keepalive_seconds
         self.streams: dict[str, LiveStream] = {}
@@ -226,9 +237,13 @@ class StreamHub:
             log.error("stream %s failed", stream.id, exc_info=stream.task.exception())
         loop = asyncio.get_running_loop()
         loop.call_later(self.retention_seconds, self._expire, stream.id)
+        self.finished[stream.id] = None
+        while len(self.finished) > self.retention_max:
+            self._expire(next(iter(self.finished)))
 
     def _expire(self, stream_id: str) -> None:
         self.streams.pop(stream_id, None)
+        self.finished.pop(stream_id, None)
 
     def get(self, stream_id: str) -> LiveStream:
         stream = self.streams.get(stream_id)

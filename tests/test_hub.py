@@ -77,3 +77,20 @@ async def test_an_idle_subscriber_gets_an_empty_batch_as_keepalive_after_a_whole
     assert await asyncio.wait_for(anext(batches), 5) == []
     await batches.aclose()
     assert subscriber not in hub.keepalive_targets
+
+
+async def test_finished_streams_are_kept_within_a_count_so_memory_stays_flat():
+    hub = StreamHub(100, retention_seconds=300, retention_max=3)
+    for n in range(10):
+        stream = hub.create(f"s{n}", "c", "m", "model")
+
+        async def finish(stream=stream) -> None:
+            stream.append(Done("c", "m", "end_turn"))
+
+        hub.run(stream, finish())
+        await stream.task
+        await asyncio.sleep(0)  # let the done callback run
+    assert sorted(hub.streams) == ["s7", "s8", "s9"]
+    with pytest.raises(Exception) as gone:
+        hub.subscribe("s0")
+    assert getattr(gone.value, "code", None) == "not_resumable"

@@ -22,7 +22,8 @@ from ..protocol.sse import SSEDecoder, SSEEvent
 
 API_VERSION = "2023-06-01"
 # Push the idle deadline forward at most this often: one timer per chunk would cost more than the chunk.
-_DEADLINE_SLACK = 0.5
+# A silence is then noticed after between 7/8 and all of RELAY_IDLE_TIMEOUT.
+_DEADLINE_SLACK = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +104,7 @@ class AnthropicUpstream:
                     deadline.reschedule(loop.time() + settings.first_event_timeout)
                     decoder = SSEDecoder()
                     pushed_at = loop.time()
-                    slack = min(_DEADLINE_SLACK, settings.idle_timeout / 4)
+                    slack = min(_DEADLINE_SLACK, settings.idle_timeout / 8)
                     async for chunk in response.stream:  # type: ignore[union-attr]
                         events = decoder.decode(chunk)
                         if not events:
