@@ -6,6 +6,7 @@ Thin: it validates input, asks the relay or the hub, and frames log entries.
 from __future__ import annotations
 
 import asyncio
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
