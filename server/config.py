@@ -130,7 +130,8 @@ ENV_NAMES: dict[str, str] = {
 
 _POSITIVE = {
     "port", "max_tokens", "max_message_bytes", "upstream_max_connections", "connect_timeout",
-    "first_event_timeout", "idle_timeout", "stream_log_events", "subscriber_queue_events", "keepalive_seconds", "stream_retention_max",
+    "first_event_timeout", "idle_timeout", "stream_log_events", "subscriber_queue_events", "keepalive_seconds",
+    "stream_retention_max",
 }
 _NON_NEGATIVE = {
     "offline_delay_ms", "offline_words", "stream_retention_seconds", "retry_attempts", "retry_base_delay",
