@@ -75,18 +75,9 @@ def anthropic_events(
     return events
 
 
-def anthropic_stream_bytes(
-    texts: list[str],
-    *,
-    model: str = "claude-haiku-4-5",
-    input_tokens: int = 10,
-    output_tokens: int | None = None,
-    cache_read: int = 0,
-    stop_reason: str = "end_turn",
-) -> bytes:
-    """The whole SSE body of a scripted streamed Messages API answer."""
-    return b"".join(anthropic_events(texts, model=model, input_tokens=input_tokens, output_tokens=output_tokens,
-                                     cache_read=cache_read, stop_reason=stop_reason))
+def anthropic_stream_bytes(texts: list[str], **script: Any) -> bytes:
+    """The whole SSE body of a scripted streamed Messages API answer (options as anthropic_events)."""
+    return b"".join(anthropic_events(texts, **script))
 
 
 class FakeBody(httpx.AsyncByteStream):
