@@ -16,7 +16,7 @@ from typing import Protocol
 from .config import Settings
 from .errors import NotFoundError, ProtocolError, RelayError
 from .events import Cost, Done, Error, Start
-from .hub import LiveStream, StreamHub
+from .hub import LiveStream, StreamHub, Subscriber
 from .protocol.anthropic import ReplyState
 from .protocol.frames import SendMessage
 from .protocol.sse import SSEEvent
@@ -92,6 +92,21 @@ class RetryPolicy:
         """Exponential backoff with jitter, never shorter than the upstream's retry-after."""
         backoff = self.base_delay * (2**attempt) * (0.5 + random.random() / 2)
         return float(max(backoff, retry_after or 0.0))
+
+
+async def resume(relay: Relay, stream_id: str, after: int, keepalive: bool = False) -> Subscriber:
+    """A reader of a stream from after event `after`, for either transport.
+
+    Raises:
+        NotFoundError/GoneError (code not_resumable): the stream cannot be served; the error carries the
+            saved answer's messageId when the database knows the stream, so the client can load it.
+    """
+    try:
+        return relay.hub.subscribe(stream_id, after, keepalive)
+    except RelayError as exc:
+        if exc.message_id is None:
+            exc.message_id = await relay.store.answer_of_stream(stream_id)
+        raise
 
 
 async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStream,

@@ -284,6 +284,15 @@ class Store:
         )
         return [dict(row._mapping) for row in rows]
 
+    async def answer_of_stream(self, stream_id: str) -> str | None:
+        """The id of the assistant message a stream produced, if any."""
+        if len(stream_id) > 200:
+            return None
+        row = await self.db.fetch_one(
+            "SELECT id FROM messages WHERE stream_id = :s AND role = 'assistant'", {"s": stream_id}
+        )
+        return None if row is None else str(row[0])
+
     async def get_message(self, message_id: str) -> dict[str, Any] | None:
         row = await self.db.fetch_one("SELECT * FROM messages WHERE id = :id", {"id": message_id})
         return None if row is None else dict(row._mapping)

@@ -312,3 +312,19 @@ async def test_sigterm_saves_answers_still_running_after_the_grace_period_as_int
                                      (long_id,)).fetchone()
     assert status == "interrupted"
     assert content and expected_words(200).startswith(content)
+
+
+async def test_an_expired_stream_is_not_resumable_and_points_to_the_saved_answer(make_server):
+    relay = make_server({"RELAY_OFFLINE_WORDS": "10", "RELAY_STREAM_RETENTION_SECONDS": "0"})
+    full = await sse_read_new(relay.url, "gone soon")
+    stream_id, message_id = full[0][2]["streamId"], full[-1][2]["messageId"]
+
+    over_sse = await sse_read(relay.url, stream_id, last_event_id=3)
+    async with websockets.connect(relay.ws_url + "/api/command-center/ws") as ws:
+        await ws.send(json.dumps({"type": "resume", "streamId": stream_id, "lastEventId": 3}))
+        over_ws = json.loads(await ws.recv())
+
+    assert names(over_sse) == ["error"]
+    assert (over_sse[0][2]["code"], over_sse[0][2]["messageId"]) == ("not_resumable", message_id)
+    assert (over_ws["data"]["code"], over_ws["data"]["messageId"]) == ("not_resumable", message_id)
+    assert saved(relay, message_id)[:2] == ("complete", expected_words(10))

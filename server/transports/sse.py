@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from ..core import Relay
+from ..core import Relay, resume
 from ..errors import BadRequestError, RelayError, TooLargeError
 from ..events import Error, encode_data
 from ..hub import Entry, StreamHub, Subscriber, SubscriberDropped
@@ -118,11 +118,11 @@ async def post_message(request: Request) -> Response | EventStreamResponse:
 
 async def get_stream(request: Request) -> Response | EventStreamResponse:
     """GET /api/command-center/streams/{id}: the stream's events after Last-Event-ID (EventSource-ready)."""
-    hub: StreamHub = request.app.state.hub
+    relay: Relay = request.app.state.relay
     raw_cursor = request.headers.get("last-event-id") or request.query_params.get("lastEventId") or "0"
     try:
         after = parse_event_id(raw_cursor)
-        subscriber = hub.subscribe(request.path_params["stream_id"], after, keepalive=True)
+        subscriber = await resume(relay, request.path_params["stream_id"], after, keepalive=True)
     except RelayError as exc:
         if isinstance(exc, BadRequestError) or _wants_json(request):
             raise

@@ -13,7 +13,7 @@ import logging
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from ..core import Relay
+from ..core import Relay, resume
 from ..errors import RelayError
 from ..events import Error, encode_data
 from ..hub import Subscriber, SubscriberDropped
@@ -100,7 +100,7 @@ class Connection:
                 self.started.append(stream.id)
                 self.pump(self.relay.hub.subscribe(stream.id, 0), request_id)
             elif isinstance(command, Resume):
-                self.pump(self.relay.hub.subscribe(command.stream_id, command.last_event_id), None)
+                self.pump(await resume(self.relay, command.stream_id, command.last_event_id), None)
             elif isinstance(command, Cancel):
                 self.relay.hub.cancel(command.stream_id)
             elif isinstance(command, Ping):
