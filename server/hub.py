@@ -126,7 +126,7 @@ class LiveStream:
     """One answer being generated (or just finished): its numbered event log."""
 
     __slots__ = (
-        "id", "conversation_id", "message_id", "model", "log", "last_id", "finished",
+        "id", "conversation_id", "message_id", "model", "log_names", "log_data", "last_id", "finished",
         "subscribers", "task", "stop_status", "reply", "running", "finalizing",
     )
 
@@ -135,7 +135,9 @@ class LiveStream:
         self.conversation_id = conversation_id
         self.message_id = message_id
         self.model = model
-        self.log: deque[Entry] = deque(maxlen=log_limit)
+        # The log as two deques of shared or single strings, ids implicit: no tuple and no int per event.
+        self.log_names: deque[str] = deque(maxlen=log_limit)
+        self.log_data: deque[str] = deque(maxlen=log_limit)
         self.last_id = 0
         self.finished = False
         self.subscribers: list[Subscriber] = []
@@ -151,10 +153,13 @@ class LiveStream:
         if self.finished:
             return
         self.last_id += 1
-        entry: Entry = (self.last_id, event.name, encode_data(event).decode())
-        self.log.append(entry)
-        for subscriber in self.subscribers:
-            subscriber.push(entry)
+        data = encode_data(event).decode()
+        self.log_names.append(event.name)
+        self.log_data.append(data)
+        if self.subscribers:
+            entry: Entry = (self.last_id, event.name, data)
+            for subscriber in self.subscribers:
+                subscriber.push(entry)
         if event.name in TERMINAL_EVENTS:
             self.finished = True
             for subscriber in self.subscribers:
@@ -172,13 +177,17 @@ class LiveStream:
                 f"event {after} is ahead of stream {self.id}, which is at event {self.last_id}",
                 message_id=self.message_id,
             )
-        first_id = self.log[0][0] if self.log else self.last_id + 1
+        first_id = self.last_id - len(self.log_data) + 1
         if after < first_id - 1:
             raise GoneError(
                 f"the log of stream {self.id} no longer holds event {after + 1}", message_id=self.message_id
             )
         start = after - first_id + 1
-        backlog = list(itertools.islice(self.log, start, None))
+        backlog = [
+            (first_id + start + k, name, data)
+            for k, (name, data) in enumerate(zip(itertools.islice(self.log_names, start, None),
+                                                 itertools.islice(self.log_data, start, None), strict=True))
+        ]
         subscriber = Subscriber(self, backlog, max(queue_limit, len(backlog) + 1))
         if self.finished:
             subscriber.closed = True

@@ -422,3 +422,14 @@ def test_retry_after_accepts_an_http_date() -> None:
 @pytest.mark.parametrize("value", ["soon", "", "nan", "inf"])
 def test_unusable_retry_after_values_give_none(value: str) -> None:
     assert parse_retry_after(value) is None
+
+
+def test_text_parts_keep_every_piece_in_order_across_folds() -> None:
+    from server.protocol.anthropic import TextParts
+
+    parts = TextParts()
+    assert not parts and parts.value() == ""
+    pieces = [f"{n} 🙂 " for n in range(1000)]
+    for piece in pieces:
+        parts.add(piece)
+    assert parts and parts.value() == "".join(pieces)

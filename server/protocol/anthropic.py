@@ -74,6 +74,33 @@ def estimate_tokens(byte_count: int) -> int:
     return (byte_count + 3) // 4
 
 
+class TextParts:
+    """Text that grows by small pieces: one append each, folded every 64 pieces.
+
+    A list of every delta costs an object header per delta (about 4x the text of a
+    typical answer); folded, an answer being written costs about its own size.
+    """
+
+    __slots__ = ("_folded", "_pieces")
+
+    def __init__(self) -> None:
+        self._folded: list[str] = []
+        self._pieces: list[str] = []
+
+    def add(self, text: str) -> None:
+        pieces = self._pieces
+        pieces.append(text)
+        if len(pieces) >= 64:
+            self._folded.append("".join(pieces))
+            pieces.clear()
+
+    def value(self) -> str:
+        return "".join(self._folded) + "".join(self._pieces)
+
+    def __bool__(self) -> bool:
+        return bool(self._folded or self._pieces)
+
+
 class ReplyState:
     """One reply's stream: feed it upstream events, get relay events back.
 
@@ -88,8 +115,8 @@ class ReplyState:
         self.message_id: str | None = None
         self.stop_reason: str | None = None
         self.finished = False
-        self._text: list[str] = []  # joined when read: one append per delta
-        self._thinking: list[str] = []
+        self._text = TextParts()
+        self._thinking = TextParts()
         self._other_output_bytes = 0  # tool input JSON: output tokens, never text
         self._blocks: dict[int, str] = {}
         self._usage: dict[str, int] = {}
@@ -119,7 +146,7 @@ class ReplyState:
                     if not isinstance(text, str):
                         raise ProtocolError("the upstream sent a text delta without text")
                     if text:
-                        self._text.append(text)
+                        self._text.add(text)
                         return [Chunk(text)]
                     return []
                 return self._other_delta(delta_type, delta)
@@ -151,7 +178,7 @@ class ReplyState:
             if not isinstance(thinking, str):
                 raise ProtocolError("the upstream sent a thinking delta without thinking")
             if thinking:
-                self._thinking.append(thinking)
+                self._thinking.add(thinking)
                 return [Thinking(thinking)]
         elif delta_type == "input_json_delta":
             # Tool input is not part of the answer, but it counts when estimating output.
@@ -165,12 +192,12 @@ class ReplyState:
         if block_type == "text":
             text = block.get("text")
             if isinstance(text, str) and text:
-                self._text.append(text)
+                self._text.add(text)
                 return [Chunk(text)]
         elif block_type == "thinking":
             thinking = block.get("thinking")
             if isinstance(thinking, str) and thinking:
-                self._thinking.append(thinking)
+                self._thinking.add(thinking)
                 return [Thinking(thinking)]
         return []
 
@@ -222,12 +249,12 @@ class ReplyState:
     @property
     def text(self) -> str:
         """The answer so far: every text delta, joined."""
-        return "".join(self._text)
+        return self._text.value()
 
     @property
     def thinking(self) -> str:
         """The extended thinking so far, never part of the answer."""
-        return "".join(self._thinking)
+        return self._thinking.value()
 
     @property
     def usage(self) -> Usage:
