@@ -7,9 +7,10 @@ stream's log in the hub; transports read that log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,7 +28,7 @@ log = logging.getLogger("deltarelay.core")
 
 
 class Upstream(Protocol):
-    def events(self, request: UpstreamRequest) -> AsyncIterator[SSEEvent]: ...
+    def events(self, request: UpstreamRequest) -> AsyncGenerator[SSEEvent, None]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,11 +173,13 @@ async def _relay_attempt(job: Job, upstream: Upstream, stream: LiveStream, reply
     # No await in this loop but the upstream's own: the upstream's deadlines
     # (asyncio.timeout inside its generator) must only ever interrupt its reads.
     append = stream.append
-    async for upstream_event in upstream.events(job.request):
-        for event in reply.feed(upstream_event.event, upstream_event.data):
-            append(event)
-        if reply.finished:
-            return
+    # aclosing: leaving at message_stop closes the upstream response now, not when the generator is collected.
+    async with contextlib.aclosing(upstream.events(job.request)) as upstream_events:
+        async for upstream_event in upstream_events:
+            for event in reply.feed(upstream_event.event, upstream_event.data):
+                append(event)
+            if reply.finished:
+                return
     raise ProtocolError("the model's stream ended before message_stop")
 
 

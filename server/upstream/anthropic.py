@@ -7,7 +7,7 @@ failures, HTTP errors and timeouts become UpstreamError subclasses with stable c
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,7 +78,7 @@ class AnthropicUpstream:
     async def aclose(self) -> None:
         await self.transport.aclose()
 
-    async def events(self, request: UpstreamRequest) -> AsyncIterator[SSEEvent]:
+    async def events(self, request: UpstreamRequest) -> AsyncGenerator[SSEEvent, None]:
         """Yield the upstream's SSE events as they arrive.
 
         Raises:
