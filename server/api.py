@@ -1,4 +1,4 @@
-"""REST: conversations, messages, health. Snake_case rows become camelCase JSON here."""
+"""REST: sessions, conversations, messages, health. Snake_case rows become camelCase JSON here."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from .auth import SESSION_COOKIE, User
+from .core import Relay
+from .errors import BadRequestError, NotFoundError
+from .protocol.frames import parse_json_object
 from .store import Store
+from .transports.sse import read_body
 
 
 def _money(value: Any) -> str | None:
@@ -26,6 +31,7 @@ def conversation_json(row: dict[str, Any]) -> dict[str, Any]:
         "createdAt": row["created_at"],
         "updatedAt": row["updated_at"],
         "messageCount": row["message_count"],
+        "ownerId": row["owner_id"],
         "totalCost": _money(row["total_cost"]),
     }
 
@@ -56,18 +62,65 @@ def message_json(row: dict[str, Any]) -> dict[str, Any]:
 
 
 async def list_conversations(request: Request) -> Response:
-    store: Store = request.app.state.store
-    rows = await store.list_conversations()
+    """The caller's conversations; an admin's `?all=1` lists everyone's."""
+    relay: Relay = request.app.state.relay
+    user = await relay.admit(request.scope)
+    every_owner = user.admin and request.query_params.get("all") in ("1", "true")
+    rows = await relay.store.list_conversations(user.id, every_owner=every_owner)
     return JSONResponse({"conversations": [conversation_json(row) for row in rows]})
 
 
 async def list_messages(request: Request) -> Response:
-    store: Store = request.app.state.store
+    relay: Relay = request.app.state.relay
+    user = await relay.admit(request.scope)
     conversation_id = request.path_params["conversation_id"]
-    conversation = await store.get_conversation(conversation_id)
-    rows = await store.list_messages(conversation_id)
+    conversation = await relay.store.get_conversation(conversation_id)
+    if not user.can_see(conversation["owner_id"]):
+        raise NotFoundError(f"conversation {conversation_id} not found")
+    rows = await relay.store.list_messages(conversation_id)
     return JSONResponse({"conversation": conversation_json(conversation),
                          "messages": [message_json(row) for row in rows]})
+
+
+def user_json(user: User) -> dict[str, Any]:
+    return {"name": user.name, "admin": user.admin, "anonymous": user.id is None}
+
+
+async def get_session(request: Request) -> Response:
+    """Who the caller is: 401 when they must sign in first (the page then shows its sign-in form)."""
+    relay: Relay = request.app.state.relay
+    user = await relay.admit(request.scope)
+    return JSONResponse({"user": user_json(user)})
+
+
+async def create_session(request: Request) -> Response:
+    """POST /api/session {"token"}: trade an API token for an HttpOnly session cookie (browsers).
+
+    The token travels in the body, never in a URL; the cookie is SameSite=Strict, so other
+    sites' pages cannot send it.
+    """
+    relay: Relay = request.app.state.relay
+    relay.auth.check_origin(request.scope)
+    body = parse_json_object(await read_body(request, 4096))
+    token = body.get("token")
+    if not isinstance(token, str) or not token:
+        raise BadRequestError("token is required: the API token `deltarelay users add` printed")
+    user, secret, max_age = await relay.auth.sign_in(token)
+    relay.limits.request(user)
+    response = JSONResponse({"user": user_json(user)})
+    response.set_cookie(SESSION_COOKIE, secret, max_age=max_age, path="/", httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https")
+    return response
+
+
+async def delete_session(request: Request) -> Response:
+    """Sign out: the session ends in the database, and the cookie is cleared."""
+    relay: Relay = request.app.state.relay
+    relay.auth.check_origin(request.scope)
+    await relay.auth.sign_out(request.scope["headers"])
+    response = JSONResponse({"signedOut": True})
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+    return response
 
 
 async def healthz(request: Request) -> Response:

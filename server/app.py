@@ -11,10 +11,12 @@ from pathlib import Path
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import api
 from .config import Settings
@@ -58,6 +60,41 @@ async def internal_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": {"code": "internal_error", "message": "internal server error"}}, status_code=500)
 
 
+# The page loads only its own files: no inline script, no framing, no sniffing (issue 6).
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self';"
+    " object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = [
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+]
+# Event streams carry their own headers: wrapping their every write would cost each chunk a layer.
+_STREAM_PATHS = ("/api/command-center/message", "/api/command-center/streams/")
+
+
+class SecurityHeaders:
+    """Adds SECURITY_HEADERS to every HTTP answer but the event streams'."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or (path.startswith(_STREAM_PATHS) and not path.endswith("/cancel")):
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 async def index(request: Request) -> Response:
     return FileResponse(STATIC / "index.html")
 
@@ -85,7 +122,11 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         hub.start()
         app.state.store = store
         app.state.hub = hub
-        app.state.relay = Relay(settings, store, upstream, hub)
+        relay = Relay(settings, store, upstream, hub)
+        app.state.relay = relay
+        if await relay.auth.open_mode():
+            log.warning("open mode: no users exist, so anyone who can reach %s:%d may use this server and spend;"
+                        " add one with `deltarelay users add NAME`", settings.host, settings.port)
         app.state.settings = settings
         # Everything made at start lives for the process: keep it out of every later collection.
         gc.collect()
@@ -101,6 +142,9 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         Route("/", index),
         Route("/favicon.ico", favicon),
         Route("/healthz", api.healthz),
+        Route("/api/session", api.get_session, methods=["GET"]),
+        Route("/api/session", api.create_session, methods=["POST"]),
+        Route("/api/session", api.delete_session, methods=["DELETE"]),
         Route("/api/conversations", api.list_conversations),
         Route("/api/conversations/{conversation_id}/messages", api.list_messages),
         Route("/api/command-center/message", sse.post_message, methods=["POST"]),
@@ -113,5 +157,6 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
     return Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=[Middleware(SecurityHeaders)],
         exception_handlers={RelayError: relay_error, HTTPException: http_error, Exception: internal_error},
     )

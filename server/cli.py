@@ -1,14 +1,20 @@
-"""Command line: `deltarelay` (or `python -m server`) runs the server."""
+"""Command line: `deltarelay` (or `python -m server`) runs the server; `deltarelay users` manages users."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import FrameType
+from typing import TypeVar
 
+from .auth import new_secret, secret_hash, valid_user_name
 from .config import ConfigError, Settings, load_settings
+from .store import Store
+
+T = TypeVar("T")
 
 
 def _serve_parser(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +25,28 @@ def _serve_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", help="critical, error, warning, info or debug (RELAY_LOG_LEVEL)")
 
 
-def serve(settings: Settings) -> None:
+async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
+    store = Store(settings.database_url)
+    await store.connect()
+    try:
+        return await work(store)
+    finally:
+        await store.disconnect()
+
+
+def refuse_open_mode(settings: Settings) -> str | None:
+    """Why the server must not start: no users, and an address others can reach."""
+    if settings.loopback or settings.allow_anonymous:
+        return None
+    users = asyncio.run(_with_store(settings, lambda store: store.active_user_count()))
+    if users:
+        return None
+    return (f"no users exist and {settings.host} is reachable from other machines: add one with"
+            " `deltarelay users add NAME`, bind to 127.0.0.1, or set RELAY_ALLOW_ANONYMOUS=1 to serve"
+            " without sign-in")
+
+
+def serve(settings: Settings) -> int:
     import uvicorn
 
     from .app import create_app
@@ -27,6 +54,10 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request is noise at scale
     log = logging.getLogger("deltarelay")
+    refusal = refuse_open_mode(settings)
+    if refusal:
+        print(f"deltarelay: {refusal}", file=sys.stderr)
+        return 2
     if settings.offline:
         log.warning("no ANTHROPIC_API_KEY: answers come from the built-in offline demo model")
     log.info("deltarelay on http://%s:%d (database %s)", settings.host, settings.port,
@@ -53,10 +84,44 @@ def serve(settings: Settings) -> None:
         ws_ping_interval=settings.keepalive_seconds,
         # Answers are small text frames: compression costs more CPU than it saves, and a zlib context per socket.
         ws_per_message_deflate=False,
+        ws_max_size=settings.ws_max_frame_bytes,  # a bigger frame closes the socket (1009)
         lifespan="on",
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds)),
     )
     Server(config).run()
+    return 0
+
+
+def users_command(args: argparse.Namespace, settings: Settings) -> int:
+    """`deltarelay users add|list|revoke`: the token is printed once; only its hash is kept."""
+    if args.action == "add":
+        if not valid_user_name(args.name):
+            print("deltarelay: a user name is 1-64 letters, digits, '.', '_', '@' or '-'", file=sys.stderr)
+            return 2
+        token = new_secret()
+        try:
+            asyncio.run(_with_store(settings, lambda store: store.add_user(args.name, secret_hash(token),
+                                                                            args.admin)))
+        except ValueError as exc:
+            print(f"deltarelay: {exc}", file=sys.stderr)
+            return 1
+        print(f"user {args.name} added{' (admin)' if args.admin else ''}. Their API token, shown only now:",
+              file=sys.stderr)
+        print(token)
+        return 0
+    if args.action == "revoke":
+        revoked = asyncio.run(_with_store(settings, lambda store: store.revoke_user(args.name)))
+        if not revoked:
+            print(f"deltarelay: no active user named {args.name!r}", file=sys.stderr)
+            return 1
+        print(f"user {args.name} revoked: their token and sessions no longer work", file=sys.stderr)
+        return 0
+    rows = asyncio.run(_with_store(settings, lambda store: store.list_users()))
+    print(f"{'name':<24} {'role':<6} {'status':<8} created")
+    for row in rows:
+        status = "revoked" if row["revoked_at"] else "active"
+        print(f"{row['name']:<24} {'admin' if row['is_admin'] else 'user':<6} {status:<8} {row['created_at']}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,8 +129,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     _serve_parser(parser)
     _serve_parser(sub.add_parser("serve", help="run the server (the default)"))
+    users = sub.add_parser("users", help="add, list or revoke users and their API tokens")
+    users.add_argument("--database-url", help="sqlite:///file.db or postgresql://... (DATABASE_URL)")
+    actions = users.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="add a user and print their API token once")
+    add.add_argument("name")
+    add.add_argument("--admin", action="store_true", help="may see every user's conversations and usage")
+    actions.add_parser("list", help="list users")
+    revoke = actions.add_parser("revoke", help="revoke a user's token and end their sessions")
+    revoke.add_argument("name")
     args = parser.parse_args(argv)
     try:
+        if args.command == "users":
+            return users_command(args, load_settings(database_url=args.database_url))
         settings = load_settings(
             host=args.host, port=args.port, database_url=args.database_url, model=args.model,
             log_level=args.log_level,
@@ -73,5 +149,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"deltarelay: {exc}", file=sys.stderr)
         return 2
-    serve(settings)
-    return 0
+    return serve(settings)

@@ -7,10 +7,12 @@ Every setting has an environment variable; the most used ones are also flags of
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,19 @@ class Settings:
     shutdown_grace_seconds: float = 20.0
     log_level: str = "info"
     access_log: bool = False  # one line per request; streams get their own start/end lines
+    # Access control (issue 6). With no users the server is open, and only on a loopback address.
+    allow_anonymous: bool = False
+    allowed_origins: str = ""  # comma-separated extra origins for WebSocket and cookie-authenticated requests
+    session_hours: float = 720.0
+    auth_cache_seconds: float = 5.0  # how long a checked token or session is trusted before asking the database
+    ws_max_frame_bytes: int = 256 * 1024
+    ws_max_streams: int = 16  # streams one socket may follow at once
+    # Per-user limits; 0 turns one off.
+    limit_requests_per_minute: int = 600
+    limit_concurrent_streams: int = 32
+    limit_connections: int = 64
+    budget_per_day: str | None = None  # dollars per user per UTC day, e.g. "5.00"; unset: no budget
+    max_history_messages: int = 1000
     agents: tuple[Agent, ...] = field(default=())
 
     @property
@@ -74,6 +89,24 @@ class Settings:
     @property
     def default_model(self) -> str:
         return OFFLINE_MODEL if self.offline else self.model
+
+    @property
+    def origins(self) -> frozenset[str]:
+        return frozenset(o.strip().rstrip("/").lower() for o in self.allowed_origins.split(",") if o.strip())
+
+    @property
+    def daily_budget(self) -> Decimal | None:
+        return None if self.budget_per_day is None else Decimal(self.budget_per_day)
+
+    @property
+    def loopback(self) -> bool:
+        """Bound to a loopback address only: nobody else can reach the port."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:
+            return False
 
     def agent(self, agent_id: str | None) -> Agent | None:
         """The agent by id; None picks the default agent."""
@@ -126,16 +159,28 @@ ENV_NAMES: dict[str, str] = {
     "shutdown_grace_seconds": "RELAY_SHUTDOWN_GRACE_SECONDS",
     "log_level": "RELAY_LOG_LEVEL",
     "access_log": "RELAY_ACCESS_LOG",
+    "allow_anonymous": "RELAY_ALLOW_ANONYMOUS",
+    "allowed_origins": "RELAY_ALLOWED_ORIGINS",
+    "session_hours": "RELAY_SESSION_HOURS",
+    "auth_cache_seconds": "RELAY_AUTH_CACHE_SECONDS",
+    "ws_max_frame_bytes": "RELAY_WS_MAX_FRAME_BYTES",
+    "ws_max_streams": "RELAY_WS_MAX_STREAMS",
+    "limit_requests_per_minute": "RELAY_LIMIT_REQUESTS_PER_MINUTE",
+    "limit_concurrent_streams": "RELAY_LIMIT_CONCURRENT_STREAMS",
+    "limit_connections": "RELAY_LIMIT_CONNECTIONS",
+    "budget_per_day": "RELAY_BUDGET_PER_DAY",
+    "max_history_messages": "RELAY_MAX_HISTORY_MESSAGES",
 }
 
 _POSITIVE = {
     "port", "max_tokens", "max_message_bytes", "upstream_max_connections", "connect_timeout",
     "first_event_timeout", "idle_timeout", "stream_log_events", "subscriber_queue_events", "keepalive_seconds",
-    "stream_retention_max",
+    "stream_retention_max", "session_hours", "ws_max_frame_bytes", "ws_max_streams", "max_history_messages",
 }
 _NON_NEGATIVE = {
     "offline_delay_ms", "offline_words", "stream_retention_seconds", "retry_attempts", "retry_base_delay",
-    "retry_max_wait", "shutdown_grace_seconds",
+    "retry_max_wait", "shutdown_grace_seconds", "auth_cache_seconds", "limit_requests_per_minute",
+    "limit_concurrent_streams", "limit_connections",
 }
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -207,6 +252,17 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("ANTHROPIC_BASE_URL must be an http:// or https:// URL")
     if settings.upstream_transport not in ("aiohttp", "httpx"):
         raise ConfigError("RELAY_UPSTREAM_TRANSPORT must be aiohttp or httpx")
+    if settings.budget_per_day is not None:
+        try:
+            budget = Decimal(settings.budget_per_day)
+        except InvalidOperation:
+            budget = Decimal(-1)
+        if not budget.is_finite() or budget < 0:
+            raise ConfigError(f"RELAY_BUDGET_PER_DAY must be an amount of dollars such as 5.00, got "
+                              f"{settings.budget_per_day!r}")
+    for origin in settings.origins:
+        if not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
+            raise ConfigError(f"RELAY_ALLOWED_ORIGINS entries must look like https://example.com, got {origin!r}")
     if settings.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
         raise ConfigError("RELAY_LOG_LEVEL must be one of critical, error, warning, info, debug")
 

@@ -10,14 +10,16 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+from .auth import ANONYMOUS, Authenticator, User
 from .config import Settings
 from .errors import NotFoundError, ProtocolError, RelayError
 from .events import Cost, Done, Error, Start
 from .hub import LiveStream, StreamHub, Subscriber
+from .limits import Limits
 from .protocol.anthropic import ReplyState
 from .protocol.frames import SendMessage
 from .protocol.sse import SSEEvent
@@ -44,18 +46,33 @@ class Job:
 class Relay:
     """Starts answers: validates against configuration and database, then runs them in the hub."""
 
-    def __init__(self, settings: Settings, store: Store, upstream: Upstream, hub: StreamHub) -> None:
+    def __init__(self, settings: Settings, store: Store, upstream: Upstream, hub: StreamHub,
+                 limits: Limits | None = None, auth: Authenticator | None = None) -> None:
         self.settings = settings
         self.store = store
         self.upstream = upstream
         self.hub = hub
+        self.limits = limits or Limits(settings, store)
+        self.auth = auth or Authenticator(settings, store)
         self.retry = RetryPolicy(settings.retry_attempts, settings.retry_base_delay, settings.retry_max_wait)
 
-    async def start(self, command: SendMessage) -> LiveStream:
+    async def admit(self, scope: dict[str, Any]) -> User:
+        """The user behind a request, counted against their requests per minute.
+
+        Raises:
+            UnauthorizedError, ForbiddenError, LimitError.
+        """
+        user = await self.auth.user(scope)
+        self.limits.request(user)
+        return user
+
+    async def start(self, command: SendMessage, user: User = ANONYMOUS) -> LiveStream:
         """Save the user's message and start generating the answer.
 
         Raises:
-            NotFoundError: unknown agent or conversation (nothing is saved).
+            NotFoundError: unknown agent, or no conversation of this user's by that id (nothing is saved).
+            LimitError / BudgetError: one of the user's limits is reached (nothing is saved).
+            TooLargeError: the conversation's history is at its limit (nothing is saved).
             RelayError: the server is shutting down (503, retryable).
         """
         if not self.hub.accepting:
@@ -64,21 +81,56 @@ class Relay:
         agent = self.settings.agent(command.agent_id)
         if agent is None:
             raise NotFoundError(f"agent {command.agent_id} not found")
-        stream_id = new_id()
-        turn = await self.store.begin_turn(
-            conversation_id=command.conversation_id,
-            agent_id=agent.id,
-            user_text=command.message,
-            model=agent.model,
-            stream_id=stream_id,
-            task_trace_id=stream_id,
-        )
+        self.limits.take_stream(user)
+        try:
+            await self.limits.check_budget(user)
+            stream_id = new_id()
+            turn = await self.store.begin_turn(
+                conversation_id=command.conversation_id,
+                agent_id=agent.id,
+                user_text=command.message,
+                model=agent.model,
+                stream_id=stream_id,
+                task_trace_id=stream_id,
+                owner_id=user.id,
+                max_history=self.settings.max_history_messages,
+            )
+        except BaseException:
+            self.limits.give_stream(user)
+            raise
         request = UpstreamRequest(model=agent.model, max_tokens=agent.max_tokens, messages=turn.history,
                                   system=agent.system)
         job = Job(stream_id, turn.conversation_id, turn.assistant_message_id, request)
         stream = self.hub.create(stream_id, turn.conversation_id, turn.assistant_message_id, agent.model)
-        self.hub.run(stream, run_stream(job, self.upstream, self.store, stream, self.retry))
+        self.hub.run(stream, self._counted(user, run_stream(job, self.upstream, self.store, stream, self.retry)))
         return stream
+
+    async def _counted(self, user: User, work: Coroutine[Any, Any, Cost]) -> None:
+        """Run a stream under the user's limits: it holds one concurrent-stream slot; its cost counts today."""
+        try:
+            cost = await work
+            self.limits.record_cost(user, cost.total_cost)
+        finally:
+            self.limits.give_stream(user)
+
+    async def check_access(self, stream_id: str, user: User) -> None:
+        """Another user's stream is reported exactly as an unknown one.
+
+        Raises:
+            NotFoundError: the stream answers a conversation this user may not see.
+        """
+        known, owner_id = await self.store.owner_of_stream(stream_id)
+        if known and not user.can_see(owner_id):
+            raise NotFoundError(f"stream {stream_id} not found or expired", code="not_resumable")
+
+    async def cancel(self, stream_id: str, user: User = ANONYMOUS) -> bool:
+        """Stop a stream this user may see; True when it was still running.
+
+        Raises:
+            NotFoundError: unknown, expired or another user's stream.
+        """
+        await self.check_access(stream_id, user)
+        return self.hub.cancel(stream_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +147,16 @@ class RetryPolicy:
         return float(max(backoff, retry_after or 0.0))
 
 
-async def resume(relay: Relay, stream_id: str, after: int, keepalive: bool = False) -> Subscriber:
+async def resume(relay: Relay, stream_id: str, after: int, keepalive: bool = False,
+                 user: User = ANONYMOUS) -> Subscriber:
     """A reader of a stream from after event `after`, for either transport.
 
     Raises:
-        NotFoundError/GoneError (code not_resumable): the stream cannot be served; the error carries the
-            saved answer's messageId when the database knows the stream, so the client can load it.
+        NotFoundError/GoneError (code not_resumable): the stream cannot be served (or is another user's);
+            the error carries the saved answer's messageId when the database knows the stream, so the
+            client can load it.
     """
+    await relay.check_access(stream_id, user)
     try:
         return relay.hub.subscribe(stream_id, after, keepalive)
     except RelayError as exc:
@@ -111,8 +166,8 @@ async def resume(relay: Relay, stream_id: str, after: int, keepalive: bool = Fal
 
 
 async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStream,
-                     retry: RetryPolicy | None = None) -> None:
-    """Relay one answer into `stream`'s log and save it exactly once, however it ends."""
+                     retry: RetryPolicy | None = None) -> Cost:
+    """Relay one answer into `stream`'s log and save it exactly once, however it ends; its cost."""
     retry = retry or RetryPolicy()
     stream.running = True
     stream.append(Start(job.stream_id, job.conversation_id, job.request.model))
@@ -167,6 +222,7 @@ async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStr
     else:
         assert failure is not None
         stream.append(Error(failure.code, failure.message, failure.retryable, failure.retry_after, message_id))
+    return cost
 
 
 async def _relay_attempt(job: Job, upstream: Upstream, stream: LiveStream, reply: ReplyState) -> None:

@@ -3,9 +3,12 @@
     RelayError(code, message, retryable, status)
       BadRequestError          400, invalid input
         TooLargeError          413, message over the size limit
-      NotFoundError            404, unknown conversation, agent or stream
+      UnauthorizedError        401, no or an invalid token or session
+      BudgetError              402, the user's daily spending budget is used up
+      ForbiddenError           403, a cross-site request (Origin not allowed)
+      NotFoundError            404, unknown conversation, agent or stream, or another user's
       GoneError                410, a stream whose log has expired
-      LimitError               429, a limit was reached (retry_after tells when)
+      LimitError               429, a limit was reached (`limit` names it, retry_after tells when)
       UpstreamError            the model's API failed (auth, rate_limited, overloaded...)
         UpstreamTimeoutError   connect, first-event or idle timeout
       ProtocolError            the upstream stream is malformed
@@ -35,6 +38,7 @@ class RelayError(Exception):
         status: int | None = None,
         retry_after: float | None = None,
         message_id: str | None = None,
+        details: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -46,6 +50,7 @@ class RelayError(Exception):
             self.status = status
         self.retry_after = retry_after
         self.message_id = message_id
+        self.details = details  # extra camelCase fields for the client, e.g. {"limit": ...}
 
     def to_json(self) -> dict[str, Any]:
         """The body of a 4xx/5xx HTTP answer: {"error": {"code", "message"}}."""
@@ -54,6 +59,8 @@ class RelayError(Exception):
             body["retryAfter"] = self.retry_after
         if self.message_id is not None:
             body["messageId"] = self.message_id
+        if self.details:
+            body.update(self.details)
         return {"error": body}
 
 
@@ -65,6 +72,22 @@ class BadRequestError(RelayError):
 class TooLargeError(BadRequestError):
     code = "too_large"
     status = 413
+
+
+class UnauthorizedError(RelayError):
+    code = "unauthorized"
+    status = 401
+
+
+class BudgetError(RelayError):
+    code = "budget_exceeded"
+    status = 402
+    retryable = True
+
+
+class ForbiddenError(RelayError):
+    code = "forbidden"
+    status = 403
 
 
 class NotFoundError(RelayError):

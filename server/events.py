@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 
 import orjson
 
+from .errors import RelayError
+
 
 def decimal_json(value: Decimal | None) -> orjson.Fragment | None:
     """An exact JSON number for a Decimal: no float ever touches money."""
@@ -98,6 +100,7 @@ class Error:
     retryable: bool
     retry_after: float | None = None
     message_id: str | None = None
+    details: dict[str, Any] | None = None  # e.g. {"limit": "concurrent_streams"} or {"spent": "1.20"}
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {"code": self.code, "message": self.message, "retryable": self.retryable}
@@ -105,7 +108,14 @@ class Error:
             wire["retryAfter"] = self.retry_after
         if self.message_id is not None:
             wire["messageId"] = self.message_id
+        if self.details:
+            wire.update(self.details)
         return wire
+
+
+def error_event(exc: RelayError) -> Error:
+    """The `error` event that tells a client what a RelayError tells an HTTP client."""
+    return Error(exc.code, exc.message, exc.retryable, exc.retry_after, exc.message_id, exc.details)
 
 
 RelayEvent = Start | Chunk | Thinking | Cost | Done | Error

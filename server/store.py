@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from databases import Database
 from databases.core import Connection
 
-from .errors import NotFoundError
+from .errors import NotFoundError, TooLargeError
 
 log = logging.getLogger("deltarelay.store")
 
@@ -140,11 +140,14 @@ class Store:
         stream_id: str,
         task_trace_id: str,
         trace_session_id: str | None = None,
+        owner_id: str | None = None,
+        max_history: int | None = None,
     ) -> Turn:
         """Save the user's message and an empty assistant message; return the history to send.
 
         Raises:
-            NotFoundError: conversation_id names no conversation; nothing is saved.
+            NotFoundError: conversation_id names no conversation of owner_id; nothing is saved.
+            TooLargeError: the conversation already holds max_history messages; nothing is saved.
         """
 
         def operation() -> Operation[Turn]:
@@ -154,20 +157,25 @@ class Store:
                 conv_id = new_id()
                 title = " ".join(user_text.split())[:80] or "New conversation"
                 yield Query(
-                    "INSERT INTO conversations (id, agent_id, title, created_at, updated_at)"
-                    " VALUES (:id, :agent, :title, :t, :t)",
-                    {"id": conv_id, "agent": agent_id, "title": title, "t": stamp},
+                    "INSERT INTO conversations (id, agent_id, title, created_at, updated_at, owner_id)"
+                    " VALUES (:id, :agent, :title, :t, :t, :owner)",
+                    {"id": conv_id, "agent": agent_id, "title": title, "t": stamp, "owner": owner_id},
                 )
                 seq = 0
             else:
                 conv_id = conversation_id
-                found = yield Query("SELECT id FROM conversations WHERE id = :id", {"id": conv_id}, ONE)
-                if found is None:
+                found = yield Query("SELECT owner_id FROM conversations WHERE id = :id", {"id": conv_id}, ONE)
+                # Another user's conversation is "not found": its existence is not theirs to learn.
+                if found is None or found[0] != owner_id:
                     raise NotFoundError(f"conversation {conv_id} not found")
                 rows = yield Query(
                     "SELECT role, content, seq FROM messages WHERE conversation_id = :id ORDER BY seq",
                     {"id": conv_id}, ALL,
                 )
+                if max_history is not None and len(rows) + 2 > max_history:
+                    raise TooLargeError(
+                        f"this conversation has {len(rows)} messages and the limit is {max_history};"
+                        " start a new conversation", code="history_too_long")
                 history = _history([(row[0], row[1]) for row in rows])
                 seq = (rows[-1][2] + 1) if rows else 0
                 yield Query("UPDATE conversations SET updated_at = :t WHERE id = :id", {"t": stamp, "id": conv_id})
@@ -231,13 +239,22 @@ class Store:
 
         return await self.write(operation())
 
-    async def list_conversations(self, limit: int = 100) -> list[dict[str, Any]]:
-        rows = await self.db.fetch_all(
-            "SELECT c.id, c.agent_id, c.title, c.created_at, c.updated_at,"
+    async def list_conversations(self, owner_id: str | None = None, limit: int = 100,
+                                 every_owner: bool = False) -> list[dict[str, Any]]:
+        """The most recent conversations of owner_id (None: made in open mode), or of everyone."""
+        select = (
+            "SELECT c.id, c.agent_id, c.title, c.created_at, c.updated_at, c.owner_id,"
             " (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count"
-            " FROM conversations c ORDER BY c.updated_at DESC, c.id LIMIT :limit",
-            {"limit": limit},
+            " FROM conversations c"
         )
+        order = " ORDER BY c.updated_at DESC, c.id LIMIT :limit"
+        if every_owner:
+            rows = await self.db.fetch_all(select + order, {"limit": limit})
+        elif owner_id is None:
+            rows = await self.db.fetch_all(select + " WHERE c.owner_id IS NULL" + order, {"limit": limit})
+        else:
+            rows = await self.db.fetch_all(select + " WHERE c.owner_id = :owner" + order,
+                                           {"limit": limit, "owner": owner_id})
         conversations = [dict(row._mapping) for row in rows]
         costs: dict[str, Decimal] = {}
         if conversations:
@@ -255,7 +272,7 @@ class Store:
 
     async def get_conversation(self, conversation_id: str) -> dict[str, Any]:
         row = await self.db.fetch_one(
-            "SELECT c.id, c.agent_id, c.title, c.created_at, c.updated_at,"
+            "SELECT c.id, c.agent_id, c.title, c.created_at, c.updated_at, c.owner_id,"
             " (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count"
             " FROM conversations c WHERE c.id = :id",
             {"id": conversation_id},
@@ -296,6 +313,99 @@ class Store:
     async def get_message(self, message_id: str) -> dict[str, Any] | None:
         row = await self.db.fetch_one("SELECT * FROM messages WHERE id = :id", {"id": message_id})
         return None if row is None else dict(row._mapping)
+
+    async def owner_of_stream(self, stream_id: str) -> tuple[bool, str | None]:
+        """(whether the stream is known, the id of the user whose conversation it answers)."""
+        if len(stream_id) > 200:
+            return False, None
+        row = await self.db.fetch_one(
+            "SELECT c.owner_id FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+            " WHERE m.stream_id = :s AND m.role = 'assistant'", {"s": stream_id}
+        )
+        return (False, None) if row is None else (True, row[0])
+
+    async def spent_since(self, owner_id: str | None, since: str) -> Decimal:
+        """The exact sum of the costs of owner_id's answers finished at or after `since`."""
+        owner_clause = "c.owner_id IS NULL" if owner_id is None else "c.owner_id = :owner"
+        params: dict[str, Any] = {"since": since}
+        if owner_id is not None:
+            params["owner"] = owner_id
+        rows = await self.db.fetch_all(
+            "SELECT m.cost FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+            f" WHERE {owner_clause} AND m.cost IS NOT NULL AND m.completed_at >= :since", params
+        )
+        return sum((Decimal(row[0]) for row in rows), Decimal(0))
+
+    # --- Users, tokens and sessions (only hashes of secrets are stored) ---
+
+    async def add_user(self, name: str, token_hash: str, admin: bool = False) -> str:
+        """A new user's id.
+
+        Raises:
+            ValueError: a user of that name exists (revoked or not).
+        """
+
+        def operation() -> Operation[str]:
+            taken = yield Query("SELECT id FROM users WHERE name = :name", {"name": name}, ONE)
+            if taken is not None:
+                raise ValueError(f"a user named {name!r} already exists")
+            user_id = new_id()
+            yield Query(
+                "INSERT INTO users (id, name, is_admin, token_hash, created_at) VALUES (:id, :name, :admin, :h, :t)",
+                {"id": user_id, "name": name, "admin": 1 if admin else 0, "h": token_hash, "t": now()},
+            )
+            return user_id
+
+        return await self.write(operation())
+
+    async def list_users(self) -> list[dict[str, Any]]:
+        rows = await self.db.fetch_all(
+            "SELECT id, name, is_admin, created_at, revoked_at FROM users ORDER BY created_at, name")
+        return [dict(row._mapping) for row in rows]
+
+    async def revoke_user(self, name: str) -> bool:
+        """Revoke a user's token and end their sessions; False if there is no such active user."""
+
+        def operation() -> Operation[bool]:
+            row = yield Query("SELECT id FROM users WHERE name = :name AND revoked_at IS NULL", {"name": name}, ONE)
+            if row is None:
+                return False
+            yield Query("UPDATE users SET revoked_at = :t WHERE id = :id", {"t": now(), "id": row[0]})
+            yield Query("DELETE FROM sessions WHERE user_id = :id", {"id": row[0]})
+            return True
+
+        return await self.write(operation())
+
+    async def active_user_count(self) -> int:
+        return int(await self.db.fetch_val("SELECT COUNT(*) FROM users WHERE revoked_at IS NULL") or 0)
+
+    async def user_by_token_hash(self, token_hash: str) -> dict[str, Any] | None:
+        row = await self.db.fetch_one(
+            "SELECT id, name, is_admin FROM users WHERE token_hash = :h AND revoked_at IS NULL", {"h": token_hash})
+        return None if row is None else dict(row._mapping)
+
+    async def user_by_session_hash(self, secret_hash: str) -> dict[str, Any] | None:
+        row = await self.db.fetch_one(
+            "SELECT u.id, u.name, u.is_admin FROM sessions s JOIN users u ON u.id = s.user_id"
+            " WHERE s.secret_hash = :h AND s.expires_at > :t AND u.revoked_at IS NULL", {"h": secret_hash, "t": now()})
+        return None if row is None else dict(row._mapping)
+
+    async def create_session(self, secret_hash: str, user_id: str, expires_at: str) -> None:
+        def operation() -> Operation[None]:
+            # Expired sessions go when new ones come: the table stays the size of the live ones.
+            yield Query("DELETE FROM sessions WHERE expires_at <= :t", {"t": now()})
+            yield Query(
+                "INSERT INTO sessions (secret_hash, user_id, created_at, expires_at) VALUES (:h, :u, :t, :e)",
+                {"h": secret_hash, "u": user_id, "t": now(), "e": expires_at},
+            )
+
+        await self.write(operation())
+
+    async def delete_session(self, secret_hash: str) -> None:
+        def operation() -> Operation[None]:
+            yield Query("DELETE FROM sessions WHERE secret_hash = :h", {"h": secret_hash})
+
+        await self.write(operation())
 
 
 def _history(messages: list[tuple[str, str]]) -> list[dict[str, str]]:

@@ -217,7 +217,7 @@ async def test_a_reader_that_stops_reading_is_dropped_while_others_stream_at_ful
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.connect(("127.0.0.1", relay.port))
     body = b'{"message": "I will not read"}'
-    stuck.sendall(b"POST /api/command-center/message HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    stuck.sendall(b"POST /api/command-center/message HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     try:
         fast = await asyncio.gather(*(sse_read_new(relay.url, f"fast {n}") for n in range(2)))

@@ -6,6 +6,7 @@ Thin: it validates input, asks the relay or the hub, and frames log entries.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -13,7 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..core import Relay, resume
 from ..errors import BadRequestError, RelayError, TooLargeError
-from ..events import Error, encode_data
+from ..events import Error, encode_data, error_event
 from ..hub import Entry, StreamHub, Subscriber, SubscriberDropped
 from ..protocol.frames import parse_event_id, parse_json_object, parse_send_message
 from ..protocol.sse import encode_comment
@@ -22,6 +23,7 @@ SSE_HEADERS = {
     "cache-control": "no-store",
     "x-accel-buffering": "no",  # nginx: pass each event on at once
     "content-encoding": "identity",  # never compressed: a gzip layer would hold events back
+    "x-content-type-options": "nosniff",
 }
 SSE_MEDIA_TYPE = "text/event-stream; charset=utf-8"
 
@@ -42,9 +44,11 @@ class EventStreamResponse:
     disconnect detaches the reader at once instead of when the next event fails to send.
     """
 
-    def __init__(self, subscriber: Subscriber, cancel_on_disconnect: StreamHub | None = None) -> None:
+    def __init__(self, subscriber: Subscriber, cancel_on_disconnect: StreamHub | None = None,
+                 release: Callable[[], None] | None = None) -> None:
         self.subscriber = subscriber
         self.cancel_on_disconnect = cancel_on_disconnect
+        self.release = release  # gives the user's connection slot back when the response ends
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         subscriber = self.subscriber
@@ -71,6 +75,8 @@ class EventStreamResponse:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             gone.cancel()
+            if self.release is not None:
+                self.release()
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
@@ -78,8 +84,9 @@ async def _wait_for_disconnect(receive: Receive) -> None:
         pass
 
 
-def event_stream(subscriber: Subscriber, cancel_on_disconnect: StreamHub | None = None) -> EventStreamResponse:
-    return EventStreamResponse(subscriber, cancel_on_disconnect)
+def event_stream(subscriber: Subscriber, cancel_on_disconnect: StreamHub | None = None,
+                 release: Callable[[], None] | None = None) -> EventStreamResponse:
+    return EventStreamResponse(subscriber, cancel_on_disconnect, release)
 
 
 def _wants_json(request: Request) -> bool:
@@ -105,37 +112,57 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def post_message(request: Request) -> Response | EventStreamResponse:
     """POST /api/command-center/message: start an answer and stream it (or 202 with its id)."""
     relay: Relay = request.app.state.relay
+    user = await relay.admit(request.scope)
     max_bytes = relay.settings.max_message_bytes
     # JSON escapes can take 6 bytes per character of the message, plus room for the other fields.
     body = await read_body(request, max_bytes * 6 + 4096)
     command = parse_send_message(parse_json_object(body), max_bytes)
-    stream = await relay.start(command)
     if _wants_json(request):
+        stream = await relay.start(command, user)
         return JSONResponse({"streamId": stream.id, "conversationId": stream.conversation_id}, status_code=202)
-    owner = relay.hub if relay.settings.cancel_on_disconnect else None
-    return event_stream(relay.hub.subscribe(stream.id, 0, keepalive=True), owner)
+    limits = relay.limits
+    limits.take_connection(user)  # before the start: a refused connection saves nothing
+    try:
+        stream = await relay.start(command, user)
+        owner = relay.hub if relay.settings.cancel_on_disconnect else None
+        return event_stream(relay.hub.subscribe(stream.id, 0, keepalive=True), owner,
+                            lambda: limits.give_connection(user))
+    except BaseException:
+        limits.give_connection(user)
+        raise
 
 
 async def get_stream(request: Request) -> Response | EventStreamResponse:
     """GET /api/command-center/streams/{id}: the stream's events after Last-Event-ID (EventSource-ready)."""
     relay: Relay = request.app.state.relay
+    limits = relay.limits
     raw_cursor = request.headers.get("last-event-id") or request.query_params.get("lastEventId") or "0"
+    held = None
     try:
+        user = await relay.admit(request.scope)
         after = parse_event_id(raw_cursor)
-        subscriber = await resume(relay, request.path_params["stream_id"], after, keepalive=True)
+        limits.take_connection(user)
+        held = user
+        subscriber = await resume(relay, request.path_params["stream_id"], after, keepalive=True, user=user)
     except RelayError as exc:
+        if held is not None:
+            limits.give_connection(held)
         if isinstance(exc, BadRequestError) or _wants_json(request):
             raise
         # EventSource cannot read an error status's body: say it as one terminal event.
-        event = Error(exc.code, exc.message, exc.retryable, message_id=exc.message_id)
-        return Response(frame_entries([(0, "error", encode_data(event).decode())]), media_type=SSE_MEDIA_TYPE,
-                        headers=SSE_HEADERS)
-    return event_stream(subscriber)
+        return Response(frame_entries([(0, "error", encode_data(error_event(exc)).decode())]),
+                        media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+    except BaseException:
+        if held is not None:
+            limits.give_connection(held)
+        raise
+    return event_stream(subscriber, release=lambda: limits.give_connection(user))
 
 
 async def cancel_stream(request: Request) -> Response:
     """POST /api/command-center/streams/{id}/cancel."""
-    hub: StreamHub = request.app.state.hub
+    relay: Relay = request.app.state.relay
+    user = await relay.admit(request.scope)
     stream_id = request.path_params["stream_id"]
-    running = hub.cancel(stream_id)
+    running = await relay.cancel(stream_id, user)
     return JSONResponse({"streamId": stream_id, "cancelled": running}, status_code=202 if running else 200)

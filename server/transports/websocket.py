@@ -13,9 +13,10 @@ import logging
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from ..auth import ANONYMOUS
 from ..core import Relay, resume
-from ..errors import RelayError
-from ..events import Error, encode_data
+from ..errors import LimitError, RelayError
+from ..events import encode_data, error_event
 from ..hub import Subscriber, SubscriberDropped
 from ..protocol.frames import Cancel, Ping, Resume, SendMessage, parse_frame, request_id_of
 
@@ -23,7 +24,7 @@ log = logging.getLogger("deltarelay.ws")
 
 
 def error_frame(exc: RelayError, stream_id: str | None = None, request_id: str | None = None) -> str:
-    data = encode_data(Error(exc.code, exc.message, exc.retryable, exc.retry_after, exc.message_id)).decode()
+    data = encode_data(error_event(exc)).decode()
     tail = f',"requestId":{orjson.dumps(request_id).decode()}' if request_id else ""
     sid = orjson.dumps(stream_id).decode()
     return f'{{"event":"error","streamId":{sid},"id":null,"data":{data}{tail}}}'
@@ -32,11 +33,14 @@ def error_frame(exc: RelayError, stream_id: str | None = None, request_id: str |
 class Connection:
     """One client socket: reads commands, pumps each subscribed stream's events into it."""
 
-    def __init__(self, relay: Relay, receive: Receive, send: Send) -> None:
+    def __init__(self, relay: Relay, scope: Scope, receive: Receive, send: Send) -> None:
         self.relay = relay
+        self.scope = scope
         self._receive = receive
         self._send = send
+        self.user = ANONYMOUS
         self.pumps: set[asyncio.Task[None]] = set()
+        self.following = 0  # streams this socket is reading now
         self.started: list[str] = []  # streams this socket asked for, not yet finished
         self.active = True
 
@@ -60,9 +64,32 @@ class Connection:
         except (RuntimeError, OSError):
             pass
 
+    async def refuse(self, exc: RelayError) -> None:
+        """Answer the handshake with an HTTP error and a JSON body instead of opening the socket."""
+        headers = [(b"content-type", b"application/json")]
+        if exc.retry_after:
+            headers.append((b"retry-after", str(int(exc.retry_after + 0.999)).encode()))
+        await self._send({"type": "websocket.http.response.start", "status": exc.status, "headers": headers})
+        await self._send({"type": "websocket.http.response.body", "body": orjson.dumps(exc.to_json())})
+
     async def run(self) -> None:
         if (await self._receive())["type"] != "websocket.connect":
             return
+        limits = self.relay.limits
+        try:
+            # Every handshake, signed in or not: another site's page must not drive this socket (CSWSH).
+            self.relay.auth.check_origin(self.scope)
+            self.user = await self.relay.admit(self.scope)
+            limits.take_connection(self.user)
+        except RelayError as exc:
+            await self.refuse(exc)
+            return
+        try:
+            await self._serve()
+        finally:
+            limits.give_connection(self.user)
+
+    async def _serve(self) -> None:
         await self._send({"type": "websocket.accept"})
         hub = self.relay.hub
         hub.keepalive_targets.add(self)
@@ -92,26 +119,41 @@ class Connection:
         request_id: str | None = None
         try:
             command = parse_frame(raw, self.relay.settings.max_message_bytes)
+            if isinstance(command, Ping):
+                await self.send('{"event":"pong"}')
+                return
+            self.relay.limits.request(self.user)
             if isinstance(command, SendMessage):
                 request_id = command.request_id
-                stream = await self.relay.start(command)
+                self.check_room()
+                stream = await self.relay.start(command, self.user)
                 hub = self.relay.hub
                 self.started = [sid for sid in self.started if sid in hub.streams and not hub.streams[sid].finished]
                 self.started.append(stream.id)
                 self.pump(self.relay.hub.subscribe(stream.id, 0), request_id)
             elif isinstance(command, Resume):
-                self.pump(await resume(self.relay, command.stream_id, command.last_event_id), None)
+                self.check_room()
+                self.pump(await resume(self.relay, command.stream_id, command.last_event_id, user=self.user), None)
             elif isinstance(command, Cancel):
-                self.relay.hub.cancel(command.stream_id)
-            elif isinstance(command, Ping):
-                await self.send('{"event":"pong"}')
+                await self.relay.cancel(command.stream_id, self.user)
         except RelayError as exc:
             await self.send(error_frame(exc, request_id=request_id or request_id_of(raw)))
+
+    def check_room(self) -> None:
+        limit = self.relay.settings.ws_max_streams
+        if self.following >= limit:
+            raise LimitError(f"this socket already follows {limit} streams; wait for one to end or open another",
+                             details={"limit": "streams_per_socket"})
 
     def pump(self, subscriber: Subscriber, request_id: str | None) -> None:
         task = asyncio.create_task(self._pump(subscriber, request_id))
         self.pumps.add(task)
-        task.add_done_callback(self.pumps.discard)
+        self.following += 1
+        task.add_done_callback(self._pump_done)
+
+    def _pump_done(self, task: asyncio.Task[None]) -> None:
+        self.pumps.discard(task)
+        self.following -= 1
 
     async def _pump(self, subscriber: Subscriber, request_id: str | None) -> None:
         stream_id = subscriber.stream.id
@@ -134,4 +176,4 @@ class WebSocketEndpoint:
     """Bare ASGI: no per-frame wrapper between a stream's events and the socket."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await Connection(scope["app"].state.relay, receive, send).run()
+        await Connection(scope["app"].state.relay, scope, receive, send).run()

@@ -1,0 +1,208 @@
+"""Who is asking: API tokens (Authorization: Bearer) and browser sessions (an HttpOnly cookie).
+
+Tokens and session secrets are 256-bit random strings shown once; the database keeps
+their SHA-256 only. A salted slow hash guards guessable passwords; a random 256-bit
+secret cannot be guessed, so a fast hash loses nothing and keeps every request cheap.
+
+With no active user the server is open (one anonymous user), but only where the
+settings allow it: bound to a loopback address, or RELAY_ALLOW_ANONYMOUS=1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from starlette.requests import cookie_parser
+
+from .config import Settings
+from .errors import ForbiddenError, UnauthorizedError
+from .store import Store
+
+TOKEN_PREFIX = "drt_"
+SESSION_PREFIX = "drs_"
+SESSION_COOKIE = "deltarelay_session"
+_SECRET_LIMIT = 200  # longer than any secret we issue: refuse before hashing megabytes
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """The one asking. `id` None is the anonymous user of open mode."""
+
+    id: str | None
+    name: str
+    admin: bool = False
+
+    def can_see(self, owner_id: str | None) -> bool:
+        """Whether this user may read (and watch, and cancel) what owner_id owns."""
+        return self.admin or owner_id == self.id
+
+
+ANONYMOUS = User(None, "anonymous")
+
+
+def new_secret(prefix: str = TOKEN_PREFIX) -> str:
+    return prefix + secrets.token_urlsafe(32)
+
+
+def secret_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def valid_user_name(name: str) -> bool:
+    return 0 < len(name) <= 64 and all(c.isascii() and (c.isalnum() or c in "._@-") for c in name)
+
+
+def _user(row: dict[str, Any]) -> User:
+    return User(str(row["id"]), str(row["name"]), bool(row["is_admin"]))
+
+
+def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """One header of an ASGI scope, decoded as latin-1 as HTTP allows."""
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def own_origin(scope: dict[str, Any]) -> str:
+    """The origin a browser sends for a page this server served: scheme://host[:port]."""
+    host = header(scope["headers"], b"host") or ""
+    secure = scope.get("scheme") in ("https", "wss")
+    return f"{'https' if secure else 'http'}://{host}".lower()
+
+
+class Authenticator:
+    """Turns a request's credentials into a User; caches answers for auth_cache_seconds.
+
+    The cache bounds the database reads per request to about one per user per few seconds;
+    a revoked token therefore works for at most auth_cache_seconds more on each instance.
+    """
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self._cache: dict[str, tuple[float, User | None]] = {}
+        self._open_until = 0.0
+        self._open = False
+
+    async def open_mode(self) -> bool:
+        """No active user exists and the settings allow anonymous use."""
+        if not (self.settings.loopback or self.settings.allow_anonymous):
+            return False
+        moment = time.monotonic()
+        if moment >= self._open_until:
+            self._open = await self.store.active_user_count() == 0
+            self._open_until = moment + self.settings.auth_cache_seconds
+        return self._open
+
+    async def user(self, scope: dict[str, Any]) -> User:
+        """The user behind a request or WebSocket handshake.
+
+        Raises:
+            UnauthorizedError: no valid credentials, and the server is not open.
+            ForbiddenError: a cookie-authenticated request from another site's page.
+        """
+        headers = scope["headers"]
+        authorization = header(headers, b"authorization")
+        if authorization is not None:
+            # Browsers never add this header on their own, so another site's page cannot make use of it.
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise UnauthorizedError("the Authorization header must be: Bearer <token>")
+            user = await self._lookup(token.strip(), self.store.user_by_token_hash)
+            if user is None:
+                raise UnauthorizedError("this token is not valid (unknown or revoked)")
+            return user
+        # A cookie (or open mode) rides along on any site's request: changes must come from an allowed page.
+        if scope["type"] == "websocket" or scope.get("method") not in ("GET", "HEAD"):
+            self.check_origin(scope)
+        session = session_secret(headers)
+        if session is not None:
+            user = await self._lookup(session, self.store.user_by_session_hash)
+            if user is not None:
+                return user
+            if not await self.open_mode():
+                raise UnauthorizedError("your session has ended; sign in again")
+        if await self.open_mode():
+            if not self.settings.allow_anonymous and not _loopback_host(header(headers, b"host")):
+                # DNS rebinding: another site's name pointed at 127.0.0.1 must not reach an open server.
+                raise ForbiddenError("an open server answers only requests addressed to localhost")
+            return ANONYMOUS
+        raise UnauthorizedError("sign in: send Authorization: Bearer <token>, or POST the token to /api/session")
+
+    def check_origin(self, scope: dict[str, Any]) -> None:
+        """Refuse a browser request whose page came from a site that is not this one or an allowed one.
+
+        Requests without Origin come from non-browser clients, which cross-site attacks cannot use.
+        """
+        origin = header(scope["headers"], b"origin")
+        if origin is None:
+            return
+        origin = origin.rstrip("/").lower()
+        if origin == own_origin(scope) or origin in self.settings.origins:
+            return
+        raise ForbiddenError(f"requests from {origin[:100]} are not allowed (set RELAY_ALLOWED_ORIGINS)")
+
+    async def _lookup(self, secret: str, find: Any) -> User | None:
+        if len(secret) > _SECRET_LIMIT:
+            return None
+        digest = secret_hash(secret)
+        moment = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > moment:
+            return cached[1]
+        row = await find(digest)
+        user = None if row is None else _user(row)
+        if len(self._cache) > 10_000:  # unknown secrets are cached too: keep a flood of them bounded
+            self._cache.clear()
+        self._cache[digest] = (moment + self.settings.auth_cache_seconds, user)
+        return user
+
+    async def sign_in(self, token: str) -> tuple[User, str, int]:
+        """A new session for a valid token: (user, the session secret for the cookie, its max-age in seconds).
+
+        Raises:
+            UnauthorizedError: the token is not valid.
+        """
+        user = await self._lookup(token, self.store.user_by_token_hash) if token else None
+        if user is None or user.id is None:
+            raise UnauthorizedError("this token is not valid (unknown or revoked)")
+        secret = new_secret(SESSION_PREFIX)
+        lifetime = timedelta(hours=self.settings.session_hours)
+        expires = (datetime.now(UTC) + lifetime).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        await self.store.create_session(secret_hash(secret), user.id, expires)
+        return user, secret, int(lifetime.total_seconds())
+
+    async def sign_out(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        secret = session_secret(headers)
+        if secret is not None and len(secret) <= _SECRET_LIMIT:
+            digest = secret_hash(secret)
+            self._cache.pop(digest, None)
+            await self.store.delete_session(digest)
+
+
+def _loopback_host(host: str | None) -> bool:
+    if not host:
+        return True  # HTTP/1.0 clients send none; browsers always do
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def session_secret(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    cookie = header(headers, b"cookie")
+    if not cookie:
+        return None
+    return cookie_parser(cookie).get(SESSION_COOKIE) or None
