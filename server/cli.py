@@ -51,13 +51,13 @@ def serve(settings: Settings) -> int:
 
     from .app import create_app
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request is noise at scale
-    log = logging.getLogger("deltarelay")
-    refusal = refuse_open_mode(settings)
+    refusal = refuse_open_mode(settings)  # before logging is set up: the refusal is the one line printed
     if refusal:
         print(f"deltarelay: {refusal}", file=sys.stderr)
         return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request is noise at scale
+    log = logging.getLogger("deltarelay")
     if settings.offline:
         log.warning("no ANTHROPIC_API_KEY: answers come from the built-in offline demo model")
     log.info("deltarelay on http://%s:%d (database %s)", settings.host, settings.port,

@@ -113,7 +113,7 @@ class Relay:
         finally:
             self.limits.give_stream(user)
 
-    async def check_access(self, stream_id: str, user: User) -> None:
+    async def check_access(self, stream_id: str, user: User, code: str = "not_resumable") -> None:
         """Another user's stream is reported exactly as an unknown one.
 
         Raises:
@@ -121,7 +121,7 @@ class Relay:
         """
         known, owner_id = await self.store.owner_of_stream(stream_id)
         if known and not user.can_see(owner_id):
-            raise NotFoundError(f"stream {stream_id} not found or expired", code="not_resumable")
+            raise NotFoundError(f"stream {stream_id} not found or expired", code=code)
 
     async def cancel(self, stream_id: str, user: User = ANONYMOUS) -> bool:
         """Stop a stream this user may see; True when it was still running.
@@ -129,8 +129,12 @@ class Relay:
         Raises:
             NotFoundError: unknown, expired or another user's stream.
         """
-        await self.check_access(stream_id, user)
-        return self.hub.cancel(stream_id)
+        await self.check_access(stream_id, user, code="not_found")
+        try:
+            return self.hub.cancel(stream_id)
+        except NotFoundError as exc:
+            exc.code = "not_found"
+            raise
 
 
 @dataclass(frozen=True, slots=True)

@@ -375,6 +375,56 @@ window.addEventListener('hashchange', () => {
   else openConversation(id)
 })
 
-refreshList()
-const initial = conversationFromHash()
-if (initial !== null) openConversation(initial)
+// ---- Signing in: the token goes once in a POST body; the session lives in an HttpOnly cookie ----
+
+async function postJSON(method, path, body) {
+  const res = await fetch(path, {
+    method,
+    headers: { 'Content-Type': 'application/json', Accept: 'application/json' },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  })
+  const answer = await res.json().catch(() => null)
+  if (!res.ok) throw new Error(answer?.error?.message || `HTTP ${res.status}`)
+  return answer
+}
+
+$('sign-in-form').addEventListener('submit', async (event) => {
+  event.preventDefault()
+  const error = $('sign-in-error')
+  const tokenInput = $('token-input')
+  try {
+    await postJSON('POST', '/api/session', { token: tokenInput.value.trim() })
+    tokenInput.value = ''
+    // A fresh page: every client and socket starts again with the cookie.
+    location.reload()
+  } catch (failure) {
+    error.hidden = false
+    error.textContent = `Could not sign in: ${failure.message}`
+  }
+})
+
+$('sign-out').addEventListener('click', async () => {
+  await postJSON('DELETE', '/api/session').catch(() => null)
+  location.reload()
+})
+
+async function start() {
+  const res = await fetch('/api/session', { headers: { Accept: 'application/json' } })
+  if (res.status === 401) {
+    $('sign-in').hidden = false
+    $('token-input').focus()
+    return
+  }
+  const body = await res.json().catch(() => null)
+  const user = body?.user
+  if (user && !user.anonymous) {
+    $('account').hidden = false
+    $('account-name').textContent = user.admin ? `${user.name} (admin)` : user.name
+  }
+  app.hidden = false
+  refreshList()
+  const initial = conversationFromHash()
+  if (initial !== null) openConversation(initial)
+}
+
+start()

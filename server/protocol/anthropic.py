@@ -9,6 +9,7 @@ upstream HTTP error answer to an UpstreamError the same way.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -335,11 +336,21 @@ def _stream_error(error: Any) -> UpstreamError:
     return _upstream_error(code, message)
 
 
+# Anything shaped like a credential: Anthropic keys, our tokens and sessions, bearer values, long opaque strings.
+_SECRET_SHAPES = re.compile(r"sk-ant-[\w-]+|dr[ts]_[\w-]+|(?i:bearer)\s+\S+|[A-Za-z0-9_\-+/=]{40,}")
+
+
+def safe_message(text: str) -> str:
+    """Upstream words fit to show a user: one line, printable, bounded, with credential-shaped strings masked."""
+    text = "".join(c if c.isprintable() else " " for c in text[: MAX_ERROR_MESSAGE * 2])
+    return _SECRET_SHAPES.sub("[redacted]", " ".join(text.split()))[:MAX_ERROR_MESSAGE]
+
+
 def _error_message(error: Any, default: str) -> str:
-    # The upstream's own words when it gave some; they name no keys.
+    # The upstream's own words help ("max_tokens: must be at most 64000"), once made safe to pass on.
     message = error.get("message") if isinstance(error, dict) else None
     if isinstance(message, str) and message.strip():
-        return message
+        return safe_message(message) or default
     return default
 
 

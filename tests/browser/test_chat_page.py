@@ -23,7 +23,7 @@ def saved_messages(server, conversation_id: str) -> list[dict]:
 
 
 def conversation_in_url(page: Page) -> str:
-    page.wait_for_function("location.hash.startsWith('#c=')")
+    page.wait_for_function("() => location.hash.startsWith('#c=')")
     return page.evaluate("location.hash.slice(3)")
 
 

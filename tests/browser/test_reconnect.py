@@ -22,7 +22,7 @@ WATCH_STATES = """() => {
 
 
 def saved_answer(server, page: Page) -> dict:
-    page.wait_for_function("location.hash.startsWith('#c=')")
+    page.wait_for_function("() => location.hash.startsWith('#c=')")
     conversation_id = page.evaluate("location.hash.slice(3)")
     return httpx.get(f"{server.url}/api/conversations/{conversation_id}/messages").json()["messages"][-1]
 
@@ -98,7 +98,7 @@ def test_the_network_going_down_mid_answer_is_noticed_and_the_answer_finishes_wh
         "?.textContent.length ?? 0) > 20")
 
     page.context.set_offline(True)
-    page.wait_for_function("window.answerStates.includes('reconnecting')", timeout=15_000)
+    page.wait_for_function("() => window.answerStates.includes('reconnecting')", timeout=15_000)
     expect(page.locator(f"{ANSWER} [data-testid=message-status]")).to_contain_text("Reconnecting")
     page.context.set_offline(False)
 
