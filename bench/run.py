@@ -212,8 +212,10 @@ def processes(case: Case, workdir: Path) -> Iterator[tuple[int, int, int, dict[s
         port = free_port()
         if case.target == "relay":
             database = workdir / "relay.db"
+            # One anonymous user (open mode) opens every stream: per-user limits would cap the load itself.
             env = {**env, "DATABASE_URL": f"sqlite:///{database}", "ANTHROPIC_API_KEY": "bench",
-                   "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{up_port}"}
+                   "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{up_port}", "RELAY_LIMIT_REQUESTS_PER_MINUTE": "0",
+                   "RELAY_LIMIT_CONCURRENT_STREAMS": "0", "RELAY_LIMIT_CONNECTIONS": "0"}
             argv = [python, "-m", "server", "--port", str(port)]
             facts["database"] = database
         elif case.target == "seed":

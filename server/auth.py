@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from starlette.requests import cookie_parser
+from starlette.types import Scope
 
 from .config import Settings
 from .errors import ForbiddenError, UnauthorizedError
@@ -71,7 +72,7 @@ def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
     return None
 
 
-def own_origin(scope: dict[str, Any]) -> str:
+def own_origin(scope: Scope) -> str:
     """The origin a browser sends for a page this server served: scheme://host[:port]."""
     host = header(scope["headers"], b"host") or ""
     secure = scope.get("scheme") in ("https", "wss")
@@ -102,7 +103,7 @@ class Authenticator:
             self._open_until = moment + self.settings.auth_cache_seconds
         return self._open
 
-    async def user(self, scope: dict[str, Any]) -> User:
+    async def user(self, scope: Scope) -> User:
         """The user behind a request or WebSocket handshake.
 
         Raises:
@@ -137,7 +138,7 @@ class Authenticator:
             return ANONYMOUS
         raise UnauthorizedError("sign in: send Authorization: Bearer <token>, or POST the token to /api/session")
 
-    def check_origin(self, scope: dict[str, Any]) -> None:
+    def check_origin(self, scope: Scope) -> None:
         """Refuse a browser request whose page came from a site that is not this one or an allowed one.
 
         Requests without Origin come from non-browser clients, which cross-site attacks cannot use.

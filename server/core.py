@@ -14,6 +14,8 @@ from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from starlette.types import Scope
+
 from .auth import ANONYMOUS, Authenticator, User
 from .config import Settings
 from .errors import NotFoundError, ProtocolError, RelayError
@@ -56,7 +58,7 @@ class Relay:
         self.auth = auth or Authenticator(settings, store)
         self.retry = RetryPolicy(settings.retry_attempts, settings.retry_base_delay, settings.retry_max_wait)
 
-    async def admit(self, scope: dict[str, Any]) -> User:
+    async def admit(self, scope: Scope) -> User:
         """The user behind a request, counted against their requests per minute.
 
         Raises:

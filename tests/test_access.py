@@ -22,9 +22,9 @@ import websockets
 from httpx_sse import aconnect_sse
 from websockets.exceptions import InvalidStatus
 
-from .conftest import ROOT, RelayServer, _clean_env, assert_no_traceback, free_port
 from server.upstream.offline import demo_words
 
+from .conftest import ROOT, RelayServer, _clean_env, assert_no_traceback, free_port
 from .relay_clients import demo_answer, loads, names, sse_read, sse_stream, text_of, ws_read_until_end
 
 WS_PATH = "/api/command-center/ws"
@@ -257,10 +257,10 @@ async def test_a_browser_session_is_an_httponly_strict_cookie_that_every_transpo
         refused = await client.post("/api/command-center/message", json={"message": "csrf"},
                                     headers={"Origin": EVIL, "Accept": "application/json"})
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
-        events = await sse_stream(server.url, {"message": "by cookie"},
-                                  headers={"Origin": server.url, "Cookie": f"deltarelay_session={client.cookies['deltarelay_session']}"})
-        assert text_of(events) == team_answer("by cookie")
         session_cookie = f"deltarelay_session={client.cookies['deltarelay_session']}"
+        events = await sse_stream(server.url, {"message": "by cookie"},
+                                  headers={"Origin": server.url, "Cookie": session_cookie})
+        assert text_of(events) == team_answer("by cookie")
 
         async with websockets.connect(server.ws_url + WS_PATH, origin=server.url,
                                       additional_headers={"Cookie": session_cookie}) as socket:

@@ -355,7 +355,7 @@ def test_error_event_maps_the_upstream_error_type(error_type: str | None, code: 
 
 def test_error_event_message_is_capped() -> None:
     with pytest.raises(UpstreamError) as caught:
-        ReplyState("claude-haiku-4-5").feed(*event("error", error={"type": "api_error", "message": "x" * 5000}))
+        ReplyState("claude-haiku-4-5").feed(*event("error", error={"type": "api_error", "message": "word " * 1000}))
     assert len(caught.value.message) == MAX_ERROR_MESSAGE
 
 
@@ -394,7 +394,17 @@ def test_error_for_status_uses_the_upstream_message_when_it_parses() -> None:
     body = anthropic_error_body("invalid_request_error", "max_tokens: must be at most 64000")
     assert error_for_status(400, body, None).message == "max_tokens: must be at most 64000"
     assert error_for_status(400, b"<html>Bad Request</html>", None).message == "the upstream answered HTTP 400"
-    assert len(error_for_status(500, anthropic_error_body("api_error", "y" * 900), None).message) == MAX_ERROR_MESSAGE
+    long_body = anthropic_error_body("api_error", "why " * 300)
+    assert len(error_for_status(500, long_body, None).message) == MAX_ERROR_MESSAGE
+
+
+def test_upstream_error_text_reaches_the_client_as_one_safe_line() -> None:
+    leaky = "bad key sk-ant-api03-AbC_dEf-123 from Bearer drt_abcdef and blob " + "Q" * 64 + "\nsecond\x00line"
+    message = error_for_status(400, anthropic_error_body("invalid_request_error", leaky), None).message
+    assert message == "bad key [redacted] from [redacted] and blob [redacted] second line"
+    with pytest.raises(UpstreamError) as caught:
+        ReplyState("claude-haiku-4-5").feed(*event("error", error={"type": "api_error", "message": leaky}))
+    assert "sk-ant" not in caught.value.message and "drt_" not in caught.value.message
 
 
 def test_error_for_status_auth_messages_are_fixed() -> None:
