@@ -11,9 +11,10 @@ from starlette.responses import JSONResponse, Response
 from .auth import SESSION_COOKIE, User
 from .core import Relay
 from .errors import BadRequestError, NotFoundError
+from .metrics import CONTENT_TYPE
 from .protocol.frames import parse_json_object
-from .store import Store
 from .transports.sse import read_body
+from .usage import parse_query, report_json, usage_rows
 
 
 def _money(value: Any) -> str | None:
@@ -123,10 +124,48 @@ async def delete_session(request: Request) -> Response:
     return response
 
 
+async def usage(request: Request) -> Response:
+    """GET /api/usage?from=&to=&groupBy=day|model|agent|user[&user=NAME]: the caller's own; an admin's, everyone's."""
+    relay: Relay = request.app.state.relay
+    user = await relay.admit(request.scope)
+    params = request.query_params
+    query = parse_query(params.get("from"), params.get("to"), params.get("groupBy"))
+    owner_id, every_owner, scope = user.id, user.admin, "all" if user.admin else "own"
+    name = params.get("user")
+    if name is not None and name != user.name:
+        found = await relay.store.user_id_by_name(name) if user.admin else None
+        if found is None:
+            raise NotFoundError(f"user {name[:64]} not found")
+        owner_id, every_owner, scope = found, False, name
+    elif name is not None:
+        every_owner, scope = False, "own"
+    rows = await usage_rows(relay.store, query, owner_id, every_owner)
+    return JSONResponse(report_json(query, rows, scope))
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text format. Signed-in admins (Bearer token in the scrape config) or open mode only."""
+    relay: Relay = request.app.state.relay
+    user = await relay.auth.user(request.scope)
+    if not user.admin and user.id is not None:
+        raise NotFoundError("not found")
+    return Response(relay.metrics.render(), media_type=CONTENT_TYPE)
+
+
 async def healthz(request: Request) -> Response:
-    store: Store = request.app.state.store
+    """The process is up and its event loop answers: for liveness probes, which restart on failure."""
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready for traffic: the database (and Redis, when configured) answer and the server is not shutting down."""
+    relay: Relay = request.app.state.relay
+    checks: dict[str, str] = {}
     try:
-        await store.ping()
+        await relay.store.ping()
+        checks["database"] = "ok"
     except Exception:
-        return JSONResponse({"status": "unavailable", "database": "unreachable"}, status_code=503)
-    return JSONResponse({"status": "ok", "database": "ok"})
+        checks["database"] = "unreachable"
+    checks["accepting"] = "ok" if relay.hub.accepting else "shutting_down"
+    ready = all(value == "ok" for value in checks.values())
+    return JSONResponse({"status": "ready" if ready else "unavailable", **checks}, status_code=200 if ready else 503)

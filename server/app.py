@@ -99,6 +99,10 @@ async def index(request: Request) -> Response:
     return FileResponse(STATIC / "index.html")
 
 
+async def usage_page(request: Request) -> Response:
+    return FileResponse(STATIC / "usage.html")
+
+
 async def favicon(request: Request) -> Response:
     return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
 
@@ -142,6 +146,10 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         Route("/", index),
         Route("/favicon.ico", favicon),
         Route("/healthz", api.healthz),
+        Route("/readyz", api.readyz),
+        Route("/metrics", api.metrics),
+        Route("/usage", usage_page),
+        Route("/api/usage", api.usage),
         Route("/api/session", api.get_session, methods=["GET"]),
         Route("/api/session", api.create_session, methods=["POST"]),
         Route("/api/session", api.delete_session, methods=["DELETE"]),

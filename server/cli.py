@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from types import FrameType
 from typing import TypeVar
 
+from . import logs
 from .auth import new_secret, secret_hash, valid_user_name
 from .config import ConfigError, Settings, load_settings
-from .store import Store
+from .errors import RelayError
+from .store import Store, UsageRow
+from .usage import GROUPS, parse_query, total_of, usage_rows
 
 T = TypeVar("T")
 
@@ -55,8 +59,7 @@ def serve(settings: Settings) -> int:
     if refusal:
         print(f"deltarelay: {refusal}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request is noise at scale
+    logs.configure(settings.log_level, settings.log_format)
     log = logging.getLogger("deltarelay")
     if settings.offline:
         log.warning("no ANTHROPIC_API_KEY: answers come from the built-in offline demo model")
@@ -65,11 +68,25 @@ def serve(settings: Settings) -> int:
     app = create_app(settings)
 
     class Server(uvicorn.Server):
+        draining: asyncio.Task[None] | None = None
+
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            # SIGTERM: refuse new answers at once; running ones get the grace period.
+            # SIGTERM: refuse new answers at once, but keep listening while running ones finish (within the
+            # grace period): /readyz says 503 so the load balancer moves on, and readers can still resume.
+            # A second signal stops at once.
             hub = getattr(app.state, "hub", None)
-            if hub is not None:
-                hub.begin_shutdown()
+            if hub is None or self.draining is not None:
+                super().handle_exit(sig, frame)
+                return
+            hub.begin_shutdown()
+            log.info("shutting down: new answers are refused; %d running get up to %.0f s",
+                     len(hub.active()), settings.shutdown_grace_seconds)
+            self.draining = asyncio.get_running_loop().create_task(self.drain(sig, frame))
+
+        async def drain(self, sig: int, frame: FrameType | None) -> None:
+            running = [stream.task for stream in app.state.hub.active() if stream.task is not None]
+            if running:
+                await asyncio.wait(running, timeout=settings.shutdown_grace_seconds)
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
@@ -77,6 +94,7 @@ def serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # our handler (text or JSON) formats uvicorn's lines too
         access_log=settings.access_log,
         loop="auto",  # uvloop when installed
         http="auto",  # httptools when installed
@@ -124,6 +142,53 @@ def users_command(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def usage_command(args: argparse.Namespace, settings: Settings) -> int:
+    """`deltarelay usage`: the usage report of /api/usage, for every user or one, as a table or CSV."""
+    try:
+        query = parse_query(args.date_from, args.date_to, args.group_by)
+    except RelayError as exc:
+        print(f"deltarelay: {exc.message}", file=sys.stderr)
+        return 2
+
+    async def read(store: Store) -> list[UsageRow] | None:
+        if args.user is None:
+            return await usage_rows(store, query, None, every_owner=True)
+        owner = None if args.user == "anonymous" else await store.user_id_by_name(args.user)
+        if owner is None and args.user != "anonymous":
+            return None
+        return await usage_rows(store, query, owner, every_owner=False)
+
+    rows = asyncio.run(_with_store(settings, read))
+    if rows is None:
+        print(f"deltarelay: no user named {args.user!r}", file=sys.stderr)
+        return 1
+    header = [query.group_by, "answers", "input tokens", "output tokens", "cache write tokens", "cache read tokens",
+              "cost (USD)"]
+    table = [[row.key, row.messages, row.input_tokens, row.output_tokens, row.cache_creation_input_tokens,
+              row.cache_read_input_tokens, format(row.cost, "f")] for row in rows]
+    total = total_of(rows)
+    footer = ["total", total.messages, total.input_tokens, total.output_tokens, total.cache_creation_input_tokens,
+              total.cache_read_input_tokens, format(total.cost, "f")]
+    if args.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(table)
+        writer.writerow(footer)
+        return 0
+    print(f"usage {query.first_day} to {query.last_day} (UTC), by {query.group_by}"
+          f"{'' if args.user is None else ', user ' + args.user}")
+    cells = [header, *[[str(c) for c in line] for line in table], [str(c) for c in footer]]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
+    for n, line in enumerate(cells):
+        if n == len(cells) - 1:
+            print("  ".join("-" * w for w in widths))
+        padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))]
+        print("  ".join(padded))
+    if total.unpriced:
+        print(f"{total.unpriced} answers of models without a price are counted but not costed")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deltarelay", description="Stream model answers to browsers.")
     sub = parser.add_subparsers(dest="command")
@@ -138,10 +203,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     actions.add_parser("list", help="list users")
     revoke = actions.add_parser("revoke", help="revoke a user's token and end their sessions")
     revoke.add_argument("name")
+    report = sub.add_parser("usage", help="tokens and exact costs per day, model, agent or user")
+    report.add_argument("--database-url", help="sqlite:///file.db or postgresql://... (DATABASE_URL)")
+    report.add_argument("--from", dest="date_from", help="first UTC day, YYYY-MM-DD (default: 29 days before --to)")
+    report.add_argument("--to", dest="date_to", help="last UTC day, YYYY-MM-DD (default: today)")
+    report.add_argument("--group-by", choices=GROUPS, default="day")
+    report.add_argument("--user", help="one user's usage (default: everyone's)")
+    report.add_argument("--csv", action="store_true", help="CSV on standard output")
     args = parser.parse_args(argv)
     try:
         if args.command == "users":
             return users_command(args, load_settings(database_url=args.database_url))
+        if args.command == "usage":
+            return usage_command(args, load_settings(database_url=args.database_url))
         settings = load_settings(
             host=args.host, port=args.port, database_url=args.database_url, model=args.model,
             log_level=args.log_level,

@@ -65,6 +65,7 @@ class Settings:
     retry_max_wait: float = 10.0
     shutdown_grace_seconds: float = 20.0
     log_level: str = "info"
+    log_format: str = "text"  # "text" for people, "json" for one JSON object a line
     access_log: bool = False  # one line per request; streams get their own start/end lines
     # Access control (issue 6). With no users the server is open, and only on a loopback address.
     allow_anonymous: bool = False
@@ -158,6 +159,7 @@ ENV_NAMES: dict[str, str] = {
     "retry_max_wait": "RELAY_RETRY_MAX_WAIT",
     "shutdown_grace_seconds": "RELAY_SHUTDOWN_GRACE_SECONDS",
     "log_level": "RELAY_LOG_LEVEL",
+    "log_format": "RELAY_LOG_FORMAT",
     "access_log": "RELAY_ACCESS_LOG",
     "allow_anonymous": "RELAY_ALLOW_ANONYMOUS",
     "allowed_origins": "RELAY_ALLOWED_ORIGINS",
@@ -263,6 +265,8 @@ def _validate(settings: Settings) -> None:
     for origin in settings.origins:
         if not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
             raise ConfigError(f"RELAY_ALLOWED_ORIGINS entries must look like https://example.com, got {origin!r}")
+    if settings.log_format not in ("text", "json"):
+        raise ConfigError("RELAY_LOG_FORMAT must be text or json")
     if settings.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
         raise ConfigError("RELAY_LOG_LEVEL must be one of critical, error, warning, info, debug")
 

@@ -10,18 +10,21 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncGenerator, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from starlette.types import Scope
 
 from .auth import ANONYMOUS, Authenticator, User
 from .config import Settings
-from .errors import NotFoundError, ProtocolError, RelayError
+from .errors import NotFoundError, ProtocolError, RelayError, UpstreamError
 from .events import Cost, Done, Error, Start
 from .hub import LiveStream, StreamHub, Subscriber
 from .limits import Limits
+from .logs import fields
+from .metrics import Metrics
 from .protocol.anthropic import ReplyState
 from .protocol.frames import SendMessage
 from .protocol.sse import SSEEvent
@@ -43,19 +46,40 @@ class Job:
     conversation_id: str
     message_id: str
     request: UpstreamRequest
+    trace_session_id: str | None = None
+    agent_id: str = "default"
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How an answer went, for metrics and the stream's end log line (times from time.monotonic)."""
+
+    status: Status = Status.STREAMING
+    cost: Cost | None = None
+    error_code: str | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    first_chunk_at: float | None = None
+    finished_at: float = 0.0
+    chunks: int = 0
+    retries: int = 0
+    upstream_errors: list[str] = field(default_factory=list)  # codes, retried failures included
 
 
 class Relay:
     """Starts answers: validates against configuration and database, then runs them in the hub."""
 
     def __init__(self, settings: Settings, store: Store, upstream: Upstream, hub: StreamHub,
-                 limits: Limits | None = None, auth: Authenticator | None = None) -> None:
+                 limits: Limits | None = None, auth: Authenticator | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.store = store
         self.upstream = upstream
         self.hub = hub
         self.limits = limits or Limits(settings, store)
         self.auth = auth or Authenticator(settings, store)
+        self.metrics = metrics or Metrics()
+        self.metrics.count_chunks_of_running(self._running_chunks)
+        self.limits.on_refusal = lambda limit: self.metrics.refused.labels(limit).inc()
         self.retry = RetryPolicy(settings.retry_attempts, settings.retry_base_delay, settings.retry_max_wait)
 
     async def admit(self, scope: Scope) -> User:
@@ -102,18 +126,63 @@ class Relay:
             raise
         request = UpstreamRequest(model=agent.model, max_tokens=agent.max_tokens, messages=turn.history,
                                   system=agent.system)
-        job = Job(stream_id, turn.conversation_id, turn.assistant_message_id, request)
+        job = Job(stream_id, turn.conversation_id, turn.assistant_message_id, request, turn.trace_session_id,
+                  agent.id)
         stream = self.hub.create(stream_id, turn.conversation_id, turn.assistant_message_id, agent.model)
-        self.hub.run(stream, self._counted(user, run_stream(job, self.upstream, self.store, stream, self.retry)))
+        outcome = Outcome()
+        self.hub.run(stream, self._observed(user, job, outcome,
+                                            run_stream(job, self.upstream, self.store, stream, self.retry, outcome)))
+        self.metrics.started.inc()
+        self.metrics.generating.inc()
+        log.info("stream started", extra=fields(
+            event="stream_start", streamId=stream_id, conversationId=job.conversation_id, user=user.name,
+            agent=agent.id, model=agent.model, traceSessionId=job.trace_session_id, taskTraceId=stream_id))
         return stream
 
-    async def _counted(self, user: User, work: Coroutine[Any, Any, Cost]) -> None:
-        """Run a stream under the user's limits: it holds one concurrent-stream slot; its cost counts today."""
+    async def _observed(self, user: User, job: Job, outcome: Outcome, work: Coroutine[Any, Any, Outcome]) -> None:
+        """Run a stream under the user's limits (one concurrent-stream slot; its cost counts today), then
+        count it in the metrics and log its end."""
         try:
-            cost = await work
-            self.limits.record_cost(user, cost.total_cost)
+            await work
         finally:
             self.limits.give_stream(user)
+            self.metrics.generating.dec()
+        self.limits.record_cost(user, outcome.cost.total_cost if outcome.cost else None)
+        self._report(user, job, outcome)
+
+    def _report(self, user: User, job: Job, outcome: Outcome) -> None:
+        metrics = self.metrics
+        status = outcome.status.value
+        metrics.finished.labels(status).inc()
+        metrics.chunks_finished += outcome.chunks
+        duration = outcome.finished_at - outcome.started_at
+        metrics.duration.observe(duration)
+        for code in outcome.upstream_errors:
+            metrics.upstream_errors.labels(code).inc()
+        if outcome.retries:
+            metrics.retries.inc(outcome.retries)
+        first_token = None
+        if outcome.first_chunk_at is not None:
+            first_token = outcome.first_chunk_at - outcome.started_at
+            metrics.first_token.observe(first_token)
+        cost = outcome.cost
+        if cost is not None:
+            metrics.record_answer(cost.model, cost.input_tokens, cost.output_tokens, cost.cache_creation_input_tokens,
+                                  cost.cache_read_input_tokens, cost.total_cost)
+        log.info("stream ended", extra=fields(
+            event="stream_end", streamId=job.stream_id, conversationId=job.conversation_id, user=user.name,
+            agent=job.agent_id, model=cost.model if cost else job.request.model, status=status,
+            errorCode=outcome.error_code,
+            inputTokens=cost.input_tokens if cost else 0, outputTokens=cost.output_tokens if cost else 0,
+            cacheCreationInputTokens=cost.cache_creation_input_tokens if cost else 0,
+            cacheReadInputTokens=cost.cache_read_input_tokens if cost else 0,
+            cost=format(cost.total_cost, "f") if cost and cost.total_cost is not None else None,
+            chunks=outcome.chunks, retries=outcome.retries,
+            timeToFirstTokenMs=round(first_token * 1000, 1) if first_token is not None else None,
+            durationMs=round(duration * 1000, 1), traceSessionId=job.trace_session_id, taskTraceId=job.stream_id))
+
+    def _running_chunks(self) -> int:
+        return sum(stream.reply.chunk_count for stream in self.hub.active() if stream.reply is not None)
 
     async def check_access(self, stream_id: str, user: User, code: str = "not_resumable") -> None:
         """Another user's stream is reported exactly as an unknown one.
@@ -154,7 +223,7 @@ class RetryPolicy:
 
 
 async def resume(relay: Relay, stream_id: str, after: int, keepalive: bool = False,
-                 user: User = ANONYMOUS) -> Subscriber:
+                 user: User = ANONYMOUS, transport: str = "sse") -> Subscriber:
     """A reader of a stream from after event `after`, for either transport.
 
     Raises:
@@ -164,7 +233,9 @@ async def resume(relay: Relay, stream_id: str, after: int, keepalive: bool = Fal
     """
     await relay.check_access(stream_id, user)
     try:
-        return relay.hub.subscribe(stream_id, after, keepalive)
+        subscriber = relay.hub.subscribe(stream_id, after, keepalive)
+        relay.metrics.resumes.labels(transport).inc()
+        return subscriber
     except RelayError as exc:
         if exc.message_id is None:
             exc.message_id = await relay.store.answer_of_stream(stream_id)
@@ -172,9 +243,10 @@ async def resume(relay: Relay, stream_id: str, after: int, keepalive: bool = Fal
 
 
 async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStream,
-                     retry: RetryPolicy | None = None) -> Cost:
-    """Relay one answer into `stream`'s log and save it exactly once, however it ends; its cost."""
+                     retry: RetryPolicy | None = None, outcome: Outcome | None = None) -> Outcome:
+    """Relay one answer into `stream`'s log and save it exactly once, however it ends; how it went."""
     retry = retry or RetryPolicy()
+    outcome = outcome or Outcome()
     stream.running = True
     stream.append(Start(job.stream_id, job.conversation_id, job.request.model))
     stream.reply = ReplyState(job.request.model)
@@ -188,15 +260,18 @@ async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStr
             attempt_reply = ReplyState(job.request.model)
             stream.reply = attempt_reply
             try:
-                await _relay_attempt(job, upstream, stream, attempt_reply)
+                await _relay_attempt(job, upstream, stream, attempt_reply, outcome)
                 break
             except RelayError as exc:
+                if isinstance(exc, UpstreamError):
+                    outcome.upstream_errors.append(exc.code)
                 # Once a delta went out, a retry would repeat text: only a clean failure is retried.
                 delay = retry.delay(attempt, exc.retry_after)
                 if not exc.retryable or attempt_reply.has_content or attempt >= retry.attempts \
                         or waited + delay > retry.max_wait:
                     raise
                 attempt, waited = attempt + 1, waited + delay
+                outcome.retries = attempt
                 log.info("stream %s: upstream %s, retry %d in %.2fs", job.stream_id, exc.code, attempt, delay)
                 await asyncio.sleep(delay)
     except RelayError as exc:
@@ -227,11 +302,17 @@ async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStr
                             message_id=message_id))
     else:
         assert failure is not None
-        stream.append(Error(failure.code, failure.message, failure.retryable, failure.retry_after, message_id))
-    return cost
+        stream.append(error_event_of(failure, message_id))
+    outcome.status = status
+    outcome.cost = cost
+    outcome.error_code = failure.code if failure is not None else None
+    outcome.chunks = reply.chunk_count
+    outcome.finished_at = time.monotonic()
+    return outcome
 
 
-async def _relay_attempt(job: Job, upstream: Upstream, stream: LiveStream, reply: ReplyState) -> None:
+async def _relay_attempt(job: Job, upstream: Upstream, stream: LiveStream, reply: ReplyState,
+                         outcome: Outcome) -> None:
     # No await in this loop but the upstream's own: the upstream's deadlines
     # (asyncio.timeout inside its generator) must only ever interrupt its reads.
     append = stream.append
@@ -240,9 +321,15 @@ async def _relay_attempt(job: Job, upstream: Upstream, stream: LiveStream, reply
         async for upstream_event in upstream_events:
             for event in reply.feed(upstream_event.event, upstream_event.data):
                 append(event)
+            if outcome.first_chunk_at is None and reply.chunk_count:
+                outcome.first_chunk_at = time.monotonic()
             if reply.finished:
                 return
     raise ProtocolError("the model's stream ended before message_stop")
+
+
+def error_event_of(failure: RelayError, message_id: str | None) -> Error:
+    return Error(failure.code, failure.message, failure.retryable, failure.retry_after, message_id, failure.details)
 
 
 async def _save(store: Store, job: Job, reply: ReplyState, status: Status, cost: Cost,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -41,6 +42,11 @@ class Limits:
         self._streams: dict[str, int] = {}
         self._connections: dict[str, int] = {}
         self._spent: dict[str, tuple[str, float, Decimal]] = {}  # user -> (UTC day, read at, dollars)
+        self.on_refusal: Callable[[str], None] = lambda limit: None  # metrics count refusals by limit
+
+    def _refuse(self, error: LimitError | BudgetError) -> LimitError | BudgetError:
+        self.on_refusal(str((error.details or {}).get("limit", error.code)))
+        return error
 
     # --- requests per minute: a token bucket that refills limit/60 a second, bursts up to limit ---
 
@@ -60,8 +66,8 @@ class Limits:
         bucket.updated = moment
         if bucket.tokens < 1.0:
             wait = math.ceil((1.0 - bucket.tokens) / rate * 10) / 10
-            raise LimitError(f"too many requests: the limit is {limit} a minute", retry_after=wait,
-                             details={"limit": "requests_per_minute"})
+            raise self._refuse(LimitError(f"too many requests: the limit is {limit} a minute", retry_after=wait,
+                                          details={"limit": "requests_per_minute"}))
         bucket.tokens -= 1.0
 
     def _forget_full_buckets(self, moment: float, limit: int) -> None:
@@ -71,14 +77,22 @@ class Limits:
     # --- concurrent streams and open connections: counts taken and given back ---
 
     def take_stream(self, user: User) -> None:
-        _take(self._streams, _key(user), self.settings.limit_concurrent_streams, "concurrent_streams",
-              "answers streaming at once")
+        self._take(self._streams, _key(user), self.settings.limit_concurrent_streams, "concurrent_streams",
+                   "answers streaming at once")
 
     def give_stream(self, user: User) -> None:
         _give(self._streams, _key(user))
 
     def take_connection(self, user: User) -> None:
-        _take(self._connections, _key(user), self.settings.limit_connections, "connections", "open connections")
+        self._take(self._connections, _key(user), self.settings.limit_connections, "connections",
+                   "open connections")
+
+    def _take(self, counts: dict[str, int], key: str, limit: int, name: str, what: str) -> None:
+        held = counts.get(key, 0)
+        if limit and held >= limit:
+            raise self._refuse(LimitError(f"too many {what}: the limit is {limit}", retry_after=1.0,
+                                          details={"limit": name}))
+        counts[key] = held + 1
 
     def give_connection(self, user: User) -> None:
         _give(self._connections, _key(user))
@@ -96,10 +110,10 @@ class Limits:
         if spent >= budget:
             tomorrow = (datetime.now(UTC) + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
             wait = math.ceil((tomorrow - datetime.now(UTC)).total_seconds())
-            raise BudgetError(
+            raise self._refuse(BudgetError(
                 f"today's budget of ${format(budget, 'f')} is spent (${format(spent, 'f')}); it renews at 00:00 UTC",
                 retry_after=wait, details={"limit": "budget_per_day", "spent": format(spent, "f"),
-                                           "budget": format(budget, "f")})
+                                           "budget": format(budget, "f")}))
 
     async def spent_today(self, user: User) -> Decimal:
         day = datetime.now(UTC).strftime("%Y-%m-%d")
@@ -117,13 +131,6 @@ class Limits:
         cached = self._spent.get(_key(user))
         if cost and cached is not None and cached[0] == datetime.now(UTC).strftime("%Y-%m-%d"):
             self._spent[_key(user)] = (cached[0], cached[1], cached[2] + cost)
-
-
-def _take(counts: dict[str, int], key: str, limit: int, name: str, what: str) -> None:
-    held = counts.get(key, 0)
-    if limit and held >= limit:
-        raise LimitError(f"too many {what}: the limit is {limit}", retry_after=1.0, details={"limit": name})
-    counts[key] = held + 1
 
 
 def _give(counts: dict[str, int], key: str) -> None:

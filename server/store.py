@@ -69,6 +69,7 @@ class Turn:
     user_message_id: str
     assistant_message_id: str
     history: list[dict[str, str]]
+    trace_session_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,40 @@ class Reply:
     cost: Decimal | None
     cost_estimated: bool = False
     error_code: str | None = None
+
+
+@dataclass(slots=True)
+class UsageRow:
+    """Sums over a group of answers; cost is exact, over the answers that have a price."""
+
+    key: str
+    messages: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cost: Decimal = field(default_factory=Decimal)
+    unpriced: int = 0  # answers of a model without a price: counted, not costed
+
+    def add(self, input_tokens: int, output_tokens: int, cache_write: int, cache_read: int, cost: str | None) -> None:
+        self.messages += 1
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+        self.cache_creation_input_tokens += cache_write
+        self.cache_read_input_tokens += cache_read
+        if cost is None:
+            self.unpriced += 1
+        else:
+            self.cost += Decimal(cost)
+
+    def merge(self, other: UsageRow) -> None:
+        self.messages += other.messages
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.cache_creation_input_tokens += other.cache_creation_input_tokens
+        self.cache_read_input_tokens += other.cache_read_input_tokens
+        self.cost += other.cost
+        self.unpriced += other.unpriced
 
 
 class Store:
@@ -199,7 +234,8 @@ class Store:
                  "status": Status.STREAMING.value, "done": None},
             )
             history.append({"role": "user", "content": user_text})
-            return Turn(conv_id, user_id, assistant_id, _history([(m["role"], m["content"]) for m in history]))
+            return Turn(conv_id, user_id, assistant_id, _history([(m["role"], m["content"]) for m in history]),
+                        common["ts"])
 
         return await self.write(operation())
 
@@ -336,6 +372,35 @@ class Store:
         )
         return sum((Decimal(row[0]) for row in rows), Decimal(0))
 
+    async def usage(self, start: str, end: str, group_by: str, owner_id: str | None = None,
+                    every_owner: bool = False) -> list[UsageRow]:
+        """Token and cost sums of the answers finished in [start, end), grouped by day, model, agent or user.
+
+        Costs are summed as Decimal in Python: SQL SUM over decimal text would go through floats.
+        """
+        params: dict[str, Any] = {"start": start, "end": end}
+        where = "m.role = 'assistant' AND m.completed_at >= :start AND m.completed_at < :end"
+        if not every_owner:
+            if owner_id is None:
+                where += " AND c.owner_id IS NULL"
+            else:
+                where += " AND c.owner_id = :owner"
+                params["owner"] = owner_id
+        rows = await self.db.fetch_all(
+            "SELECT m.completed_at, m.model, c.agent_id, COALESCE(u.name, 'anonymous'), m.input_tokens,"
+            " m.output_tokens, m.cache_creation_input_tokens, m.cache_read_input_tokens, m.cost"
+            " FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+            f" LEFT JOIN users u ON u.id = c.owner_id WHERE {where}", params)
+        column = {"day": 0, "model": 1, "agent": 2, "user": 3}[group_by]
+        groups: dict[str, UsageRow] = {}
+        for row in rows:
+            key = str(row[0])[:10] if column == 0 else str(row[column] or "unknown")
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = UsageRow(key)
+            group.add(row[4], row[5], row[6], row[7], row[8])
+        return [groups[key] for key in sorted(groups)]
+
     # --- Users, tokens and sessions (only hashes of secrets are stored) ---
 
     async def add_user(self, name: str, token_hash: str, admin: bool = False) -> str:
@@ -375,6 +440,10 @@ class Store:
             return True
 
         return await self.write(operation())
+
+    async def user_id_by_name(self, name: str) -> str | None:
+        row = await self.db.fetch_one("SELECT id FROM users WHERE name = :name", {"name": name})
+        return None if row is None else str(row[0])
 
     async def active_user_count(self) -> int:
         return int(await self.db.fetch_val("SELECT COUNT(*) FROM users WHERE revoked_at IS NULL") or 0)

@@ -117,6 +117,7 @@ class ReplyState:
         self.stop_reason: str | None = None
         self.finished = False
         self._text = TextParts()
+        self.chunk_count = 0  # text chunks relayed (metrics read it)
         self._thinking = TextParts()
         self._other_output_bytes = 0  # tool input JSON: output tokens, never text
         self._blocks: dict[int, str] = {}
@@ -148,6 +149,7 @@ class ReplyState:
                         raise ProtocolError("the upstream sent a text delta without text")
                     if text:
                         self._text.add(text)
+                        self.chunk_count += 1
                         return [Chunk(text)]
                     return []
                 return self._other_delta(delta_type, delta)

@@ -16,6 +16,7 @@ from ..core import Relay, resume
 from ..errors import BadRequestError, RelayError, TooLargeError
 from ..events import Error, encode_data, error_event
 from ..hub import Entry, StreamHub, Subscriber, SubscriberDropped
+from ..metrics import Metrics
 from ..protocol.frames import parse_event_id, parse_json_object, parse_send_message
 from ..protocol.sse import encode_comment
 
@@ -45,16 +46,19 @@ class EventStreamResponse:
     """
 
     def __init__(self, subscriber: Subscriber, cancel_on_disconnect: StreamHub | None = None,
-                 release: Callable[[], None] | None = None) -> None:
+                 release: Callable[[], None] | None = None, metrics: Metrics | None = None) -> None:
         self.subscriber = subscriber
         self.cancel_on_disconnect = cancel_on_disconnect
         self.release = release  # gives the user's connection slot back when the response ends
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         subscriber = self.subscriber
         stream = subscriber.stream
         gone = asyncio.ensure_future(_wait_for_disconnect(receive))
         gone.add_done_callback(lambda _: subscriber.abandon())
+        if self.metrics is not None:
+            self.metrics.readers["sse"].inc()
         try:
             await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
             try:
@@ -62,6 +66,8 @@ class EventStreamResponse:
                     await send({"type": "http.response.body", "body": frame_entries(batch) if batch else KEEPALIVE,
                                 "more_body": True})
             except SubscriberDropped as exc:
+                if self.metrics is not None:
+                    self.metrics.dropped.labels("sse").inc()
                 # No id: the client's Last-Event-ID stays at the last event it really got.
                 error = Error("slow_consumer", f"this connection fell behind ({exc}); resume with Last-Event-ID",
                               True)
@@ -77,6 +83,8 @@ class EventStreamResponse:
             gone.cancel()
             if self.release is not None:
                 self.release()
+            if self.metrics is not None:
+                self.metrics.readers["sse"].dec()
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
@@ -85,8 +93,8 @@ async def _wait_for_disconnect(receive: Receive) -> None:
 
 
 def event_stream(subscriber: Subscriber, cancel_on_disconnect: StreamHub | None = None,
-                 release: Callable[[], None] | None = None) -> EventStreamResponse:
-    return EventStreamResponse(subscriber, cancel_on_disconnect, release)
+                 release: Callable[[], None] | None = None, metrics: Metrics | None = None) -> EventStreamResponse:
+    return EventStreamResponse(subscriber, cancel_on_disconnect, release, metrics)
 
 
 def _wants_json(request: Request) -> bool:
@@ -126,7 +134,7 @@ async def post_message(request: Request) -> Response | EventStreamResponse:
         stream = await relay.start(command, user)
         owner = relay.hub if relay.settings.cancel_on_disconnect else None
         return event_stream(relay.hub.subscribe(stream.id, 0, keepalive=True), owner,
-                            lambda: limits.give_connection(user))
+                            lambda: limits.give_connection(user), relay.metrics)
     except BaseException:
         limits.give_connection(user)
         raise
@@ -143,7 +151,8 @@ async def get_stream(request: Request) -> Response | EventStreamResponse:
         after = parse_event_id(raw_cursor)
         limits.take_connection(user)
         held = user
-        subscriber = await resume(relay, request.path_params["stream_id"], after, keepalive=True, user=user)
+        subscriber = await resume(relay, request.path_params["stream_id"], after, keepalive=True, user=user,
+                                  transport="sse")
     except RelayError as exc:
         if held is not None:
             limits.give_connection(held)
@@ -156,7 +165,7 @@ async def get_stream(request: Request) -> Response | EventStreamResponse:
         if held is not None:
             limits.give_connection(held)
         raise
-    return event_stream(subscriber, release=lambda: limits.give_connection(user))
+    return event_stream(subscriber, release=lambda: limits.give_connection(user), metrics=relay.metrics)
 
 
 async def cancel_stream(request: Request) -> Response:

@@ -133,7 +133,8 @@ class Connection:
                 self.pump(self.relay.hub.subscribe(stream.id, 0), request_id)
             elif isinstance(command, Resume):
                 self.check_room()
-                self.pump(await resume(self.relay, command.stream_id, command.last_event_id, user=self.user), None)
+                self.pump(await resume(self.relay, command.stream_id, command.last_event_id, user=self.user,
+                                       transport="websocket"), None)
             elif isinstance(command, Cancel):
                 await self.relay.cancel(command.stream_id, self.user)
         except RelayError as exc:
@@ -159,17 +160,22 @@ class Connection:
         stream_id = subscriber.stream.id
         head = f'{{"event":"%s","streamId":"{stream_id}","id":%d,"data":'
         start_tail = f',"requestId":{orjson.dumps(request_id).decode()}}}' if request_id else "}"
+        metrics = self.relay.metrics
+        metrics.readers["websocket"].inc()
         try:
             async for batch in subscriber.batches():
                 for event_id, name, data in batch:
                     tail = start_tail if name == "start" else "}"
                     await self.send(head % (name, event_id) + data + tail)
         except SubscriberDropped as exc:
+            metrics.dropped.labels("websocket").inc()
             await self.send(error_frame(
                 RelayError(f"this connection fell behind ({exc}); resume from your last event id",
                            code="slow_consumer", retryable=True), stream_id=stream_id))
         except (RuntimeError, OSError):
             pass  # the socket closed; the reader loop ends the connection
+        finally:
+            metrics.readers["websocket"].dec()
 
 
 class WebSocketEndpoint:

@@ -1,0 +1,61 @@
+"""Logging: plain text for people, or one JSON object a line (RELAY_LOG_FORMAT=json) for machines.
+
+Structured fields ride on a record as `extra={"fields": {...}}`; both formats show them.
+Nothing here adds message text or secrets: callers pass ids, counts and codes only.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+
+def fields(**values: Any) -> dict[str, Any]:
+    """The `extra` argument that attaches structured fields to one log call."""
+    return {"fields": values}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        extra = getattr(record, "fields", None)
+        if extra:
+            line.update(extra)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        extra = getattr(record, "fields", None)
+        if extra:
+            text += " " + " ".join(f"{key}={value}" for key, value in extra.items() if value is not None)
+        return text
+
+
+def configure(level: str, log_format: str) -> None:
+    """One handler on the root logger for ours, uvicorn's and the libraries' records alike."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request is noise at scale
+    logging.getLogger("databases").setLevel(logging.WARNING)
