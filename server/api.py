@@ -8,6 +8,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from .hub import StreamHub
+from .redis_hub import RedisStreamHub
 from .store import Store
 
 
@@ -72,8 +74,17 @@ async def list_messages(request: Request) -> Response:
 
 async def healthz(request: Request) -> Response:
     store: Store = request.app.state.store
+    hub: StreamHub = request.app.state.hub
+    body = {"status": "ok", "database": "ok"}
     try:
         await store.ping()
     except Exception:
-        return JSONResponse({"status": "unavailable", "database": "unreachable"}, status_code=503)
-    return JSONResponse({"status": "ok", "database": "ok"})
+        body.update(status="unavailable", database="unreachable")
+    if isinstance(hub, RedisStreamHub):
+        # Without Redis this instance cannot serve other instances' streams, nor they its own.
+        try:
+            await hub.redis.ping()
+            body["redis"] = "ok"
+        except Exception:
+            body.update(status="unavailable", redis="unreachable")
+    return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)

@@ -64,6 +64,10 @@ class Settings:
     shutdown_grace_seconds: float = 20.0
     log_level: str = "info"
     access_log: bool = False  # one line per request; streams get their own start/end lines
+    # Several instances: stream logs, fan-out and cancels through Redis (unset: in-process, one instance).
+    redis_url: str | None = None
+    redis_prefix: str = "deltarelay"  # the start of every Redis key: deployments sharing a Redis stay apart
+    instance_lease_seconds: float = 3.0  # an instance silent this long is dead: its answers end as interrupted
     agents: tuple[Agent, ...] = field(default=())
 
     @property
@@ -126,12 +130,15 @@ ENV_NAMES: dict[str, str] = {
     "shutdown_grace_seconds": "RELAY_SHUTDOWN_GRACE_SECONDS",
     "log_level": "RELAY_LOG_LEVEL",
     "access_log": "RELAY_ACCESS_LOG",
+    "redis_url": "REDIS_URL",
+    "redis_prefix": "RELAY_REDIS_PREFIX",
+    "instance_lease_seconds": "RELAY_INSTANCE_LEASE_SECONDS",
 }
 
 _POSITIVE = {
     "port", "max_tokens", "max_message_bytes", "upstream_max_connections", "connect_timeout",
     "first_event_timeout", "idle_timeout", "stream_log_events", "subscriber_queue_events", "keepalive_seconds",
-    "stream_retention_max",
+    "stream_retention_max", "instance_lease_seconds",
 }
 _NON_NEGATIVE = {
     "offline_delay_ms", "offline_words", "stream_retention_seconds", "retry_attempts", "retry_base_delay",
@@ -207,6 +214,12 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("ANTHROPIC_BASE_URL must be an http:// or https:// URL")
     if settings.upstream_transport not in ("aiohttp", "httpx"):
         raise ConfigError("RELAY_UPSTREAM_TRANSPORT must be aiohttp or httpx")
+    if settings.redis_url is not None and not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(
+            f"REDIS_URL must start with redis://, rediss:// or unix://, got {settings.redis_url.split(':')[0]!r}"
+        )
+    if not settings.redis_prefix or any(c.isspace() for c in settings.redis_prefix):
+        raise ConfigError("RELAY_REDIS_PREFIX must be a non-empty word without spaces")
     if settings.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
         raise ConfigError("RELAY_LOG_LEVEL must be one of critical, error, warning, info, debug")
 

@@ -11,14 +11,17 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
+
+import orjson
 
 from .config import Settings
 from .errors import NotFoundError, ProtocolError, RelayError
 from .events import Cost, Done, Error, Start
-from .hub import LiveStream, StreamHub, Subscriber
-from .protocol.anthropic import ReplyState
+from .hub import LiveStream, Orphan, StreamHub, Subscriber
+from .pricing import Usage, cost_of
+from .protocol.anthropic import ReplyState, TextParts, estimate_tokens
 from .protocol.frames import SendMessage
 from .protocol.sse import SSEEvent
 from .store import Reply, Status, Store, new_id
@@ -72,6 +75,7 @@ class Relay:
             model=agent.model,
             stream_id=stream_id,
             task_trace_id=stream_id,
+            owner=self.hub.instance_id,
         )
         request = UpstreamRequest(model=agent.model, max_tokens=agent.max_tokens, messages=turn.history,
                                   system=agent.system)
@@ -103,7 +107,7 @@ async def resume(relay: Relay, stream_id: str, after: int, keepalive: bool = Fal
             saved answer's messageId when the database knows the stream, so the client can load it.
     """
     try:
-        return relay.hub.subscribe(stream_id, after, keepalive)
+        return await relay.hub.resume(stream_id, after, keepalive)
     except RelayError as exc:
         if exc.message_id is None:
             exc.message_id = await relay.store.answer_of_stream(stream_id)
@@ -167,6 +171,33 @@ async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStr
     else:
         assert failure is not None
         stream.append(Error(failure.code, failure.message, failure.retryable, failure.retry_after, message_id))
+
+
+async def save_orphan(store: Store, orphan: Orphan) -> bool:
+    """Save the partial answer of a stream whose instance died, from its logged events, as `interrupted`.
+
+    The output tokens are estimated from the text, as for a cancel; input and cache tokens are the
+    last usage the dead instance copied to Redis. False when the answer was already finished.
+    """
+    text, thinking = TextParts(), TextParts()
+    model = orphan.model
+    for _, name, data in orphan.entries:
+        if name == "chunk":
+            text.add(orjson.loads(data)["text"])
+        elif name == "thinking":
+            thinking.add(orjson.loads(data)["text"])
+        elif name == "start":
+            model = orjson.loads(data).get("model") or model
+    content, thought = text.value(), thinking.value()
+    known = {key: value for key, value in orphan.usage.items() if key in Usage.__dataclass_fields__}
+    usage = replace(Usage(**known), output_tokens=estimate_tokens(len(content.encode()) + len(thought.encode())))
+    record = Reply(
+        content=content, thinking=thought, model=model, status=Status.INTERRUPTED, stop_reason=None,
+        input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+        cache_creation_input_tokens=usage.cache_creation_input_tokens,
+        cache_read_input_tokens=usage.cache_read_input_tokens, cost=cost_of(usage, model), cost_estimated=True,
+    )
+    return await store.save_reply(orphan.message_id, record)
 
 
 async def _relay_attempt(job: Job, upstream: Upstream, stream: LiveStream, reply: ReplyState) -> None:

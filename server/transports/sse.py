@@ -137,5 +137,5 @@ async def cancel_stream(request: Request) -> Response:
     """POST /api/command-center/streams/{id}/cancel."""
     hub: StreamHub = request.app.state.hub
     stream_id = request.path_params["stream_id"]
-    running = hub.cancel(stream_id)
+    running = await hub.request_cancel(stream_id)  # reaches the instance generating it, wherever that is
     return JSONResponse({"streamId": stream_id, "cancelled": running}, status_code=202 if running else 200)

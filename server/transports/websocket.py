@@ -102,7 +102,7 @@ class Connection:
             elif isinstance(command, Resume):
                 self.pump(await resume(self.relay, command.stream_id, command.last_event_id), None)
             elif isinstance(command, Cancel):
-                self.relay.hub.cancel(command.stream_id)
+                await self.relay.hub.request_cancel(command.stream_id)
             elif isinstance(command, Ping):
                 await self.send('{"event":"pong"}')
         except RelayError as exc:
