@@ -41,6 +41,7 @@ log = logging.getLogger("deltarelay.hub")
 
 LOG_TTL_SECONDS = 24 * 3600  # a running stream's log outlives any answer; a finished one keeps the retention time
 CURSOR_WAIT_SECONDS = 2.0  # a resume may be a few events ahead of this instance's copy of the log
+FIRST_EVENT_WAIT_SECONDS = 1.0  # how long an unknown stream id is given to appear (its owner just started it)
 CLAIM_SECONDS = 60  # a survivor that dies while saving a dead instance's answers is replaced after this
 READ_BLOCK_MS = 5000
 WRITE_ATTEMPTS = (0.1, 0.5, 1.0)  # waits between tries of a pipeline Redis did not take
@@ -252,6 +253,11 @@ class RedisStreamHub(StreamHub):
     async def _mirror(self, stream_id: str) -> None:
         """Load a stream's log from Redis into a local mirror, and read the rest as it comes."""
         entries = await self._log(stream_id)
+        if not entries and len(stream_id) <= 200:
+            # Its id may have come from the owner a moment before its first event reached Redis.
+            await self.redis.xread({self.log_key(stream_id): "0-0"}, count=1,
+                                   block=int(FIRST_EVENT_WAIT_SECONDS * 1000))
+            entries = await self._log(stream_id)
         if stream_id in self.streams:
             return  # another reader mirrored it meanwhile
         if not entries:
