@@ -79,7 +79,7 @@ def make_hub(settings: Settings, store: Store) -> StreamHub:
 
     return RedisStreamHub(settings.redis_url, *sizes, prefix=settings.redis_prefix,
                           lease_seconds=settings.instance_lease_seconds, on_orphan=save,
-                          on_owner_gone=store.interrupt_owned_by)
+                          on_instance_gone=store.interrupt_instance)
 
 
 def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
@@ -93,7 +93,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         try:
             await hub.open()
             # Only answers no live instance is generating: another instance's running ones are left alone.
-            left = await store.interrupt_unfinished(await hub.live_owners())
+            left = await store.interrupt_unfinished(await hub.live_instances())
         except BaseException:
             await hub.close()
             await store.disconnect()

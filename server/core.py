@@ -75,7 +75,7 @@ class Relay:
             model=agent.model,
             stream_id=stream_id,
             task_trace_id=stream_id,
-            owner=self.hub.instance_id,
+            instance_id=self.hub.instance_id,
         )
         request = UpstreamRequest(model=agent.model, max_tokens=agent.max_tokens, messages=turn.history,
                                   system=agent.system)

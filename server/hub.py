@@ -280,7 +280,7 @@ class StreamHub:
 
     def __init__(self, log_limit: int, retention_seconds: float, queue_limit: int = 2000,
                  keepalive_seconds: float = 15.0, retention_max: int = 1000) -> None:
-        # Saved with each answer (messages.owner): whose answers are still running somewhere.
+        # Saved with each answer (messages.instance_id): whose answers are still running somewhere.
         self.instance_id = uuid.uuid4().hex
         self.log_limit = log_limit
         self.retention_seconds = retention_seconds
@@ -306,7 +306,7 @@ class StreamHub:
     async def close(self) -> None:
         """Release what open() took; after shutdown()."""
 
-    async def live_owners(self) -> set[str]:
+    async def live_instances(self) -> set[str]:
         """Instances whose unfinished answers are still being generated: none but this new one here."""
         return {self.instance_id}
 

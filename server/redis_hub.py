@@ -59,21 +59,21 @@ class RedisStreamHub(StreamHub):
         lease_seconds: how long an instance counts as alive after its last heartbeat; a dead one is
             noticed lease_seconds to lease_seconds * 4/3 after it stopped.
         on_orphan: saves the partial answer of a dead instance's stream; True when it finished the message.
-        on_owner_gone: finishes whatever else a dead instance left `streaming` in the database.
+        on_instance_gone: finishes whatever else a dead instance left `streaming` in the database.
     """
 
     def __init__(self, redis_url: str, log_limit: int, retention_seconds: float, queue_limit: int = 2000,
                  keepalive_seconds: float = 15.0, retention_max: int = 1000, *, prefix: str = "deltarelay",
                  lease_seconds: float = 3.0,
                  on_orphan: Callable[[Orphan], Awaitable[bool]] | None = None,
-                 on_owner_gone: Callable[[str], Awaitable[int]] | None = None) -> None:
+                 on_instance_gone: Callable[[str], Awaitable[int]] | None = None) -> None:
         super().__init__(log_limit, retention_seconds, queue_limit, keepalive_seconds, retention_max)
         self.redis_url = redis_url
         self.prefix = prefix
         self.lease_seconds = lease_seconds
         self.heartbeat_seconds = lease_seconds / 3
         self.on_orphan = on_orphan
-        self.on_owner_gone = on_owner_gone
+        self.on_instance_gone = on_instance_gone
         self.redis: Redis = Redis.from_url(redis_url, decode_responses=True)
         # The blocking XREAD holds its connection for up to READ_BLOCK_MS: a client of its own.
         self.reader: Redis = Redis.from_url(redis_url, decode_responses=True)
@@ -153,7 +153,7 @@ class RedisStreamHub(StreamHub):
         await self.redis.aclose()
         await self.reader.aclose()
 
-    async def live_owners(self) -> set[str]:
+    async def live_instances(self) -> set[str]:
         """The instances whose lease is current, this one included."""
         members = sorted(await self._instances())
         pipe = self.redis.pipeline(transaction=False)
@@ -394,8 +394,8 @@ class RedisStreamHub(StreamHub):
         log.warning("instance %s is gone; ending its %d running streams as interrupted", instance_id, len(running))
         for stream_id, info in running.items():
             await self._end_orphan(stream_id, orjson.loads(info))
-        if self.on_owner_gone is not None:
-            await self.on_owner_gone(instance_id)  # answers it began but never copied to Redis
+        if self.on_instance_gone is not None:
+            await self.on_instance_gone(instance_id)  # answers it began but never copied to Redis
         pipe = self.redis.pipeline(transaction=False)
         pipe.srem(self._instances_key, instance_id)
         pipe.delete(self._running_key(instance_id), f"{self.prefix}:wake:{instance_id}")

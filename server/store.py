@@ -140,11 +140,11 @@ class Store:
         stream_id: str,
         task_trace_id: str,
         trace_session_id: str | None = None,
-        owner: str | None = None,
+        instance_id: str | None = None,
     ) -> Turn:
         """Save the user's message and an empty assistant message; return the history to send.
 
-        `owner` names the server instance that generates the answer (see interrupt_unfinished).
+        `instance_id` names the server instance that generates the answer (see interrupt_unfinished).
 
         Raises:
             NotFoundError: conversation_id names no conversation; nothing is saved.
@@ -177,12 +177,12 @@ class Store:
             user_id, assistant_id = new_id(), new_id()
             insert = (
                 "INSERT INTO messages (id, conversation_id, seq, role, content, model, status, stream_id,"
-                " trace_session_id, task_trace_id, created_at, completed_at, owner)"
-                " VALUES (:id, :conv, :seq, :role, :content, :model, :status, :stream, :ts, :tt, :t, :done, :owner)"
+                " trace_session_id, task_trace_id, created_at, completed_at, instance_id)"
+                " VALUES (:id, :conv, :seq, :role, :content, :model, :status, :stream, :ts, :tt, :t, :done, :instance)"
             )
             # One trace session per conversation unless the caller names one.
             common = {"conv": conv_id, "stream": stream_id, "ts": trace_session_id or conv_id, "tt": task_trace_id,
-                      "t": stamp, "owner": owner}
+                      "t": stamp, "instance": instance_id}
             yield Query(
                 insert,
                 {**common, "id": user_id, "seq": seq, "role": "user", "content": user_text, "model": None,
@@ -227,15 +227,16 @@ class Store:
 
         return await self.write(operation())
 
-    async def interrupt_unfinished(self, live_owners: Collection[str] = ()) -> int:
-        """Mark messages left `streaming` as `interrupted`, except those of instances in `live_owners`.
+    async def interrupt_unfinished(self, live_instances: Collection[str] = ()) -> int:
+        """Mark messages left `streaming` as `interrupted`, except those of instances in `live_instances`.
 
         One instance passes nothing: whatever is unfinished at its start was left by an
         earlier process. Instances sharing a database pass the ones still alive, so a
         starting instance never touches another's running answers.
         """
-        keep = {f"o{i}": owner for i, owner in enumerate(sorted(live_owners))}
-        spare = (" AND (owner IS NULL OR owner NOT IN (" + ", ".join(f":{key}" for key in keep) + "))") if keep else ""
+        keep = {f"i{n}": instance for n, instance in enumerate(sorted(live_instances))}
+        names = ", ".join(f":{key}" for key in keep)
+        spare = f" AND (instance_id IS NULL OR instance_id NOT IN ({names}))" if keep else ""
 
         def operation() -> Operation[int]:
             params = {"s": Status.STREAMING.value, **keep}
@@ -248,15 +249,16 @@ class Store:
 
         return await self.write(operation())
 
-    async def interrupt_owned_by(self, owner: str) -> int:
+    async def interrupt_instance(self, instance_id: str) -> int:
         """Mark the `streaming` messages of an instance that is gone as `interrupted` (what Redis did not know)."""
 
         def operation() -> Operation[int]:
-            params = {"s": Status.STREAMING.value, "owner": owner}
-            rows = yield Query("SELECT id FROM messages WHERE status = :s AND owner = :owner", params, ALL)
+            params = {"s": Status.STREAMING.value, "instance": instance_id}
+            rows = yield Query("SELECT id FROM messages WHERE status = :s AND instance_id = :instance", params,
+                               ALL)
             yield Query(
                 "UPDATE messages SET status = :i, completed_at = :t"
-                " WHERE status = :s AND owner = :owner",
+                " WHERE status = :s AND instance_id = :instance",
                 {"i": Status.INTERRUPTED.value, "t": now(), **params},
             )
             return len(rows)

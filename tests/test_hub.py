@@ -261,7 +261,7 @@ async def test_an_instance_that_dies_mid_stream_is_ended_as_interrupted_once_for
             assert '"code":"interrupted"' in entries[-1][2] and '"messageId":"m1"' in entries[-1][2]
         assert len(orphans) == 1  # one survivor claimed it
         assert (orphans[0].message_id, [e[1] for e in orphans[0].entries]) == ("m1", ["start"] + ["chunk"] * 3)
-        assert owner.instance_id not in await survivors[0].live_owners()
+        assert owner.instance_id not in await survivors[0].live_instances()
     finally:
         generating.cancel()
         for hub in survivors:

@@ -127,7 +127,7 @@ async def test_an_old_database_with_only_the_first_migration_is_upgraded_at_star
     try:
         versions = [row[0] for row in await store.db.fetch_all("SELECT version FROM schema_migrations ORDER BY 1")]
         messages = await store.list_messages("c1")
-        # An answer an old (single) instance left streaming has no owner: it counts as gone.
+        # An answer an old (single) instance left streaming names no instance: it counts as gone.
         assert await store.interrupt_unfinished({"some-live-instance"}) == 1
         left = await store.get_message("m3")
     finally:
@@ -209,16 +209,16 @@ async def test_interrupt_unfinished_marks_streaming_answers_interrupted(store):
 
 async def test_interrupt_unfinished_spares_the_answers_of_live_instances(store):
     mine = await store.begin_turn(conversation_id=None, agent_id="default", user_text="a", model="m",
-                                  stream_id=new_id(), task_trace_id="t", owner="live")
+                                  stream_id=new_id(), task_trace_id="t", instance_id="live")
     theirs = await store.begin_turn(conversation_id=None, agent_id="default", user_text="b", model="m",
-                                    stream_id=new_id(), task_trace_id="t", owner="dead")
+                                    stream_id=new_id(), task_trace_id="t", instance_id="dead")
 
     assert await store.interrupt_unfinished({"live", "another"}) == 1
 
     assert (await store.get_message(mine.assistant_message_id) or {})["status"] == "streaming"
     assert (await store.get_message(theirs.assistant_message_id) or {})["status"] == "interrupted"
-    assert await store.interrupt_owned_by("live") == 1
-    assert await store.interrupt_owned_by("live") == 0
+    assert await store.interrupt_instance("live") == 1
+    assert await store.interrupt_instance("live") == 0
     assert (await store.get_message(mine.assistant_message_id) or {})["status"] == "interrupted"
 
 
