@@ -205,7 +205,6 @@ def wait_ready(process: Process, port: int, path: str | None, timeout: float = 3
     raise RuntimeError(f"{process.name} not ready on port {port} after {timeout} s:\n{process.tail()}")
 
 
-@contextmanager
 def new_database(server_url: str) -> str:
     """A new empty PostgreSQL database on `server_url`'s server, for one case; its URL."""
     import asyncio
@@ -226,6 +225,7 @@ def new_database(server_url: str) -> str:
     return server_url.rsplit("/", 1)[0] + "/" + name
 
 
+@contextmanager
 def processes(case: Case, workdir: Path,
               deployment: Deployment = Deployment()) -> Iterator[tuple[int, int, int, dict[str, Any]]]:
     """Start the upstream and the target; yield (port to load, target pid, upstream pid, facts)."""
@@ -289,7 +289,8 @@ def rss_of(pid: int) -> int:
     return rss_kb(pid)
 
 
-def saved_replies_postgres(database_url: str) -> dict[str, int] | str:
+def saved_replies_postgres(database_url: str, server_url: str) -> dict[str, int] | str:
+    """Like saved_replies, from the case's PostgreSQL database, which is then dropped."""
     import asyncio
 
     import asyncpg
@@ -303,10 +304,19 @@ def saved_replies_postgres(database_url: str) -> dict[str, int] | str:
             await connection.close()
         return {str(row[0]): int(row[1]) for row in rows}
 
+    async def drop() -> None:
+        connection = await asyncpg.connect(server_url)
+        try:
+            await connection.execute(f'DROP DATABASE IF EXISTS "{database_url.rsplit("/", 1)[1]}"')
+        finally:
+            await connection.close()
+
     try:
         return asyncio.run(count())
     except (OSError, asyncpg.PostgresError) as exc:
         return f"unreadable: {exc}"
+    finally:
+        asyncio.run(drop())
 
 
 def saved_replies(case: Case, database: Path | None) -> dict[str, int] | str:
@@ -354,8 +364,8 @@ def run_case(case: Case, workdir: Path, deployment: Deployment = Deployment()) -
         result["target_exit_code"] = facts.get("target_exit_code")
         result["target_start_rss_kb"] = facts.get("target_start_rss_kb")
         if case.target in ("relay", "seed") and case.kind != "idle_ws":
-            result["saved"] = saved_replies_postgres(facts["database_url"]) if "database_url" in facts \
-                else saved_replies(case, facts.get("database"))
+            result["saved"] = saved_replies_postgres(facts["database_url"], deployment.database_url or "") \
+                if "database_url" in facts else saved_replies(case, facts.get("database"))
             result["saved_expected"] = case.streams + WARMUP_STREAMS
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
         result["failed"] = str(exc)[-2000:]
