@@ -62,6 +62,12 @@ class Spec:
     warmup_deltas: int = 3  # bench.upstream answers a message starting "warmup" with 3 deltas at once
     target_pid: int = 0
     upstream_pid: int = 0
+    # Several instances of the target (bench.run --instances): stream i goes to ports[i % len(ports)].
+    ports: tuple[int, ...] = ()
+    other_target_pids: tuple[int, ...] = ()  # their CPU is added to the target's; RSS is the first one's
+
+    def port_for(self, index: int) -> int:
+        return self.ports[index % len(self.ports)] if self.ports else self.port
 
 
 # --- checking one stream -------------------------------------------------------------------------
@@ -277,9 +283,10 @@ async def sse_stream(spec: Spec, run: Run, index: int) -> None:
     check = StreamCheck(run)
     check.begin()
     loop = asyncio.get_running_loop()
-    request = sse_request(spec.target, spec.port, index)
+    port = spec.port_for(index)
+    request = sse_request(spec.target, port, index)
     try:
-        await loop.create_connection(lambda: SSEClient(check, request, spec.target == "direct"), HOST, spec.port)
+        await loop.create_connection(lambda: SSEClient(check, request, spec.target == "direct"), HOST, port)
     except OSError as exc:
         check.end("connect", repr(exc))
     await check.finished
@@ -380,10 +387,11 @@ class WSClient(asyncio.Protocol):
             self.closed.set_result(None)
 
 
-async def ws_open(spec: Spec, path: str = "/api/command-center/ws") -> WSClient:
+async def ws_open(spec: Spec, path: str = "/api/command-center/ws", index: int = 0) -> WSClient:
     loop = asyncio.get_running_loop()
-    uri = f"ws://{HOST}:{spec.port}{path}"
-    _, client = await loop.create_connection(lambda: WSClient(uri, spec.ws_deflate), HOST, spec.port)
+    port = spec.port_for(index)
+    uri = f"ws://{HOST}:{port}{path}"
+    _, client = await loop.create_connection(lambda: WSClient(uri, spec.ws_deflate), HOST, port)
     await client.opened
     return client
 
@@ -395,7 +403,7 @@ async def ws_stream(spec: Spec, run: Run, index: int, client: WSClient | None = 
     own = client is None
     try:
         if client is None:
-            client = await ws_open(spec)
+            client = await ws_open(spec, index=index)
             run.connected.append(time.time_ns() - check.start_ns)
     except (OSError, ConnectionError) as exc:
         check.end("connect", repr(exc))
@@ -565,6 +573,7 @@ async def main_async(spec: Spec) -> dict[str, Any]:
     if spec.target_pid:
         reset_peak_rss(spec.target_pid)
     pids = {"target": spec.target_pid, "upstream": spec.upstream_pid}
+    pids.update({f"target_{n + 2}": pid for n, pid in enumerate(spec.other_target_pids)})
     before: dict[str, ProcSample | None] = {name: sample(pid) for name, pid in pids.items()}
     own_before = resource.getrusage(resource.RUSAGE_SELF)
     cores_before = core_times()
@@ -627,6 +636,11 @@ async def main_async(spec: Spec) -> dict[str, Any]:
             result[f"{name}_rss_before_kb"] = b.rss_kb
             result[f"{name}_rss_after_kb"] = a.rss_kb
             result[f"{name}_peak_rss_kb"] = max(a.hwm_kb, peak_rss) if name == "target" else a.hwm_kb
+    if spec.other_target_pids and "target_cpu_s" in result:
+        # The relay's CPU is all its instances' together.
+        result["target_instances_cpu_s"] = [result["target_cpu_s"]] + [
+            result.get(f"target_{n + 2}_cpu_s", 0.0) for n in range(len(spec.other_target_pids))]
+        result["target_cpu_s"] = sum(result["target_instances_cpu_s"])
     busy = result["core_busy"]
     load_share = (result["loadgen_cpu_s"] + result.get("upstream_cpu_s", 0.0)) / wall if wall else 0.0
     # What else kept the cores busy: other processes on the machine, and kernel work not charged to ours.

@@ -1,6 +1,7 @@
 """The benchmark of issue 5 in one command: the relay against the upstream read directly and the seed's algorithm.
 
     .venv/bin/python -m bench.run [--quick] [--only latency,capacity,...] [--transports sse,ws] [--dry-run]
+    .venv/bin/python -m bench.run --instances 2 --database-url postgresql://… --redis-url redis://…
 
 Every case starts fresh processes: the stamping upstream (bench.upstream) pinned to core 1, the target pinned
 to core 0 (the relay with a new SQLite file, the seed port, the bare WebSocket app, or nothing for the direct
@@ -38,6 +39,20 @@ RESULTS = ROOT / "bench" / "results"
 TARGET_CORE, LOAD_CORE = 0, 1
 WARMUP_STREAMS = 5
 WORKLOADS = ("latency", "capacity", "throughput", "memory")
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """How the relay runs: one instance on SQLite (the default), or instances sharing PostgreSQL and Redis.
+
+    Every instance is pinned to the target core. On a 2-core machine, an instance on each core would leave
+    no core for the upstream and the load generator, and their CPU would be measured against the relay's:
+    so two instances here show what the Redis path costs on the same CPU, not what a second machine adds.
+    """
+
+    instances: int = 1
+    database_url: str | None = None  # a PostgreSQL server: each case gets a new database on it
+    redis_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -190,8 +205,29 @@ def wait_ready(process: Process, port: int, path: str | None, timeout: float = 3
     raise RuntimeError(f"{process.name} not ready on port {port} after {timeout} s:\n{process.tail()}")
 
 
+def new_database(server_url: str) -> str:
+    """A new empty PostgreSQL database on `server_url`'s server, for one case; its URL."""
+    import asyncio
+    import uuid
+
+    import asyncpg
+
+    name = f"bench_{uuid.uuid4().hex[:12]}"
+
+    async def create() -> None:
+        connection = await asyncpg.connect(server_url)
+        try:
+            await connection.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await connection.close()
+
+    asyncio.run(create())
+    return server_url.rsplit("/", 1)[0] + "/" + name
+
+
 @contextmanager
-def processes(case: Case, workdir: Path) -> Iterator[tuple[int, int, int, dict[str, Any]]]:
+def processes(case: Case, workdir: Path,
+              deployment: Deployment = Deployment()) -> Iterator[tuple[int, int, int, dict[str, Any]]]:
     """Start the upstream and the target; yield (port to load, target pid, upstream pid, facts)."""
     python = sys.executable
     env = base_env()
@@ -218,6 +254,20 @@ def processes(case: Case, workdir: Path) -> Iterator[tuple[int, int, int, dict[s
                    "RELAY_LIMIT_CONCURRENT_STREAMS": "0", "RELAY_LIMIT_CONNECTIONS": "0"}
             argv = [python, "-m", "server", "--port", str(port)]
             facts["database"] = database
+            if deployment.database_url:
+                env["DATABASE_URL"] = facts["database_url"] = new_database(deployment.database_url)
+            if deployment.redis_url:
+                env.update({"REDIS_URL": deployment.redis_url, "RELAY_REDIS_PREFIX": f"bench-{workdir.name}"})
+            others = []
+            for n in range(1, deployment.instances):
+                other_port = free_port()
+                other = Process(f"relay-{n + 1}", [python, "-m", "server", "--port", str(other_port)], TARGET_CORE,
+                                workdir / f"relay-{n + 1}.log", env)
+                stack.callback(other.stop)
+                wait_ready(other, other_port, "/healthz")
+                others.append((other_port, other.pid))
+            facts["ports"] = [port] + [other_port for other_port, _ in others]
+            facts["other_pids"] = [pid for _, pid in others]
         elif case.target == "seed":
             database = workdir / "seed.db"
             env = {**env, "ANTHROPIC_API_KEY": "bench", "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{up_port}"}
@@ -241,6 +291,36 @@ def rss_of(pid: int) -> int:
     return rss_kb(pid)
 
 
+def saved_replies_postgres(database_url: str, server_url: str) -> dict[str, int] | str:
+    """Like saved_replies, from the case's PostgreSQL database, which is then dropped."""
+    import asyncio
+
+    import asyncpg
+
+    async def count() -> dict[str, int]:
+        connection = await asyncpg.connect(database_url)
+        try:
+            rows = await connection.fetch(
+                "SELECT status, count(*) FROM messages WHERE role = 'assistant' GROUP BY status")
+        finally:
+            await connection.close()
+        return {str(row[0]): int(row[1]) for row in rows}
+
+    async def drop() -> None:
+        connection = await asyncpg.connect(server_url)
+        try:
+            await connection.execute(f'DROP DATABASE IF EXISTS "{database_url.rsplit("/", 1)[1]}"')
+        finally:
+            await connection.close()
+
+    try:
+        return asyncio.run(count())
+    except (OSError, asyncpg.PostgresError) as exc:
+        return f"unreadable: {exc}"
+    finally:
+        asyncio.run(drop())
+
+
 def saved_replies(case: Case, database: Path | None) -> dict[str, int] | str:
     """Assistant messages in the target's database by status, read after the target stopped."""
     if database is None or not database.exists():
@@ -256,18 +336,22 @@ def saved_replies(case: Case, database: Path | None) -> dict[str, int] | str:
         return f"unreadable: {exc}"
 
 
-def run_case(case: Case, workdir: Path) -> dict[str, Any]:
+def run_case(case: Case, workdir: Path, deployment: Deployment = Deployment()) -> dict[str, Any]:
     workdir.mkdir(parents=True)
     started = time.monotonic()
     result: dict[str, Any] = {"case": asdict(case)}
+    if case.target == "relay" and deployment != Deployment():
+        result["deployment"] = {"instances": deployment.instances, "database": "postgresql" if
+                                deployment.database_url else "sqlite", "redis": bool(deployment.redis_url)}
     try:
-        with processes(case, workdir) as (port, target_pid, upstream_pid, facts):
+        with processes(case, workdir, deployment) as (port, target_pid, upstream_pid, facts):
             spec = Spec(kind=case.kind, target=case.target, transport=case.transport, port=port,
                         streams=case.streams, deltas=case.deltas, delay_ms=case.delay_ms, ramp_s=case.ramp_s,
                         timeout_s=case.timeout_s(), concurrency=case.concurrency,
                         checkpoint_every=case.checkpoint_every, idle_sockets=case.idle_sockets,
                         warmup_streams=WARMUP_STREAMS if case.kind != "idle_ws" else 0,
-                        target_pid=target_pid, upstream_pid=upstream_pid)
+                        target_pid=target_pid, upstream_pid=upstream_pid,
+                        ports=tuple(facts.get("ports", ())), other_target_pids=tuple(facts.get("other_pids", ())))
             spec_path, result_path = workdir / "spec.json", workdir / "result.json"
             spec_path.write_text(json.dumps(asdict(spec)))
             with (workdir / "loadgen.log").open("wb") as log:
@@ -282,7 +366,8 @@ def run_case(case: Case, workdir: Path) -> dict[str, Any]:
         result["target_exit_code"] = facts.get("target_exit_code")
         result["target_start_rss_kb"] = facts.get("target_start_rss_kb")
         if case.target in ("relay", "seed") and case.kind != "idle_ws":
-            result["saved"] = saved_replies(case, facts.get("database"))
+            result["saved"] = saved_replies_postgres(facts["database_url"], deployment.database_url or "") \
+                if "database_url" in facts else saved_replies(case, facts.get("database"))
             result["saved_expected"] = case.streams + WARMUP_STREAMS
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
         result["failed"] = str(exc)[-2000:]
@@ -333,6 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transports", default="sse,ws", help="the relay's transports: sse, ws or both")
     parser.add_argument("--dry-run", action="store_true", help="print the cases and an estimated duration")
     parser.add_argument("--output", default=str(RESULTS), help="results folder (default bench/results)")
+    parser.add_argument("--instances", type=int, default=1,
+                        help="relay instances, all on the target core (more than 1 needs the two options below)")
+    parser.add_argument("--database-url", help="a PostgreSQL server (postgresql://user@host:5432/db): each relay "
+                        "case gets a new database on it, instead of a SQLite file")
+    parser.add_argument("--redis-url", help="Redis for the relay's instances (REDIS_URL), e.g. redis://127.0.0.1:6379/7")
     args = parser.parse_args(argv)
     only = [w.strip() for w in args.only.split(",") if w.strip()]
     transports = [t.strip() for t in args.transports.split(",") if t.strip()]
@@ -342,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("taskset (util-linux) is needed to pin the processes to cores")
     if (os.cpu_count() or 1) < 2:
         parser.error("two cores are needed: one for the target, one for the upstream and load generator")
+    if args.instances < 1 or (args.instances > 1 and not (args.database_url and args.redis_url)):
+        parser.error("--instances 2 or more needs --database-url (PostgreSQL) and --redis-url")
+    deployment = Deployment(args.instances, args.database_url, args.redis_url)
     cases = plan(args.quick, only, transports)
     estimate = sum(case.expected_s() for case in cases)
     print(f"{len(cases)} cases, about {estimate / 60:.1f} minutes", flush=True)
@@ -359,14 +452,17 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="deltarelay-bench-") as tmp:
         for index, case in enumerate(cases):
-            result = run_case(case, Path(tmp) / f"{index:03d}-{case.workload}-{case.target}-{case.transport}")
+            result = run_case(case, Path(tmp) / f"{index:03d}-{case.workload}-{case.target}-{case.transport}",
+                              deployment)
             runs.append(result)
             print(report.one_line(result), flush=True)
     document = {
         "quick": args.quick,
         "machine": facts,
         "settings": {"only": only, "transports": transports, "warmup_streams": WARMUP_STREAMS,
-                     "upstream": "bench.upstream"},
+                     "upstream": "bench.upstream", "instances": deployment.instances,
+                     "database": "postgresql" if deployment.database_url else "sqlite",
+                     "redis": bool(deployment.redis_url)},
         "duration_s": round(time.monotonic() - began, 1),
         "runs": runs,
     }

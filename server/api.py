@@ -13,6 +13,7 @@ from .core import Relay
 from .errors import BadRequestError, NotFoundError
 from .metrics import CONTENT_TYPE
 from .protocol.frames import parse_json_object
+from .redis_hub import RedisStreamHub
 from .transports.sse import read_body
 from .usage import parse_query, report_json, usage_rows
 
@@ -166,6 +167,14 @@ async def readyz(request: Request) -> Response:
         checks["database"] = "ok"
     except Exception:
         checks["database"] = "unreachable"
-    checks["accepting"] = "ok" if relay.hub.accepting else "shutting_down"
+    hub = relay.hub
+    if isinstance(hub, RedisStreamHub):
+        # Without Redis this instance cannot serve other instances' streams, nor they its own.
+        try:
+            await hub.redis.ping()
+            checks["redis"] = "ok"
+        except Exception:
+            checks["redis"] = "unreachable"
+    checks["accepting"] = "ok" if hub.accepting else "shutting_down"
     ready = all(value == "ok" for value in checks.values())
     return JSONResponse({"status": "ready" if ready else "unavailable", **checks}, status_code=200 if ready else 503)

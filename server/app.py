@@ -20,9 +20,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import api
 from .config import Settings
-from .core import Relay
+from .core import Relay, save_orphan
 from .errors import RelayError
-from .hub import StreamHub
+from .hub import Orphan, StreamHub
 from .store import Store
 from .transports import sse, websocket
 from .upstream.anthropic import AnthropicUpstream
@@ -107,6 +107,22 @@ async def favicon(request: Request) -> Response:
     return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
 
 
+def make_hub(settings: Settings, store: Store) -> StreamHub:
+    """In-process for one instance; with REDIS_URL, the hub that several instances share."""
+    sizes = (settings.stream_log_events, settings.stream_retention_seconds, settings.subscriber_queue_events,
+             settings.keepalive_seconds, settings.stream_retention_max)
+    if settings.redis_url is None:
+        return StreamHub(*sizes)
+    from .redis_hub import RedisStreamHub
+
+    async def save(orphan: Orphan) -> bool:
+        return await save_orphan(store, orphan)
+
+    return RedisStreamHub(settings.redis_url, *sizes, prefix=settings.redis_prefix,
+                          lease_seconds=settings.instance_lease_seconds, on_orphan=save,
+                          on_instance_gone=store.interrupt_instance)
+
+
 def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
     """The app for `settings`; `transport` replaces the upstream's network (tests)."""
 
@@ -114,16 +130,20 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = Store(settings.database_url)
         await store.connect()
-        left = await store.interrupt_unfinished()
+        hub = make_hub(settings, store)
+        try:
+            await hub.open()
+            # Only answers no live instance is generating: another instance's running ones are left alone.
+            left = await store.interrupt_unfinished(await hub.live_instances())
+        except BaseException:
+            await hub.close()
+            await store.disconnect()
+            raise
         if left:
             log.warning("marked %d answers left unfinished by an earlier run as interrupted", left)
         offline = transport is None and settings.offline
         upstream = AnthropicUpstream(settings, transport or upstream_transport(settings),
                                      base_url="http://offline-model.invalid" if offline else None)
-        hub = StreamHub(settings.stream_log_events, settings.stream_retention_seconds,
-                        settings.subscriber_queue_events, settings.keepalive_seconds,
-                        settings.stream_retention_max)
-        hub.start()
         app.state.store = store
         app.state.hub = hub
         relay = Relay(settings, store, upstream, hub)
@@ -139,6 +159,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
             yield
         finally:
             await hub.shutdown(settings.shutdown_grace_seconds)
+            await hub.close()
             await upstream.aclose()
             await store.disconnect()
 

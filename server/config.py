@@ -80,6 +80,10 @@ class Settings:
     limit_connections: int = 64
     budget_per_day: str | None = None  # dollars per user per UTC day, e.g. "5.00"; unset: no budget
     max_history_messages: int = 1000
+    # Several instances: stream logs, fan-out and cancels through Redis (unset: in-process, one instance).
+    redis_url: str | None = None
+    redis_prefix: str = "deltarelay"  # the start of every Redis key: deployments sharing a Redis stay apart
+    instance_lease_seconds: float = 3.0  # an instance silent this long is dead: its answers end as interrupted
     agents: tuple[Agent, ...] = field(default=())
 
     @property
@@ -172,12 +176,16 @@ ENV_NAMES: dict[str, str] = {
     "limit_connections": "RELAY_LIMIT_CONNECTIONS",
     "budget_per_day": "RELAY_BUDGET_PER_DAY",
     "max_history_messages": "RELAY_MAX_HISTORY_MESSAGES",
+    "redis_url": "REDIS_URL",
+    "redis_prefix": "RELAY_REDIS_PREFIX",
+    "instance_lease_seconds": "RELAY_INSTANCE_LEASE_SECONDS",
 }
 
 _POSITIVE = {
     "port", "max_tokens", "max_message_bytes", "upstream_max_connections", "connect_timeout",
     "first_event_timeout", "idle_timeout", "stream_log_events", "subscriber_queue_events", "keepalive_seconds",
     "stream_retention_max", "session_hours", "ws_max_frame_bytes", "ws_max_streams", "max_history_messages",
+    "instance_lease_seconds",
 }
 _NON_NEGATIVE = {
     "offline_delay_ms", "offline_words", "stream_retention_seconds", "retry_attempts", "retry_base_delay",
@@ -267,6 +275,12 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"RELAY_ALLOWED_ORIGINS entries must look like https://example.com, got {origin!r}")
     if settings.log_format not in ("text", "json"):
         raise ConfigError("RELAY_LOG_FORMAT must be text or json")
+    if settings.redis_url is not None and not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(
+            f"REDIS_URL must start with redis://, rediss:// or unix://, got {settings.redis_url.split(':')[0]!r}"
+        )
+    if not settings.redis_prefix or any(c.isspace() for c in settings.redis_prefix):
+        raise ConfigError("RELAY_REDIS_PREFIX must be a non-empty word without spaces")
     if settings.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
         raise ConfigError("RELAY_LOG_LEVEL must be one of critical, error, warning, info, debug")
 

@@ -12,20 +12,22 @@ import logging
 import random
 import time
 from collections.abc import AsyncGenerator, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import orjson
 from starlette.types import Scope
 
 from .auth import ANONYMOUS, Authenticator, User
 from .config import Settings
 from .errors import NotFoundError, ProtocolError, RelayError, UpstreamError
 from .events import Cost, Done, Error, Start
-from .hub import LiveStream, StreamHub, Subscriber
+from .hub import LiveStream, Orphan, StreamHub, Subscriber
 from .limits import Limits
 from .logs import fields
 from .metrics import Metrics
-from .protocol.anthropic import ReplyState
+from .pricing import Usage, cost_of
+from .protocol.anthropic import ReplyState, TextParts, estimate_tokens
 from .protocol.frames import SendMessage
 from .protocol.sse import SSEEvent
 from .store import Reply, Status, Store, new_id
@@ -120,6 +122,7 @@ class Relay:
                 task_trace_id=stream_id,
                 owner_id=user.id,
                 max_history=self.settings.max_history_messages,
+                instance_id=self.hub.instance_id,
             )
         except BaseException:
             self.limits.give_stream(user)
@@ -202,7 +205,7 @@ class Relay:
         """
         await self.check_access(stream_id, user, code="not_found")
         try:
-            return self.hub.cancel(stream_id)
+            return await self.hub.request_cancel(stream_id)
         except NotFoundError as exc:
             exc.code = "not_found"
             raise
@@ -233,7 +236,7 @@ async def resume(relay: Relay, stream_id: str, after: int, keepalive: bool = Fal
     """
     await relay.check_access(stream_id, user)
     try:
-        subscriber = relay.hub.subscribe(stream_id, after, keepalive)
+        subscriber = await relay.hub.resume(stream_id, after, keepalive)
         relay.metrics.resumes.labels(transport).inc()
         return subscriber
     except RelayError as exc:
@@ -309,6 +312,33 @@ async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStr
     outcome.chunks = reply.chunk_count
     outcome.finished_at = time.monotonic()
     return outcome
+
+
+async def save_orphan(store: Store, orphan: Orphan) -> bool:
+    """Save the partial answer of a stream whose instance died, from its logged events, as `interrupted`.
+
+    The output tokens are estimated from the text, as for a cancel; input and cache tokens are the
+    last usage the dead instance copied to Redis. False when the answer was already finished.
+    """
+    text, thinking = TextParts(), TextParts()
+    model = orphan.model
+    for _, name, data in orphan.entries:
+        if name == "chunk":
+            text.add(orjson.loads(data)["text"])
+        elif name == "thinking":
+            thinking.add(orjson.loads(data)["text"])
+        elif name == "start":
+            model = orjson.loads(data).get("model") or model
+    content, thought = text.value(), thinking.value()
+    known = {key: value for key, value in orphan.usage.items() if key in Usage.__dataclass_fields__}
+    usage = replace(Usage(**known), output_tokens=estimate_tokens(len(content.encode()) + len(thought.encode())))
+    record = Reply(
+        content=content, thinking=thought, model=model, status=Status.INTERRUPTED, stop_reason=None,
+        input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+        cache_creation_input_tokens=usage.cache_creation_input_tokens,
+        cache_read_input_tokens=usage.cache_read_input_tokens, cost=cost_of(usage, model), cost_estimated=True,
+    )
+    return await store.save_reply(orphan.message_id, record)
 
 
 async def _relay_attempt(job: Job, upstream: Upstream, stream: LiveStream, reply: ReplyState,

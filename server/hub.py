@@ -5,6 +5,11 @@ connection that started it drops. A subscriber gets the log after its cursor and
 then the live events, with no gap and no duplicate: both happen in one step of
 the event loop. Every queue is bounded; a subscriber that falls too far behind
 is dropped and may resume from the log.
+
+StreamHub is the one interface the core and the transports use, and its in-process
+implementation for a single instance. server/redis_hub.py extends it across
+instances (REDIS_URL): the same local fast path, plus every event copied to Redis
+through `LiveStream.sink`, and other instances' streams read into local mirrors.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import asyncio
 import itertools
 import logging
 import time
+import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .errors import GoneError, NotFoundError
@@ -25,6 +32,19 @@ log = logging.getLogger("deltarelay.hub")
 
 # One logged event: (id, name, data as JSON text). Tuples keep thousands of streams small.
 Entry = tuple[int, str, str]
+# Called with every event a stream logs, after numbering: (stream, id, name, data).
+Sink = Callable[["LiveStream", int, str, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Orphan:
+    """A stream whose instance died before it ended: what the log and the last usage copy hold."""
+
+    stream_id: str
+    message_id: str
+    model: str
+    entries: list[Entry]
+    usage: dict[str, int]
 
 
 class KeepaliveTarget(Protocol):
@@ -127,10 +147,11 @@ class LiveStream:
 
     __slots__ = (
         "id", "conversation_id", "message_id", "model", "log_names", "log_data", "last_id", "finished",
-        "subscribers", "task", "stop_status", "reply", "running", "finalizing",
+        "subscribers", "task", "stop_status", "reply", "running", "finalizing", "sink", "cursor_waiters",
     )
 
-    def __init__(self, stream_id: str, conversation_id: str, message_id: str, model: str, log_limit: int) -> None:
+    def __init__(self, stream_id: str, conversation_id: str, message_id: str | None, model: str,
+                 log_limit: int) -> None:
         self.id = stream_id
         self.conversation_id = conversation_id
         self.message_id = message_id
@@ -147,6 +168,9 @@ class LiveStream:
         self.running = False  # the core has begun: a cancel can be delivered into it
         self.finalizing = False  # the core is saving and ending the stream: too late to cancel
         self.reply: ReplyState | None = None  # the core's state of the current attempt
+        self.sink: Sink | None = None  # where else every event goes (Redis), None for one instance
+        # A mirror's readers whose cursor is a few events ahead of what has arrived yet: (cursor, future).
+        self.cursor_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     def append(self, event: RelayEvent) -> None:
         """Number, encode (once) and log an event, and hand it to every subscriber."""
@@ -154,17 +178,60 @@ class LiveStream:
             return
         self.last_id += 1
         data = encode_data(event).decode()
-        self.log_names.append(event.name)
+        sink = self.sink
+        if sink is not None:
+            sink(self, self.last_id, event.name, data)
+        self._log(event.name, data)
+
+    def append_entry(self, event_id: int, name: str, data: str) -> None:
+        """Log an event numbered elsewhere (a mirror of another instance's stream): ids are kept as they are."""
+        if self.finished or event_id <= self.last_id:
+            return  # already have it: a mirror's reads may overlap
+        if event_id != self.last_id + 1:
+            # The log starts here (the first events were trimmed away): ids stay those of the owner.
+            self.log_names.clear()
+            self.log_data.clear()
+        self.last_id = event_id
+        self._log(name, data)
+        if self.cursor_waiters:
+            self.wake_cursor_waiters()
+
+    def _log(self, name: str, data: str) -> None:
+        self.log_names.append(name)
         self.log_data.append(data)
         if self.subscribers:
-            entry: Entry = (self.last_id, event.name, data)
+            entry: Entry = (self.last_id, name, data)
             for subscriber in self.subscribers:
                 subscriber.push(entry)
-        if event.name in TERMINAL_EVENTS:
+        if name in TERMINAL_EVENTS:
             self.finished = True
             for subscriber in self.subscribers:
                 subscriber.close()
             self.subscribers = []
+            if self.cursor_waiters:
+                self.wake_cursor_waiters()
+
+    def wake_cursor_waiters(self) -> None:
+        waiting = []
+        for cursor, future in self.cursor_waiters:
+            if cursor <= self.last_id or self.finished:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                waiting.append((cursor, future))
+        self.cursor_waiters = waiting
+
+    async def reach(self, cursor: int, seconds: float) -> None:
+        """Wait (up to `seconds`) until the log holds event `cursor` or the stream ends."""
+        if cursor <= self.last_id or self.finished:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.cursor_waiters.append((cursor, future))
+        try:
+            async with asyncio.timeout(seconds):
+                await future
+        except TimeoutError:
+            pass
 
     def subscribe(self, after: int, queue_limit: int) -> Subscriber:
         """A subscriber that gets every event with an id above `after`.
@@ -203,10 +270,18 @@ class LiveStream:
 
 
 class StreamHub:
-    """All live and recently finished streams of this process."""
+    """All live and recently finished streams of this process; the interface of every hub.
+
+    The core uses create() and run(); transports use subscribe() for a stream this
+    process just started, resume() for any stream by id, and request_cancel(). The
+    in-process hub serves one instance: resume() and request_cancel() only see its own
+    streams, and every answer a process left unfinished is its own.
+    """
 
     def __init__(self, log_limit: int, retention_seconds: float, queue_limit: int = 2000,
                  keepalive_seconds: float = 15.0, retention_max: int = 1000) -> None:
+        # Saved with each answer (messages.instance_id): whose answers are still running somewhere.
+        self.instance_id = uuid.uuid4().hex
         self.log_limit = log_limit
         self.retention_seconds = retention_seconds
         self.retention_max = retention_max
@@ -223,6 +298,17 @@ class StreamHub:
 
     def start(self) -> None:
         self._keepalive_task = asyncio.create_task(self._keepalive_loop(), name="keepalive")
+
+    async def open(self) -> None:
+        """Start the hub's own tasks (and, for hubs across instances, connect)."""
+        self.start()
+
+    async def close(self) -> None:
+        """Release what open() took; after shutdown()."""
+
+    async def live_instances(self) -> set[str]:
+        """Instances whose unfinished answers are still being generated: none but this new one here."""
+        return {self.instance_id}
 
     async def _keepalive_loop(self) -> None:
         while True:
@@ -244,9 +330,13 @@ class StreamHub:
     def _finished(self, stream: LiveStream) -> None:
         if stream.task is not None and not stream.task.cancelled() and stream.task.exception() is not None:
             log.error("stream %s failed", stream.id, exc_info=stream.task.exception())
+        self._retain(stream.id)
+
+    def _retain(self, stream_id: str) -> None:
+        """Keep a finished stream for resumes, within both the retention time and count."""
         loop = asyncio.get_running_loop()
-        loop.call_later(self.retention_seconds, self._expire, stream.id)
-        self.finished[stream.id] = None
+        loop.call_later(self.retention_seconds, self._expire, stream_id)
+        self.finished[stream_id] = None
         while len(self.finished) > self.retention_max:
             self._expire(next(iter(self.finished)))
 
@@ -268,8 +358,24 @@ class StreamHub:
             subscriber.on_detach = self.keepalive_targets.discard
         return subscriber
 
+    async def resume(self, stream_id: str, after: int = 0, keepalive: bool = False) -> Subscriber:
+        """Read any stream from after event `after` (here: only this process's streams).
+
+        Raises:
+            NotFoundError/GoneError (code not_resumable): the stream cannot be served.
+        """
+        return self.subscribe(stream_id, after, keepalive)
+
+    async def request_cancel(self, stream_id: str) -> bool:
+        """Stop a stream wherever it is generated; True when it was still running.
+
+        Raises:
+            NotFoundError: no such stream (or it expired).
+        """
+        return self.cancel(stream_id)
+
     def cancel(self, stream_id: str, status: str = "cancelled") -> bool:
-        """Stop generating; True when the stream was still running."""
+        """Stop generating a stream of this process; True when the stream was still running."""
         stream = self.get(stream_id)
         if stream.task is None or stream.task.done() or stream.finalizing or stream.stop_status is not None:
             return False

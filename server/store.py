@@ -14,7 +14,7 @@ import queue
 import sqlite3
 import threading
 import uuid
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Collection, Generator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -177,8 +177,11 @@ class Store:
         trace_session_id: str | None = None,
         owner_id: str | None = None,
         max_history: int | None = None,
+        instance_id: str | None = None,
     ) -> Turn:
         """Save the user's message and an empty assistant message; return the history to send.
+
+        `instance_id` names the server instance that generates the answer (see interrupt_unfinished).
 
         Raises:
             NotFoundError: conversation_id names no conversation of owner_id; nothing is saved.
@@ -217,12 +220,13 @@ class Store:
             user_id, assistant_id = new_id(), new_id()
             insert = (
                 "INSERT INTO messages (id, conversation_id, seq, role, content, model, status, stream_id,"
-                " trace_session_id, task_trace_id, created_at, completed_at)"
-                " VALUES (:id, :conv, :seq, :role, :content, :model, :status, :stream, :ts, :tt, :t, :done)"
+                " trace_session_id, task_trace_id, created_at, completed_at, instance_id)"
+                " VALUES (:id, :conv, :seq, :role, :content, :model, :status, :stream, :ts, :tt, :t, :done, :instance)"
             )
             # One trace session per conversation unless the caller names one.
-            common = {"conv": conv_id, "stream": stream_id, "ts": trace_session_id or conv_id, "tt": task_trace_id,
-                      "t": stamp}
+            trace_session = trace_session_id or conv_id
+            common = {"conv": conv_id, "stream": stream_id, "ts": trace_session, "tt": task_trace_id,
+                      "t": stamp, "instance": instance_id}
             yield Query(
                 insert,
                 {**common, "id": user_id, "seq": seq, "role": "user", "content": user_text, "model": None,
@@ -235,20 +239,24 @@ class Store:
             )
             history.append({"role": "user", "content": user_text})
             return Turn(conv_id, user_id, assistant_id, _history([(m["role"], m["content"]) for m in history]),
-                        common["ts"])
+                        trace_session)
 
         return await self.write(operation())
 
-    async def save_reply(self, message_id: str, reply: Reply) -> None:
-        """Write an assistant message's final state; a message is finished exactly once."""
+    async def save_reply(self, message_id: str, reply: Reply) -> bool:
+        """Write an assistant message's final state; a message is finished exactly once.
 
-        def operation() -> Operation[None]:
-            yield Query(
+        Returns whether this call finished it (False: it was already finished, by another
+        instance perhaps). RETURNING makes the check and the write one atomic statement.
+        """
+
+        def operation() -> Operation[bool]:
+            rows = yield Query(
                 "UPDATE messages SET content = :content, thinking = :thinking, model = :model, status = :status,"
                 " stop_reason = :stop, input_tokens = :inp, output_tokens = :out,"
                 " cache_creation_input_tokens = :cw, cache_read_input_tokens = :cr, cost = :cost,"
                 " cost_estimated = :est, error_code = :err, completed_at = :t"
-                " WHERE id = :id AND status = :streaming",
+                " WHERE id = :id AND status = :streaming RETURNING id",
                 {
                     "content": reply.content, "thinking": reply.thinking, "model": reply.model,
                     "status": reply.status.value, "stop": reply.stop_reason, "inp": reply.input_tokens,
@@ -258,18 +266,45 @@ class Store:
                     "est": 1 if reply.cost_estimated else 0, "err": reply.error_code, "t": now(),
                     "id": message_id, "streaming": Status.STREAMING.value,
                 },
+                ALL,
             )
+            return bool(rows)
 
-        await self.write(operation())
+        return await self.write(operation())
 
-    async def interrupt_unfinished(self) -> int:
-        """Mark messages left `streaming` by a previous process as `interrupted`."""
+    async def interrupt_unfinished(self, live_instances: Collection[str] = ()) -> int:
+        """Mark messages left `streaming` as `interrupted`, except those of instances in `live_instances`.
+
+        One instance passes nothing: whatever is unfinished at its start was left by an
+        earlier process. Instances sharing a database pass the ones still alive, so a
+        starting instance never touches another's running answers.
+        """
+        keep = {f"i{n}": instance for n, instance in enumerate(sorted(live_instances))}
+        names = ", ".join(f":{key}" for key in keep)
+        spare = f" AND (instance_id IS NULL OR instance_id NOT IN ({names}))" if keep else ""
 
         def operation() -> Operation[int]:
-            rows = yield Query("SELECT id FROM messages WHERE status = :s", {"s": Status.STREAMING.value}, ALL)
+            params = {"s": Status.STREAMING.value, **keep}
+            rows = yield Query("SELECT id FROM messages WHERE status = :s" + spare, params, ALL)
             yield Query(
-                "UPDATE messages SET status = :i, completed_at = :t WHERE status = :s",
-                {"i": Status.INTERRUPTED.value, "t": now(), "s": Status.STREAMING.value},
+                "UPDATE messages SET status = :i, completed_at = :t WHERE status = :s" + spare,
+                {"i": Status.INTERRUPTED.value, "t": now(), **params},
+            )
+            return len(rows)
+
+        return await self.write(operation())
+
+    async def interrupt_instance(self, instance_id: str) -> int:
+        """Mark the `streaming` messages of an instance that is gone as `interrupted` (what Redis did not know)."""
+
+        def operation() -> Operation[int]:
+            params = {"s": Status.STREAMING.value, "instance": instance_id}
+            rows = yield Query("SELECT id FROM messages WHERE status = :s AND instance_id = :instance", params,
+                               ALL)
+            yield Query(
+                "UPDATE messages SET status = :i, completed_at = :t"
+                " WHERE status = :s AND instance_id = :instance",
+                {"i": Status.INTERRUPTED.value, "t": now(), **params},
             )
             return len(rows)
 

@@ -17,6 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 STREAMS = DATA / "anthropic-streams"
+# Every table the migrations create, in an order that drops cleanly (referencing tables first).
+SCHEMA_TABLES = ("messages", "sessions", "conversations", "users", "schema_migrations")
 
 
 def free_port() -> int:

@@ -16,6 +16,12 @@ def test_defaults_run_offline_on_a_local_sqlite_file():
     assert settings.offline
     assert settings.agent(None).model == "deltarelay-offline"
     assert settings.upstream_max_connections > 100  # httpx's default of 100 would queue the 101st stream
+    assert settings.redis_url is None  # one instance, streams in process
+
+
+def test_redis_url_is_read_from_the_environment():
+    settings = load_settings({"REDIS_URL": "redis://127.0.0.1:6379/3", "RELAY_REDIS_PREFIX": "prod"})
+    assert (settings.redis_url, settings.redis_prefix) == ("redis://127.0.0.1:6379/3", "prod")
 
 
 def test_an_api_key_switches_to_the_configured_model():
@@ -33,6 +39,9 @@ def test_an_api_key_switches_to_the_configured_model():
         ({"RELAY_OFFLINE_DELAY_MS": "-1"}, "RELAY_OFFLINE_DELAY_MS must be 0 or more, got '-1'"),
         ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL must start with sqlite:// or postgresql://, got 'mysql'"),
         ({"ANTHROPIC_BASE_URL": "ftp://x"}, "ANTHROPIC_BASE_URL must be an http:// or https:// URL"),
+        ({"REDIS_URL": "http://x"}, "REDIS_URL must start with redis://, rediss:// or unix://, got 'http'"),
+        ({"RELAY_REDIS_PREFIX": "a b"}, "RELAY_REDIS_PREFIX must be a non-empty word without spaces"),
+        ({"RELAY_INSTANCE_LEASE_SECONDS": "0"}, "RELAY_INSTANCE_LEASE_SECONDS must be greater than 0, got '0'"),
     ],
 )
 def test_invalid_settings_fail_with_one_line_naming_the_variable(env, message):

@@ -1,22 +1,79 @@
-"""The hub's log and subscribers, in one event loop: numbering, replay, bounds, keepalive."""
+"""The hub's log and subscribers: numbering, replay, bounds, keepalive, cancels.
+
+Run on both hubs: in-process (the reader is the hub that generates the stream) and Redis
+(the reader is a second instance sharing the Redis, reading through its mirror).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import pytest
 
-from server.errors import GoneError
-from server.events import Chunk, Done
-from server.hub import StreamHub, SubscriberDropped
+from server.errors import GoneError, NotFoundError
+from server.events import Chunk, Done, Start
+from server.hub import LiveStream, StreamHub, Subscriber, SubscriberDropped
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "")
+# Without a Redis named, the Redis runs show up as skipped, never silently absent.
+HUB_KINDS = ["in-process", "redis" if REDIS_URL else pytest.param("redis", marks=pytest.mark.skip(
+    reason="set TEST_REDIS_URL=redis://127.0.0.1:6379/7 to run the hub tests on Redis"))]
 
 
-def make_stream(log_limit: int = 100, queue_limit: int = 10):
-    hub = StreamHub(log_limit, retention_seconds=60, queue_limit=queue_limit)
-    return hub, hub.create("s1", "c1", "m1", "model")
+@dataclass
+class Hubs:
+    """`owner` generates streams; `reader` reads them: the same hub in-process, another instance with Redis."""
+
+    owner: StreamHub
+    reader: StreamHub
+
+    async def settled(self, stream_id: str, last_id: int) -> LiveStream:
+        """The reader's copy of a stream once it holds event `last_id` (a mirror lags the owner a little)."""
+        if stream_id not in self.reader.streams:
+            with contextlib.suppress(GoneError):  # only to load the copy; the log may no longer start at 1
+                await self.reader.resume(stream_id, 0)
+        stream = self.reader.streams[stream_id]
+        await stream.reach(last_id, 5)
+        assert stream.last_id >= last_id
+        return stream
 
 
-async def read_all(subscriber) -> list:
+async def open_redis_hub(prefix: str, **options: object) -> StreamHub:
+    from server.redis_hub import RedisStreamHub
+
+    hub = RedisStreamHub(REDIS_URL, 100, retention_seconds=60, queue_limit=10, prefix=prefix, **options)  # type: ignore[arg-type]
+    await hub.open()
+    return hub
+
+
+@pytest.fixture(params=HUB_KINDS)
+async def hubs(request: pytest.FixtureRequest) -> AsyncIterator[Hubs]:
+    if request.param == "in-process":
+        hub = StreamHub(100, retention_seconds=60, queue_limit=10)
+        yield Hubs(hub, hub)
+        await hub.shutdown(0)
+        return
+    prefix = f"test-{uuid.uuid4().hex[:12]}"  # every test its own keys: others share this Redis
+    owner, reader = await open_redis_hub(prefix), await open_redis_hub(prefix)
+    yield Hubs(owner, reader)
+    for hub in (owner, reader):
+        await hub.shutdown(0)
+        await hub.close()
+
+
+def make_stream(hub: StreamHub, log_limit: int = 100, stream_id: str = "s1") -> LiveStream:
+    hub.log_limit = log_limit
+    stream = hub.create(stream_id, "c1", "m1", "model")
+    stream.append(Start(stream_id, "c1", "model"))
+    return stream
+
+
+async def read_all(subscriber: Subscriber) -> list:
     entries = []
     async with asyncio.timeout(5):
         async for batch in subscriber.batches():
@@ -24,59 +81,118 @@ async def read_all(subscriber) -> list:
     return entries
 
 
-async def test_a_subscriber_gets_the_backlog_then_live_events_with_no_gap_or_duplicate():
-    hub, stream = make_stream()
+async def test_a_subscriber_gets_the_backlog_then_live_events_with_no_gap_or_duplicate(hubs):
+    stream = make_stream(hubs.owner)
     for n in range(3):
         stream.append(Chunk(f"w{n}"))
-    subscriber = hub.subscribe("s1", after=1)
+    await hubs.settled("s1", 4)
+    subscriber = await hubs.reader.resume("s1", after=2)
     stream.append(Chunk("w3"))
     stream.append(Done("c1", "m1", "end_turn"))
 
     entries = await read_all(subscriber)
 
-    assert [entry[0] for entry in entries] == [2, 3, 4, 5]
+    assert [entry[0] for entry in entries] == [3, 4, 5, 6]
+    assert [entry[2] for entry in entries[:-1]] == ['{"text":"w1"}', '{"text":"w2"}', '{"text":"w3"}']
     assert entries[-1][1] == "done"
 
 
-async def test_a_reader_that_never_reads_is_dropped_at_its_bound_and_holds_no_more():
-    hub, stream = make_stream(log_limit=10_000, queue_limit=10)
-    stuck = hub.subscribe("s1", after=0)
+async def test_a_cursor_a_little_ahead_of_the_readers_copy_gets_exactly_the_rest(hubs):
+    stream = make_stream(hubs.owner)
+    await hubs.settled("s1", 1)
+    for n in range(5):
+        stream.append(Chunk(f"w{n}"))
+    # Asked for before the reader's copy can hold event 6 (Redis: the owner has not even written it yet).
+    resuming = asyncio.ensure_future(hubs.reader.resume("s1", after=6))
+    stream.append(Chunk("w5"))
+    stream.append(Done("c1", "m1", "end_turn"))
+
+    entries = await read_all(await resuming)
+
+    assert [entry[0] for entry in entries] == [7, 8]
+
+
+async def test_a_reader_that_never_reads_is_dropped_at_its_bound_and_holds_no_more(hubs):
+    stream = make_stream(hubs.owner, log_limit=10_000)
+    await hubs.settled("s1", 1)
+    stuck = await hubs.reader.resume("s1", after=1)
     for n in range(1000):
         stream.append(Chunk(f"w{n}"))
         assert len(stuck.pending) <= 10
+    await hubs.settled("s1", 1001)
     assert stuck.dropped and stuck.pending == []
     with pytest.raises(SubscriberDropped):
         await read_all(stuck)
     # It may resume from the log where it was.
-    assert len(await asyncio.wait_for(_first_batch(hub.subscribe("s1", after=990)), 5)) == 10
+    resumed = await hubs.reader.resume("s1", after=991)
+    assert len(await asyncio.wait_for(_first_batch(resumed), 5)) == 10
 
 
-async def _first_batch(subscriber):
+async def _first_batch(subscriber: Subscriber) -> list:
     async for batch in subscriber.batches():
         return batch
+    return []
 
 
-def test_cursors_outside_the_log_are_not_resumable():
-    hub, stream = make_stream(log_limit=5)
+async def test_cursors_outside_the_log_are_not_resumable(hubs):
+    stream = make_stream(hubs.owner, log_limit=5)
+    hubs.reader.log_limit = 5
     for n in range(20):
         stream.append(Chunk(f"w{n}"))
+    stream.append(Done("c1", "m1", "end_turn"))
+    await hubs.settled("s1", 22)
     with pytest.raises(GoneError):
-        hub.subscribe("s1", after=21)
+        await hubs.reader.resume("s1", after=23)
     with pytest.raises(GoneError):
-        hub.subscribe("s1", after=3)
-    assert hub.subscribe("s1", after=15).pending[0][0] == 16
+        await hubs.reader.resume("s1", after=3)
+    assert (await hubs.reader.resume("s1", after=18)).pending[0][0] == 19
 
 
-async def test_an_idle_subscriber_gets_an_empty_batch_as_keepalive_after_a_whole_idle_interval():
-    hub, stream = make_stream()
-    subscriber = hub.subscribe("s1", after=0, keepalive=True)
+async def test_an_unknown_stream_is_not_resumable_and_cannot_be_cancelled(hubs):
+    with pytest.raises(NotFoundError) as unknown:
+        await hubs.reader.resume("no-such-stream", after=0)
+    assert unknown.value.code == "not_resumable"
+    with pytest.raises(NotFoundError):
+        await hubs.reader.request_cancel("no-such-stream")
+
+
+async def test_a_cancel_sent_to_the_reader_reaches_the_stream_where_it_is_generated(hubs):
+    stream = make_stream(hubs.owner)
+    cancelled = asyncio.Event()
+
+    async def generate() -> None:
+        stream.running = True
+        try:
+            await asyncio.Event().wait()  # an answer that never ends by itself
+        except asyncio.CancelledError:
+            stream.append(Done("c1", "m1", "cancelled"))
+            cancelled.set()
+
+    hubs.owner.run(stream, generate())
+    await asyncio.sleep(0)  # the task starts: a cancel can now be delivered into it
+    await hubs.settled("s1", 1)
+    watcher = await hubs.reader.resume("s1", after=0)
+
+    assert await hubs.reader.request_cancel("s1") is True
+
+    async with asyncio.timeout(5):
+        await cancelled.wait()
+    entries = await read_all(watcher)
+    assert [(entry[0], entry[1]) for entry in entries] == [(1, "start"), (2, "done")]
+    assert await hubs.reader.request_cancel("s1") is False  # it has ended
+
+
+async def test_an_idle_subscriber_gets_an_empty_batch_as_keepalive_after_a_whole_idle_interval(hubs):
+    make_stream(hubs.owner)
+    await hubs.settled("s1", 1)
+    subscriber = await hubs.reader.resume("s1", after=1, keepalive=True)
     subscriber.keepalive_tick()  # had activity (just subscribed): not yet
     assert not subscriber.keepalive_due
     subscriber.keepalive_tick()  # a whole interval with nothing
     batches = subscriber.batches()
     assert await asyncio.wait_for(anext(batches), 5) == []
     await batches.aclose()
-    assert subscriber not in hub.keepalive_targets
+    assert subscriber not in hubs.reader.keepalive_targets
 
 
 async def test_finished_streams_are_kept_within_a_count_so_memory_stays_flat():
@@ -84,13 +200,72 @@ async def test_finished_streams_are_kept_within_a_count_so_memory_stays_flat():
     for n in range(10):
         stream = hub.create(f"s{n}", "c", "m", "model")
 
-        async def finish(stream=stream) -> None:
+        async def finish(stream: LiveStream = stream) -> None:
             stream.append(Done("c", "m", "end_turn"))
 
         hub.run(stream, finish())
-        await stream.task
+        await stream.task  # type: ignore[misc]
         await asyncio.sleep(0)  # let the done callback run
     assert sorted(hub.streams) == ["s7", "s8", "s9"]
     with pytest.raises(Exception) as gone:
         hub.subscribe("s0")
     assert getattr(gone.value, "code", None) == "not_resumable"
+
+
+# --- across instances (Redis only) ------------------------------------------------------------------
+
+needs_redis = pytest.mark.skipif(not REDIS_URL, reason="set TEST_REDIS_URL=redis://127.0.0.1:6379/7 to run")
+
+
+def kill(hub: StreamHub) -> None:
+    """What SIGKILL leaves: the tasks stop, the lease and running list stay in Redis until the lease runs out."""
+    from server.redis_hub import RedisStreamHub
+
+    assert isinstance(hub, RedisStreamHub)
+    for task in [*hub._tasks, hub._writer, hub._keepalive_task]:
+        if task is not None:
+            task.cancel()
+    for stream in hub.streams.values():
+        stream.sink = None  # a dead process writes nothing more
+
+
+@needs_redis
+async def test_an_instance_that_dies_mid_stream_is_ended_as_interrupted_once_for_every_watcher():
+    from server.hub import Orphan
+
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    orphans: list[Orphan] = []
+
+    async def save(orphan: Orphan) -> bool:
+        orphans.append(orphan)
+        return True
+
+    owner = await open_redis_hub(prefix, lease_seconds=0.3)
+    survivors = [await open_redis_hub(prefix, lease_seconds=0.3, on_orphan=save) for _ in range(2)]
+    stream = make_stream(owner)
+    hubs = [Hubs(owner, survivor) for survivor in survivors]
+    generating = asyncio.ensure_future(asyncio.Event().wait())
+    try:
+        for n in range(3):
+            stream.append(Chunk(f"w{n} "))
+        watchers = []
+        for pair in hubs:
+            await pair.settled("s1", 4)
+            watchers.append(await pair.reader.resume("s1", after=2))
+
+        kill(owner)
+
+        ends = [await read_all(watcher) for watcher in watchers]
+        for entries in ends:
+            assert [(entry[0], entry[1]) for entry in entries] == [(3, "chunk"), (4, "chunk"), (5, "error")]
+            assert '"code":"interrupted"' in entries[-1][2] and '"messageId":"m1"' in entries[-1][2]
+        assert len(orphans) == 1  # one survivor claimed it
+        assert (orphans[0].message_id, [e[1] for e in orphans[0].entries]) == ("m1", ["start"] + ["chunk"] * 3)
+        assert owner.instance_id not in await survivors[0].live_instances()
+    finally:
+        generating.cancel()
+        for hub in survivors:
+            await hub.shutdown(0)
+            await hub.close()
+        await owner.redis.aclose()
+        await owner.reader.aclose()

@@ -14,11 +14,13 @@ import pytest
 from databases import Database
 
 from server.errors import NotFoundError
-from server.store import MIGRATIONS, Query, Reply, Status, Store, Turn, databases_url, new_id
+from server.store import MIGRATIONS, Query, Reply, Status, Store, Turn, _statements, databases_url, new_id
+
+from .conftest import SCHEMA_TABLES
 
 # Comma-separated, e.g. postgresql://postgres@127.0.0.1:5432/test; the tests drop their tables at the end.
 SERVER_URLS = [url.strip() for url in os.environ.get("TEST_DATABASE_URLS", "").split(",") if url.strip()]
-TABLES = ("messages", "conversations", "schema_migrations")
+TABLES = SCHEMA_TABLES
 # Without a server named, the PostgreSQL runs show up as skipped, never silently absent.
 DATABASE_PARAMS = ["sqlite", *SERVER_URLS] if SERVER_URLS else [
     "sqlite",
@@ -100,6 +102,46 @@ async def test_migrations_apply_once_and_are_recorded_one_row_per_file(url, capl
     assert caplog.records == []
 
 
+async def test_an_old_database_with_only_the_first_migration_is_upgraded_at_start_without_losing_rows(url):
+    database = Database(databases_url(url))
+    await database.connect()
+    try:
+        await database.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+        first = MIGRATIONS / "0001_initial.sql"
+        for statement in _statements(first.read_text(encoding="utf-8")):
+            await database.execute(statement)
+        await database.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (1, 'then')")
+        await database.execute("INSERT INTO conversations (id, agent_id, title, created_at, updated_at)"
+                               " VALUES ('c1', 'default', 'Old talk', 't0', 't1')")
+        for seq, role, content, status, cost in [(0, "user", "Hi 🙂", "complete", None),
+                                                 (1, "assistant", "Hello there.", "complete", "0.00001234"),
+                                                 (2, "user", "More?", "complete", None),
+                                                 (3, "assistant", "Half", "streaming", None)]:
+            await database.execute(
+                "INSERT INTO messages (id, conversation_id, seq, role, content, status, cost, created_at)"
+                " VALUES (:id, 'c1', :seq, :role, :content, :status, :cost, 't')",
+                {"id": f"m{seq}", "seq": seq, "role": role, "content": content, "status": status, "cost": cost})
+    finally:
+        await database.disconnect()
+
+    store = Store(url)
+    await store.connect()
+    try:
+        versions = [row[0] for row in await store.db.fetch_all("SELECT version FROM schema_migrations ORDER BY 1")]
+        messages = await store.list_messages("c1")
+        # An answer an old (single) instance left streaming names no instance: it counts as gone.
+        assert await store.interrupt_unfinished({"some-live-instance"}) == 1
+        left = await store.get_message("m3")
+    finally:
+        await store.disconnect()
+    assert versions == [int(path.name.split("_", 1)[0]) for path in sorted(MIGRATIONS.glob("*.sql"))]
+    assert [(m["seq"], m["role"], m["content"], m["status"], m["cost"]) for m in messages] == [
+        (0, "user", "Hi 🙂", "complete", None), (1, "assistant", "Hello there.", "complete", "0.00001234"),
+        (2, "user", "More?", "complete", None), (3, "assistant", "Half", "streaming", None),
+    ]
+    assert left is not None and (left["status"], left["content"]) == ("interrupted", "Half")
+
+
 # --- history ----------------------------------------------------------------------------------------
 
 
@@ -167,10 +209,25 @@ async def test_interrupt_unfinished_marks_streaming_answers_interrupted(store):
     assert complete is not None and complete["status"] == "complete"
 
 
+async def test_interrupt_unfinished_spares_the_answers_of_live_instances(store):
+    mine = await store.begin_turn(conversation_id=None, agent_id="default", user_text="a", model="m",
+                                  stream_id=new_id(), task_trace_id="t", instance_id="live")
+    theirs = await store.begin_turn(conversation_id=None, agent_id="default", user_text="b", model="m",
+                                    stream_id=new_id(), task_trace_id="t", instance_id="dead")
+
+    assert await store.interrupt_unfinished({"live", "another"}) == 1
+
+    assert (await store.get_message(mine.assistant_message_id) or {})["status"] == "streaming"
+    assert (await store.get_message(theirs.assistant_message_id) or {})["status"] == "interrupted"
+    assert await store.interrupt_instance("live") == 1
+    assert await store.interrupt_instance("live") == 0
+    assert (await store.get_message(mine.assistant_message_id) or {})["status"] == "interrupted"
+
+
 async def test_a_message_is_finished_exactly_once(store):
     started = await turn(store, "hello")
-    await store.save_reply(started.assistant_message_id, reply("First save."))
-    await store.save_reply(started.assistant_message_id, reply("", status=Status.ERROR))
+    assert await store.save_reply(started.assistant_message_id, reply("First save.")) is True
+    assert await store.save_reply(started.assistant_message_id, reply("", status=Status.ERROR)) is False
 
     saved = await store.get_message(started.assistant_message_id)
     assert saved is not None

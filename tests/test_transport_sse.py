@@ -155,7 +155,7 @@ async def test_rest_lists_conversations_newest_first_with_exact_costs(server):
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
 
 
-async def test_healthz_checks_the_database(server):
+async def test_readyz_checks_the_database_and_healthz_only_the_process(server):
     async with httpx.AsyncClient(base_url=server.url) as client:
-        response = await client.get("/healthz")
-    assert response.json() == {"status": "ok", "database": "ok"}
+        assert (await client.get("/readyz")).json() == {"status": "ready", "database": "ok", "accepting": "ok"}
+        assert (await client.get("/healthz")).json() == {"status": "ok"}

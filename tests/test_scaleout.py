@@ -1,0 +1,224 @@
+"""Several instances behind one address: two real server processes sharing PostgreSQL and Redis.
+
+Needs TEST_REDIS_URL and a PostgreSQL URL in TEST_DATABASE_URLS (.ci/run sets both); skipped, with the
+reason shown, without them. Each test gets Redis keys of its own (RELAY_REDIS_PREFIX).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import websockets
+from httpx_sse import aconnect_sse
+
+from .conftest import SCHEMA_TABLES
+from .relay_clients import Event, loads, names, sse_read, text_of, ws_read_until_end
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "")
+POSTGRES_URLS = [url.strip() for url in os.environ.get("TEST_DATABASE_URLS", "").split(",")
+                 if url.strip().startswith(("postgresql:", "postgres:"))]
+pytestmark = pytest.mark.skipif(
+    not (REDIS_URL and POSTGRES_URLS),
+    reason="set TEST_REDIS_URL=redis://127.0.0.1:6379/7 and TEST_DATABASE_URLS=postgresql://… to run several instances",
+)
+PACED = {"RELAY_OFFLINE_DELAY_MS": "20", "RELAY_OFFLINE_WORDS": "80"}  # a 1.6 s answer
+
+
+def expected_words(n: int) -> str:
+    from server.upstream.offline import demo_words
+
+    return "".join(demo_words([], n))
+
+
+@pytest.fixture(scope="module")
+def database_url() -> str:
+    """The PostgreSQL database, emptied once for this module (the servers create the tables)."""
+    url = POSTGRES_URLS[0] if POSTGRES_URLS else ""
+
+    async def empty() -> None:
+        connection = await asyncpg.connect(url)
+        try:
+            await connection.execute(f"DROP TABLE IF EXISTS {', '.join(SCHEMA_TABLES)}")
+        finally:
+            await connection.close()
+
+    asyncio.run(empty())
+    return url
+
+
+@pytest.fixture
+def start_instances(make_server: Callable[..., Any], database_url: str) -> Callable[..., list[Any]]:
+    """Start `count` instances sharing the database and this test's own Redis keys."""
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+
+    def start(count: int = 2, **env: str) -> list[Any]:
+        shared = {"DATABASE_URL": database_url, "REDIS_URL": REDIS_URL, "RELAY_REDIS_PREFIX": prefix,
+                  "RELAY_INSTANCE_LEASE_SECONDS": "1", **PACED, **env}
+        return [make_server(shared) for _ in range(count)]
+
+    return start
+
+
+async def saved(database_url: str, stream_id: str) -> list[tuple[str, str]]:
+    """(status, content) of every assistant message of a stream: exactly one when nothing is duplicated."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        rows = await connection.fetch(
+            "SELECT status, content FROM messages WHERE stream_id = $1 AND role = 'assistant'", stream_id)
+    finally:
+        await connection.close()
+    return [(row["status"], row["content"]) for row in rows]
+
+
+async def wait_for_status(database_url: str, stream_id: str, status: str) -> list[tuple[str, str]]:
+    async with asyncio.timeout(30):
+        while (rows := await saved(database_url, stream_id))[0][0] != status:  # noqa: ASYNC110 - another process
+            await asyncio.sleep(0.05)
+    return rows
+
+
+async def read_some_sse(url: str, count: int) -> list[Event]:
+    """Start an answer, read `count` events, drop the connection."""
+    events: list[Event] = []
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        async with aconnect_sse(client, "POST", "/api/command-center/message", json={"message": "hi"}) as source:
+            async for event in source.aiter_sse():
+                events.append((int(event.id), event.event, loads(event.data)))
+                if len(events) == count:
+                    break
+    return events
+
+
+async def start_in_background(url: str) -> str:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        response = await client.post("/api/command-center/message", json={"message": "hi"},
+                                     headers={"accept": "application/json"})
+    assert response.status_code == 202
+    stream_id: str = response.json()["streamId"]
+    return stream_id
+
+
+def assert_numbered_from_one(events: list[Event]) -> None:
+    assert [event_id for event_id, _, _ in events] == list(range(1, len(events) + 1))
+
+
+async def test_a_client_dropped_on_one_instance_resumes_on_the_other_with_exactly_the_rest(start_instances,
+                                                                                         database_url):
+    a, b = start_instances()
+    first = await read_some_sse(a.url, 10)
+    stream_id = first[0][2]["streamId"]
+
+    rest = await sse_read(b.url, stream_id, last_event_id=first[-1][0])
+
+    events = first + rest
+    assert_numbered_from_one(events)
+    assert text_of(events) == expected_words(80)
+    assert names(events)[-1] == "done"
+    assert await saved(database_url, stream_id) == [("complete", expected_words(80))]
+    # And over a WebSocket on the other instance, from the middle, once the stream has ended.
+    async with websockets.connect(b.ws_url + "/api/command-center/ws") as ws:
+        await ws.send(json.dumps({"type": "resume", "streamId": stream_id, "lastEventId": 40}))
+        again = await ws_read_until_end(ws, stream_id)
+    assert again == [(i, name, data) for i, name, data in events[40:]]
+
+
+async def test_a_cancel_sent_to_the_other_instance_stops_the_answer_where_it_is_generated(start_instances,
+                                                                                         database_url):
+    a, b = start_instances(RELAY_OFFLINE_WORDS="2000")  # 40 s: it only ends by the cancel
+    async with websockets.connect(a.ws_url + "/api/command-center/ws") as ws:
+        await ws.send(json.dumps({"type": "message", "message": "stop me"}))
+        events: list[Event] = []
+        while len(events) < 6:
+            frame = json.loads(await ws.recv())
+            events.append((frame["id"], frame["event"], frame["data"]))
+        stream_id = events[0][2]["streamId"]
+        async with httpx.AsyncClient(base_url=b.url) as client:
+            response = await client.post(f"/api/command-center/streams/{stream_id}/cancel")
+        assert (response.status_code, response.json()["cancelled"]) == (202, True)
+        events += await ws_read_until_end(ws, stream_id)
+
+    assert names(events)[-2:] == ["cost", "done"]
+    assert events[-1][2]["stopReason"] == "cancelled"
+    assert await saved(database_url, stream_id) == [("cancelled", text_of(events))]
+
+
+async def test_when_the_generating_instance_is_killed_a_watcher_on_the_other_gets_interrupted(start_instances,
+                                                                                            database_url):
+    a, b = start_instances(RELAY_OFFLINE_WORDS="2000")
+    stream_id = await start_in_background(a.url)
+    events: list[Event] = []
+    async with httpx.AsyncClient(base_url=b.url, timeout=30) as client:
+        async with aconnect_sse(client, "GET", f"/api/command-center/streams/{stream_id}") as source:
+            async for event in source.aiter_sse():
+                events.append((int(event.id), event.event, loads(event.data)))
+                if len(events) == 10:
+                    a.proc.send_signal(signal.SIGKILL)
+
+    assert_numbered_from_one(events)
+    assert names(events)[-1] == "error"
+    assert events[-1][2]["code"] == "interrupted"
+    text = text_of(events)
+    assert text and expected_words(2000).startswith(text)
+    # Saved once, by the survivor, with the text every watcher saw.
+    assert await saved(database_url, stream_id) == [("interrupted", text)]
+    # A later resume on the survivor gets the same end, not a second one.
+    again = await sse_read(b.url, stream_id, last_event_id=len(events) - 1)
+    assert again == events[-1:]
+
+
+async def test_an_answer_nobody_watches_is_saved_as_interrupted_by_the_next_instance_to_start(start_instances,
+                                                                                            database_url):
+    (a,) = start_instances(1, RELAY_OFFLINE_WORDS="2000")
+    first = await read_some_sse(a.url, 20)
+    stream_id = first[0][2]["streamId"]
+    a.proc.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(a.proc.wait, 30)
+
+    start_instances(1)
+
+    rows = await wait_for_status(database_url, stream_id, "interrupted")
+    assert len(rows) == 1
+    # At least what the client saw: the log in Redis may hold a few events more than it read.
+    assert rows[0][1].startswith(text_of(first))
+
+
+async def test_fifty_concurrent_streams_over_two_instances_have_exact_texts_and_one_saved_row_each(
+        start_instances, database_url):
+    instances = start_instances(RELAY_OFFLINE_DELAY_MS="5", RELAY_OFFLINE_WORDS="40")
+
+    async def one(n: int) -> list[Event]:
+        # Started on one instance, read to the end on the other: every stream crosses over.
+        here, there = instances[n % 2], instances[(n + 1) % 2]
+        if n % 4 < 2:
+            stream_id = await start_in_background(here.url)
+            return await sse_read(there.url, stream_id)
+        # close_timeout: under this load the server's reply to a close can take the client's whole close
+        # timeout (10 s by default; main does the same, with one instance too): not what this test is about.
+        async with websockets.connect(here.ws_url + "/api/command-center/ws", close_timeout=1) as ws:
+            await ws.send(json.dumps({"type": "message", "message": f"n{n}"}))
+            frame = json.loads(await ws.recv())
+        return await sse_read(there.url, frame["streamId"], last_event_id=frame["id"])
+
+    results = await asyncio.gather(*(one(n) for n in range(50)))
+
+    for events in results:
+        assert text_of(events) == expected_words(40)
+        assert names(events)[-1] == "done"
+    stream_ids = [events[-1][2]["messageId"] for events in results]
+    assert len(set(stream_ids)) == 50
+    connection = await asyncpg.connect(database_url)
+    try:
+        rows = await connection.fetch("SELECT id, status, content FROM messages WHERE id = ANY($1::text[])",
+                                      stream_ids)
+    finally:
+        await connection.close()
+    assert sorted((row["status"], row["content"]) for row in rows) == [("complete", expected_words(40))] * 50
