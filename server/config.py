@@ -46,7 +46,7 @@ class Settings:
     max_message_bytes: int = 32 * 1024
     # httpx's default pool holds 100 connections and would queue the 101st stream.
     upstream_max_connections: int = 4096
-    upstream_transport: str = "aiohttp"  # "aiohttp" (measured faster) or "httpx" (httpcore)
+    upstream_transport: str = "http1"  # "http1" (built in, least CPU), "aiohttp" (httpx-aiohttp) or "httpx"
     connect_timeout: float = 10.0
     first_event_timeout: float = 60.0
     idle_timeout: float = 60.0
@@ -205,8 +205,8 @@ def _validate(settings: Settings) -> None:
         )
     if not settings.anthropic_base_url.startswith(("http://", "https://")):
         raise ConfigError("ANTHROPIC_BASE_URL must be an http:// or https:// URL")
-    if settings.upstream_transport not in ("aiohttp", "httpx"):
-        raise ConfigError("RELAY_UPSTREAM_TRANSPORT must be aiohttp or httpx")
+    if settings.upstream_transport not in ("http1", "aiohttp", "httpx"):
+        raise ConfigError("RELAY_UPSTREAM_TRANSPORT must be http1, aiohttp or httpx")
     if settings.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
         raise ConfigError("RELAY_LOG_LEVEL must be one of critical, error, warning, info, debug")
 
