@@ -71,7 +71,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = Store(settings.database_url)
+        store = Store(settings.database_url, group_commit=settings.sqlite_group_commit_ms / 1000)
         await store.connect()
         left = await store.interrupt_unfinished()
         if left:

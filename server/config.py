@@ -46,6 +46,7 @@ class Settings:
     max_message_bytes: int = 32 * 1024
     # httpx's default pool holds 100 connections and would queue the 101st stream.
     upstream_max_connections: int = 4096
+    sqlite_group_commit_ms: float = 5.0  # under load, SQLite writes wait this long to share a transaction
     upstream_transport: str = "http1"  # "http1" (built in, least CPU), "aiohttp" (httpx-aiohttp) or "httpx"
     connect_timeout: float = 10.0
     first_event_timeout: float = 60.0
@@ -109,6 +110,7 @@ ENV_NAMES: dict[str, str] = {
     "max_message_bytes": "RELAY_MAX_MESSAGE_BYTES",
     "upstream_max_connections": "RELAY_UPSTREAM_MAX_CONNECTIONS",
     "upstream_transport": "RELAY_UPSTREAM_TRANSPORT",
+    "sqlite_group_commit_ms": "RELAY_SQLITE_GROUP_COMMIT_MS",
     "connect_timeout": "RELAY_CONNECT_TIMEOUT",
     "first_event_timeout": "RELAY_FIRST_EVENT_TIMEOUT",
     "idle_timeout": "RELAY_IDLE_TIMEOUT",
@@ -135,7 +137,7 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {
     "offline_delay_ms", "offline_words", "stream_retention_seconds", "retry_attempts", "retry_base_delay",
-    "retry_max_wait", "shutdown_grace_seconds",
+    "retry_max_wait", "shutdown_grace_seconds", "sqlite_group_commit_ms",
 }
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
