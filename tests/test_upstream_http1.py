@@ -251,3 +251,38 @@ async def test_it_is_an_httpx_transport_too(transport: Http1Transport) -> None:
         assert (response.status_code, response.content) == (200, b"hello")
         assert b"\r\nanthropic-version: v\r\n" in server.requests[0]
         assert server.requests[0].count(b"content-length") == 1
+
+
+async def test_https_goes_through_tls_with_the_hostname_checked(tmp_path) -> None:
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    client = Http1Transport(max_connections=2, connect_timeout=5, ssl_context=ssl.create_default_context(cafile=cert))
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(STREAM_HEAD + chunk(b"secret") + b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0, ssl=server_context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        url = httpx.URL(f"https://localhost:{port}/v1/messages")
+        response = await post(client, url)
+        assert await read_all(response.stream) == b"secret"  # type: ignore[attr-defined]
+        await response.aclose()  # type: ignore[attr-defined]
+        with pytest.raises(httpx.ConnectError):  # the certificate names localhost, not 127.0.0.1
+            await post(client, httpx.URL(f"https://127.0.0.1:{port}/v1/messages"))
+    finally:
+        await client.aclose()
+        server.close()
