@@ -20,7 +20,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -113,7 +113,7 @@ class Subscriber:
             self.on_detach(self)
             self.on_detach = None
 
-    async def batches(self) -> AsyncIterator[list[Entry]]:
+    async def batches(self) -> AsyncGenerator[list[Entry], None]:
         """Every entry ready at once comes as one batch, so a transport writes it in one go.
 
         An empty batch means "keepalive due": nothing happened for a keepalive interval.

@@ -269,3 +269,37 @@ async def test_an_instance_that_dies_mid_stream_is_ended_as_interrupted_once_for
             await hub.close()
         await owner.redis.aclose()
         await owner.reader.aclose()
+
+
+async def test_an_sse_response_ends_in_the_same_write_as_its_last_event_and_sends_nothing_after():
+    from server.transports.sse import EventStreamResponse
+
+    hub = StreamHub(100, retention_seconds=60, queue_limit=10)
+    stream = make_stream(hub)
+    subscriber = hub.subscribe("s1", after=0, keepalive=True)
+    messages: list[dict] = []
+    disconnected = asyncio.Event()
+
+    async def receive() -> dict:
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        messages.append(message)
+        if message.get("more_body") is False:
+            subscriber.keepalive_tick()  # a keepalive sweep right after the end must not add a write
+            subscriber.keepalive_tick()
+
+    response = asyncio.ensure_future(EventStreamResponse(subscriber)({"type": "http"}, receive, send))
+    await asyncio.sleep(0)
+    stream.append(Chunk("hello"))
+    await asyncio.sleep(0)
+    stream.append(Done("c1", "m1", "end_turn"))
+    async with asyncio.timeout(5):
+        await response
+    disconnected.set()
+
+    bodies = [m for m in messages if m["type"] == "http.response.body"]
+    assert [m["more_body"] for m in bodies] == [True, False]
+    assert bodies[-1]["body"].startswith(b"id: 2\nevent: done\n")
+    assert subscriber not in hub.keepalive_targets and stream.subscribers == []

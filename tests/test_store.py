@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
@@ -189,6 +190,39 @@ async def test_unknown_conversation_saves_nothing_and_the_writer_goes_on(store):
 
     started = await answer(store, "hello", "Hi!")
     assert [m["content"] for m in await store.list_messages(started.conversation_id)] == ["hello", "Hi!"]
+
+
+async def test_under_load_sqlite_writes_share_a_transaction_and_a_failing_one_saves_nothing(tmp_path):
+    store = Store(f"sqlite:///{tmp_path}/group.db", group_commit=1.0)  # the sleep is the test's own
+    await store.connect()  # the migrations were a batch just now: the next write counts as "under load"
+    writer = store._writer
+    lingering, go_on = threading.Event(), threading.Event()
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the writer thread waits here until the test has queued the rest
+        sleeps.append(seconds)
+        lingering.set()
+        go_on.wait(10)
+
+    writer._sleep = sleep  # type: ignore[union-attr]
+    try:
+        first = asyncio.ensure_future(turn(store, "first"))
+        await asyncio.to_thread(lingering.wait, 10)
+        bad = asyncio.ensure_future(turn(store, "to nowhere", conversation_id=new_id()))
+        second = asyncio.ensure_future(turn(store, "second"))
+        await asyncio.sleep(0)
+        go_on.set()
+        one, two = await first, await second
+        with pytest.raises(NotFoundError):
+            await bad
+        assert sleeps == [1.0]  # one batch: the three operations shared the wait
+        texts = [row[0] for row in await store.db.fetch_all("SELECT content FROM messages WHERE role = 'user'")]
+        assert sorted(texts) == ["first", "second"]
+        assert one.conversation_id != two.conversation_id
+        assert await store.db.fetch_val("SELECT COUNT(*) FROM conversations") == 2
+    finally:
+        go_on.set()
+        await store.disconnect()
 
 
 # --- finishing messages -----------------------------------------------------------------------------

@@ -108,3 +108,15 @@ async def test_a_stream_started_over_sse_can_be_watched_over_the_websocket(serve
         await socket.send(json.dumps({"type": "resume", "streamId": stream_id, "lastEventId": 3}))
         rest = await ws_read_until_end(socket, stream_id)
     assert rest == full[3:]
+
+
+async def test_a_websocket_logs_no_line_of_its_own_unless_the_access_log_is_on(make_server):
+    quiet = make_server()
+    loud = make_server({"RELAY_ACCESS_LOG": "1"})
+
+    for relay in (quiet, loud):
+        events = await ws_stream(relay.ws_url, {"message": "log or not"})
+        assert names(events)[-1] == "done"
+
+    assert "[accepted]" not in quiet.log() and "connection open" not in quiet.log()
+    assert '"WebSocket /api/command-center/ws" [accepted]' in loud.log() and "connection open" in loud.log()

@@ -14,7 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..core import Relay, resume
 from ..errors import BadRequestError, RelayError, TooLargeError
-from ..events import Error, encode_data, error_event
+from ..events import TERMINAL_EVENTS, Error, encode_data, error_event
 from ..hub import Entry, StreamHub, Subscriber, SubscriberDropped
 from ..metrics import Metrics
 from ..protocol.frames import parse_event_id, parse_json_object, parse_send_message
@@ -61,10 +61,16 @@ class EventStreamResponse:
             self.metrics.readers["sse"].inc()
         try:
             await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+            ended = False
+            batches = subscriber.batches()
             try:
-                async for batch in subscriber.batches():
+                async for batch in batches:
+                    # The batch with the stream's last event also ends the response: one write, not two.
+                    ended = bool(batch) and batch[-1][1] in TERMINAL_EVENTS
                     await send({"type": "http.response.body", "body": frame_entries(batch) if batch else KEEPALIVE,
-                                "more_body": True})
+                                "more_body": not ended})
+                    if ended:
+                        break
             except SubscriberDropped as exc:
                 if self.metrics is not None:
                     self.metrics.dropped.labels("sse").inc()
@@ -73,6 +79,10 @@ class EventStreamResponse:
                               True)
                 await send({"type": "http.response.body", "more_body": True,
                             "body": f"event: error\ndata: {encode_data(error).decode()}\n\n".encode()})
+            finally:
+                await batches.aclose()  # detach now, not when the generator is collected
+            if ended:
+                return
             if gone.done():
                 # The client went away. The answer goes on and is saved, unless configured to stop with it.
                 if self.cancel_on_disconnect is not None and not stream.finished:
