@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from server.app import create_app
+from server.auth import ANONYMOUS
 from server.config import load_settings
 from server.errors import NotFoundError
 
@@ -17,8 +18,12 @@ class FakeRelay:
     def __init__(self, failure: Exception) -> None:
         self.failure = failure
         self.settings = SimpleNamespace(max_message_bytes=1000, cancel_on_disconnect=False)
+        self.limits = SimpleNamespace(take_connection=lambda user: None, give_connection=lambda user: None)
 
-    async def start(self, command: Any) -> Any:
+    async def admit(self, scope: Any) -> Any:
+        return ANONYMOUS
+
+    async def start(self, command: Any, user: Any = ANONYMOUS) -> Any:
         raise self.failure
 
 
