@@ -212,6 +212,29 @@ async def test_finished_streams_are_kept_within_a_count_so_memory_stays_flat():
     assert getattr(gone.value, "code", None) == "not_resumable"
 
 
+async def test_finished_streams_expire_in_the_order_they_finished_each_after_the_retention_time():
+    hub = StreamHub(100, retention_seconds=0.05, retention_max=100)
+    finish_order = ["a", "b", "c"]
+    for stream_id in finish_order:
+        stream = hub.create(stream_id, "c", "m", "model")
+
+        async def finish(stream: LiveStream = stream) -> None:
+            stream.append(Done("c", "m", "end_turn"))
+
+        hub.run(stream, finish())
+        await stream.task  # type: ignore[misc]
+        await asyncio.sleep(0.02)  # the next one finishes later, so each has its own expiry time
+    seen_gone: list[str] = []
+    async with asyncio.timeout(5):
+        while len(seen_gone) < len(finish_order):
+            for stream_id in finish_order:
+                if stream_id not in hub.streams and stream_id not in seen_gone:
+                    seen_gone.append(stream_id)
+            await asyncio.sleep(0.005)  # waiting for the expiry timer, which reschedules itself per stream
+    assert seen_gone == finish_order
+    assert hub.finished == {} and hub._expiry is None  # no timer left behind once nothing is retained
+
+
 # --- across instances (Redis only) ------------------------------------------------------------------
 
 needs_redis = pytest.mark.skipif(not REDIS_URL, reason="set TEST_REDIS_URL=redis://127.0.0.1:6379/7 to run")
