@@ -15,12 +15,12 @@ through `LiveStream.sink`, and other instances' streams read into local mirrors.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 import uuid
+from array import array
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -142,11 +142,87 @@ class Subscriber:
             self.detach()
 
 
+class EventLog:
+    """A stream's events, oldest first, at most `limit` of them: (name, JSON data) each, numbered by the stream.
+
+    Every FOLD events are folded into one block: their names as a tuple of shared strings and their data as
+    one UTF-8 bytes object with an offsets array. A string object per event cost about 50 bytes more than its
+    text, and the log is most of what an active stream holds; the open block keeps plain strings, so
+    appending stays one list append.
+    """
+
+    __slots__ = ("limit", "_blocks", "_names", "_data", "_skip", "_count")
+    FOLD = 64
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._blocks: deque[tuple[tuple[str, ...], bytes, array[int]]] = deque()
+        self._names: list[str] = []  # the open block
+        self._data: list[str] = []
+        self._skip = 0  # events of the first block already dropped by the limit
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def append(self, name: str, data: str) -> None:
+        self._names.append(name)
+        self._data.append(data)
+        self._count += 1
+        if len(self._data) == self.FOLD:
+            self._fold()
+        if self._count > self.limit:
+            self._drop_oldest()
+
+    def _fold(self) -> None:
+        encoded = [data.encode() for data in self._data]
+        offsets = array("I", [0])
+        position = 0
+        for piece in encoded:
+            position += len(piece)
+            offsets.append(position)
+        self._blocks.append((tuple(self._names), b"".join(encoded), offsets))
+        self._names, self._data = [], []
+
+    def _drop_oldest(self) -> None:
+        self._count -= 1
+        if self._blocks:
+            self._skip += 1
+            if self._skip == len(self._blocks[0][0]):
+                self._blocks.popleft()
+                self._skip = 0
+        else:
+            del self._names[0], self._data[0]
+
+    def clear(self) -> None:
+        self._blocks.clear()
+        self._names, self._data = [], []
+        self._skip = self._count = 0
+
+    def last_name(self) -> str | None:
+        if self._names:
+            return self._names[-1]
+        return self._blocks[-1][0][-1] if self._blocks else None
+
+    def entries(self, start: int = 0) -> Iterator[tuple[str, str]]:
+        """(name, data) of every event from the `start`-th held one (0: the oldest held)."""
+        index = start + self._skip
+        for names, joined, offsets in self._blocks:
+            if index >= len(names):
+                index -= len(names)
+                continue
+            for k in range(index, len(names)):
+                yield names[k], joined[offsets[k]:offsets[k + 1]].decode()
+            index = 0
+        for k in range(index, len(self._names)):
+            yield self._names[k], self._data[k]
+
+
 class LiveStream:
     """One answer being generated (or just finished): its numbered event log."""
 
     __slots__ = (
-        "id", "conversation_id", "message_id", "model", "log_names", "log_data", "last_id", "finished",
+        "id", "conversation_id", "message_id", "model", "log", "last_id", "finished",
         "subscribers", "task", "stop_status", "reply", "running", "finalizing", "sink", "cursor_waiters",
     )
 
@@ -156,9 +232,7 @@ class LiveStream:
         self.conversation_id = conversation_id
         self.message_id = message_id
         self.model = model
-        # The log as two deques of shared or single strings, ids implicit: no tuple and no int per event.
-        self.log_names: deque[str] = deque(maxlen=log_limit)
-        self.log_data: deque[str] = deque(maxlen=log_limit)
+        self.log = EventLog(log_limit)  # ids implicit: the last one is last_id
         self.last_id = 0
         self.finished = False
         self.subscribers: list[Subscriber] = []
@@ -189,16 +263,14 @@ class LiveStream:
             return  # already have it: a mirror's reads may overlap
         if event_id != self.last_id + 1:
             # The log starts here (the first events were trimmed away): ids stay those of the owner.
-            self.log_names.clear()
-            self.log_data.clear()
+            self.log.clear()
         self.last_id = event_id
         self._log(name, data)
         if self.cursor_waiters:
             self.wake_cursor_waiters()
 
     def _log(self, name: str, data: str) -> None:
-        self.log_names.append(name)
-        self.log_data.append(data)
+        self.log.append(name, data)
         if self.subscribers:
             entry: Entry = (self.last_id, name, data)
             for subscriber in self.subscribers:
@@ -244,17 +316,13 @@ class LiveStream:
                 f"event {after} is ahead of stream {self.id}, which is at event {self.last_id}",
                 message_id=self.message_id,
             )
-        first_id = self.last_id - len(self.log_data) + 1
+        first_id = self.last_id - len(self.log) + 1
         if after < first_id - 1:
             raise GoneError(
                 f"the log of stream {self.id} no longer holds event {after + 1}", message_id=self.message_id
             )
         start = after - first_id + 1
-        backlog = [
-            (first_id + start + k, name, data)
-            for k, (name, data) in enumerate(zip(itertools.islice(self.log_names, start, None),
-                                                 itertools.islice(self.log_data, start, None), strict=True))
-        ]
+        backlog = [(first_id + start + k, name, data) for k, (name, data) in enumerate(self.log.entries(start))]
         subscriber = Subscriber(self, backlog, max(queue_limit, len(backlog) + 1))
         if self.finished:
             subscriber.closed = True

@@ -459,7 +459,7 @@ async def test_cancel_while_the_answer_is_being_saved_still_ends_the_stream(rela
 
     _, assistant = await relay.store.list_messages(stream.conversation_id)
     assert (assistant["content"], assistant["status"]) == ("Hello", "complete")
-    assert stream.finished and subscriber.closed, f"no terminal event: the log ends with {stream.log_names[-1]}"
+    assert stream.finished and subscriber.closed, f"no terminal event: the log ends with {stream.log.last_name()}"
 
 
 async def test_cancel_right_after_start_still_ends_the_stream_and_saves_it_cancelled(relay, upstream):
@@ -470,7 +470,7 @@ async def test_cancel_right_after_start_still_ends_the_stream_and_saves_it_cance
     async with asyncio.timeout(10):
         await asyncio.wait([stream.task])
 
-    assert stream.finished, f"no terminal event: the log is {list(stream.log_names)}"
+    assert stream.finished, f"no terminal event: the log is {[name for name, _ in stream.log.entries()]}"
     assert names(await collect(relay.hub, stream.id))[-1] == "done"
     saved = await relay.store.get_message(stream.message_id)
     assert saved is not None and saved["status"] == "cancelled"

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.errors import GoneError, NotFoundError
 from server.events import Chunk, Done, Start
-from server.hub import LiveStream, StreamHub, Subscriber, SubscriberDropped
+from server.hub import EventLog, LiveStream, StreamHub, Subscriber, SubscriberDropped
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "")
 # Without a Redis named, the Redis runs show up as skipped, never silently absent.
@@ -326,3 +330,29 @@ async def test_an_sse_response_ends_in_the_same_write_as_its_last_event_and_send
     assert [m["more_body"] for m in bodies] == [True] * (len(bodies) - 1) + [False]
     assert bodies[-1]["body"].startswith(b"id: 3\nevent: done\n")  # start, chunk, done
     assert subscriber not in hub.keepalive_targets and stream.subscribers == []
+
+
+# --- the folded event log ---------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(limit=st.integers(min_value=1, max_value=200),
+       operations=st.lists(st.one_of(
+           st.tuples(st.sampled_from(["chunk", "thinking", "cost", "done"]), st.text(max_size=12)),
+           st.just("clear")), max_size=400))
+def test_the_folded_log_holds_exactly_what_a_plain_bounded_list_would(limit, operations):
+    log = EventLog(limit)
+    reference: deque[tuple[str, str]] = deque(maxlen=limit)
+    for operation in operations:
+        if operation == "clear":
+            log.clear()
+            reference.clear()
+        else:
+            name, text = operation
+            data = json.dumps({"text": text}, ensure_ascii=False)
+            log.append(name, data)
+            reference.append((name, data))
+        assert len(log) == len(reference)
+    assert log.last_name() == (reference[-1][0] if reference else None)
+    for start in {0, 1, len(reference) // 2, max(len(reference) - 1, 0), len(reference)}:
+        assert list(log.entries(start)) == list(reference)[start:]
