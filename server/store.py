@@ -51,6 +51,11 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def storable_id(value: str) -> bool:
+    """An id that may reach a query: ours are hex; anything else from a URL is simply not found."""
+    return 0 < len(value) <= 200 and value.isprintable()
+
+
 def databases_url(url: str) -> str:
     """The `databases` URL for a user-facing DATABASE_URL (sqlite:// goes through aiosqlite)."""
     if url.startswith("sqlite:"):
@@ -344,6 +349,8 @@ class Store:
         return conversations
 
     async def get_conversation(self, conversation_id: str) -> dict[str, Any]:
+        if not storable_id(conversation_id):
+            raise NotFoundError("conversation not found")
         row = await self.db.fetch_one(
             "SELECT c.id, c.agent_id, c.title, c.created_at, c.updated_at, c.owner_id,"
             " (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count"
@@ -376,7 +383,7 @@ class Store:
 
     async def answer_of_stream(self, stream_id: str) -> str | None:
         """The id of the assistant message a stream produced, if any."""
-        if len(stream_id) > 200:
+        if not storable_id(stream_id):
             return None
         row = await self.db.fetch_one(
             "SELECT id FROM messages WHERE stream_id = :s AND role = 'assistant'", {"s": stream_id}
@@ -389,7 +396,7 @@ class Store:
 
     async def owner_of_stream(self, stream_id: str) -> tuple[bool, str | None]:
         """(whether the stream is known, the id of the user whose conversation it answers)."""
-        if len(stream_id) > 200:
+        if not storable_id(stream_id):
             return False, None
         row = await self.db.fetch_one(
             "SELECT c.owner_id FROM messages m JOIN conversations c ON c.id = m.conversation_id"
@@ -479,6 +486,8 @@ class Store:
         return await self.write(operation())
 
     async def user_id_by_name(self, name: str) -> str | None:
+        if not storable_id(name):
+            return None
         row = await self.db.fetch_one("SELECT id FROM users WHERE name = :name", {"name": name})
         return None if row is None else str(row[0])
 

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -79,15 +85,62 @@ class Process:
         return self.proc.returncode
 
 
+# Set (scripts/test's second pass, which CI runs): every server process gets a new PostgreSQL database on
+# this server instead of a SQLite file, so the end-to-end suites run on both databases.
+SERVERS_ON_POSTGRESQL = os.environ.get("TEST_SERVERS_ON_POSTGRESQL", "")
+
+
+def _on_postgresql(url: str, *statements: str) -> list[tuple[Any, ...]]:
+    """Run statements on PostgreSQL from sync or async test code (a thread with its own event loop)."""
+    async def run() -> list[tuple[Any, ...]]:
+        connection = await asyncpg.connect(url)
+        try:
+            rows: list[tuple[Any, ...]] = []
+            for statement in statements:
+                rows = [tuple(row) for row in await connection.fetch(statement)]
+            return rows
+        finally:
+            await connection.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run()).result(timeout=60)
+
+
 class RelayServer(Process):
-    """`python -m server` with a SQLite file of its own."""
+    """`python -m server` with a database of its own: a SQLite file, or a new PostgreSQL database."""
 
     def __init__(self, tmp: Path, env: dict[str, str] | None = None) -> None:
         port = free_port()
         self.db_path = tmp / "relay.db"
-        full_env = _clean_env({"DATABASE_URL": f"sqlite:///{self.db_path}", **(env or {})})
+        self.database_url = f"sqlite:///{self.db_path}"
+        self._dropped_by = ""
+        if SERVERS_ON_POSTGRESQL:
+            name = f"relay_{uuid.uuid4().hex[:12]}"
+            _on_postgresql(SERVERS_ON_POSTGRESQL, f"CREATE DATABASE {name}")
+            self.database_url = SERVERS_ON_POSTGRESQL.rsplit("/", 1)[0] + "/" + name
+            self._dropped_by = f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        full_env = _clean_env({"DATABASE_URL": self.database_url, **(env or {})})
         super().__init__([sys.executable, "-m", "server", "--port", str(port)], full_env, tmp / "server.log",
                          port, "/healthz")
+
+    def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        """A query on the server's database; `?` marks the parameters (literals only: tests, not input)."""
+        if not self.database_url.startswith("postgresql"):
+            with sqlite3.connect(self.db_path) as db:
+                return [tuple(row) for row in db.execute(sql, params).fetchall()]
+        for param in params:
+            sql = sql.replace("?", "'" + str(param).replace("'", "''") + "'", 1)
+        return _on_postgresql(self.database_url, sql)
+
+    def count(self, sql: str, *params: Any) -> int:
+        return int(self.rows(sql, *params)[0][0])
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        code = super().stop(sig)
+        if self._dropped_by:
+            _on_postgresql(SERVERS_ON_POSTGRESQL, self._dropped_by)
+            self._dropped_by = ""
+        return code
 
 
 class MockUpstream(Process):

@@ -37,13 +37,15 @@ def team_answer(message: str) -> str:
 EVIL = "https://evil.example"
 
 
-def run_cli(db_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "server", "users", "--database-url", f"sqlite:///{db_path}", *args],
+def run_cli(database: Path | str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`deltarelay users ...` on a SQLite file (a Path) or a database URL."""
+    url = database if isinstance(database, str) else f"sqlite:///{database}"
+    return subprocess.run([sys.executable, "-m", "server", "users", "--database-url", url, *args],
                           cwd=ROOT, env=_clean_env({}), capture_output=True, text=True, timeout=60)
 
 
-def add_user(db_path: Path, name: str, *flags: str) -> str:
-    result = run_cli(db_path, "add", name, *flags)
+def add_user(database: Path | str, name: str, *flags: str) -> str:
+    result = run_cli(database, "add", name, *flags)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -52,9 +54,8 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def saved_messages(db_path: Path) -> int:
-    with sqlite3.connect(db_path) as db:
-        return int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+def saved_messages(server: RelayServer) -> int:
+    return server.count("SELECT COUNT(*) FROM messages")
 
 
 class Team:
@@ -62,9 +63,9 @@ class Team:
 
     def __init__(self, server: RelayServer) -> None:
         self.server = server
-        self.alice = add_user(server.db_path, "alice")
-        self.bob = add_user(server.db_path, "bob")
-        self.root = add_user(server.db_path, "root", "--admin")
+        self.alice = add_user(server.database_url, "alice")
+        self.bob = add_user(server.database_url, "bob")
+        self.root = add_user(server.database_url, "root", "--admin")
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,7 @@ def test_a_token_is_printed_once_and_only_its_hash_is_stored(tmp_path):
 
 async def test_no_or_a_wrong_token_gets_401_on_every_endpoint_and_transport(team):
     server = team.server
-    before = saved_messages(server.db_path)
+    before = saved_messages(server)
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         for headers in ({}, bearer("drt_wrong"), {"Authorization": "Basic YWxpY2U6eA=="}):
             for method, path, body in (
@@ -145,15 +146,15 @@ async def test_no_or_a_wrong_token_gets_401_on_every_endpoint_and_transport(team
                 pass
         assert refused.value.response.status_code == 401
         assert json.loads(refused.value.response.body)["error"]["code"] == "unauthorized"
-    assert saved_messages(server.db_path) == before
+    assert saved_messages(server) == before
 
 
 async def test_a_revoked_token_stops_working(team):
     server = team.server
-    token = add_user(server.db_path, "leaver")
+    token = add_user(server.database_url, "leaver")
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         assert (await client.get("/api/session", headers=bearer(token))).json()["user"]["name"] == "leaver"
-        assert run_cli(server.db_path, "revoke", "leaver").returncode == 0
+        assert run_cli(server.database_url, "revoke", "leaver").returncode == 0
         assert (await client.get("/api/session", headers=bearer(token))).status_code == 401
 
 
@@ -305,7 +306,7 @@ async def test_the_websocket_origin_is_checked_even_in_open_mode(make_server):
         # DNS rebinding: another name pointed at this address is refused while the server is open.
         res = await client.get("/api/conversations", headers={"Host": "evil.example:8000"})
         assert res.status_code == 403
-    assert saved_messages(server.db_path) == 0
+    assert saved_messages(server) == 0
 
 
 def test_open_mode_is_refused_on_a_reachable_address_unless_allowed(tmp_path):
@@ -353,7 +354,7 @@ async def test_an_oversized_frame_closes_that_socket_and_the_server_keeps_servin
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
     events = await sse_stream(server.url, {"message": "still here"})
     assert text_of(events) == demo_answer("still here")
-    assert saved_messages(server.db_path) == 2
+    assert saved_messages(server) == 2
 
 
 async def test_a_socket_follows_at_most_its_limit_of_streams(make_server):
@@ -370,7 +371,7 @@ async def test_a_socket_follows_at_most_its_limit_of_streams(make_server):
                     refused = frame
                 done += frame["event"] == "done"
     assert refused["data"]["code"] == "rate_limited" and refused["data"]["limit"] == "streams_per_socket"
-    assert saved_messages(server.db_path) == 4  # two turns; nothing of the refused one
+    assert saved_messages(server) == 4  # two turns; nothing of the refused one
 
 
 # ---- Per-user limits --------------------------------------------------------------------------
@@ -410,7 +411,7 @@ async def test_concurrent_streams_are_limited_per_user_on_both_transports(make_s
         await sse_read(server.url, first.json()["streamId"])
         events = await sse_stream(server.url, {"message": "four"})
         assert names(events)[-1] == "done"
-    assert saved_messages(server.db_path) == 4
+    assert saved_messages(server) == 4
 
 
 async def test_open_connections_are_limited_per_user(make_server):
@@ -425,7 +426,7 @@ async def test_open_connections_are_limited_per_user(make_server):
         assert res.status_code == 429 and res.json()["error"]["limit"] == "connections"
         await socket.send('{"type": "ping"}')
         assert json.loads(await socket.recv()) == {"event": "pong"}
-    assert saved_messages(server.db_path) == 0
+    assert saved_messages(server) == 0
     # The socket closed: its slot is free.
     async with asyncio.timeout(10):
         while True:
@@ -453,7 +454,7 @@ async def test_the_daily_budget_stops_new_answers_with_402_and_the_amount_spent(
         await socket.send(json.dumps({"type": "message", "message": "over the socket"}))
         frame = json.loads(await asyncio.wait_for(socket.recv(), 10))
     assert frame["data"]["code"] == "budget_exceeded" and frame["data"]["spent"] == format(spent, "f")
-    assert saved_messages(server.db_path) == 2
+    assert saved_messages(server) == 2
 
 
 async def test_history_length_and_message_size_are_capped_and_nothing_is_saved(make_server):
@@ -471,7 +472,7 @@ async def test_history_length_and_message_size_are_capped_and_nothing_is_saved(m
         await socket.send(json.dumps({"type": "message", "message": "turn three", "conversationId": conversation_id}))
         frame = json.loads(await asyncio.wait_for(socket.recv(), 10))
     assert frame["data"]["code"] == "history_too_long"
-    assert saved_messages(server.db_path) == 4
+    assert saved_messages(server) == 4
 
 
 # ---- Headers ----------------------------------------------------------------------------------

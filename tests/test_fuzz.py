@@ -8,7 +8,6 @@ traceback; a rejected request saves nothing; and the server keeps answering.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -77,8 +76,7 @@ def http(target: RelayServer) -> Iterator[httpx.Client]:
 
 
 def saved(server: RelayServer) -> int:
-    with sqlite3.connect(server.db_path) as db:
-        return int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+    return server.count("SELECT COUNT(*) FROM messages")
 
 
 def check(res: httpx.Response, server: RelayServer, before: int) -> None:

@@ -45,9 +45,9 @@ def value(values: dict[tuple[str, tuple], float], name: str, **labels: str) -> f
 class Team:
     def __init__(self, server: RelayServer) -> None:
         self.server = server
-        self.alice = add_user(server.db_path, "alice")
-        self.bob = add_user(server.db_path, "bob")
-        self.root = add_user(server.db_path, "root", "--admin")
+        self.alice = add_user(server.database_url, "alice")
+        self.bob = add_user(server.database_url, "bob")
+        self.root = add_user(server.database_url, "root", "--admin")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
 
 def usage_cli(server: RelayServer, *args: str) -> str:
     """`deltarelay usage` on the server's database: its standard output."""
-    return subprocess.run([sys.executable, "-m", "server", "usage", "--database-url", f"sqlite:///{server.db_path}",
+    return subprocess.run([sys.executable, "-m", "server", "usage", "--database-url", server.database_url,
                            *args], cwd=ROOT, env=_clean_env({}), capture_output=True, text=True, timeout=60,
                           check=True).stdout
 

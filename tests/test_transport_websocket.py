@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 
 import websockets
 
@@ -92,10 +91,7 @@ async def test_twenty_concurrent_streams_over_both_transports_are_exact_and_save
         assert names(events)[-1] == "done"
         assert text_of(events) == demo_answer(text)
     message_ids = [events[-1][2]["messageId"] for events in results]
-    with sqlite3.connect(server.db_path) as db:
-        rows = db.execute(
-            f"SELECT id, content, status FROM messages WHERE id IN ({','.join('?' * 20)})", message_ids
-        ).fetchall()
+    rows = server.rows(f"SELECT id, content, status FROM messages WHERE id IN ({','.join('?' * 20)})", *message_ids)
     expected = [(events[-1][2]["messageId"], demo_answer(text), "complete")
                 for text, events in zip(messages, results, strict=True)]
     assert sorted(rows) == sorted(expected)

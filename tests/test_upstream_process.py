@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 import sys
 
@@ -35,10 +34,8 @@ async def test_upstream_error_mid_stream_is_an_error_event_and_the_partial_answe
     error = events[-1][2]
     assert (error["code"], error["retryable"]) == ("overloaded", True)
     assert events[-2][2]["estimated"] is True
-    with sqlite3.connect(relay.db_path) as db:
-        row = db.execute("SELECT content, status, error_code FROM messages WHERE id = ?",
-                         (error["messageId"],)).fetchone()
-    assert row == (text_of(events), "error", "overloaded")
+    assert relay.rows("SELECT content, status, error_code FROM messages WHERE id = ?", error["messageId"]) == [
+        (text_of(events), "error", "overloaded")]
     assert "sk-ant-test-key" not in relay.log()
 
 

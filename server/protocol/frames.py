@@ -59,8 +59,8 @@ def _optional_id(body: dict[str, Any], key: str) -> str | None:
     value = body.get(key)
     if value is None:
         return None
-    if not isinstance(value, str) or not value or len(value) > _ID_LIMIT:
-        raise BadRequestError(f"{key} must be a non-empty string of at most {_ID_LIMIT} characters")
+    if not isinstance(value, str) or not value or len(value) > _ID_LIMIT or not value.isprintable():
+        raise BadRequestError(f"{key} must be a non-empty string of at most {_ID_LIMIT} printable characters")
     return value
 
 
@@ -80,6 +80,9 @@ def parse_send_message(body: dict[str, Any], max_message_bytes: int) -> SendMess
         raise BadRequestError("message must be a string")
     if not message.strip():
         raise BadRequestError("message must not be empty")
+    if "\x00" in message:
+        # PostgreSQL's text cannot hold NUL; refused on every database alike.
+        raise BadRequestError("message must not contain NUL characters")
     size = len(message.encode("utf-8", "surrogatepass"))
     if size > max_message_bytes:
         raise TooLargeError(f"message is {size} bytes; the limit is {max_message_bytes}")

@@ -19,7 +19,7 @@ ANSWER = '[data-testid=message][data-role=assistant]'
 @pytest.fixture(scope="module")
 def signed_server(tmp_path_factory) -> Iterator[tuple[RelayServer, str]]:
     relay = RelayServer(tmp_path_factory.mktemp("signin"), {"RELAY_AUTH_CACHE_SECONDS": "0"})
-    token = add_user(relay.db_path, "erin")
+    token = add_user(relay.database_url, "erin")
     yield relay, token
     relay.stop()
     assert_no_traceback(relay)
