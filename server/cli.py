@@ -40,16 +40,37 @@ async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[T]])
         await store.disconnect()
 
 
-def refuse_open_mode(settings: Settings) -> str | None:
-    """Why the server must not start: no users, and an address others can reach."""
-    if settings.loopback or settings.allow_anonymous:
-        return None
-    users = asyncio.run(_with_store(settings, lambda store: store.active_user_count()))
-    if users:
-        return None
-    return (f"no users exist and {settings.host} is reachable from other machines: add one with"
-            " `deltarelay users add NAME`, bind to 127.0.0.1, or set RELAY_ALLOW_ANONYMOUS=1 to serve"
-            " without sign-in")
+def preflight(settings: Settings) -> str | None:
+    """Why the server must not start, in one line: the database or Redis cannot be reached, or there are
+    no users and the address is reachable from other machines. None: start."""
+
+    async def check() -> str | None:
+        where = settings.database_url.split("@")[-1]  # never print a password
+        try:
+            users = await _with_store(settings, lambda store: store.active_user_count())
+        except Exception as exc:
+            return f"cannot open the database {where}: {_one_line(exc)}"
+        if settings.redis_url is not None:
+            import redis.asyncio
+
+            client = redis.asyncio.from_url(settings.redis_url, socket_connect_timeout=5)
+            try:
+                await client.ping()
+            except Exception as exc:
+                return f"cannot reach Redis at {settings.redis_url.split('@')[-1]}: {_one_line(exc)}"
+            finally:
+                await client.aclose()
+        if users or settings.loopback or settings.allow_anonymous:
+            return None
+        return (f"no users exist and {settings.host} is reachable from other machines: add one with"
+                " `deltarelay users add NAME`, bind to 127.0.0.1, or set RELAY_ALLOW_ANONYMOUS=1 to serve"
+                " without sign-in")
+
+    return asyncio.run(check())
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
@@ -74,7 +95,7 @@ def serve(settings: Settings) -> int:
     from .app import create_app
 
     limit_malloc_arenas()  # before any thread starts
-    refusal = refuse_open_mode(settings)  # before logging is set up: the refusal is the one line printed
+    refusal = preflight(settings)  # before logging is set up: the refusal is the one line printed
     if refusal:
         print(f"deltarelay: {refusal}", file=sys.stderr)
         return 2
