@@ -111,6 +111,9 @@ class Authenticator:
             ForbiddenError: a cookie-authenticated request from another site's page.
         """
         headers = scope["headers"]
+        if scope["type"] == "websocket":
+            # Every handshake, Bearer or not: another site's page must not drive a socket (CSWSH).
+            self.check_origin(scope)
         authorization = header(headers, b"authorization")
         if authorization is not None:
             # Browsers never add this header on their own, so another site's page cannot make use of it.
@@ -122,7 +125,7 @@ class Authenticator:
                 raise UnauthorizedError("this token is not valid (unknown or revoked)")
             return user
         # A cookie (or open mode) rides along on any site's request: changes must come from an allowed page.
-        if scope["type"] == "websocket" or scope.get("method") not in ("GET", "HEAD"):
+        if scope["type"] == "http" and scope.get("method") not in ("GET", "HEAD"):
             self.check_origin(scope)
         session = session_secret(headers)
         if session is not None:

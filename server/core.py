@@ -21,7 +21,7 @@ from starlette.types import Scope
 from .auth import ANONYMOUS, Authenticator, User
 from .config import Settings
 from .errors import NotFoundError, ProtocolError, RelayError, UpstreamError
-from .events import Cost, Done, Error, Start
+from .events import Cost, Done, Error, Start, error_event
 from .hub import LiveStream, Orphan, StreamHub, Subscriber
 from .limits import Limits
 from .logs import fields
@@ -305,7 +305,7 @@ async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStr
                             message_id=message_id))
     else:
         assert failure is not None
-        stream.append(error_event_of(failure, message_id))
+        stream.append(replace(error_event(failure), message_id=message_id))
     outcome.status = status
     outcome.cost = cost
     outcome.error_code = failure.code if failure is not None else None
@@ -357,9 +357,6 @@ async def _relay_attempt(job: Job, upstream: Upstream, stream: LiveStream, reply
                 return
     raise ProtocolError("the model's stream ended before message_stop")
 
-
-def error_event_of(failure: RelayError, message_id: str | None) -> Error:
-    return Error(failure.code, failure.message, failure.retryable, failure.retry_after, message_id, failure.details)
 
 
 async def _save(store: Store, job: Job, reply: ReplyState, status: Status, cost: Cost,

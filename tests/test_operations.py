@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import ROOT, RelayServer, _clean_env, assert_no_traceback
 from .relay_clients import names, sse_read, sse_stream, ws_stream
-from .test_access import add_user, bearer
+from .test_access import Team, bearer
 
 TODAY = datetime.now(UTC).date().isoformat()
 
@@ -40,14 +40,6 @@ def metric_values(server: RelayServer, headers: dict[str, str] | None = None) ->
 
 def value(values: dict[tuple[str, tuple], float], name: str, **labels: str) -> float:
     return values.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-class Team:
-    def __init__(self, server: RelayServer) -> None:
-        self.server = server
-        self.alice = add_user(server.database_url, "alice")
-        self.bob = add_user(server.database_url, "bob")
-        self.root = add_user(server.database_url, "root", "--admin")
 
 
 @pytest.fixture(scope="module")

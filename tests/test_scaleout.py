@@ -20,7 +20,7 @@ import pytest
 import websockets
 from httpx_sse import aconnect_sse
 
-from .conftest import SCHEMA_TABLES
+from .conftest import SCHEMA_TABLES, _on_postgresql
 from .relay_clients import Event, loads, names, sse_read, text_of, ws_read_until_end
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "")
@@ -43,15 +43,8 @@ def expected_words(n: int) -> str:
 def database_url() -> str:
     """The PostgreSQL database, emptied once for this module (the servers create the tables)."""
     url = POSTGRES_URLS[0] if POSTGRES_URLS else ""
-
-    async def empty() -> None:
-        connection = await asyncpg.connect(url)
-        try:
-            await connection.execute(f"DROP TABLE IF EXISTS {', '.join(SCHEMA_TABLES)}")
-        finally:
-            await connection.close()
-
-    asyncio.run(empty())
+    if url:
+        _on_postgresql(url, f"DROP TABLE IF EXISTS {', '.join(SCHEMA_TABLES)}")
     return url
 
 

@@ -77,8 +77,6 @@ class Connection:
             return
         limits = self.relay.limits
         try:
-            # Every handshake, signed in or not: another site's page must not drive this socket (CSWSH).
-            self.relay.auth.check_origin(self.scope)
             self.user = await self.relay.admit(self.scope)
             limits.take_connection(self.user)
         except RelayError as exc:
