@@ -18,6 +18,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -336,7 +337,32 @@ def saved_replies(case: Case, database: Path | None) -> dict[str, int] | str:
         return f"unreadable: {exc}"
 
 
-def run_case(case: Case, workdir: Path, deployment: Deployment = Deployment()) -> dict[str, Any]:
+@contextmanager
+def profiled(pid: int, output: Path | None) -> Iterator[None]:
+    """py-spy samples the target while the load runs: collapsed stacks (flamegraph.pl, speedscope) in `output`.
+
+    py-spy runs on the load core; its sampling costs that core a little, so profiled figures are not compared
+    with unprofiled ones.
+    """
+    if output is None or not pid:
+        yield
+        return
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    sampler = subprocess.Popen(["taskset", "-c", str(LOAD_CORE), spy, "record", "--pid", str(pid), "--rate", "250",
+                                "--format", "raw", "--nonblocking", "--output", str(output)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        sampler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        try:
+            sampler.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            sampler.kill()
+
+
+def run_case(case: Case, workdir: Path, deployment: Deployment = Deployment(),
+             profile: Path | None = None) -> dict[str, Any]:
     workdir.mkdir(parents=True)
     started = time.monotonic()
     result: dict[str, Any] = {"case": asdict(case)}
@@ -354,7 +380,8 @@ def run_case(case: Case, workdir: Path, deployment: Deployment = Deployment()) -
                         ports=tuple(facts.get("ports", ())), other_target_pids=tuple(facts.get("other_pids", ())))
             spec_path, result_path = workdir / "spec.json", workdir / "result.json"
             spec_path.write_text(json.dumps(asdict(spec)))
-            with (workdir / "loadgen.log").open("wb") as log:
+            flames = profile / f"{workdir.name}.txt" if profile is not None else None
+            with (workdir / "loadgen.log").open("wb") as log, profiled(target_pid, flames):
                 loadgen = subprocess.run(
                     ["taskset", "-c", str(LOAD_CORE), sys.executable, "-m", "bench.loadgen", str(spec_path),
                      str(result_path)], cwd=ROOT, env=base_env(), stdout=log, stderr=subprocess.STDOUT,
@@ -423,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", help="a PostgreSQL server (postgresql://user@host:5432/db): each relay "
                         "case gets a new database on it, instead of a SQLite file")
     parser.add_argument("--redis-url", help="Redis for the relay's instances (REDIS_URL), e.g. redis://127.0.0.1:6379/7")
+    parser.add_argument("--profile", metavar="DIR", help="record each target under py-spy (pip install py-spy) "
+                        "into DIR as collapsed stacks, one file per case")
     args = parser.parse_args(argv)
     only = [w.strip() for w in args.only.split(",") if w.strip()]
     transports = [t.strip() for t in args.transports.split(",") if t.strip()]
@@ -447,13 +476,16 @@ def main(argv: list[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
+    profile = Path(args.profile).resolve() if args.profile else None
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     facts = machine()
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="deltarelay-bench-") as tmp:
         for index, case in enumerate(cases):
             result = run_case(case, Path(tmp) / f"{index:03d}-{case.workload}-{case.target}-{case.transport}",
-                              deployment)
+                              deployment, profile)
             runs.append(result)
             print(report.one_line(result), flush=True)
     document = {

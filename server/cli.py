@@ -11,13 +11,14 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from . import logs
 from .auth import new_secret, secret_hash, valid_user_name
 from .config import ConfigError, Settings, load_settings
 from .errors import RelayError
 from .store import Store, UsageRow
+from .transports.ws_protocol import relay_websocket_protocol
 from .usage import GROUPS, parse_query, total_of, usage_rows
 
 T = TypeVar("T")
@@ -138,7 +139,7 @@ def serve(settings: Settings) -> int:
         access_log=settings.access_log,
         loop="auto",  # uvloop when installed
         http="auto",  # httptools when installed
-        ws=quiet_websocket_protocol(settings),
+        ws=relay_websocket_protocol(quiet=not settings.access_log and settings.log_level.lower() != "debug"),
         ws_ping_interval=settings.keepalive_seconds,
         # Answers are small text frames: compression costs more CPU than it saves, and a zlib context per socket.
         ws_per_message_deflate=False,
@@ -227,31 +228,6 @@ def usage_command(args: argparse.Namespace, settings: Settings) -> int:
     if total.unpriced:
         print(f"{total.unpriced} answers of models without a price are counted but not costed")
     return 0
-
-
-def quiet_websocket_protocol(settings: Settings) -> type:
-    """uvicorn's websockets-sansio protocol without its INFO lines per WebSocket, unless the access log is on.
-
-    Every WebSocket logged two lines at INFO through uvicorn's error logger: uvicorn's
-    '"WebSocket /path" [accepted]' (an access-log line, logged even with the access log off) and the
-    websockets library's "connection open". At 500 new sockets a second that was ~9% of the relay's CPU
-    (formatting, the caller's frame lookup, a write per line). Warnings and errors still show; with
-    RELAY_ACCESS_LOG=1 or at debug level, everything does.
-    """
-    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-
-    # Not under "uvicorn.": uvicorn's logging setup resets the levels of its loggers' children.
-    socket_log = logging.getLogger("deltarelay.websockets")
-    quiet = not settings.access_log and settings.log_level.lower() != "debug"
-    socket_log.setLevel(logging.WARNING if quiet else logging.NOTSET)
-
-    class Protocol(WebSocketsSansIOProtocol):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.logger = socket_log
-            self.conn.logger = socket_log
-
-    return Protocol
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,7 +58,8 @@ class SubscriberDropped(Exception):
 class Subscriber:
     """One reader of one stream: a bounded queue of entries, read in batches."""
 
-    __slots__ = ("stream", "limit", "pending", "closed", "dropped", "active", "keepalive_due", "on_detach", "_waiter")
+    __slots__ = ("stream", "limit", "pending", "closed", "dropped", "active", "keepalive_due", "on_detach", "deliver",
+                 "_waiter")
 
     def __init__(self, stream: LiveStream, backlog: list[Entry], limit: int) -> None:
         self.stream = stream
@@ -69,12 +70,19 @@ class Subscriber:
         self.active = True  # got an event since the last keepalive tick
         self.keepalive_due = False
         self.on_detach: Callable[[Subscriber], None] | None = None
+        # Hands a live entry straight to the reader's socket when its batches are all written and it waits
+        # for more; False (socket busy or gone): the entry is queued as usual. Saves a task wake-up per event.
+        self.deliver: Callable[[Entry], bool] | None = None
         # A bare future, not an asyncio.Event: this wake-up happens for every event of every reader.
         self._waiter: asyncio.Future[None] | None = None
 
     def push(self, entry: Entry) -> None:
         self.active = True
         if self.dropped:
+            return
+        waiter = self._waiter
+        if self.deliver is not None and waiter is not None and not waiter.done() and not self.pending \
+                and self.deliver(entry):
             return
         if len(self.pending) >= self.limit:
             self.dropped = True

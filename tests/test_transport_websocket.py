@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import sys
 
+import pytest
 import websockets
+from websockets.frames import Frame, Opcode
+from websockets.streams import StreamReader
 
+from server.transports.ws_protocol import text_frame
+
+from .conftest import Process, _clean_env, free_port
 from .relay_clients import demo_answer, names, sse_stream, text_of, ws_read_until_end, ws_stream
+from .test_lifecycle import expected_words
 
 
 async def test_websocket_streams_a_costed_answer(server):
@@ -116,3 +125,61 @@ async def test_a_websocket_logs_no_line_of_its_own_unless_the_access_log_is_on(m
 
     assert "[accepted]" not in quiet.log() and "connection open" not in quiet.log()
     assert '"WebSocket /api/command-center/ws" [accepted]' in loud.log() and "connection open" in loud.log()
+
+
+async def test_a_websocket_reader_that_stalls_then_reads_gets_every_event_in_order(make_server, make_upstream):
+    # ~8 MB as fast as the upstream sends it, to a client with a 4 KB receive buffer that stops reading for a while:
+    # kernel buffers fill, the server's socket pauses, events queue in the hub and go out in batches once it drains.
+    upstream = make_upstream("--words", "8000", "--repeat", "150", "--delay-ms", "0")
+    relay = make_server({"ANTHROPIC_API_KEY": "sk-test", "ANTHROPIC_BASE_URL": upstream.url,
+                         "RELAY_SUBSCRIBER_QUEUE_EVENTS": "20000"})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", relay.port))
+    async with websockets.connect(relay.ws_url + "/api/command-center/ws", sock=sock, max_queue=4,
+                                  max_size=None) as ws:
+        await ws.send(json.dumps({"type": "message", "message": "stall then read"}))
+        first = json.loads(await ws.recv())
+        await asyncio.sleep(3)
+        events = [(first["id"], first["event"], first["data"])]
+        events += await ws_read_until_end(ws, first["streamId"])
+    assert [event_id for event_id, _, _ in events] == list(range(1, len(events) + 1))
+    assert names(events) == ["start"] + ["chunk"] * 8000 + ["cost", "done"]
+    assert text_of(events) == expected_words(8000, 150)
+
+
+async def test_the_websocket_endpoint_works_under_plain_uvicorn_without_the_relays_protocol(tmp_path):
+    # Without the batched-send extension (another ASGI server, or uvicorn's own protocol) every event is a
+    # websocket.send of its own: same frames, same order.
+    port = free_port()
+    launch = ("import uvicorn; from server.app import create_app; from server.config import load_settings; "
+              f"uvicorn.run(create_app(load_settings(port={port})), host='127.0.0.1', port={port}, "
+              "ws='websockets-sansio', log_level='warning')")
+    plain = Process([sys.executable, "-c", launch], _clean_env({"DATABASE_URL": f"sqlite:///{tmp_path / 'r.db'}"}),
+                    tmp_path / "plain.log", port, "/healthz")
+    try:
+        single = await ws_stream(plain.ws_url, {"message": "plain uvicorn"})
+        async with websockets.connect(plain.ws_url + "/api/command-center/ws") as ws:
+            await ws.send(json.dumps({"type": "resume", "streamId": single[0][2]["streamId"], "lastEventId": 2}))
+            rest = await ws_read_until_end(ws, single[0][2]["streamId"])
+    finally:
+        plain.stop()
+    assert names(single)[0] == "start" and names(single)[-2:] == ["cost", "done"]
+    assert text_of(single) == demo_answer("plain uvicorn")
+    assert rest == single[2:]
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 200_000])
+def test_text_frames_are_what_a_websocket_client_reads(size):
+    text = ("é" * size)[:size] if size % 2 else "a" * size
+    payload = text.encode()
+    reader = StreamReader()
+    reader.feed_data(text_frame(payload))
+    parser = Frame.parse(reader.read_exact, mask=False)
+    try:
+        next(parser)
+    except StopIteration as done:
+        frame = done.value
+    else:
+        raise AssertionError("the frame was not whole")
+    assert (frame.opcode, frame.fin, frame.rsv1, bytes(frame.data)) == (Opcode.TEXT, True, False, payload)

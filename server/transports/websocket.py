@@ -17,8 +17,9 @@ from ..auth import ANONYMOUS
 from ..core import Relay, resume
 from ..errors import LimitError, RelayError
 from ..events import encode_data, error_event
-from ..hub import Subscriber, SubscriberDropped
+from ..hub import Entry, Subscriber, SubscriberDropped
 from ..protocol.frames import Cancel, Ping, Resume, SendMessage, parse_frame, request_id_of
+from .ws_protocol import SEND_BATCH
 
 log = logging.getLogger("deltarelay.ws")
 
@@ -158,13 +159,32 @@ class Connection:
         stream_id = subscriber.stream.id
         head = f'{{"event":"%s","streamId":"{stream_id}","id":%d,"data":'
         start_tail = f',"requestId":{orjson.dumps(request_id).decode()}}}' if request_id else "}"
+
+        def frame(event_id: int, name: str, data: str) -> str:
+            return head % (name, event_id) + data + (start_tail if name == "start" else "}")
+
+        writer = self.scope.get("extensions", {}).get(SEND_BATCH, {}).get("writer")
+        if writer is not None:
+            def deliver(entry: Entry) -> bool:
+                if writer.write([frame(*entry)]):
+                    self.active = True
+                    return True
+                return False
+            subscriber.deliver = deliver
         metrics = self.relay.metrics
         metrics.readers["websocket"].inc()
         try:
             async for batch in subscriber.batches():
-                for event_id, name, data in batch:
-                    tail = start_tail if name == "start" else "}"
-                    await self.send(head % (name, event_id) + data + tail)
+                frames = [frame(event_id, name, data) for event_id, name, data in batch]
+                if not frames:
+                    continue
+                if writer is not None:
+                    # Every event ready at once in one write; a lone event is never held back.
+                    self.active = True
+                    await self._send({"type": SEND_BATCH, "texts": frames})
+                else:
+                    for text in frames:
+                        await self.send(text)
         except SubscriberDropped as exc:
             metrics.dropped.labels("websocket").inc()
             await self.send(error_frame(
@@ -173,6 +193,7 @@ class Connection:
         except (RuntimeError, OSError):
             pass  # the socket closed; the reader loop ends the connection
         finally:
+            subscriber.deliver = None
             metrics.readers["websocket"].dec()
 
 
