@@ -126,6 +126,12 @@ def make_hub(settings: Settings, store: Store) -> StreamHub:
 MESSAGE_PATH = "/api/command-center/message"
 
 
+# A full collection walks every live object: with 1,000 streams (~150,000 objects) it stopped the event loop for
+# 50-90 ms, three or four times in a 17-second run, and set the p99 chunk latency. The oldest generation is
+# collected after 100 middle ones (Python's default: 10), about once a minute at that load; the young ones as usual.
+GC_THRESHOLDS = (700, 10, 100)
+
+
 class RelayApp(Starlette):
     """Starlette, with POST /api/command-center/message (SSE) taken before its middleware and router.
 
@@ -188,6 +194,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         # Everything made at start lives for the process: keep it out of every later collection.
         gc.collect()
         gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         try:
             yield
         finally:

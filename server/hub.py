@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from array import array
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -150,80 +150,90 @@ class Subscriber:
             self.detach()
 
 
+# Event names as one byte each in the log; names come from the code (events.py), never from input.
+_NAME_CODES: dict[str, int] = {}
+_NAMES: list[str] = []
+
+
+def _name_code(name: str) -> int:
+    code = _NAME_CODES.get(name)
+    if code is None:
+        if len(_NAMES) == 256:
+            raise ValueError("more than 256 event names")
+        code = _NAME_CODES[name] = len(_NAMES)
+        _NAMES.append(name)
+    return code
+
+
 class EventLog:
     """A stream's events, oldest first, at most `limit` of them: (name, JSON data) each, numbered by the stream.
 
-    Every FOLD events are folded into one block: their names as a tuple of shared strings and their data as
-    one UTF-8 bytes object with an offsets array. A string object per event cost about 50 bytes more than its
-    text, and the log is most of what an active stream holds; the open block keeps plain strings, so
-    appending stays one list append.
+    Held as blocks of FOLD events: the names as one byte each, the data as one UTF-8 bytes object with an
+    offsets array. The open block grows in place (bytearrays and an array), so an event costs its own bytes
+    plus five: a string object per event cost about 50 bytes more than its text, and the log is most of
+    what an active stream holds.
     """
 
-    __slots__ = ("limit", "_blocks", "_names", "_data", "_skip", "_count")
+    __slots__ = ("limit", "_blocks", "_names", "_data", "_offsets", "_skip", "_count")
     FOLD = 64
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._blocks: deque[tuple[tuple[str, ...], bytes, array[int]]] = deque()
-        self._names: list[str] = []  # the open block
-        self._data: list[str] = []
+        self._blocks: list[tuple[bytes, bytes, array[int]]] = []  # a list, not a deque: 600 bytes less
+        self._names = bytearray()  # the open block
+        self._data = bytearray()
+        self._offsets = array("I", [0])
         self._skip = 0  # events of the first block already dropped by the limit
         self._count = 0
 
     def __len__(self) -> int:
         return self._count
 
-    def append(self, name: str, data: str) -> None:
-        self._names.append(name)
-        self._data.append(data)
+    def append(self, name: str, data: bytes) -> None:
+        self._names.append(_name_code(name))
+        self._data += data
+        self._offsets.append(len(self._data))
         self._count += 1
-        if len(self._data) == self.FOLD:
-            self._fold()
+        if len(self._names) == self.FOLD:
+            self._blocks.append((bytes(self._names), bytes(self._data), self._offsets))
+            self._names, self._data, self._offsets = bytearray(), bytearray(), array("I", [0])
         if self._count > self.limit:
             self._drop_oldest()
-
-    def _fold(self) -> None:
-        encoded = [data.encode() for data in self._data]
-        offsets = array("I", [0])
-        position = 0
-        for piece in encoded:
-            position += len(piece)
-            offsets.append(position)
-        self._blocks.append((tuple(self._names), b"".join(encoded), offsets))
-        self._names, self._data = [], []
 
     def _drop_oldest(self) -> None:
         self._count -= 1
         if self._blocks:
             self._skip += 1
             if self._skip == len(self._blocks[0][0]):
-                self._blocks.popleft()
+                del self._blocks[0]
                 self._skip = 0
-        else:
-            del self._names[0], self._data[0]
+        else:  # a log shorter than one block: drop from the open block itself
+            cut = self._offsets[1]
+            del self._names[0], self._data[:cut]
+            self._offsets = array("I", [offset - cut for offset in self._offsets[1:]])
 
     def clear(self) -> None:
         self._blocks.clear()
-        self._names, self._data = [], []
+        self._names, self._data, self._offsets = bytearray(), bytearray(), array("I", [0])
         self._skip = self._count = 0
 
     def last_name(self) -> str | None:
         if self._names:
-            return self._names[-1]
-        return self._blocks[-1][0][-1] if self._blocks else None
+            return _NAMES[self._names[-1]]
+        return _NAMES[self._blocks[-1][0][-1]] if self._blocks else None
 
     def entries(self, start: int = 0) -> Iterator[tuple[str, str]]:
         """(name, data) of every event from the `start`-th held one (0: the oldest held)."""
         index = start + self._skip
-        for names, joined, offsets in self._blocks:
+        blocks: list[tuple[bytes | bytearray, bytes | bytearray, array[int]]] = [*self._blocks]
+        blocks.append((self._names, self._data, self._offsets))
+        for names, joined, offsets in blocks:
             if index >= len(names):
                 index -= len(names)
                 continue
             for k in range(index, len(names)):
-                yield names[k], joined[offsets[k]:offsets[k + 1]].decode()
+                yield _NAMES[names[k]], joined[offsets[k]:offsets[k + 1]].decode()
             index = 0
-        for k in range(index, len(self._names)):
-            yield self._names[k], self._data[k]
 
 
 class LiveStream:
@@ -259,11 +269,12 @@ class LiveStream:
         if self.finished:
             return
         self.last_id += 1
-        data = encode_data(event).decode()
+        encoded = encode_data(event)
+        data = encoded.decode()
         sink = self.sink
         if sink is not None:
             sink(self, self.last_id, event.name, data)
-        self._log(event.name, data)
+        self._log(event.name, data, encoded)
 
     def append_entry(self, event_id: int, name: str, data: str) -> None:
         """Log an event numbered elsewhere (a mirror of another instance's stream): ids are kept as they are."""
@@ -273,12 +284,12 @@ class LiveStream:
             # The log starts here (the first events were trimmed away): ids stay those of the owner.
             self.log.clear()
         self.last_id = event_id
-        self._log(name, data)
+        self._log(name, data, data.encode())
         if self.cursor_waiters:
             self.wake_cursor_waiters()
 
-    def _log(self, name: str, data: str) -> None:
-        self.log.append(name, data)
+    def _log(self, name: str, data: str, encoded: bytes) -> None:
+        self.log.append(name, encoded)
         if self.subscribers:
             entry: Entry = (self.last_id, name, data)
             for subscriber in self.subscribers:

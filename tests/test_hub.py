@@ -350,7 +350,7 @@ def test_the_folded_log_holds_exactly_what_a_plain_bounded_list_would(limit, ope
         else:
             name, text = operation
             data = json.dumps({"text": text}, ensure_ascii=False)
-            log.append(name, data)
+            log.append(name, data.encode())
             reference.append((name, data))
         assert len(log) == len(reference)
     assert log.last_name() == (reference[-1][0] if reference else None)

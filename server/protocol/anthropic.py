@@ -76,10 +76,11 @@ def estimate_tokens(byte_count: int) -> int:
 
 
 class TextParts:
-    """Text that grows by small pieces: one append each, folded every 64 pieces.
+    """Text that grows by small pieces: one append each, folded every 16 pieces.
 
     A list of every delta costs an object header per delta (about 4x the text of a
-    typical answer); folded, an answer being written costs about its own size.
+    typical answer); folded, an answer being written costs about its own size. Every
+    16, not 64: the pieces not yet folded were 2.3 KB of each stream at 1,000 streams.
     """
 
     __slots__ = ("_folded", "_pieces")
@@ -91,7 +92,7 @@ class TextParts:
     def add(self, text: str) -> None:
         pieces = self._pieces
         pieces.append(text)
-        if len(pieces) >= 64:
+        if len(pieces) >= 16:
             self._folded.append("".join(pieces))
             pieces.clear()
 
