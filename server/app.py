@@ -124,6 +124,7 @@ def make_hub(settings: Settings, store: Store) -> StreamHub:
 
 
 MESSAGE_PATH = "/api/command-center/message"
+WEBSOCKET_PATH = "/api/command-center/ws"
 
 
 # A full collection walks every live object: with 1,000 streams (~150,000 objects) it stopped the event loop for
@@ -133,20 +134,25 @@ GC_THRESHOLDS = (700, 10, 100)
 
 
 class RelayApp(Starlette):
-    """Starlette, with POST /api/command-center/message (SSE) taken before its middleware and router.
+    """Starlette, with the two streaming endpoints taken before its middleware and router.
 
-    For a function endpoint Starlette wraps `send` three times (server errors, the exception middleware,
-    the route's own exception wrapper) and builds a Request in each of two layers: every chunk of every
-    SSE stream went through those wrappers. Here that endpoint gets the same outcomes directly: a
-    RelayError becomes its JSON error, any other exception before the response a logged 500 and then the
-    server's own report, as ServerErrorMiddleware does. (The WebSocket endpoint has two wrappers per frame;
-    taking it too measured no difference, so it stays a route.)
+    POST /api/command-center/message (SSE): for a function endpoint Starlette wraps `send` three times (server
+    errors, the exception middleware, the route's own exception wrapper) and builds a Request in each of two
+    layers: every chunk of every SSE stream went through those wrappers. Here that endpoint gets the same
+    outcomes directly: a RelayError becomes its JSON error, any other exception before the response a logged
+    500 and then the server's own report, as ServerErrorMiddleware does.
+
+    The WebSocket (/api/command-center/ws): the middleware only passes a socket through, but each layer kept
+    a coroutine for the socket's life (about 1.5 KB a socket) and cost every start its calls.
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == MESSAGE_PATH and scope["method"] == "POST":
             scope["app"] = self
             await self._post_message(scope, receive, send)
+        elif scope["type"] == "websocket" and scope["path"] == WEBSOCKET_PATH:
+            scope["app"] = self
+            await websocket.WebSocketEndpoint()(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
 
@@ -219,7 +225,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         Route(MESSAGE_PATH, sse.post_message, methods=["POST"]),  # taken by RelayApp first; here for 405s
         Route("/api/command-center/streams/{stream_id}", sse.get_stream),
         Route("/api/command-center/streams/{stream_id}/cancel", sse.cancel_stream, methods=["POST"]),
-        WebSocketRoute("/api/command-center/ws", websocket.WebSocketEndpoint()),
+        WebSocketRoute(WEBSOCKET_PATH, websocket.WebSocketEndpoint()),  # taken by RelayApp first
         Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),
         Mount("/client", StaticFiles(directory=CLIENT, check_dir=False), name="client"),
     ]
