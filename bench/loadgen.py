@@ -50,7 +50,7 @@ class Spec:
     """What to run; written by bench.run as JSON."""
 
     kind: str  # "streams" | "flat" | "idle_ws"
-    target: str  # "direct" (the upstream itself) | "relay" | "seed" | "bare"
+    target: str  # "direct" (the upstream itself) | "relay" | "seed" | "bare" | "bare-relay-protocol"
     transport: str  # "sse" | "ws"
     port: int
     streams: int = 0
@@ -567,7 +567,7 @@ async def run_idle(spec: Spec, result: dict[str, Any]) -> None:
     The slope leaves out one-off costs of the first sockets (allocator arenas, lazily built state);
     50 sockets opened first and kept open take the rest of them.
     """
-    path = "/ws" if spec.target == "bare" else "/api/command-center/ws"
+    path = "/ws" if spec.target.startswith("bare") else "/api/command-center/ws"
     gate = asyncio.Semaphore(spec.concurrency)
     clients: list[WSClient] = []
     failures: list[BaseException] = []
@@ -606,7 +606,7 @@ async def run_idle(spec: Spec, result: dict[str, Any]) -> None:
 
 async def warmup(spec: Spec) -> dict[str, int]:
     """A few unmeasured streams, so first-request costs (imports, caches) stay out of the figures."""
-    if not spec.warmup_streams or spec.target == "bare":
+    if not spec.warmup_streams or spec.target.startswith("bare"):
         return {}
     run = Run(spec.warmup_deltas)
     one = sse_stream if spec.transport == "sse" or spec.target in ("direct", "seed") else ws_stream

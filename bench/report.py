@@ -146,9 +146,13 @@ def summarize(document: dict[str, Any]) -> dict[str, Any]:
     relay_idle_run = _find(document, "memory_idle", "relay", "ws")
     relay_idle = _num(_get(relay_idle_run, "kb_per_socket"))
     if relay_idle is not None and bare_idle:
+        trimmed = _num(_get(_find(document, "memory_idle", "bare-relay-protocol", "ws"), "kb_per_socket"))
+        note = "ratio is to the bare endpoint under uvicorn's own WebSocket protocol"
+        if trimmed is not None:
+            note += f"; under the relay's trimmed protocol the bare endpoint holds {_fmt(trimmed)} KB"
         targets.append(_target("memory per idle WebSocket (KB)", "ws", relay_idle, None, bare_idle,
                                relay_idle / bare_idle, f"<= {IDLE_WS_VS_BARE:g}x bare Starlette WebSocket",
-                               relay_idle <= IDLE_WS_VS_BARE * bare_idle, "ratio is to the bare endpoint"))
+                               relay_idle <= IDLE_WS_VS_BARE * bare_idle, note))
     for transport in transports:
         long_run = _find(document, "capacity_long", "relay", transport)
         per = kb_per_active_stream(long_run)

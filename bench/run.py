@@ -61,7 +61,7 @@ class Case:
     """One run: one workload against one target over one transport."""
 
     workload: str  # latency | capacity | capacity_long | throughput | memory_idle | memory_flat
-    target: str  # direct | seed | relay | bare
+    target: str  # direct | seed | relay | bare | bare-relay-protocol
     transport: str  # sse | ws
     kind: str = "streams"  # streams | flat | idle_ws
     streams: int = 0
@@ -128,7 +128,7 @@ def plan(quick: bool, only: list[str], transports: list[str]) -> list[Case]:
     if "memory" in only:
         k = 200 if quick else 1000
         cases += [Case("memory_idle", t, "ws", kind="idle_ws", idle_sockets=k)
-                  for t in ("bare", "relay") if "ws" in transports or t == "bare"]
+                  for t in ("bare", "bare-relay-protocol", "relay") if "ws" in transports or t == "bare"]
         n, every = (500, 100) if quick else (10_000, 2000)
         cases += [Case("memory_flat", "relay", tr, kind="flat", streams=n, deltas=10, delay_ms=0, concurrency=50,
                        checkpoint_every=every) for tr in transports]
@@ -235,7 +235,7 @@ def processes(case: Case, workdir: Path,
     facts: dict[str, Any] = {}
     with ExitStack() as stack:
         upstream_pid = 0
-        if case.target != "bare":
+        if not case.target.startswith("bare"):
             up_port = free_port()
             upstream = Process("upstream", [python, "-m", "bench.upstream", "--port", str(up_port), "--delay-ms",
                                             str(case.delay_ms), "--words", str(case.deltas)],
@@ -275,7 +275,8 @@ def processes(case: Case, workdir: Path,
             argv = [python, "-m", "bench.baselines.seed_relay", "--port", str(port), "--database", str(database)]
             facts["database"] = database
         else:
-            argv = [python, "-m", "bench.baselines.bare_ws", "--port", str(port)]
+            protocol = "relay" if case.target == "bare-relay-protocol" else "uvicorn"
+            argv = [python, "-m", "bench.baselines.bare_ws", "--port", str(port), "--protocol", protocol]
         target = Process(case.target, argv, TARGET_CORE, workdir / f"{case.target}.log", env)
         stack.callback(target.stop)
         wait_ready(target, port, "/healthz")

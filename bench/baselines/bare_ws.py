@@ -1,6 +1,9 @@
 """A bare Starlette WebSocket endpoint served as the relay is (same uvicorn settings): the idle-socket floor.
 
-    python -m bench.baselines.bare_ws --port 8200
+    python -m bench.baselines.bare_ws --port 8200 [--protocol uvicorn|relay]
+
+--protocol uvicorn (the default, the floor issue 5 names): uvicorn's own websockets-sansio protocol;
+relay: the relay's trimmed subclass of it, to show what the trimming alone saves a bare endpoint.
 
 GET /ws accepts and then only waits for frames (a "ping" text frame gets "pong"); GET /healthz answers ok.
 """
@@ -38,8 +41,9 @@ app = Starlette(routes=[WebSocketRoute("/ws", endpoint), Route("/healthz", healt
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.baselines.bare_ws", description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, default=8200)
+    parser.add_argument("--protocol", choices=["uvicorn", "relay"], default="uvicorn")
     args = parser.parse_args()
-    serve_like_relay(lambda: app, args.port)
+    serve_like_relay(lambda: app, args.port, websocket_protocol=args.protocol)
 
 
 if __name__ == "__main__":

@@ -166,10 +166,11 @@ class Connection:
         writer = self.scope.get("extensions", {}).get(SEND_BATCH, {}).get("writer")
         if writer is not None:
             def deliver(entry: Entry) -> bool:
-                if writer.write([frame(*entry)]):
-                    self.active = True
-                    return True
-                return False
+                if not writer.can_write():
+                    return False
+                writer.send_soon(frame(*entry))
+                self.active = True
+                return True
             subscriber.deliver = deliver
         metrics = self.relay.metrics
         metrics.readers["websocket"].inc()

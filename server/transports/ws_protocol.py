@@ -8,9 +8,9 @@ Three changes, each measured under load (bench.run --profile, tracemalloc):
 - The ASGI extension SEND_BATCH, whose value is {"writer": FrameWriter}:
   - `await send({"type": SEND_BATCH, "texts": [...]})` frames every text and writes them with one transport
     write, waiting while the peer reads slowly, as `websocket.send` does;
-  - `writer.write(texts)` does the same at once, from any task, and returns False instead of waiting when the
-    socket is paused or closed. A stream's events reach the socket from the task that reads the upstream,
-    with no wake-up of a reader task per event.
+  - `writer.send_soon(text)` (when `writer.can_write()`) queues a frame from any task; every frame queued in one
+    turn of the event loop goes out in one write. A stream's events reach the socket from the task that reads
+    the upstream, with no wake-up of a reader task per event.
   A `websocket.send` per event cost a write system call, websockets' frame objects, a task wake-up and two
   Starlette wrappers per chunk. An app checks scope["extensions"] and falls back to `websocket.send`.
 - Less held per socket (tracemalloc, 300 sockets): a receive queue of one list instead of asyncio.Queue's three
@@ -143,20 +143,50 @@ class ReceiveQueue:
 
 
 class FrameWriter:
-    """Writes text frames to one open socket now, or says it cannot (paused, closing or closed)."""
+    """Writes text frames to one socket: now (write), or at the end of this turn of the event loop (send_soon).
 
-    __slots__ = ("protocol",)
+    send_soon gathers every frame sent in one turn, over every stream of the socket, into one write: the events
+    of one upstream read go out together, as the reader task's batches did, without a task wake-up per event.
+    """
+
+    __slots__ = ("protocol", "_outbox")
 
     def __init__(self, protocol: WebSocketsSansIOProtocol) -> None:
         self.protocol: WebSocketsSansIOProtocol | None = protocol
+        self._outbox: list[str] = []
+
+    def can_write(self) -> bool:
+        """Open, and the peer is keeping up (the transport is not paused)."""
+        protocol = self.protocol
+        return protocol is not None and protocol.writable.is_set() and self._open(protocol)
+
+    def send_soon(self, text: str) -> None:
+        if not self._outbox and self.protocol is not None:
+            self.protocol.loop.call_soon(self._flush)
+        self._outbox.append(text)
 
     def write(self, texts: list[str]) -> bool:
+        """Write now (after anything send_soon holds); False when the socket is paused or closed."""
+        if not self.can_write():
+            return False
+        if self._outbox:
+            texts, self._outbox = self._outbox + texts, []
+        return self._write(texts)
+
+    def _flush(self) -> None:
+        texts, self._outbox = self._outbox, []
+        if texts:
+            self._write(texts)  # paused since or not: these were accepted while it kept up
+
+    @staticmethod
+    def _open(protocol: WebSocketsSansIOProtocol) -> bool:
+        return not protocol.close_sent and protocol.conn.state is State.OPEN and not protocol.transport.is_closing()
+
+    def _write(self, texts: list[str]) -> bool:
         protocol = self.protocol
-        if protocol is None or not protocol.writable.is_set() or protocol.close_sent:
-            return False
+        if protocol is None or not self._open(protocol):
+            return False  # closed meanwhile: the reader loop ends the connection
         conn = protocol.conn
-        if conn.state is not State.OPEN or protocol.transport.is_closing():
-            return False
         if conn.extensions:  # a negotiated extension (compression) frames differently: websockets does it
             for text in texts:
                 conn.send_text(text.encode())
