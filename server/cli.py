@@ -18,6 +18,7 @@ from .auth import new_secret, secret_hash, valid_user_name
 from .config import ConfigError, Settings, load_settings
 from .errors import RelayError
 from .store import Store, UsageRow
+from .transports.http_protocol import RelayHttpProtocol
 from .transports.ws_protocol import relay_websocket_protocol
 from .usage import GROUPS, parse_query, total_of, usage_rows
 
@@ -138,7 +139,7 @@ def serve(settings: Settings) -> int:
         log_config=None,  # our handler (text or JSON) formats uvicorn's lines too
         access_log=settings.access_log,
         loop="auto",  # uvloop when installed
-        http="auto",  # httptools when installed
+        http=RelayHttpProtocol,  # httptools, with a body writer for event streams
         ws=relay_websocket_protocol(quiet=not settings.access_log and settings.log_level.lower() != "debug"),
         ws_ping_interval=settings.keepalive_seconds,
         # Answers are small text frames: compression costs more CPU than it saves, and a zlib context per socket.

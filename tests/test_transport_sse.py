@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import socket
 from decimal import Decimal
 
 import httpx
 import pytest
 
 from .relay_clients import demo_answer, names, sse_read, sse_stream, text_of
+from .test_lifecycle import expected_words
 
 
 async def test_sse_streams_a_costed_answer_with_numbered_events(server):
@@ -157,3 +161,51 @@ async def test_readyz_checks_the_database_and_healthz_only_the_process(server):
     async with httpx.AsyncClient(base_url=server.url) as client:
         assert (await client.get("/readyz")).json() == {"status": "ready", "database": "ok", "accepting": "ok"}
         assert (await client.get("/healthz")).json() == {"status": "ok"}
+
+
+async def test_an_sse_reader_that_stalls_then_reads_gets_every_event_in_order(make_server, make_upstream):
+    # ~8 MB as fast as the upstream sends it, to a client with a 4 KB receive buffer that stops reading for a while:
+    # kernel buffers fill, the response pauses, events queue in the hub and go out in batches once it drains.
+    upstream = make_upstream("--words", "8000", "--repeat", "150", "--delay-ms", "0")
+    relay = make_server({"ANTHROPIC_API_KEY": "sk-test", "ANTHROPIC_BASE_URL": upstream.url,
+                         "RELAY_SUBSCRIBER_QUEUE_EVENTS": "20000"})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", relay.port))
+    body = b'{"message": "stall then read"}'
+    sock.sendall(b"POST /api/command-center/message HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    await asyncio.sleep(3)
+    received = bytearray()
+    sock.settimeout(30)
+    try:
+        while not received.endswith(b"\r\n0\r\n\r\n"):
+            chunk = await asyncio.to_thread(sock.recv, 1 << 20)
+            if not chunk:
+                break
+            received += chunk
+    finally:
+        sock.close()
+    head, _, chunked = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+    events = []
+    for block in dechunk(chunked).decode().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.split("\n") if line and not line.startswith(":"))
+        if fields:
+            events.append((int(fields["id"]), fields["event"], json.loads(fields["data"])))
+    assert [event_id for event_id, _, _ in events] == list(range(1, len(events) + 1))
+    assert names(events) == ["start"] + ["chunk"] * 8000 + ["cost", "done"]
+    assert text_of(events) == expected_words(8000, 150)
+
+
+def dechunk(data: bytes) -> bytes:
+    """An HTTP/1.1 chunked body, decoded (and checked: every chunk's size matches its bytes)."""
+    out, position = bytearray(), 0
+    while True:
+        end = data.index(b"\r\n", position)
+        size = int(data[position:end], 16)
+        if size == 0:
+            return bytes(out)
+        out += data[end + 2:end + 2 + size]
+        assert data[end + 2 + size:end + 4 + size] == b"\r\n"
+        position = end + 4 + size

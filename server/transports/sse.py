@@ -19,6 +19,7 @@ from ..hub import Entry, StreamHub, Subscriber, SubscriberDropped
 from ..metrics import Metrics
 from ..protocol.frames import parse_event_id, parse_json_object, parse_send_message
 from ..protocol.sse import encode_comment
+from .http_protocol import BODY_WRITER, BodyWriter
 
 SSE_HEADERS = {
     "cache-control": "no-store",
@@ -29,9 +30,15 @@ SSE_HEADERS = {
 SSE_MEDIA_TYPE = "text/event-stream; charset=utf-8"
 
 
+def frame_entry(entry: Entry) -> str:
+    """One log entry as an SSE event; data is one line of compact JSON."""
+    event_id, name, data = entry
+    return f"id: {event_id}\nevent: {name}\ndata: {data}\n\n"
+
+
 def frame_entries(batch: list[Entry]) -> bytes:
-    """The SSE bytes of a batch of log entries; data is one line of compact JSON."""
-    return "".join([f"id: {i}\nevent: {name}\ndata: {data}\n\n" for i, name, data in batch]).encode()
+    """The SSE bytes of a batch of log entries."""
+    return "".join(map(frame_entry, batch)).encode()
 
 
 KEEPALIVE = encode_comment("keepalive")
@@ -59,16 +66,21 @@ class EventStreamResponse:
         gone.add_done_callback(lambda _: subscriber.abandon())
         if self.metrics is not None:
             self.metrics.readers["sse"].inc()
+        writer: BodyWriter | None = scope.get("extensions", {}).get(BODY_WRITER, {}).get("writer")
+        # Everything sent through `send` first takes what the writer still holds, so the bytes stay in order.
+        take = writer.take if writer is not None else bytes
         try:
             await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+            if writer is not None:
+                subscriber.deliver = _deliverer(writer)
             ended = False
             batches = subscriber.batches()
             try:
                 async for batch in batches:
                     # The batch with the stream's last event also ends the response: one write, not two.
                     ended = bool(batch) and batch[-1][1] in TERMINAL_EVENTS
-                    await send({"type": "http.response.body", "body": frame_entries(batch) if batch else KEEPALIVE,
-                                "more_body": not ended})
+                    await send({"type": "http.response.body", "more_body": not ended,
+                                "body": take() + (frame_entries(batch) if batch else KEEPALIVE)})
                     if ended:
                         break
             except SubscriberDropped as exc:
@@ -78,8 +90,9 @@ class EventStreamResponse:
                 error = Error("slow_consumer", f"this connection fell behind ({exc}); resume with Last-Event-ID",
                               True)
                 await send({"type": "http.response.body", "more_body": True,
-                            "body": f"event: error\ndata: {encode_data(error).decode()}\n\n".encode()})
+                            "body": take() + f"event: error\ndata: {encode_data(error).decode()}\n\n".encode()})
             finally:
+                subscriber.deliver = None
                 await batches.aclose()  # detach now, not when the generator is collected
             if ended:
                 return
@@ -88,13 +101,27 @@ class EventStreamResponse:
                 if self.cancel_on_disconnect is not None and not stream.finished:
                     self.cancel_on_disconnect.cancel(stream.id)
                 return
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send({"type": "http.response.body", "body": take(), "more_body": False})
         finally:
+            if writer is not None:
+                writer.close()
             gone.cancel()
             if self.release is not None:
                 self.release()
             if self.metrics is not None:
                 self.metrics.readers["sse"].dec()
+
+
+def _deliverer(writer: BodyWriter) -> Callable[[Entry], bool]:
+    """Hands a live event to the socket at once (see Subscriber.deliver); the last one goes through `send`."""
+
+    def deliver(entry: Entry) -> bool:
+        if entry[1] in TERMINAL_EVENTS or not writer.can_write():
+            return False  # the end (one write with the response's end), or the client is behind: queued
+        writer.send_soon(frame_entry(entry).encode())
+        return True
+
+    return deliver
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
