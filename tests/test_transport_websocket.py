@@ -127,25 +127,35 @@ async def test_a_websocket_logs_no_line_of_its_own_unless_the_access_log_is_on(m
     assert '"WebSocket /api/command-center/ws" [accepted]' in loud.log() and "connection open" in loud.log()
 
 
-async def test_a_websocket_reader_that_stalls_then_reads_gets_every_event_in_order(make_server, make_upstream):
-    # ~8 MB as fast as the upstream sends it, to a client with a 4 KB receive buffer that stops reading for a while:
-    # kernel buffers fill, the server's socket pauses, events queue in the hub and go out in batches once it drains.
+@pytest.mark.parametrize("streams", [1, 2])
+async def test_a_websocket_reader_that_stalls_then_reads_gets_every_event_in_order(make_server, make_upstream,
+                                                                                    streams):
+    # ~8 MB an answer as fast as the upstream sends it, to a client with a 4 KB receive buffer that stops reading
+    # for a while: kernel buffers fill, the server's socket pauses, events queue in the hub and go out in batches
+    # once it drains. Two answers on one socket: two readers wait for the same paused socket.
     upstream = make_upstream("--words", "8000", "--repeat", "150", "--delay-ms", "0")
     relay = make_server({"ANTHROPIC_API_KEY": "sk-test", "ANTHROPIC_BASE_URL": upstream.url,
                          "RELAY_SUBSCRIBER_QUEUE_EVENTS": "20000"})
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", relay.port))
+    by_stream: dict[str, list] = {}
     async with websockets.connect(relay.ws_url + "/api/command-center/ws", sock=sock, max_queue=4,
                                   max_size=None) as ws:
-        await ws.send(json.dumps({"type": "message", "message": "stall then read"}))
-        first = json.loads(await ws.recv())
+        for n in range(streams):
+            await ws.send(json.dumps({"type": "message", "message": f"stall then read {n}", "requestId": f"r{n}"}))
         await asyncio.sleep(3)
-        events = [(first["id"], first["event"], first["data"])]
-        events += await ws_read_until_end(ws, first["streamId"])
-    assert [event_id for event_id, _, _ in events] == list(range(1, len(events) + 1))
-    assert names(events) == ["start"] + ["chunk"] * 8000 + ["cost", "done"]
-    assert text_of(events) == expected_words(8000, 150)
+        done = 0
+        async with asyncio.timeout(120):
+            while done < streams:
+                frame = json.loads(await ws.recv())
+                by_stream.setdefault(frame["streamId"], []).append((frame["id"], frame["event"], frame["data"]))
+                done += frame["event"] == "done"
+    assert len(by_stream) == streams
+    for events in by_stream.values():
+        assert [event_id for event_id, _, _ in events] == list(range(1, len(events) + 1))
+        assert names(events) == ["start"] + ["chunk"] * 8000 + ["cost", "done"]
+        assert text_of(events) == expected_words(8000, 150)
 
 
 async def test_the_websocket_endpoint_works_under_plain_uvicorn_without_the_relays_protocol(tmp_path):

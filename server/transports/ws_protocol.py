@@ -74,13 +74,16 @@ def relay_websocket_protocol(quiet: bool) -> type[WebSocketsSansIOProtocol]:
 
         async def send(self, message: Any) -> None:
             if message["type"] != SEND_BATCH:
+                if message["type"] == "websocket.send":
+                    self.frame_writer.flush()  # frames queued earlier go first
                 await super().send(message)
                 if message["type"] == "websocket.accept" and self.handshake_complete:
                     # The response is written: its headers and the request's are not read again.
                     self.request = self.response = None  # type: ignore[assignment]
                 return
-            await self.writable.wait()  # the peer reads slowly: wait, as every send does
-            if not self.frame_writer.write(message["texts"]):
+            # The peer reads slowly: wait, as every send does; then write, even if another sender paused it again.
+            await self.writable.wait()
+            if self.disconnected or not self.frame_writer.write(message["texts"]):
                 raise ClientDisconnected()
 
     return RelayWebSocketProtocol
@@ -162,18 +165,17 @@ class FrameWriter:
 
     def send_soon(self, text: str) -> None:
         if not self._outbox and self.protocol is not None:
-            self.protocol.loop.call_soon(self._flush)
+            self.protocol.loop.call_soon(self.flush)
         self._outbox.append(text)
 
     def write(self, texts: list[str]) -> bool:
-        """Write now (after anything send_soon holds); False when the socket is paused or closed."""
-        if not self.can_write():
-            return False
+        """Write now, after anything send_soon holds, paused or not (the caller waited); False when closed."""
         if self._outbox:
             texts, self._outbox = self._outbox + texts, []
         return self._write(texts)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write what send_soon holds now."""
         texts, self._outbox = self._outbox, []
         if texts:
             self._write(texts)  # paused since or not: these were accepted while it kept up
