@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import secrets
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Callable, Collection, Generator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,7 +48,8 @@ def now() -> str:
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """32 random hex digits: uuid4().hex's form, without building a UUID (five ids each stream start)."""
+    return secrets.token_hex(16)
 
 
 def storable_id(value: str) -> bool:
