@@ -501,7 +501,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     document["summary"] = report.summarize(document)
     (output / "latest.json").write_text(json.dumps(document, indent=1, default=str))
-    (output / "latest.md").write_text(report.markdown(document))
+    text = report.markdown(document)
+    (output / "latest.md").write_text(text)
+    if not args.quick and set(only) == set(WORKLOADS) and set(transports) == {"sse", "ws"}:
+        # Every full run's tables are kept: figures on this shared machine move from run to run.
+        history = output / "history"
+        history.mkdir(exist_ok=True)
+        (history / f"{facts['date'][:16].replace(':', '')}.md").write_text(text)
     plots = report.plots(document, output)
     print(f"done in {document['duration_s']:.0f} s: {output / 'latest.md'}", *plots, sep=", ")
     return 0
