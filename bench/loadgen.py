@@ -241,15 +241,21 @@ class SSEClient(asyncio.Protocol):
         if self.status != 200:
             self.check.end("http_status", f"HTTP {self.status}: {body[:200]!r}")
             return
-        lines = (self.buffer + body).split(b"\n")
-        self.buffer = lines.pop()
-        for line in lines:
-            if line.startswith(b"data: "):
-                self.data(line[6:])
-            elif line.startswith(b"event: "):
-                self.event = line[7:].rstrip(b"\r")
-            elif not line or line == b"\r":
-                self.event = b""
+        data = self.buffer + body if self.buffer else body
+        if b"\r" in data:  # CRLF line ends: every target here writes LF, but a CR must not break the parse
+            data = data.replace(b"\r\n", b"\n")
+        # Whole events only, a block each: every target writes `event:` before a single `data:` line, so two
+        # finds per event instead of a Python step per line (the line loop cost this process as much CPU per
+        # chunk as the relay's whole SSE path, and made it the bottleneck of the SSE throughput figure).
+        blocks = data.split(b"\n\n")
+        self.buffer = blocks.pop()
+        for block in blocks:
+            start = block.find(b"data: ")
+            if start < 0:
+                continue  # a comment (keepalive) or an event without data
+            named = block.rfind(b"event: ", 0, start)
+            self.event = block[named + 7:block.index(b"\n", named)] if named >= 0 else b""
+            self.data(block[start + 6:])
 
     def data(self, data: bytes) -> None:
         event, check = self.event, self.check
