@@ -6,7 +6,7 @@ Runs in its own process, pinned by bench.run to the core the target does not use
 carries "seq:send_time_ns " (the upstream's stamp), so latency = receive time - send time on one clock.
 
 The per-chunk path is callbacks, not coroutines: SSE is a raw asyncio protocol with httptools parsing
-the HTTP/1.1 response and a minimal line parser (the relay's data lines are single-line JSON);
+the HTTP/1.1 response and a minimal event parser (every target's data lines are single-line JSON);
 WebSocket opens with the websockets library's own sans-I/O client protocol (handshake, masking of what
 the client sends), then reads the server's frames with a minimal frame parser (server frames are unmasked;
 a fragmented, compressed or masked frame is handled or refused as RFC 6455 says). A Python HTTP client's
