@@ -206,23 +206,28 @@ def wait_ready(process: Process, port: int, path: str | None, timeout: float = 3
     raise RuntimeError(f"{process.name} not ready on port {port} after {timeout} s:\n{process.tail()}")
 
 
-def new_database(server_url: str) -> str:
-    """A new empty PostgreSQL database on `server_url`'s server, for one case; its URL."""
+def on_postgresql(url: str, statement: str) -> list[Any]:
+    """Run one statement on a PostgreSQL database (CREATE/DROP DATABASE on the server's own); its rows."""
     import asyncio
-    import uuid
 
     import asyncpg
 
-    name = f"bench_{uuid.uuid4().hex[:12]}"
-
-    async def create() -> None:
-        connection = await asyncpg.connect(server_url)
+    async def run() -> list[Any]:
+        connection = await asyncpg.connect(url)
         try:
-            await connection.execute(f'CREATE DATABASE "{name}"')
+            return list(await connection.fetch(statement))
         finally:
             await connection.close()
 
-    asyncio.run(create())
+    return asyncio.run(run())
+
+
+def new_database(server_url: str) -> str:
+    """A new empty PostgreSQL database on `server_url`'s server, for one case; its URL."""
+    import uuid
+
+    name = f"bench_{uuid.uuid4().hex[:12]}"
+    on_postgresql(server_url, f'CREATE DATABASE "{name}"')
     return server_url.rsplit("/", 1)[0] + "/" + name
 
 
@@ -295,32 +300,16 @@ def rss_of(pid: int) -> int:
 
 def saved_replies_postgres(database_url: str, server_url: str) -> dict[str, int] | str:
     """Like saved_replies, from the case's PostgreSQL database, which is then dropped."""
-    import asyncio
-
     import asyncpg
 
-    async def count() -> dict[str, int]:
-        connection = await asyncpg.connect(database_url)
-        try:
-            rows = await connection.fetch(
-                "SELECT status, count(*) FROM messages WHERE role = 'assistant' GROUP BY status")
-        finally:
-            await connection.close()
-        return {str(row[0]): int(row[1]) for row in rows}
-
-    async def drop() -> None:
-        connection = await asyncpg.connect(server_url)
-        try:
-            await connection.execute(f'DROP DATABASE IF EXISTS "{database_url.rsplit("/", 1)[1]}"')
-        finally:
-            await connection.close()
-
     try:
-        return asyncio.run(count())
+        rows = on_postgresql(database_url, "SELECT status, count(*) FROM messages WHERE role = 'assistant' "
+                                           "GROUP BY status")
+        return {str(row[0]): int(row[1]) for row in rows}
     except (OSError, asyncpg.PostgresError) as exc:
         return f"unreadable: {exc}"
     finally:
-        asyncio.run(drop())
+        on_postgresql(server_url, f'DROP DATABASE IF EXISTS "{database_url.rsplit("/", 1)[1]}"')
 
 
 def saved_replies(case: Case, database: Path | None) -> dict[str, int] | str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from decimal import Decimal
 from typing import Any
 
@@ -15,6 +16,33 @@ from server.upstream.offline import demo_words
 
 Event = tuple[int | None, str, dict[str, Any]]
 TERMINAL = {"done", "error"}
+
+
+def expected_words(n: int, repeat: int = 1) -> str:
+    """The offline model's first `n` words, each `repeat` times: what a stream of the mock upstream says."""
+    return "".join(demo_words([], n, repeat))
+
+
+def relay_with_big_answer(make_server: Any, make_upstream: Any, delay_ms: int, queue_events: int) -> Any:
+    """A relay whose upstream answers 8,000 deltas of ~1 KB (~8 MB, more than kernel buffers hold)."""
+    upstream = make_upstream("--words", "8000", "--repeat", "150", "--delay-ms", str(delay_ms))
+    return make_server({"ANTHROPIC_API_KEY": "sk-test", "ANTHROPIC_BASE_URL": upstream.url,
+                        "RELAY_SUBSCRIBER_QUEUE_EVENTS": str(queue_events)})
+
+
+def unread_socket(port: int) -> socket.socket:
+    """A connection with a 4 KB receive buffer: until it reads, the server's writes soon pause."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def send_message_request(sock: socket.socket, message: str) -> None:
+    """POST a message for an SSE answer by hand, on a socket the test reads (or does not read) itself."""
+    body = json.dumps({"message": message}).encode()
+    sock.sendall(b"POST /api/command-center/message HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
 
 
 def demo_answer(*user_messages: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import sqlite3
 import time
 
@@ -14,15 +13,19 @@ import pytest
 import websockets
 from httpx_sse import aconnect_sse
 
-from .relay_clients import loads, names, sse_read, text_of, ws_read_until_end
+from .relay_clients import (
+    expected_words,
+    loads,
+    names,
+    relay_with_big_answer,
+    send_message_request,
+    sse_read,
+    text_of,
+    unread_socket,
+    ws_read_until_end,
+)
 
 SLOW = {"RELAY_OFFLINE_DELAY_MS": "20", "RELAY_OFFLINE_WORDS": "60"}  # a 1.2 s answer
-
-
-def expected_words(n: int, repeat: int = 1) -> str:
-    from server.upstream.offline import demo_words
-
-    return "".join(demo_words([], n, repeat))
 
 
 def saved(relay, message_id: str) -> tuple:
@@ -208,17 +211,10 @@ async def test_idle_streams_get_keepalives_on_both_transports(make_server):
 
 async def test_a_reader_that_stops_reading_is_dropped_while_others_stream_at_full_speed(make_server,
                                                                                       make_upstream):
-    # 8,000 deltas of ~1 KB at 1,000 a second: ~8 MB, more than kernel buffers hold, paced so healthy readers keep up.
-    upstream = make_upstream("--words", "8000", "--repeat", "150", "--delay-ms", "1")
-    relay = make_server({"ANTHROPIC_API_KEY": "sk-test", "ANTHROPIC_BASE_URL": upstream.url,
-                         "RELAY_SUBSCRIBER_QUEUE_EVENTS": "1000"})
-    # A client with a tiny receive buffer that reads nothing.
-    stuck = socket.socket()
-    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    stuck.connect(("127.0.0.1", relay.port))
-    body = b'{"message": "I will not read"}'
-    stuck.sendall(b"POST /api/command-center/message HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    # 8,000 deltas of ~1 KB at 1,000 a second, paced so healthy readers keep up; a client that reads nothing.
+    relay = relay_with_big_answer(make_server, make_upstream, delay_ms=1, queue_events=1000)
+    stuck = unread_socket(relay.port)
+    send_message_request(stuck, "I will not read")
     try:
         fast = await asyncio.gather(*(sse_read_new(relay.url, f"fast {n}") for n in range(2)))
         for events in fast:

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from decimal import Decimal
 
 import httpx
 import pytest
 
-from .relay_clients import demo_answer, names, sse_read, sse_stream, text_of
-from .test_lifecycle import expected_words
+from .relay_clients import (
+    demo_answer,
+    expected_words,
+    names,
+    relay_with_big_answer,
+    send_message_request,
+    sse_read,
+    sse_stream,
+    text_of,
+    unread_socket,
+)
 
 
 async def test_sse_streams_a_costed_answer_with_numbered_events(server):
@@ -166,15 +174,9 @@ async def test_readyz_checks_the_database_and_healthz_only_the_process(server):
 async def test_an_sse_reader_that_stalls_then_reads_gets_every_event_in_order(make_server, make_upstream):
     # ~8 MB as fast as the upstream sends it, to a client with a 4 KB receive buffer that stops reading for a while:
     # kernel buffers fill, the response pauses, events queue in the hub and go out in batches once it drains.
-    upstream = make_upstream("--words", "8000", "--repeat", "150", "--delay-ms", "0")
-    relay = make_server({"ANTHROPIC_API_KEY": "sk-test", "ANTHROPIC_BASE_URL": upstream.url,
-                         "RELAY_SUBSCRIBER_QUEUE_EVENTS": "20000"})
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", relay.port))
-    body = b'{"message": "stall then read"}'
-    sock.sendall(b"POST /api/command-center/message HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    relay = relay_with_big_answer(make_server, make_upstream, delay_ms=0, queue_events=20000)
+    sock = unread_socket(relay.port)
+    send_message_request(sock, "stall then read")
     await asyncio.sleep(3)
     received = bytearray()
     sock.settimeout(30)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sys
 
 import pytest
@@ -15,8 +14,17 @@ from websockets.streams import StreamReader
 from server.transports.ws_protocol import text_frame
 
 from .conftest import Process, _clean_env, free_port
-from .relay_clients import demo_answer, names, sse_stream, text_of, ws_read_until_end, ws_stream
-from .test_lifecycle import expected_words
+from .relay_clients import (
+    demo_answer,
+    expected_words,
+    names,
+    relay_with_big_answer,
+    sse_stream,
+    text_of,
+    unread_socket,
+    ws_read_until_end,
+    ws_stream,
+)
 
 
 async def test_websocket_streams_a_costed_answer(server):
@@ -133,12 +141,8 @@ async def test_a_websocket_reader_that_stalls_then_reads_gets_every_event_in_ord
     # ~8 MB an answer as fast as the upstream sends it, to a client with a 4 KB receive buffer that stops reading
     # for a while: kernel buffers fill, the server's socket pauses, events queue in the hub and go out in batches
     # once it drains. Two answers on one socket: two readers wait for the same paused socket.
-    upstream = make_upstream("--words", "8000", "--repeat", "150", "--delay-ms", "0")
-    relay = make_server({"ANTHROPIC_API_KEY": "sk-test", "ANTHROPIC_BASE_URL": upstream.url,
-                         "RELAY_SUBSCRIBER_QUEUE_EVENTS": "20000"})
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", relay.port))
+    relay = relay_with_big_answer(make_server, make_upstream, delay_ms=0, queue_events=20000)
+    sock = unread_socket(relay.port)
     by_stream: dict[str, list] = {}
     async with websockets.connect(relay.ws_url + "/api/command-center/ws", sock=sock, max_queue=4,
                                   max_size=None) as ws:
