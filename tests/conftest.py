@@ -23,6 +23,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 STREAMS = DATA / "anthropic-streams"
+# The server under test: the tree (the editable install), or with DELTARELAY_SERVER_PYTHON set (scripts/test sets it
+# to a fresh venv outside the checkout where the built wheel is installed) that interpreter, started from a directory
+# outside the checkout so that `-m server` imports the installed package and nothing of the tree.
+SERVER_PYTHON = os.environ.get("DELTARELAY_SERVER_PYTHON") or sys.executable
+SERVER_CWD = Path(os.environ.get("DELTARELAY_SERVER_CWD") or ROOT)
 # Every table the migrations create, in an order that drops cleanly (referencing tables first).
 SCHEMA_TABLES = ("messages", "sessions", "conversations", "users", "schema_migrations")
 
@@ -49,7 +54,7 @@ class Process:
         self.ws_url = f"ws://127.0.0.1:{port}"
         self.log_path = log_path
         self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, cwd=SERVER_CWD, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         try:
             self._wait_ready(ready_path)
         except BaseException:
@@ -120,7 +125,7 @@ class RelayServer(Process):
             self.database_url = SERVERS_ON_POSTGRESQL.rsplit("/", 1)[0] + "/" + name
             self._dropped_by = f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"
         full_env = _clean_env({"DATABASE_URL": self.database_url, **(env or {})})
-        super().__init__([sys.executable, "-m", "server", "--port", str(port)], full_env, tmp / "server.log",
+        super().__init__([SERVER_PYTHON, "-m", "server", "--port", str(port)], full_env, tmp / "server.log",
                          port, "/healthz")
 
     def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -148,7 +153,7 @@ class MockUpstream(Process):
 
     def __init__(self, tmp: Path, *args: str) -> None:
         port = free_port()
-        super().__init__([sys.executable, "-m", "server.mock_upstream", "--port", str(port), *args],
+        super().__init__([SERVER_PYTHON, "-m", "server.mock_upstream", "--port", str(port), *args],
                          _clean_env({}), tmp / f"upstream-{port}.log", port, "/")
 
 
@@ -195,3 +200,15 @@ def make_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     yield start
     for process in started:
         process.stop()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With DELTARELAY_SERVER_PYTHON set, the server processes must run the installed package, not the tree."""
+    if SERVER_PYTHON == sys.executable:
+        return
+    found = subprocess.run([SERVER_PYTHON, "-c", "import server; print(server.__file__)"], cwd=SERVER_CWD,
+                           env=_clean_env({}), capture_output=True, text=True, timeout=60)
+    location = Path(found.stdout.strip() or "/nonexistent").resolve()
+    if found.returncode != 0 or ROOT in location.parents:
+        raise pytest.UsageError(f"DELTARELAY_SERVER_PYTHON={SERVER_PYTHON} does not import an installed server "
+                                f"package from {SERVER_CWD}: {found.stdout.strip()} {found.stderr.strip()[-300:]}")

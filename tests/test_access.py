@@ -10,7 +10,6 @@ import json
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from websockets.exceptions import InvalidStatus
 
 from server.upstream.offline import demo_words
 
-from .conftest import ROOT, RelayServer, _clean_env, assert_no_traceback, free_port
+from .conftest import SERVER_CWD, SERVER_PYTHON, RelayServer, _clean_env, assert_no_traceback, free_port
 from .relay_clients import demo_answer, loads, names, sse_read, sse_stream, text_of, ws_read_until_end
 
 WS_PATH = "/api/command-center/ws"
@@ -40,8 +39,8 @@ EVIL = "https://evil.example"
 def run_cli(database: Path | str, *args: str) -> subprocess.CompletedProcess[str]:
     """`deltarelay users ...` on a SQLite file (a Path) or a database URL."""
     url = database if isinstance(database, str) else f"sqlite:///{database}"
-    return subprocess.run([sys.executable, "-m", "server", "users", "--database-url", url, *args],
-                          cwd=ROOT, env=_clean_env({}), capture_output=True, text=True, timeout=60)
+    return subprocess.run([SERVER_PYTHON, "-m", "server", "users", "--database-url", url, *args],
+                          cwd=SERVER_CWD, env=_clean_env({}), capture_output=True, text=True, timeout=60)
 
 
 def add_user(database: Path | str, name: str, *flags: str) -> str:
@@ -311,9 +310,9 @@ async def test_the_websocket_origin_is_checked_even_in_open_mode(make_server):
 
 def test_open_mode_is_refused_on_a_reachable_address_unless_allowed(tmp_path):
     port = free_port()
-    args = [sys.executable, "-m", "server", "--host", "0.0.0.0", "--port", str(port)]
+    args = [SERVER_PYTHON, "-m", "server", "--host", "0.0.0.0", "--port", str(port)]
     env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'open.db'}"}
-    refused = subprocess.run(args, cwd=ROOT, env=_clean_env(env), capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(args, cwd=SERVER_CWD, env=_clean_env(env), capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and "RELAY_ALLOW_ANONYMOUS" in refused.stderr
 
@@ -326,7 +325,7 @@ def test_open_mode_is_refused_on_a_reachable_address_unless_allowed(tmp_path):
 
     # With a user, the same address starts without the setting and asks for a token.
     add_user(tmp_path / "open.db", "dora")
-    secured = subprocess.Popen(args, cwd=ROOT, env=_clean_env(env), stdout=subprocess.DEVNULL,
+    secured = subprocess.Popen(args, cwd=SERVER_CWD, env=_clean_env(env), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
         for _ in range(300):

@@ -8,7 +8,6 @@ import io
 import json
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -19,7 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import ROOT, RelayServer, _clean_env, assert_no_traceback
+from .conftest import SERVER_CWD, SERVER_PYTHON, RelayServer, _clean_env, assert_no_traceback
 from .relay_clients import names, sse_read, sse_stream, ws_stream
 from .test_access import Team, bearer
 
@@ -52,8 +51,8 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
 
 def usage_cli(server: RelayServer, *args: str) -> str:
     """`deltarelay usage` on the server's database: its standard output."""
-    return subprocess.run([sys.executable, "-m", "server", "usage", "--database-url", server.database_url,
-                           *args], cwd=ROOT, env=_clean_env({}), capture_output=True, text=True, timeout=60,
+    return subprocess.run([SERVER_PYTHON, "-m", "server", "usage", "--database-url", server.database_url,
+                           *args], cwd=SERVER_CWD, env=_clean_env({}), capture_output=True, text=True, timeout=60,
                           check=True).stdout
 
 
@@ -242,7 +241,7 @@ def test_healthz_is_liveness_and_readyz_turns_503_while_shutting_down(make_serve
 ])
 def test_an_unreachable_database_or_redis_stops_the_start_with_one_line(tmp_path, env, says):
     base = {"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
-    result = subprocess.run([sys.executable, "-m", "server", "--port", "1"], cwd=ROOT,
+    result = subprocess.run([SERVER_PYTHON, "-m", "server", "--port", "1"], cwd=SERVER_CWD,
                             env=_clean_env({**base, **env}), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and says in result.stderr and "Traceback" not in result.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 
 import pytest
 import websockets
@@ -13,7 +12,7 @@ from websockets.streams import StreamReader
 
 from server.transports.ws_protocol import text_frame
 
-from .conftest import Process, _clean_env, free_port
+from .conftest import SERVER_PYTHON, Process, _clean_env, free_port
 from .relay_clients import (
     demo_answer,
     expected_words,
@@ -169,7 +168,7 @@ async def test_the_websocket_endpoint_works_under_plain_uvicorn_without_the_rela
     launch = ("import uvicorn; from server.app import create_app; from server.config import load_settings; "
               f"uvicorn.run(create_app(load_settings(port={port})), host='127.0.0.1', port={port}, "
               "ws='websockets-sansio', log_level='warning')")
-    plain = Process([sys.executable, "-c", launch], _clean_env({"DATABASE_URL": f"sqlite:///{tmp_path / 'r.db'}"}),
+    plain = Process([SERVER_PYTHON, "-c", launch], _clean_env({"DATABASE_URL": f"sqlite:///{tmp_path / 'r.db'}"}),
                     tmp_path / "plain.log", port, "/healthz")
     try:
         single = await ws_stream(plain.ws_url, {"message": "plain uvicorn"})

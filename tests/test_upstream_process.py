@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
-from .conftest import ROOT, _clean_env
+from .conftest import SERVER_CWD, SERVER_PYTHON, _clean_env
 from .relay_clients import names, sse_stream, text_of, ws_stream
 
 
@@ -51,7 +50,7 @@ async def test_upstream_http_error_is_an_error_event_that_never_echoes_the_key(m
 
 
 def test_invalid_configuration_fails_at_start_with_one_clear_line():
-    result = subprocess.run([sys.executable, "-m", "server"], cwd=ROOT, capture_output=True, text=True,
+    result = subprocess.run([SERVER_PYTHON, "-m", "server"], cwd=SERVER_CWD, capture_output=True, text=True,
                             env=_clean_env({"PORT": "eighty"}), timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["deltarelay: PORT must be a whole number, got 'eighty'"]
