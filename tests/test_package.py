@@ -19,7 +19,9 @@ from urllib.parse import urljoin
 
 import httpx
 import pytest
+from setuptools.errors import SetupError
 
+import build_client
 from server import assets
 
 from .conftest import ROOT, Process, _clean_env, assert_no_traceback, free_port
@@ -90,6 +92,33 @@ def test_a_checkout_serves_the_client_build_unless_the_source_is_newer(tmp_path)
     os.utime(source, (3_000, 3_000))
     served = assets.client_files(tmp_path)
     assert served.directory == tmp_path and served.names == {"deltarelay.js"}
+
+
+def test_the_build_hook_rebuilds_only_a_missing_or_older_client_build(tmp_path, monkeypatch):
+    """Mutation: `<` for `>` (or no mtime check) in build_client.stale makes a package with a stale build."""
+    monkeypatch.setattr(build_client, "CLIENT", tmp_path)
+    (tmp_path / "dist").mkdir()
+    for name in build_client.SOURCES:
+        (tmp_path / name).write_text("{}")
+        os.utime(tmp_path / name, (1_000, 1_000))
+    assert build_client.stale()  # no build
+    for name in build_client.BUILT:
+        (tmp_path / name).write_text("built")
+        os.utime(tmp_path / name, (2_000, 2_000))
+    assert not build_client.stale()
+    os.utime(tmp_path / "package-lock.json", (3_000, 3_000))  # e.g. esbuild upgraded
+    assert build_client.stale()
+
+
+def test_without_npm_a_package_needs_a_build_and_an_editable_install_goes_on(tmp_path, monkeypatch, capsys):
+    """No npm and no client/dist: building a wheel or an sdist stops with one line; an editable install warns."""
+    monkeypatch.setattr(build_client, "CLIENT", tmp_path)
+    monkeypatch.setattr(build_client.shutil, "which", lambda name: None)
+    (tmp_path / "deltarelay.js").write_text("export {}")
+    with pytest.raises(SetupError, match=r"^building deltarelay needs npm \(Node.js\)"):
+        build_client.build_client(required=True)
+    build_client.build_client(required=False)
+    assert "npm not found" in capsys.readouterr().err
 
 
 def test_the_installed_server_imports_from_the_venv_not_the_checkout(installed, tmp_path):
