@@ -1,4 +1,4 @@
-// deltarelay client: one ES module, no dependencies, no build step.
+// deltarelay client: one ES module, no dependencies; packaging minifies it (npm run build).
 //
 // Streams a relay answer over one shared WebSocket, or over SSE (a fetch POST
 // whose body is parsed incrementally) or EventSource when the socket is not an

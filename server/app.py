@@ -6,7 +6,6 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import httpx
 from starlette.applications import Starlette
@@ -15,10 +14,9 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
-from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import api
+from . import api, assets
 from .config import Settings
 from .core import Relay, save_orphan
 from .errors import RelayError
@@ -29,10 +27,6 @@ from .upstream.anthropic import AnthropicUpstream
 from .upstream.offline import OfflineOptions, OfflineTransport
 
 log = logging.getLogger("deltarelay")
-
-ROOT = Path(__file__).resolve().parent.parent
-STATIC = ROOT / "static"
-CLIENT = ROOT / "client"
 
 
 def upstream_transport(settings: Settings) -> httpx.AsyncBaseTransport | None:
@@ -96,15 +90,15 @@ class SecurityHeaders:
 
 
 async def index(request: Request) -> Response:
-    return FileResponse(STATIC / "index.html")
+    return FileResponse(assets.static_dir() / "index.html")
 
 
 async def usage_page(request: Request) -> Response:
-    return FileResponse(STATIC / "usage.html")
+    return FileResponse(assets.static_dir() / "usage.html")
 
 
 async def favicon(request: Request) -> Response:
-    return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
+    return FileResponse(assets.static_dir() / "favicon.svg", media_type="image/svg+xml")
 
 
 def make_hub(settings: Settings, store: Store) -> StreamHub:
@@ -226,8 +220,8 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         Route("/api/command-center/streams/{stream_id}", sse.get_stream),
         Route("/api/command-center/streams/{stream_id}/cancel", sse.cancel_stream, methods=["POST"]),
         WebSocketRoute(WEBSOCKET_PATH, websocket.WebSocketEndpoint()),  # taken by RelayApp first
-        Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),
-        Mount("/client", StaticFiles(directory=CLIENT, check_dir=False), name="client"),
+        Mount("/static", assets.static_files(), name="static"),
+        Mount("/client", assets.client_files(), name="client"),
     ]
     return RelayApp(
         routes=routes,

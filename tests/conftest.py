@@ -48,13 +48,14 @@ def _clean_env(extra: dict[str, str]) -> dict[str, str]:
 class Process:
     """A real server process (uvicorn) on a free port, with its log kept for assertions."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, port: int, ready_path: str) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, port: int, ready_path: str,
+                 cwd: Path = SERVER_CWD) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.ws_url = f"ws://127.0.0.1:{port}"
         self.log_path = log_path
         self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(args, cwd=SERVER_CWD, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         try:
             self._wait_ready(ready_path)
         except BaseException:
