@@ -135,8 +135,8 @@ def test_a_fresh_offline_deployment_on_sqlite_is_ready(tmp_path):
 
 
 def test_an_up_to_date_sqlite_database_proves_its_writer_and_keeps_nothing(tmp_path):
-    """Fails if the probe commits (its conversation stays) or if the writer is not used (no write at all:
-    the line would not say so)."""
+    """Fails if the probe's conversation stays behind (its delete dropped, and committed). That the writer
+    really writes is what the read-only tests below prove."""
     url = f"sqlite:///{tmp_path / 'relay.db'}"
     migrate(url)
     result = run_check({"DATABASE_URL": url}, "--json")

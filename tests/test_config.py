@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from databases import DatabaseURL
 
 from server.config import ConfigError, database_url, load_settings, masked_url
