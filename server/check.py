@@ -247,8 +247,8 @@ def configuration(settings: Settings) -> dict[str, str | None]:
             text = f"{value:g}"
         elif value == "":
             text = "(empty)"
-        elif f.name == "system_prompt" and len(value) > 60:
-            text = value[:60] + f"… ({len(value)} characters)"
+        elif f.name == "system_prompt":
+            text = f"set ({len(value)} characters, not shown)"  # an operator's text, not ours to print
         else:
             text = str(value)
         shown[name] = text

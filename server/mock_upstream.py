@@ -68,7 +68,7 @@ def mock_app(options: OfflineOptions, fail_first: int = 0,
 
     `fail_first`: only the first N requests fail with options.error; later ones succeed.
     `api_key`: every API request whose x-api-key differs gets the API's 401 `authentication_error`.
-    GET /stats tells what it saw: requests, answers completed, and answers whose client hung up.
+    GET /stats tells what it saw: Messages API requests, answers completed, and answers whose client hung up.
     """
     stats = {"requests": 0, "completed": 0, "disconnected": 0}
     expected_key = None if api_key is None else api_key.encode()
