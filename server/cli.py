@@ -1,4 +1,5 @@
-"""Command line: `deltarelay` (or `python -m server`) runs the server; `deltarelay users` manages users."""
+"""Command line: `deltarelay` (or `python -m server`) runs the server; `users` manages users, `usage` reports
+spending and `check` says whether a deployment is ready."""
 
 from __future__ import annotations
 
@@ -15,20 +16,21 @@ from typing import TypeVar
 
 from . import logs
 from .auth import new_secret, secret_hash, valid_user_name
-from .config import ConfigError, Settings, load_settings
-from .errors import RelayError
+from .config import ConfigError, Settings, load_settings, masked_url
+from .errors import RelayError, one_line
 from .store import Store, UsageRow
 from .transports.http_protocol import RelayHttpProtocol
 from .transports.ws_protocol import relay_websocket_protocol
 from .usage import GROUPS, parse_query, total_of, usage_rows
 
 T = TypeVar("T")
+DATABASE_URL_HELP = "sqlite:///file.db or postgresql://user@host:5432/db (DATABASE_URL)"
 
 
 def _serve_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="address to bind (HOST, default 127.0.0.1)")
     parser.add_argument("--port", help="port to bind (PORT, default 8000)")
-    parser.add_argument("--database-url", help="sqlite:///file.db or postgresql://... (DATABASE_URL)")
+    parser.add_argument("--database-url", help=DATABASE_URL_HELP)
     parser.add_argument("--model", help="default model (RELAY_MODEL)")
     parser.add_argument("--log-level", help="critical, error, warning, info or debug (RELAY_LOG_LEVEL)")
 
@@ -47,11 +49,11 @@ def preflight(settings: Settings) -> str | None:
     no users and the address is reachable from other machines. None: start."""
 
     async def check() -> str | None:
-        where = settings.database_url.split("@")[-1]  # never print a password
+        where = masked_url(settings.database_url)
         try:
             users = await _with_store(settings, lambda store: store.active_user_count())
         except Exception as exc:
-            return f"cannot open the database {where}: {_one_line(exc)}"
+            return f"cannot open the database {where}: {one_line(exc)}"
         if settings.redis_url is not None:
             import redis.asyncio
 
@@ -59,7 +61,7 @@ def preflight(settings: Settings) -> str | None:
             try:
                 await client.ping()
             except Exception as exc:
-                return f"cannot reach Redis at {settings.redis_url.split('@')[-1]}: {_one_line(exc)}"
+                return f"cannot reach Redis at {masked_url(settings.redis_url)}: {one_line(exc)}"
             finally:
                 await client.aclose()
         if users or settings.loopback or settings.allow_anonymous:
@@ -69,10 +71,6 @@ def preflight(settings: Settings) -> str | None:
                 " without sign-in")
 
     return asyncio.run(check())
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
@@ -106,7 +104,7 @@ def serve(settings: Settings) -> int:
     if settings.offline:
         log.warning("no ANTHROPIC_API_KEY: answers come from the built-in offline demo model")
     log.info("deltarelay on http://%s:%d (database %s)", settings.host, settings.port,
-             settings.database_url.split("@")[-1])
+             masked_url(settings.database_url))
     app = create_app(settings)
 
     class Server(uvicorn.Server):
@@ -231,13 +229,35 @@ def usage_command(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return seconds
+
+
+def _check(args: argparse.Namespace) -> int:
+    """`deltarelay check`: the settings the server would read, then each dependency; exit 0 when ready, else 1."""
+    from . import check
+
+    try:
+        settings = load_settings(host=args.host, port=args.port, database_url=args.database_url, model=args.model,
+                                 log_level=args.log_level)
+    except ConfigError as exc:
+        return check.settings_failed(str(exc), args.json)
+    return check.check_command(settings, args.timeout, args.json)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deltarelay", description="Stream model answers to browsers.")
     sub = parser.add_subparsers(dest="command")
     _serve_parser(parser)
     _serve_parser(sub.add_parser("serve", help="run the server (the default)"))
     users = sub.add_parser("users", help="add, list or revoke users and their API tokens")
-    users.add_argument("--database-url", help="sqlite:///file.db or postgresql://... (DATABASE_URL)")
+    users.add_argument("--database-url", help=DATABASE_URL_HELP)
     actions = users.add_subparsers(dest="action", required=True)
     add = actions.add_parser("add", help="add a user and print their API token once")
     add.add_argument("name")
@@ -246,13 +266,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     revoke = actions.add_parser("revoke", help="revoke a user's token and end their sessions")
     revoke.add_argument("name")
     report = sub.add_parser("usage", help="tokens and exact costs per day, model, agent or user")
-    report.add_argument("--database-url", help="sqlite:///file.db or postgresql://... (DATABASE_URL)")
+    report.add_argument("--database-url", help=DATABASE_URL_HELP)
     report.add_argument("--from", dest="date_from", help="first UTC day, YYYY-MM-DD (default: 29 days before --to)")
     report.add_argument("--to", dest="date_to", help="last UTC day, YYYY-MM-DD (default: today)")
     report.add_argument("--group-by", choices=GROUPS, default="day")
     report.add_argument("--user", help="one user's usage (default: everyone's)")
     report.add_argument("--csv", action="store_true", help="CSV on standard output")
+    check = sub.add_parser("check", help="check the settings, database, Redis and upstream before traffic")
+    _serve_parser(check)
+    check.add_argument("--timeout", type=_positive_seconds, default=5.0,
+                       help="seconds each check may take (default 5)")
+    check.add_argument("--json", action="store_true", help="the report as JSON")
     args = parser.parse_args(argv)
+    if args.command == "check":
+        return _check(args)
     try:
         if args.command == "users":
             return users_command(args, load_settings(database_url=args.database_url))

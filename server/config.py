@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 OFFLINE_MODEL = "deltarelay-offline"
 DEFAULT_BASE_URL = "https://api.anthropic.com"
@@ -251,15 +252,102 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
             value = _convert(name, kind, value)
         values[name] = value
     settings = Settings(**values)
+    settings = replace(settings, database_url=database_url(settings.database_url))
     _validate(settings)
     return settings.with_agents()
 
 
+SQLITE_SCHEMES = ("sqlite", "sqlite+aiosqlite")
+POSTGRESQL_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_ACCEPTED = ("DATABASE_URL must start with sqlite:// or postgresql:// (sqlite+aiosqlite://, postgres:// and"
+             " postgresql+asyncpg:// mean the same)")
+
+
+def database_url(url: str) -> str:
+    """The one form of a DATABASE_URL: `sqlite:///FILE` or `postgresql://USER:PASSWORD@HOST:PORT/DB?sslmode=MODE`.
+
+    `sqlite+aiosqlite://` means `sqlite://`; `postgres://` and `postgresql+asyncpg://` mean `postgresql://`.
+    A PostgreSQL URL may carry `sslmode` (libpq's modes; asyncpg's default is prefer), `min_size` and
+    `max_size` (the read pool); the databases library's `ssl=true|false|MODE` becomes
+    `sslmode=verify-full|disable|MODE`, which is what asyncpg makes of it.
+
+    Raises:
+        ConfigError: another database or driver, a SQLite URL naming a host, no file or an in-memory
+            database, or a parameter the drivers would ignore. The message never holds the password.
+    """
+    scheme, separator, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not separator or scheme not in SQLITE_SCHEMES + POSTGRESQL_SCHEMES:
+        raise ConfigError(f"{_ACCEPTED}, got {url.split(':')[0]!r}")
+    if scheme in SQLITE_SCHEMES:
+        return "sqlite://" + _sqlite_rest(rest)
+    return _postgresql_url(url)
+
+
+def _sqlite_rest(rest: str) -> str:
+    if not rest.startswith("/"):
+        raise ConfigError("DATABASE_URL for SQLite is sqlite:///relative.db or sqlite:////absolute.db:"
+                          " three slashes, then the file")
+    if "?" in rest or "#" in rest:
+        raise ConfigError("DATABASE_URL for SQLite takes no parameters: write ? and # in a file name as %3F and %23")
+    file = unquote(rest[1:])
+    if not file or file == ":memory:":
+        raise ConfigError("DATABASE_URL for SQLite must name a file (an in-memory database would not be shared"
+                          " by the writer and the readers)")
+    return rest
+
+
+def _postgresql_url(url: str) -> str:
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ConfigError("DATABASE_URL has a port that is not a number") from None
+    if parts.fragment:
+        raise ConfigError("DATABASE_URL has a '#': write it as %23 (in a password, say)")
+    options: dict[str, str] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in options or (name in ("ssl", "sslmode") and "sslmode" in options):
+            raise ConfigError(f"DATABASE_URL gives {name} twice (ssl and sslmode are one setting)")
+        if name == "ssl":
+            name, value = "sslmode", {"true": "verify-full", "false": "disable"}.get(value.lower(), value)
+        if name == "sslmode":
+            if value not in SSL_MODES:
+                raise ConfigError(f"DATABASE_URL sslmode must be one of {', '.join(SSL_MODES)}, got {value!r}")
+        elif name in ("min_size", "max_size"):
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"DATABASE_URL {name} must be a whole number above 0, got {value!r}")
+        else:
+            raise ConfigError(f"DATABASE_URL parameter {name!r} is not supported: PostgreSQL URLs take sslmode,"
+                              " min_size and max_size")
+        options[name] = value
+    query = urlencode(sorted(options.items(), key=lambda item: ("sslmode", "min_size", "max_size").index(item[0])))
+    return urlunsplit(("postgresql", parts.netloc, parts.path, query, ""))
+
+
+def masked_url(url: str) -> str:
+    """`url` fit to print: the password in it, and any parameter named like one, become ***.
+
+    Everything up to the last `@` is taken for the user and password, so a password holding `/`, `?` or `#`
+    is masked too.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return url
+    at = rest.rfind("@")
+    if at >= 0:
+        user, colon, _ = rest[:at].partition(":")
+        rest = (f"{user}:***" if colon else user) + rest[at:]
+    address, question, query = rest.partition("?")
+    if question:
+        pairs = [(name, "***" if "password" in name.lower() else value)
+                 for name, value in parse_qsl(query, keep_blank_values=True)]
+        rest = address + "?" + urlencode(pairs, safe="*")
+    return f"{scheme}://{rest}"
+
+
 def _validate(settings: Settings) -> None:
-    if not settings.database_url.startswith(("sqlite:", "postgresql:", "postgres:")):
-        raise ConfigError(
-            f"DATABASE_URL must start with sqlite:// or postgresql://, got {settings.database_url.split(':')[0]!r}"
-        )
     if not settings.anthropic_base_url.startswith(("http://", "https://")):
         raise ConfigError("ANTHROPIC_BASE_URL must be an http:// or https:// URL")
     if settings.upstream_transport not in ("http1", "aiohttp", "httpx"):

@@ -120,3 +120,8 @@ class UpstreamTimeoutError(UpstreamError):
 class ProtocolError(UpstreamError):
     code = "protocol_error"
     retryable = False
+
+
+def one_line(exc: BaseException) -> str:
+    """Any exception as one short line for an operator (its type and message, whitespace folded)."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]

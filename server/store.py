@@ -22,10 +22,12 @@ from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from databases import Database
 from databases.core import Connection
 
+from .config import database_url
 from .errors import NotFoundError, TooLargeError
 
 log = logging.getLogger("deltarelay.store")
@@ -58,14 +60,24 @@ def storable_id(value: str) -> bool:
 
 
 def databases_url(url: str) -> str:
-    """The `databases` URL for a user-facing DATABASE_URL (sqlite:// goes through aiosqlite)."""
+    """The `databases` URL for a DATABASE_URL: SQLite through aiosqlite, PostgreSQL through asyncpg.
+
+    `databases` hands asyncpg the host, port, user, password and database of the URL and, of its
+    parameters, only `ssl`, `min_size` and `max_size`: libpq's `sslmode` goes to it as `ssl`.
+    """
+    url = database_url(url)
     if url.startswith("sqlite:"):
         return "sqlite+aiosqlite:" + url[len("sqlite:"):]
-    if url.startswith("postgres://"):
-        return "postgresql+asyncpg://" + url[len("postgres://"):]
-    if url.startswith("postgresql://"):
-        return "postgresql+asyncpg://" + url[len("postgresql://"):]
-    return url
+    parts = urlsplit(url)
+    query = [("ssl" if name == "sslmode" else name, value) for name, value in parse_qsl(parts.query)]
+    return urlunsplit(parts._replace(scheme="postgresql+asyncpg", query=urlencode(query)))
+
+
+def asyncpg_dsn(url: str) -> str:
+    """A PostgreSQL DATABASE_URL as `asyncpg.connect()` reads it (libpq's form: the pool sizes dropped)."""
+    parts = urlsplit(database_url(url))
+    query = [(name, value) for name, value in parse_qsl(parts.query) if name == "sslmode"]
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,20 +155,23 @@ class Store:
     """
 
     def __init__(self, url: str, group_commit: float = 0.0) -> None:
-        self.url = url
+        self.url = database_url(url)
         self.group_commit = group_commit
-        self.is_sqlite = url.startswith("sqlite")
-        self.db = Database(databases_url(url))
+        self.is_sqlite = self.url.startswith("sqlite:")
+        self.db = Database(databases_url(self.url))
         self._writer: _SQLiteWriter | _AsyncWriter | None = None
 
-    async def connect(self) -> None:
+    async def connect(self, migrate: bool = True) -> None:
+        """Open the read pool and the writer, then apply the migrations not applied yet (unless `migrate` is
+        False: `deltarelay check` looks and changes nothing)."""
         await self.db.connect()
         if self.is_sqlite:
             self._writer = _SQLiteWriter(sqlite_path(self.url), self.group_commit)
         else:
             self._writer = _AsyncWriter(self.db)
         await self._writer.start()
-        await self.write(_migrate())
+        if migrate:
+            await self.write(_migrate())
 
     async def disconnect(self) -> None:
         if self._writer is not None:
@@ -172,6 +187,55 @@ class Store:
 
     async def ping(self) -> None:
         await self.db.fetch_val("SELECT 1")
+
+    async def probe(self) -> Probe:
+        """Prove the writer can write what the server will write next, and leave no trace.
+
+        In one transaction of the writer, rolled back at the end: with the schema up to date, a conversation
+        is inserted, updated and deleted (what a stream start needs); with migrations pending, a table is
+        created and written (what applying them at start needs). It also reads which migrations are applied.
+
+        Raises:
+            Exception: the driver's error for the first statement that failed.
+        """
+        sqlite = self.is_sqlite
+
+        def operation() -> Operation[Probe]:
+            version = yield Query("SELECT sqlite_version()" if sqlite else "SHOW server_version", {}, ONE)
+            server = f"{'SQLite' if sqlite else 'PostgreSQL'} {str(version[0]).split()[0]}"
+            yield Query(_SCHEMA_MIGRATIONS)
+            rows = yield Query("SELECT version FROM schema_migrations", {}, ALL)
+            applied = frozenset(int(row[0]) for row in rows)
+            known = migration_versions()
+            # Before the migration that makes it, there is no users table: after it, there are no users.
+            tables = yield Query(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'users'" if sqlite else
+                "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = current_schema()"
+                " AND table_name = 'users'", {}, ONE)
+            users = 0
+            if tables[0]:
+                counted = yield Query("SELECT COUNT(*) FROM users WHERE revoked_at IS NULL", {}, ONE)
+                users = int(counted[0])
+            if set(known) <= applied:
+                wrote = "inserted, updated and deleted a conversation"
+                stamp, conversation = now(), "deltarelay-check-" + new_id()
+                yield Query("INSERT INTO conversations (id, agent_id, title, created_at, updated_at, owner_id)"
+                            " VALUES (:id, 'check', 'check', :t, :t, NULL)", {"id": conversation, "t": stamp})
+                yield Query("UPDATE conversations SET updated_at = :t WHERE id = :id",
+                            {"id": conversation, "t": now()})
+                yield Query("DELETE FROM conversations WHERE id = :id", {"id": conversation})
+            else:
+                wrote = "created a table and wrote a row"
+                yield Query("CREATE TABLE deltarelay_check (id TEXT PRIMARY KEY)")
+                yield Query("INSERT INTO deltarelay_check (id) VALUES (:id)", {"id": new_id()})
+            probe = Probe(applied, known, users, server, wrote)
+            raise _RolledBack(probe)
+
+        try:
+            await self.write(operation())
+        except _RolledBack as done:
+            return done.probe
+        raise AssertionError("the probe always rolls back")
 
     async def begin_turn(
         self,
@@ -541,8 +605,45 @@ def _history(messages: list[tuple[str, str]]) -> list[dict[str, str]]:
     return history
 
 
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """What Store.probe found: the migrations applied and known, and the active users."""
+
+    applied: frozenset[int]
+    known: list[int]
+    users: int
+    server: str  # the database's name and version
+    wrote: str  # what the writer did before it rolled back
+
+    @property
+    def pending(self) -> list[int]:
+        return [version for version in self.known if version not in self.applied]
+
+    @property
+    def unknown(self) -> list[int]:
+        """Applied migrations this code does not have: a newer deltarelay migrated the database."""
+        return sorted(self.applied.difference(self.known))
+
+
+class _RolledBack(Exception):
+    """Ends the probe's operation, so that the writer rolls back everything it did."""
+
+    def __init__(self, probe: Probe) -> None:
+        super().__init__("rolled back")
+        self.probe = probe
+
+
+def migration_versions() -> list[int]:
+    """The versions of the migrations in migrations/, in order."""
+    return sorted(int(path.name.split("_", 1)[0]) for path in MIGRATIONS.glob("*.sql"))
+
+
+_SCHEMA_MIGRATIONS = ("CREATE TABLE IF NOT EXISTS schema_migrations"
+                      " (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+
+
 def _migrate() -> Operation[None]:
-    yield Query("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+    yield Query(_SCHEMA_MIGRATIONS)
     rows = yield Query("SELECT version FROM schema_migrations", {}, ALL)
     applied = {row[0] for row in rows}
     for path in sorted(MIGRATIONS.glob("*.sql")):
@@ -580,9 +681,8 @@ Operation = Generator[Query, Any, T]
 
 
 def sqlite_path(url: str) -> str:
-    """The file of sqlite:///relative.db or sqlite:////absolute.db."""
-    path = url.split(":", 1)[1]
-    return path[3:] if path.startswith("///") else path.lstrip("/")
+    """The file of sqlite:///relative.db or sqlite:////absolute.db, percent-decoded as `databases` does."""
+    return unquote(database_url(url)[len("sqlite:///"):])
 
 
 class _SQLiteWriter:

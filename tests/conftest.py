@@ -15,10 +15,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
 import pytest
+
+from server.config import database_url
+from server.store import asyncpg_dsn, sqlite_path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -112,31 +116,45 @@ def _on_postgresql(url: str, *statements: str) -> list[tuple[Any, ...]]:
         return pool.submit(asyncio.run, run()).result(timeout=60)
 
 
+def new_postgresql_database(server_url: str) -> tuple[str, str]:
+    """A new empty database on `server_url`'s PostgreSQL server: its URL (query kept) and the DROP that removes it."""
+    name = f"relay_{uuid.uuid4().hex[:12]}"
+    _on_postgresql(asyncpg_dsn(server_url), f"CREATE DATABASE {name}")
+    url = urlunsplit(urlsplit(server_url)._replace(path="/" + name))
+    return url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+
+
 class RelayServer(Process):
-    """`python -m server` with a database of its own: a SQLite file, or a new PostgreSQL database."""
+    """`python -m server` with a database of its own: a SQLite file, or a new PostgreSQL database.
+
+    A DATABASE_URL in `env` (in any form the server accepts) is used instead, and `rows` reads it.
+    """
 
     def __init__(self, tmp: Path, env: dict[str, str] | None = None) -> None:
         port = free_port()
-        self.db_path = tmp / "relay.db"
-        self.database_url = f"sqlite:///{self.db_path}"
+        self.database_url = f"sqlite:///{tmp / 'relay.db'}"
         self._dropped_by = ""
-        if SERVERS_ON_POSTGRESQL:
-            name = f"relay_{uuid.uuid4().hex[:12]}"
-            _on_postgresql(SERVERS_ON_POSTGRESQL, f"CREATE DATABASE {name}")
-            self.database_url = SERVERS_ON_POSTGRESQL.rsplit("/", 1)[0] + "/" + name
-            self._dropped_by = f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        if env and "DATABASE_URL" in env:
+            self.database_url = env["DATABASE_URL"]
+        elif SERVERS_ON_POSTGRESQL:
+            self.database_url, self._dropped_by = new_postgresql_database(SERVERS_ON_POSTGRESQL)
         full_env = _clean_env({"DATABASE_URL": self.database_url, **(env or {})})
         super().__init__([SERVER_PYTHON, "-m", "server", "--port", str(port)], full_env, tmp / "server.log",
                          port, "/healthz")
 
+    @property
+    def db_path(self) -> Path:
+        """The SQLite file (for a server on SQLite)."""
+        return Path(sqlite_path(self.database_url))
+
     def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         """A query on the server's database; `?` marks the parameters (literals only: tests, not input)."""
-        if not self.database_url.startswith("postgresql"):
+        if database_url(self.database_url).startswith("sqlite:"):
             with sqlite3.connect(self.db_path) as db:
                 return [tuple(row) for row in db.execute(sql, params).fetchall()]
         for param in params:
             sql = sql.replace("?", "'" + str(param).replace("'", "''") + "'", 1)
-        return _on_postgresql(self.database_url, sql)
+        return _on_postgresql(asyncpg_dsn(self.database_url), sql)
 
     def count(self, sql: str, *params: Any) -> int:
         return int(self.rows(sql, *params)[0][0])
@@ -144,7 +162,7 @@ class RelayServer(Process):
     def stop(self, sig: int = signal.SIGTERM) -> int:
         code = super().stop(sig)
         if self._dropped_by:
-            _on_postgresql(SERVERS_ON_POSTGRESQL, self._dropped_by)
+            _on_postgresql(asyncpg_dsn(SERVERS_ON_POSTGRESQL), self._dropped_by)
             self._dropped_by = ""
         return code
 

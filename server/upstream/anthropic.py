@@ -74,7 +74,8 @@ class AnthropicUpstream:
         self.transport = transport or httpx.AsyncHTTPTransport(limits=limits)
         # Requests go straight to the transport: an API call needs none of AsyncClient's per-request
         # cookie, redirect and auth machinery, which was a quarter of a stream's start-up CPU.
-        self.url = httpx.URL((base_url or settings.anthropic_base_url).rstrip("/") + "/v1/messages")
+        self.base_url = (base_url or settings.anthropic_base_url).rstrip("/")
+        self.url = httpx.URL(self.base_url + "/v1/messages")
         self.headers = {"anthropic-version": API_VERSION, "content-type": "application/json"}
         if settings.anthropic_api_key:
             self.headers["x-api-key"] = settings.anthropic_api_key
@@ -92,6 +93,27 @@ class AnthropicUpstream:
 
     async def aclose(self) -> None:
         await self.transport.aclose()
+
+    async def get(self, path: str, limit: int = 64 * 1024) -> tuple[int, bytes]:
+        """GET `path` of the API (`/v1/models/...`) with the streams' key, version, transport and timeouts.
+
+        Returns the status and at most `limit` bytes of the body.
+
+        Raises:
+            httpx.TransportError: no connection, or it broke.
+        """
+        headers = {name: value for name, value in self.headers.items() if name != "content-type"}
+        request = httpx.Request("GET", httpx.URL(self.base_url + path), headers=headers, extensions=self.extensions)
+        response = await self.transport.handle_async_request(request)
+        body = b""
+        try:
+            async for chunk in response.aiter_raw():
+                body += chunk
+                if len(body) >= limit:
+                    break
+        finally:
+            await response.aclose()
+        return response.status_code, body[:limit]
 
     async def events(self, request: UpstreamRequest) -> AsyncGenerator[SSEEvent, None]:
         """Yield the upstream's SSE events as they arrive.
