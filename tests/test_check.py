@@ -14,7 +14,6 @@ import shutil
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ import redis
 
 from server.store import MIGRATIONS, Store
 
-from .conftest import ROOT, _clean_env, _on_postgresql, free_port, new_postgresql_database
+from .conftest import SERVER_CWD, SERVER_PYTHON, _clean_env, _on_postgresql, free_port, new_postgresql_database
 from .relay_clients import sse_stream
 
 POSTGRES_URLS = [url.strip() for url in os.environ.get("TEST_DATABASE_URLS", "").split(",")
@@ -47,11 +46,11 @@ def run_check(env: dict[str, str], *args: str, unprivileged: bool = False,
     full_env = _clean_env(env)
     if "REDIS_URL" not in env:
         full_env.pop("REDIS_URL", None)
-    argv = [*(command or [sys.executable, "-m", "server"]), "check", "--timeout", "5", *args]
+    argv = [*(command or [SERVER_PYTHON, "-m", "server"]), "check", "--timeout", "5", *args]
     if unprivileged and os.geteuid() == 0:
         # Root writes read-only files; without these capabilities it meets the permission bits as anyone does.
         argv = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--", *argv]
-    return subprocess.run(argv, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(argv, cwd=SERVER_CWD, env=full_env, capture_output=True, text=True, timeout=120)
 
 
 def lines(result: subprocess.CompletedProcess[str]) -> dict[str, str]:
@@ -121,7 +120,7 @@ def redis_with_password(tmp_path: Path) -> Iterator[int]:
 def test_a_fresh_offline_deployment_on_sqlite_is_ready(tmp_path):
     """The console script, as installed. Fails if any check fails on the defaults, or if the report stops
     printing the configuration the server would run with."""
-    deltarelay = str(Path(sys.executable).with_name("deltarelay"))
+    deltarelay = str(Path(SERVER_PYTHON).with_name("deltarelay"))
     result = run_check({"DATABASE_URL": f"sqlite:///{tmp_path / 'new.db'}"}, command=[deltarelay])
     assert result.returncode == 0, result.stdout
     found = lines(result)
@@ -286,7 +285,7 @@ def test_a_reachable_address_without_users_is_not_ready_until_a_user_exists(tmp_
     refused = run_check({"DATABASE_URL": url}, "--host", "0.0.0.0")
     assert refused.returncode == 1
     assert lines(refused)["access"].startswith("FAIL  access    no users exist and 0.0.0.0 is reachable")
-    subprocess.run([sys.executable, "-m", "server", "users", "--database-url", url, "add", "ops"], cwd=ROOT,
+    subprocess.run([SERVER_PYTHON, "-m", "server", "users", "--database-url", url, "add", "ops"], cwd=SERVER_CWD,
                    env=_clean_env({}), capture_output=True, check=True, timeout=60)
     ready = run_check({"DATABASE_URL": url}, "--host", "0.0.0.0")
     assert ready.returncode == 0, ready.stdout

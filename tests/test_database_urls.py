@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
-from .conftest import ROOT, _clean_env, _on_postgresql, free_port, new_postgresql_database
+from .conftest import SERVER_CWD, SERVER_PYTHON, _clean_env, _on_postgresql, free_port, new_postgresql_database
 from .relay_clients import demo_answer, sse_stream, ws_stream
 
 POSTGRES_URLS = [url.strip() for url in os.environ.get("TEST_DATABASE_URLS", "").split(",")
@@ -68,7 +67,7 @@ def test_sslmode_require_is_honoured_not_ignored(postgresql_database):
     databases library ignores sslmode (it reads only ssl=), so the relay connected in plain text."""
     if _on_postgresql(POSTGRES_URLS[0], "SHOW ssl")[0][0] != "off":
         pytest.skip("this PostgreSQL server has TLS on: sslmode=require would succeed")
-    result = subprocess.run([sys.executable, "-m", "server", "--port", str(free_port())], cwd=ROOT,
+    result = subprocess.run([SERVER_PYTHON, "-m", "server", "--port", str(free_port())], cwd=SERVER_CWD,
                             env=_clean_env({"DATABASE_URL": f"postgres://{postgresql_database}?sslmode=require"}),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
