@@ -20,11 +20,13 @@ import asyncpg
 import httpx
 import pytest
 
+from server.store import sqlite_path
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 STREAMS = DATA / "anthropic-streams"
 # Every table the migrations create, in an order that drops cleanly (referencing tables first).
-SCHEMA_TABLES = ("messages", "sessions", "conversations", "users", "schema_migrations")
+SCHEMA_TABLES = ("messages", "sessions", "conversations", "users", "write_probe", "schema_migrations")
 
 
 def free_port() -> int:
@@ -107,14 +109,22 @@ def _on_postgresql(url: str, *statements: str) -> list[tuple[Any, ...]]:
 
 
 class RelayServer(Process):
-    """`python -m server` with a database of its own: a SQLite file, or a new PostgreSQL database."""
+    """`python -m server` with a database of its own: a SQLite file, or a new PostgreSQL database.
 
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None) -> None:
+    `database_url` names the database instead (the test's own server, or a SQLite file where the test
+    wants it); the test then owns it.
+    """
+
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None, database_url: str | None = None) -> None:
         port = free_port()
         self.db_path = tmp / "relay.db"
         self.database_url = f"sqlite:///{self.db_path}"
         self._dropped_by = ""
-        if SERVERS_ON_POSTGRESQL:
+        if database_url is not None:
+            self.database_url = database_url
+            if database_url.startswith("sqlite:"):
+                self.db_path = Path(sqlite_path(database_url))
+        elif SERVERS_ON_POSTGRESQL:
             name = f"relay_{uuid.uuid4().hex[:12]}"
             _on_postgresql(SERVERS_ON_POSTGRESQL, f"CREATE DATABASE {name}")
             self.database_url = SERVERS_ON_POSTGRESQL.rsplit("/", 1)[0] + "/" + name
@@ -171,8 +181,8 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """Start servers with custom settings; all stopped (and checked for tracebacks) after the test."""
     started: list[Process] = []
 
-    def start(env: dict[str, str] | None = None) -> RelayServer:
-        relay = RelayServer(tmp_path_factory.mktemp("relay"), env)
+    def start(env: dict[str, str] | None = None, database_url: str | None = None) -> RelayServer:
+        relay = RelayServer(tmp_path_factory.mktemp("relay"), env, database_url)
         started.append(relay)
         return relay
 
