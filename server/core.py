@@ -199,16 +199,20 @@ class Relay:
         while True:
             await asyncio.sleep(interval)
             marks: dict[str, int] = {}
-            batch: list[tuple[str, str, Reply]] = []
+            due: list[LiveStream] = []
             for stream in self.hub.active():
                 reply = stream.reply
                 if reply is None or not stream.running or stream.finalizing or stream.message_id is None:
                     continue
                 marks[stream.id] = stream.last_id
                 if saved.get(stream.id) != stream.last_id and (reply.has_content or reply.usage.input_tokens):
-                    batch.append((stream.id, stream.message_id, _partial(reply)))
-            for first in range(0, len(batch), PROGRESS_BATCH):
-                part = batch[first:first + PROGRESS_BATCH]
+                    due.append(stream)
+            # A batch at a time, each built just before its write: the loop runs other work in between.
+            for first in range(0, len(due), PROGRESS_BATCH):
+                part: list[tuple[str, str, Reply]] = []
+                for stream in due[first:first + PROGRESS_BATCH]:
+                    if stream.reply is not None and stream.message_id is not None and not stream.finalizing:
+                        part.append((stream.id, stream.message_id, _partial(stream.reply)))
                 try:
                     await self.store.save_progress([(message_id, reply) for _, message_id, reply in part])
                 except StorageUnavailableError:
@@ -253,10 +257,13 @@ PROGRESS_BATCH = 50
 class SavePolicy:
     """How an answer's save outlasts a database that cannot take writes (down, restarting, disk full).
 
-    The stream's `done` waits for the save up to `wait_seconds`: `done` always means saved, and a short
-    outage (a PostgreSQL restart takes seconds) passes unseen. Past it the stream ends with a retryable
-    `storage_unavailable` error instead, and the save goes on being retried with backoff (first_delay,
-    doubling to max_delay) until `retry_seconds` after the answer ended; past that it is given up (logged).
+    The stream's `done` waits for the save up to `wait_seconds` after its first failed attempt: `done`
+    always means saved, and a short outage (a PostgreSQL restart takes seconds) passes unseen. Past it the
+    stream ends with a retryable `storage_unavailable` error instead, and the save goes on being retried with
+    backoff (first_delay, doubling to max_delay) until `retry_seconds` after the answer ended; past that it is
+    given up (logged): the row keeps its last partial save and the next start marks it `interrupted`. The
+    answers waiting so are at most those that were running (a new one cannot start without a write), and
+    each keeps its user's concurrent-stream slot until its save ends.
     """
 
     wait_seconds: float = 10.0

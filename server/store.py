@@ -1044,11 +1044,11 @@ class _AsyncWriter:
                                 log.warning("the lease of instance %s is held by another session", self.instance_id)
                         else:
                             await connection.execute("SELECT 1")
-                        if not ready.done():
-                            ready.set_result(None)
-                        elif not self.healthy:
+                        if ready.done() and not self.healthy:
                             log.warning("PostgreSQL writes work again")
                         self.healthy = True
+                        if not ready.done():
+                            ready.set_result(None)
                         delay = self.RECONNECT_FIRST_DELAY
                         await self._serve(connection)
                     except BaseException:

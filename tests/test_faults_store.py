@@ -88,7 +88,7 @@ def ended(events: list[Event]) -> bool:
 async def eventually(check: Callable[[], Any], seconds: float = 60) -> None:
     """Wait until `check()` is true (a state outside this process: a row, a status); a guard, not a delay."""
     async with asyncio.timeout(seconds):
-        while not await asyncio.to_thread(check):
+        while not await asyncio.to_thread(check):  # noqa: ASYNC110 - the condition lives in another process
             await asyncio.sleep(0.05)
 
 
