@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -171,8 +172,10 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         await store.connect()
         hub = make_hub(settings, store)
         try:
+            await store.hold_instance(hub.instance_id)
             await hub.open()
-            # Only answers no live instance is generating: another instance's running ones are left alone.
+            # Only answers no live instance is generating: another instance's running ones are left alone
+            # (alive in the hub's eyes or holding their lease in the database, as a process draining does).
             left = await store.interrupt_unfinished(await hub.live_instances())
         except BaseException:
             await hub.close()
@@ -191,6 +194,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
             log.warning("open mode: no users exist, so anyone who can reach %s:%d may use this server and spend;"
                         " add one with `deltarelay users add NAME`", settings.host, settings.port)
         app.state.settings = settings
+        progress = asyncio.create_task(relay.save_progress(), name="partial-saves")
         # Everything made at start lives for the process: keep it out of every later collection.
         gc.collect()
         gc.freeze()
@@ -199,6 +203,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
             yield
         finally:
             await hub.shutdown(settings.shutdown_grace_seconds)
+            progress.cancel()
             await hub.close()
             await upstream.aclose()
             await store.disconnect()

@@ -66,6 +66,11 @@ class Settings:
     retry_base_delay: float = 0.5
     retry_max_wait: float = 10.0
     shutdown_grace_seconds: float = 20.0
+    # While the database cannot take writes: an answer's end waits this long for its save, then ends with a
+    # retryable `storage_unavailable` error while the save is retried for up to save_retry_seconds.
+    save_wait_seconds: float = 10.0
+    save_retry_seconds: float = 600.0
+    partial_save_seconds: float = 3.0  # a running answer's text so far is saved this often (0: never)
     log_level: str = "info"
     log_format: str = "text"  # "text" for people, "json" for one JSON object a line
     access_log: bool = False  # one line per request; streams get their own start/end lines
@@ -165,6 +170,9 @@ ENV_NAMES: dict[str, str] = {
     "retry_base_delay": "RELAY_RETRY_BASE_DELAY",
     "retry_max_wait": "RELAY_RETRY_MAX_WAIT",
     "shutdown_grace_seconds": "RELAY_SHUTDOWN_GRACE_SECONDS",
+    "save_wait_seconds": "RELAY_SAVE_WAIT_SECONDS",
+    "save_retry_seconds": "RELAY_SAVE_RETRY_SECONDS",
+    "partial_save_seconds": "RELAY_PARTIAL_SAVE_SECONDS",
     "log_level": "RELAY_LOG_LEVEL",
     "log_format": "RELAY_LOG_FORMAT",
     "access_log": "RELAY_ACCESS_LOG",
@@ -192,7 +200,8 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {
     "offline_delay_ms", "offline_words", "stream_retention_seconds", "retry_attempts", "retry_base_delay",
-    "retry_max_wait", "shutdown_grace_seconds", "auth_cache_seconds", "limit_requests_per_minute",
+    "retry_max_wait", "shutdown_grace_seconds", "auth_cache_seconds", "save_wait_seconds", "save_retry_seconds",
+    "partial_save_seconds", "limit_requests_per_minute",
     "limit_concurrent_streams", "limit_connections", "sqlite_group_commit_ms",
 }
 _TRUE = ("1", "true", "yes", "on")

@@ -46,6 +46,20 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+class OneLineCause(logging.Filter):
+    """A library's expected failure (asyncpg's pool failing to reconnect while its database restarts) as one
+    line naming the cause, not a traceback every few seconds: the relay logs the outage itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and record.levelno < logging.ERROR:
+            cause = record.exc_info[1]
+            record.msg = f"{record.getMessage()} ({' '.join(f'{type(cause).__name__}: {cause}'.split())[:200]})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def configure(level: str, log_format: str) -> None:
     """One handler on the root logger for ours, uvicorn's and the libraries' records alike."""
     handler = logging.StreamHandler()
@@ -59,3 +73,4 @@ def configure(level: str, log_format: str) -> None:
         logger.propagate = True
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request is noise at scale
     logging.getLogger("databases").setLevel(logging.WARNING)
+    logging.getLogger("asyncpg.pool").addFilter(OneLineCause())

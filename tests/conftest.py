@@ -33,7 +33,7 @@ STREAMS = DATA / "anthropic-streams"
 SERVER_PYTHON = os.environ.get("DELTARELAY_SERVER_PYTHON") or sys.executable
 SERVER_CWD = Path(os.environ.get("DELTARELAY_SERVER_CWD") or ROOT)
 # Every table the migrations create, in an order that drops cleanly (referencing tables first).
-SCHEMA_TABLES = ("messages", "sessions", "conversations", "users", "schema_migrations")
+SCHEMA_TABLES = ("messages", "sessions", "conversations", "users", "write_probe", "schema_migrations")
 
 
 def free_port() -> int:
@@ -128,13 +128,18 @@ class RelayServer(Process):
     """`python -m server` with a database of its own: a SQLite file, or a new PostgreSQL database.
 
     A DATABASE_URL in `env` (in any form the server accepts) is used instead, and `rows` reads it.
+
+    `database_url` names the database instead (the test's own server, or a SQLite file where the test
+    wants it); the test then owns it.
     """
 
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None, database_url: str | None = None) -> None:
         port = free_port()
         self.database_url = f"sqlite:///{tmp / 'relay.db'}"
         self._dropped_by = ""
-        if env and "DATABASE_URL" in env:
+        if database_url is not None:
+            self.database_url = database_url
+        elif env and "DATABASE_URL" in env:
             self.database_url = env["DATABASE_URL"]
         elif SERVERS_ON_POSTGRESQL:
             self.database_url, self._dropped_by = new_postgresql_database(SERVERS_ON_POSTGRESQL)
@@ -195,8 +200,8 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """Start servers with custom settings; all stopped (and checked for tracebacks) after the test."""
     started: list[Process] = []
 
-    def start(env: dict[str, str] | None = None) -> RelayServer:
-        relay = RelayServer(tmp_path_factory.mktemp("relay"), env)
+    def start(env: dict[str, str] | None = None, database_url: str | None = None) -> RelayServer:
+        relay = RelayServer(tmp_path_factory.mktemp("relay"), env, database_url)
         started.append(relay)
         return relay
 

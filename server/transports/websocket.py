@@ -8,6 +8,7 @@ stream the client asked for with one). Thin: parsing is in protocol/frames.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import orjson
@@ -83,6 +84,10 @@ class Connection:
         except RelayError as exc:
             await self.refuse(exc)
             return
+        except Exception:
+            log.exception("WebSocket handshake failed")
+            await self.refuse(RelayError("internal server error"))
+            return
         try:
             await self._serve()
         finally:
@@ -104,6 +109,11 @@ class Connection:
                 await self.handle(raw)
         except OSError:
             return
+        except Exception:
+            # No exception takes a socket down without a close code: 1011 says the server failed.
+            log.exception("WebSocket connection failed")
+            with contextlib.suppress(RuntimeError, OSError):
+                await self._send({"type": "websocket.close", "code": 1011})
         finally:
             hub.keepalive_targets.discard(self)
             # The generation goes on in the hub; only this socket's readers stop.
@@ -138,6 +148,13 @@ class Connection:
                 await self.relay.cancel(command.stream_id, self.user)
         except RelayError as exc:
             await self.send(error_frame(exc, request_id=request_id or request_id_of(raw)))
+        except OSError:
+            raise  # the socket itself is gone
+        except Exception:
+            # A bug, not the client's fault: this frame gets an error, and the socket stays open.
+            log.exception("WebSocket frame failed")
+            await self.send(error_frame(RelayError("internal server error"),
+                                        request_id=request_id or request_id_of(raw)))
 
     def check_room(self) -> None:
         limit = self.relay.settings.ws_max_streams
