@@ -531,11 +531,14 @@ async def connect_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) 
     Raises:
         OSError: no address connected (the last address's error), or the name did not resolve.
     """
+    infos: list[tuple[Any, ...]]
     try:
-        ipaddress.ip_address(host)
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = list(await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+    else:  # an address: no resolver (a thread) needed
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        infos = [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
     if not infos:
         raise OSError(f"{host} resolves to no address")
     families: dict[int, list[Any]] = {}
