@@ -39,7 +39,7 @@ async def test_a_chunked_stream_arrives_whole_and_the_connection_is_reused(trans
         assert server.connections == 1
         first = server.requests[0]
         assert first.startswith(b"POST /v1/messages HTTP/1.1\r\nhost: 127.0.0.1:")
-        assert b"\r\nx-api-key: k\r\n" in first and b"\r\ncontent-length: 7\r\n\r\n" in first
+        assert b"\r\nx-api-key: k\r\n" in first and b"\r\nContent-Length: 7\r\n\r\n" in first
 
 
 async def test_a_response_closed_before_its_end_is_not_reused(transport: Http1Transport) -> None:
@@ -197,7 +197,7 @@ async def test_it_is_an_httpx_transport_too(transport: Http1Transport) -> None:
         response = await client.post(str(server.url), content=b"hello", headers={"anthropic-version": "v"})
         assert (response.status_code, response.content) == (200, b"hello")
         assert b"\r\nanthropic-version: v\r\n" in server.requests[0]
-        assert server.requests[0].count(b"content-length") == 1
+        assert server.requests[0].lower().count(b"content-length") == 1
 
 
 @pytest.fixture

@@ -89,6 +89,10 @@ class AnthropicUpstream:
         self.headers = {"anthropic-version": API_VERSION, "content-type": "application/json"}
         if settings.anthropic_api_key:
             self.headers["x-api-key"] = settings.anthropic_api_key
+        if isinstance(self.transport, AiohttpTransport) and self.proxy is not None \
+                and self.proxy.authorization is not None and url.scheme == "http":
+            # aiohttp sends proxy headers on CONNECT only; a plain http request to a proxy carries its own.
+            self.headers["proxy-authorization"] = self.proxy.authorization.decode("ascii")
         self.extensions = {"timeout": timeout.as_dict()}
         # The built-in transport takes the request as bytes: everything but the body's length is fixed.
         self.http1 = self.transport if isinstance(self.transport, Http1Transport) else None

@@ -496,7 +496,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
             if name.lower() in (b"content-length", b"transfer-encoding"):
                 continue
             lines.append(name + b": " + value)
-        lines.append(b"content-length: %d" % len(body))
+        lines.append(b"Content-Length: %d" % len(body))
         response = await self.send(url, b"\r\n".join(lines) + b"\r\n\r\n", body)
         return httpx.Response(response.status_code, headers=response.raw_headers, stream=_Stream(response),
                               request=request, extensions={"http_version": b"HTTP/1.1"})
@@ -620,4 +620,6 @@ def request_head(url: httpx.URL, headers: dict[str, str], extra: dict[str, Any] 
     lines = [b"POST " + url.raw_path + b" HTTP/1.1", b"host: " + url.netloc]
     for name, value in {**headers, **(extra or {})}.items():
         lines.append(name.encode("ascii") + b": " + str(value).encode("latin-1"))
-    return b"\r\n".join(lines) + b"\r\ncontent-length: "
+    # Spelled as httpx and aiohttp spell it: proxy.py 2.4 looks for this spelling only when it forwards a
+    # request, and adds a second Content-Length (which servers refuse with a 400) after any other.
+    return b"\r\n".join(lines) + b"\r\nContent-Length: "

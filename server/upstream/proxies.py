@@ -76,8 +76,14 @@ class Proxy:
         return self.url.port or (443 if self.url.scheme == "https" else 80)
 
     def httpx_proxy(self) -> httpx.Proxy:
-        """The same proxy for httpx's and httpx-aiohttp's transports."""
-        return httpx.Proxy(self.url, auth=self.auth)
+        """The same proxy for httpx's and httpx-aiohttp's transports.
+
+        The credentials go as a ready Proxy-Authorization header: httpx.Proxy(auth=...) makes httpx-aiohttp
+        build an aiohttp.BasicAuth, deprecated since aiohttp 3.14 (aio-libs/aiohttp#12499).
+        """
+        if self.authorization is None:
+            return httpx.Proxy(self.url)
+        return httpx.Proxy(self.url, headers={"proxy-authorization": self.authorization.decode("ascii")})
 
     def __str__(self) -> str:
         """The proxy as logs and error messages show it: credentials masked."""
