@@ -314,6 +314,7 @@ async def test_a_relay_process_streams_an_answer_whose_bytes_crossed_the_proxy(
     for events in (sse, ws):
         assert names(events)[-1] == "done" and text_of(events) == "".join(words)
     assert len(upstream.requests) == 2
+    assert f"upstream requests go through the proxy http://***@127.0.0.1:{proxy.port}" in relay.log()
     assert PASSWORD not in relay.log() and PASSWORD not in proxy.log()
 
 
