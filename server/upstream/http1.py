@@ -354,9 +354,9 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 connection.close()
                 self._discard(connection)
                 # A POST is not idempotent: it is sent again, once and on a new connection, only when a
-                # kept-alive connection failed before a single byte came back. The server had closed it as it
-                # was reused, so it never took the request. Once any byte came back (an interim 100 too), the
-                # server may have acted on it, and the error is the caller's.
+                # kept-alive connection failed before a single byte came back (the server closed it, idle, as
+                # it was reused: it did not take the request). Once any byte came back, even an interim 100,
+                # the server may have acted on it, and the error is the caller's.
                 if isinstance(exc, httpx.ReadError) and reused and not connection.received:
                     continue
                 raise
