@@ -186,6 +186,8 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         offline = transport is None and settings.offline
         upstream = AnthropicUpstream(settings, transport or upstream_transport(settings),
                                      base_url="http://offline-model.invalid" if offline else None)
+        if upstream.proxy is not None:
+            log.info("upstream requests go through the proxy %s", upstream.proxy)
         app.state.store = store
         app.state.hub = hub
         relay = Relay(settings, store, upstream, hub)

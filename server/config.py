@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
+import httpx
+
+from .upstream.proxies import ProxyConfigError, ProxyEnvironment
+
 OFFLINE_MODEL = "deltarelay-offline"
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 
@@ -92,6 +96,8 @@ class Settings:
     redis_prefix: str = "deltarelay"  # the start of every Redis key: deployments sharing a Redis stay apart
     instance_lease_seconds: float = 3.0  # an instance silent this long is dead: its answers end as interrupted
     agents: tuple[Agent, ...] = field(default=())
+    # HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY (either case), as httpx reads them; none unless loaded.
+    proxies: ProxyEnvironment = field(default_factory=ProxyEnvironment)
 
     @property
     def offline(self) -> bool:
@@ -253,6 +259,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         if raw is None or raw == "":
             continue
         values[f.name] = _convert(f.name, f.type, raw)
+    values["proxies"] = ProxyEnvironment.from_environ(environ)
     for name, value in overrides.items():
         if value is None:
             continue
@@ -361,6 +368,13 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("ANTHROPIC_BASE_URL must be an http:// or https:// URL")
     if settings.upstream_transport not in ("http1", "aiohttp", "httpx"):
         raise ConfigError("RELAY_UPSTREAM_TRANSPORT must be http1, aiohttp or httpx")
+    if not settings.offline:
+        try:
+            settings.proxies.proxy_for(httpx.URL(settings.anthropic_base_url))
+        except ProxyConfigError as exc:
+            raise ConfigError(str(exc)) from None
+        except httpx.InvalidURL:
+            raise ConfigError("ANTHROPIC_BASE_URL is not a valid URL") from None
     if settings.budget_per_day is not None:
         try:
             budget = Decimal(settings.budget_per_day)

@@ -43,7 +43,9 @@ def free_port() -> int:
 
 
 def _clean_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "RELAY_", "DATABASE_URL"))}
+    # Proxy variables too: a developer's HTTP_PROXY would send the servers' loopback upstream traffic to it.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ANTHROPIC_", "RELAY_", "DATABASE_URL")) and not k.lower().endswith("_proxy")}
     env.update({"RELAY_OFFLINE_DELAY_MS": "0", "PYTHONUNBUFFERED": "1"})
     env.update(extra)
     return env
