@@ -67,7 +67,8 @@ async def check_database(settings: Settings, seconds: float) -> tuple[Check, int
     except TimeoutError:
         return Check("database", False, f"{shown}: no answer within {seconds:g} s"), None
     except Exception as exc:
-        return Check("database", False, f"{shown}: {one_line(exc)}"), None
+        # The store wraps what the driver said in a user-facing StorageUnavailableError: an operator wants the cause.
+        return Check("database", False, f"{shown}: {one_line(exc.__cause__ or exc)}"), None
     finally:
         try:
             await store.disconnect()
