@@ -233,6 +233,10 @@ async def events_of(upstream: AnthropicUpstream) -> list[str]:
             return [event.event async for event in upstream.events(UpstreamRequest("claude-haiku-4-5", 10, []))]
     finally:
         await upstream.aclose()
+        # aiohttp closes a TLS connection (here one inside a CONNECT tunnel) a few loop turns after its
+        # session closed, as its docs on graceful shutdown say; without a pause the test's loop could end first
+        # and the socket be collected unclosed (a ResourceWarning, an error under filterwarnings).
+        await asyncio.sleep(0.25)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
