@@ -181,8 +181,9 @@ class ConnectionGuard:
                 break
         self._schedule(loop)
 
-    def refused(self, peer: tuple[str, int] | None, reason: str, **values: Any) -> None:
-        self.peer_log.warning(peer[0] if peer else "unknown peer", reason, **values)
+    def refused(self, peer: tuple[str, int] | None, reason: str) -> None:
+        """Log a refusal of `peer` (host, port), at most once a minute per host."""
+        self.peer_log.warning(peer[0] if peer else "unknown peer", reason)
 
 
 class _HeadRefused(Exception):
@@ -274,7 +275,7 @@ class RelayHttpProtocol(HttpToolsProtocol):
         self.refused = True
         self.reading_head = False
         self.guard.got_head(self)
-        self.guard.refused(self.client, f"refused a request: {status} {message}", status=status, code=code)
+        self.guard.refused(self.client, f"refused a request: {status} {message}")
         transport = self.transport
         if transport.is_closing():
             return

@@ -107,8 +107,7 @@ def relay_websocket_protocol(quiet: bool, guard: ConnectionGuard | None = None) 
                     return
                 await super().send(message)
                 if kind == "websocket.http.response.start":
-                    limits.refused(self.client, f"refused a WebSocket handshake: {message['status']}",
-                                   status=message["status"])
+                    limits.refused(self.client, f"refused a WebSocket handshake: {message['status']}")
                 elif not self.handshake_complete and self.close_sent:
                     # The refusal's body is written and the socket closed: that answers the handshake (uvicorn
                     # would log an ERROR that it never completed, once per refused socket).
