@@ -279,6 +279,9 @@ class RelayHttpProtocol(HttpToolsProtocol):
         transport = self.transport
         if transport.is_closing():
             return
+        if self.cycle is not None and not self.cycle.response_complete:
+            transport.abort()  # a pipelined head while a response is going out: no answer can go in between
+            return
         transport.write(error_response(status, code, message))
         if transport.can_write_eof():
             transport.write_eof()  # a client that reads the answer closes; the rest waits out LINGER_SECONDS
