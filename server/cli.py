@@ -8,8 +8,10 @@ import asyncio
 import csv
 import ctypes
 import logging
+import math
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import FrameType
 from typing import TypeVar
@@ -19,7 +21,7 @@ from .auth import new_secret, secret_hash, valid_user_name
 from .config import ConfigError, Settings, load_settings, masked_url
 from .errors import RelayError, one_line
 from .store import Store, UsageRow
-from .transports.http_protocol import RelayHttpProtocol
+from .transports.http_protocol import ConnectionGuard, relay_http_protocol
 from .transports.ws_protocol import relay_websocket_protocol
 from .usage import GROUPS, parse_query, total_of, usage_rows
 
@@ -106,6 +108,15 @@ def serve(settings: Settings) -> int:
     log.info("deltarelay on http://%s:%d (database %s)", settings.host, settings.port,
              masked_url(settings.database_url))
     app = create_app(settings)
+    guard = ConnectionGuard(
+        max_header_bytes=settings.max_header_bytes, max_headers=settings.max_headers,
+        head_timeout=settings.header_timeout_seconds, max_pending=settings.max_unauthenticated_connections,
+        write_timeout=settings.write_timeout_seconds,
+    )
+
+    grace = settings.shutdown_grace_seconds
+    # The end of the grace period is kept for the readers' last events and the sockets' closing handshakes.
+    tail = min(1.0, grace / 4)
 
     class Server(uvicorn.Server):
         draining: asyncio.Task[None] | None = None
@@ -120,14 +131,24 @@ def serve(settings: Settings) -> int:
                 return
             hub.begin_shutdown()
             log.info("shutting down: new answers are refused; %d running get up to %.0f s",
-                     len(hub.active()), settings.shutdown_grace_seconds)
+                     len(hub.active()), grace)
             self.draining = asyncio.get_running_loop().create_task(self.drain(sig, frame))
 
         async def drain(self, sig: int, frame: FrameType | None) -> None:
-            running = [stream.task for stream in app.state.hub.active() if stream.task is not None]
-            if running:
-                await asyncio.wait(running, timeout=settings.shutdown_grace_seconds)
-            super().handle_exit(sig, frame)
+            """The whole shutdown within the grace period: answers until its tail, then the readers and sockets.
+
+            What is still running at the tail is saved as interrupted, which ends its stream with an
+            `interrupted` error event; its readers get that event before uvicorn closes their connections.
+            """
+            hub = app.state.hub
+            try:
+                await hub.shutdown(grace - tail)
+                await hub.wait_for_readers(grace - (time.monotonic() - hub.shutdown_started))
+            finally:
+                # uvicorn's own wait for connections to close (and then tasks to end) gets what is left of the
+                # grace period.
+                self.config.timeout_graceful_shutdown = max(0.1, grace - (time.monotonic() - hub.shutdown_started))
+                super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
         app,
@@ -137,14 +158,16 @@ def serve(settings: Settings) -> int:
         log_config=None,  # our handler (text or JSON) formats uvicorn's lines too
         access_log=settings.access_log,
         loop="auto",  # uvloop when installed
-        http=RelayHttpProtocol,  # httptools, with a body writer for event streams
-        ws=relay_websocket_protocol(quiet=not settings.access_log and settings.log_level.lower() != "debug"),
+        http=relay_http_protocol(guard),  # httptools, with a body writer for event streams and head limits
+        ws=relay_websocket_protocol(quiet=not settings.access_log and settings.log_level.lower() != "debug",
+                                    guard=guard),
         ws_ping_interval=settings.keepalive_seconds,
         # Answers are small text frames: compression costs more CPU than it saves, and a zlib context per socket.
         ws_per_message_deflate=False,
         ws_max_size=settings.ws_max_frame_bytes,  # a bigger frame closes the socket (1009)
         lifespan="on",
-        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds)),
+        # What a second signal leaves connections to close; a drain sets it to the rest of the grace period.
+        timeout_graceful_shutdown=math.ceil(tail),
     )
     Server(config).run()
     return 0

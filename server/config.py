@@ -85,6 +85,12 @@ class Settings:
     auth_cache_seconds: float = 5.0  # how long a checked token or session is trusted before asking the database
     ws_max_frame_bytes: int = 256 * 1024
     ws_max_streams: int = 16  # streams one socket may follow at once
+    # Connections before they are anyone's (issue 14): what a request head may hold and how long it may take.
+    max_header_bytes: int = 32 * 1024  # request line and headers together; more is a 431
+    max_headers: int = 100
+    header_timeout_seconds: float = 15.0  # from the connection (or the request's first byte) to a whole head
+    max_unauthenticated_connections: int = 256  # past it the oldest is closed; 0: no limit
+    write_timeout_seconds: float = 30.0  # a peer that reads nothing this long while writes wait is closed
     # Per-user limits; 0 turns one off.
     limit_requests_per_minute: int = 600
     limit_concurrent_streams: int = 32
@@ -188,6 +194,11 @@ ENV_NAMES: dict[str, str] = {
     "auth_cache_seconds": "RELAY_AUTH_CACHE_SECONDS",
     "ws_max_frame_bytes": "RELAY_WS_MAX_FRAME_BYTES",
     "ws_max_streams": "RELAY_WS_MAX_STREAMS",
+    "max_header_bytes": "RELAY_MAX_HEADER_BYTES",
+    "max_headers": "RELAY_MAX_HEADERS",
+    "header_timeout_seconds": "RELAY_HEADER_TIMEOUT_SECONDS",
+    "max_unauthenticated_connections": "RELAY_MAX_UNAUTHENTICATED_CONNECTIONS",
+    "write_timeout_seconds": "RELAY_WRITE_TIMEOUT_SECONDS",
     "limit_requests_per_minute": "RELAY_LIMIT_REQUESTS_PER_MINUTE",
     "limit_concurrent_streams": "RELAY_LIMIT_CONCURRENT_STREAMS",
     "limit_connections": "RELAY_LIMIT_CONNECTIONS",
@@ -203,12 +214,14 @@ _POSITIVE = {
     "first_event_timeout", "idle_timeout", "stream_log_events", "subscriber_queue_events", "keepalive_seconds",
     "stream_retention_max", "session_hours", "ws_max_frame_bytes", "ws_max_streams", "max_history_messages",
     "instance_lease_seconds",
+    "max_header_bytes", "max_headers", "header_timeout_seconds", "write_timeout_seconds",
 }
 _NON_NEGATIVE = {
     "offline_delay_ms", "offline_words", "stream_retention_seconds", "retry_attempts", "retry_base_delay",
     "retry_max_wait", "shutdown_grace_seconds", "auth_cache_seconds", "save_wait_seconds", "save_retry_seconds",
     "partial_save_seconds", "limit_requests_per_minute",
     "limit_concurrent_streams", "limit_connections", "sqlite_group_commit_ms",
+    "max_unauthenticated_connections",
 }
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
