@@ -173,7 +173,8 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = Store(settings.database_url, group_commit=settings.sqlite_group_commit_ms / 1000)
+        store = Store(settings.database_url, group_commit=settings.sqlite_group_commit_ms / 1000,
+                      pool_size=settings.database_pool_size)
         await store.connect()
         hub = make_hub(settings, store)
         try:

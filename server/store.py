@@ -2,8 +2,9 @@
 
 Writes go through one writer that holds one connection: SQLite allows one writer
 at a time, so serialising writes here means concurrent streams never meet
-`database is locked`, and no stream opens a connection of its own. Reads use the
-pool. Schema changes are the ordered SQL files in migrations/.
+`database is locked`, and no stream opens a connection of its own. Reads go through
+a bounded pool: for SQLite a fixed set of connections opened at start, for PostgreSQL
+asyncpg's pool. Schema changes are the ordered SQL files in migrations/.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Generator
+from collections.abc import Callable, Collection, Generator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
+import aiosqlite
 from databases import Database
 from databases.core import Connection
 
@@ -139,14 +141,21 @@ class Store:
     every queued operation in one transaction (one savepoint each); for PostgreSQL the
     `databases` connection of one writer task. Through `databases`, a stream's start
     cost 2.7 ms of CPU in SQLAlchemy and driver hops; batched in the thread it costs
-    about 0.06 ms (measured with 1,000 concurrent starts). Reads go through `databases`.
+    about 0.06 ms (measured with 1,000 concurrent starts). Reads go through `reads`, at
+    most `pool_size` at once: for SQLite that many connections opened at connect() (see
+    `_SQLiteReaders`), for PostgreSQL `databases` over asyncpg's pool of that size.
     """
 
-    def __init__(self, url: str, group_commit: float = 0.0) -> None:
+    def __init__(self, url: str, group_commit: float = 0.0, pool_size: int = 10) -> None:
         self.url = url
         self.group_commit = group_commit
         self.is_sqlite = url.startswith("sqlite")
-        self.db = Database(databases_url(url))
+        # PostgreSQL: asyncpg's pool holds pool_size connections for reads and one more, the writer's.
+        sizes: dict[str, Any] = {} if self.is_sqlite else {"min_size": min(pool_size + 1, 10),
+                                                            "max_size": pool_size + 1}
+        self.db = Database(databases_url(url), **sizes)
+        # SQLite: `databases` would open a connection, with a thread of its own, for every task that reads.
+        self.reads: Reads = _SQLiteReaders(sqlite_path(url), pool_size) if self.is_sqlite else self.db
         self._writer: _SQLiteWriter | _AsyncWriter | None = None
 
     async def connect(self) -> None:
@@ -157,8 +166,12 @@ class Store:
             self._writer = _AsyncWriter(self.db)
         await self._writer.start()
         await self.write(_migrate())
+        if isinstance(self.reads, _SQLiteReaders):
+            await self.reads.connect()  # after the writer made the file and its WAL
 
     async def disconnect(self) -> None:
+        if isinstance(self.reads, _SQLiteReaders):
+            await self.reads.disconnect()
         if self._writer is not None:
             await self._writer.stop()
             self._writer = None
@@ -171,7 +184,7 @@ class Store:
         return await self._writer.run(operation)
 
     async def ping(self) -> None:
-        await self.db.fetch_val("SELECT 1")
+        await self.reads.fetch_val("SELECT 1")
 
     async def begin_turn(
         self,
@@ -328,17 +341,17 @@ class Store:
         )
         order = " ORDER BY c.updated_at DESC, c.id LIMIT :limit"
         if every_owner:
-            rows = await self.db.fetch_all(select + order, {"limit": limit})
+            rows = await self.reads.fetch_all(select + order, {"limit": limit})
         elif owner_id is None:
-            rows = await self.db.fetch_all(select + " WHERE c.owner_id IS NULL" + order, {"limit": limit})
+            rows = await self.reads.fetch_all(select + " WHERE c.owner_id IS NULL" + order, {"limit": limit})
         else:
-            rows = await self.db.fetch_all(select + " WHERE c.owner_id = :owner" + order,
+            rows = await self.reads.fetch_all(select + " WHERE c.owner_id = :owner" + order,
                                            {"limit": limit, "owner": owner_id})
         conversations = [dict(row._mapping) for row in rows]
         costs: dict[str, Decimal] = {}
         if conversations:
             ids = {f"c{i}": c["id"] for i, c in enumerate(conversations)}
-            cost_rows = await self.db.fetch_all(
+            cost_rows = await self.reads.fetch_all(
                 "SELECT conversation_id, cost FROM messages WHERE cost IS NOT NULL AND conversation_id IN ("
                 + ", ".join(f":{key}" for key in ids) + ")",
                 ids,
@@ -352,7 +365,7 @@ class Store:
     async def get_conversation(self, conversation_id: str) -> dict[str, Any]:
         if not storable_id(conversation_id):
             raise NotFoundError("conversation not found")
-        row = await self.db.fetch_one(
+        row = await self.reads.fetch_one(
             "SELECT c.id, c.agent_id, c.title, c.created_at, c.updated_at, c.owner_id,"
             " (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count"
             " FROM conversations c WHERE c.id = :id",
@@ -366,14 +379,14 @@ class Store:
 
     async def _conversation_cost(self, conversation_id: str) -> Decimal | None:
         # Costs are exact decimal text: sum them as Decimal, never as SQL floats.
-        rows = await self.db.fetch_all(
+        rows = await self.reads.fetch_all(
             "SELECT cost FROM messages WHERE conversation_id = :id AND cost IS NOT NULL", {"id": conversation_id}
         )
         return sum((Decimal(row[0]) for row in rows), Decimal(0)) if rows else None
 
     async def list_messages(self, conversation_id: str) -> list[dict[str, Any]]:
         await self.get_conversation(conversation_id)
-        rows = await self.db.fetch_all(
+        rows = await self.reads.fetch_all(
             "SELECT id, conversation_id, seq, role, content, thinking, model, status, stop_reason, input_tokens,"
             " output_tokens, cache_creation_input_tokens, cache_read_input_tokens, cost, cost_estimated,"
             " error_code, stream_id, trace_session_id, task_trace_id, created_at, completed_at"
@@ -386,20 +399,20 @@ class Store:
         """The id of the assistant message a stream produced, if any."""
         if not storable_id(stream_id):
             return None
-        row = await self.db.fetch_one(
+        row = await self.reads.fetch_one(
             "SELECT id FROM messages WHERE stream_id = :s AND role = 'assistant'", {"s": stream_id}
         )
         return None if row is None else str(row[0])
 
     async def get_message(self, message_id: str) -> dict[str, Any] | None:
-        row = await self.db.fetch_one("SELECT * FROM messages WHERE id = :id", {"id": message_id})
+        row = await self.reads.fetch_one("SELECT * FROM messages WHERE id = :id", {"id": message_id})
         return None if row is None else dict(row._mapping)
 
     async def owner_of_stream(self, stream_id: str) -> tuple[bool, str | None]:
         """(whether the stream is known, the id of the user whose conversation it answers)."""
         if not storable_id(stream_id):
             return False, None
-        row = await self.db.fetch_one(
+        row = await self.reads.fetch_one(
             "SELECT c.owner_id FROM messages m JOIN conversations c ON c.id = m.conversation_id"
             " WHERE m.stream_id = :s AND m.role = 'assistant'", {"s": stream_id}
         )
@@ -411,11 +424,25 @@ class Store:
         params: dict[str, Any] = {"since": since}
         if owner_id is not None:
             params["owner"] = owner_id
-        rows = await self.db.fetch_all(
+        rows = await self.reads.fetch_all(
             "SELECT m.cost FROM messages m JOIN conversations c ON c.id = m.conversation_id"
             f" WHERE {owner_clause} AND m.cost IS NOT NULL AND m.completed_at >= :since", params
         )
         return sum((Decimal(row[0]) for row in rows), Decimal(0))
+
+    async def history_bytes(self, conversation_id: str, owner_id: str | None) -> int:
+        """The UTF-8 size of a conversation's messages, which an answer in it sends upstream (0: not owner_id's)."""
+        if not storable_id(conversation_id):
+            return 0
+        size = "LENGTH(CAST(m.content AS BLOB))" if self.is_sqlite else "OCTET_LENGTH(m.content)"
+        owner_clause = "c.owner_id IS NULL" if owner_id is None else "c.owner_id = :owner"
+        params: dict[str, Any] = {"id": conversation_id}
+        if owner_id is not None:
+            params["owner"] = owner_id
+        total = await self.reads.fetch_val(
+            f"SELECT COALESCE(SUM({size}), 0) FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+            f" WHERE m.conversation_id = :id AND {owner_clause}", params)
+        return int(total or 0)
 
     async def usage(self, start: str, end: str, group_by: str, owner_id: str | None = None,
                     every_owner: bool = False) -> list[UsageRow]:
@@ -431,7 +458,7 @@ class Store:
             else:
                 where += " AND c.owner_id = :owner"
                 params["owner"] = owner_id
-        rows = await self.db.fetch_all(
+        rows = await self.reads.fetch_all(
             "SELECT m.completed_at, m.model, c.agent_id, COALESCE(u.name, 'anonymous'), m.input_tokens,"
             " m.output_tokens, m.cache_creation_input_tokens, m.cache_read_input_tokens, m.cost"
             " FROM messages m JOIN conversations c ON c.id = m.conversation_id"
@@ -469,7 +496,7 @@ class Store:
         return await self.write(operation())
 
     async def list_users(self) -> list[dict[str, Any]]:
-        rows = await self.db.fetch_all(
+        rows = await self.reads.fetch_all(
             "SELECT id, name, is_admin, created_at, revoked_at FROM users ORDER BY created_at, name")
         return [dict(row._mapping) for row in rows]
 
@@ -489,19 +516,19 @@ class Store:
     async def user_id_by_name(self, name: str) -> str | None:
         if not storable_id(name):
             return None
-        row = await self.db.fetch_one("SELECT id FROM users WHERE name = :name", {"name": name})
+        row = await self.reads.fetch_one("SELECT id FROM users WHERE name = :name", {"name": name})
         return None if row is None else str(row[0])
 
     async def active_user_count(self) -> int:
-        return int(await self.db.fetch_val("SELECT COUNT(*) FROM users WHERE revoked_at IS NULL") or 0)
+        return int(await self.reads.fetch_val("SELECT COUNT(*) FROM users WHERE revoked_at IS NULL") or 0)
 
     async def user_by_token_hash(self, token_hash: str) -> dict[str, Any] | None:
-        row = await self.db.fetch_one(
+        row = await self.reads.fetch_one(
             "SELECT id, name, is_admin FROM users WHERE token_hash = :h AND revoked_at IS NULL", {"h": token_hash})
         return None if row is None else dict(row._mapping)
 
     async def user_by_session_hash(self, secret_hash: str) -> dict[str, Any] | None:
-        row = await self.db.fetch_one(
+        row = await self.reads.fetch_one(
             "SELECT u.id, u.name, u.is_admin FROM sessions s JOIN users u ON u.id = s.user_id"
             " WHERE s.secret_hash = :h AND s.expires_at > :t AND u.revoked_at IS NULL", {"h": secret_hash, "t": now()})
         return None if row is None else dict(row._mapping)
@@ -559,6 +586,81 @@ def _statements(sql: str) -> list[str]:
     """Split a migration file into statements (no semicolons inside our SQL literals)."""
     lines = [line for line in sql.splitlines() if not line.lstrip().startswith("--")]
     return [statement.strip() for statement in "\n".join(lines).split(";") if statement.strip()]
+
+
+# --- Reads -------------------------------------------------------------------------------------
+
+
+class Reads(Protocol):
+    """What the store reads through: `databases.Database`, or the SQLite connections below."""
+
+    async def fetch_all(self, query: str, values: dict[str, Any] | None = None) -> Sequence[Any]: ...
+
+    async def fetch_one(self, query: str, values: dict[str, Any] | None = None) -> Any: ...
+
+    async def fetch_val(self, query: str, values: dict[str, Any] | None = None) -> Any: ...
+
+
+class _Row(sqlite3.Row):
+    """A row as `databases` gives one: by position or name, and as a mapping through `_mapping`."""
+
+    @property
+    def _mapping(self) -> dict[str, Any]:
+        return dict(zip(self.keys(), self, strict=True))
+
+
+class _SQLiteReaders:
+    """`size` aiosqlite connections, all opened at connect(): every read waits for an idle one.
+
+    `databases` opens an aiosqlite connection (a thread and a file descriptor) for each task
+    that reads and closes it after: 1,000 concurrent requests made 985 threads and ran the
+    process out of file descriptors (`unable to open database file`). These connections are
+    the only ones reads use, so a read never needs a new descriptor, even when sockets hold
+    every other one. A read runs to its end even if its caller is cancelled, so a
+    connection goes back to the pool only when it is idle.
+    """
+
+    def __init__(self, path: str, size: int) -> None:
+        self.path = path
+        self.size = size
+        self._idle: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        self._connections: list[aiosqlite.Connection] = []
+
+    async def connect(self) -> None:
+        try:
+            for _ in range(self.size):
+                connection = await aiosqlite.connect(self.path, isolation_level=None)
+                self._connections.append(connection)
+                connection.row_factory = _Row
+                await connection.execute("PRAGMA query_only=ON")
+                self._idle.put_nowait(connection)
+        except BaseException:
+            await self.disconnect()
+            raise
+
+    async def disconnect(self) -> None:
+        connections, self._connections = self._connections, []
+        self._idle = asyncio.Queue()
+        for connection in connections:
+            await connection.close()
+
+    async def _read(self, query: str, values: dict[str, Any] | None) -> list[Any]:
+        connection = await self._idle.get()
+        try:
+            return list(await connection.execute_fetchall(query, values or {}))
+        finally:
+            self._idle.put_nowait(connection)
+
+    async def fetch_all(self, query: str, values: dict[str, Any] | None = None) -> list[Any]:
+        return await asyncio.shield(self._read(query, values))
+
+    async def fetch_one(self, query: str, values: dict[str, Any] | None = None) -> Any:
+        rows = await self.fetch_all(query, values)
+        return rows[0] if rows else None
+
+    async def fetch_val(self, query: str, values: dict[str, Any] | None = None) -> Any:
+        row = await self.fetch_one(query, values)
+        return None if row is None else row[0]
 
 
 # --- Write drivers -------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +48,15 @@ def _clean_env(extra: dict[str, str]) -> dict[str, str]:
 class Process:
     """A real server process (uvicorn) on a free port, with its log kept for assertions."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, port: int, ready_path: str) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, port: int, ready_path: str,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.ws_url = f"ws://127.0.0.1:{port}"
         self.log_path = log_path
         self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(args, cwd=SERVER_CWD, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, cwd=SERVER_CWD, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     preexec_fn=preexec_fn)
         try:
             self._wait_ready(ready_path)
         except BaseException:
@@ -112,9 +114,13 @@ def _on_postgresql(url: str, *statements: str) -> list[tuple[Any, ...]]:
 
 
 class RelayServer(Process):
-    """`python -m server` with a database of its own: a SQLite file, or a new PostgreSQL database."""
+    """`python -m server` with a database of its own: a SQLite file, or a new PostgreSQL database.
 
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None) -> None:
+    `preexec_fn` runs in the server's process before it starts (tests lower its resource limits there).
+    """
+
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         port = free_port()
         self.db_path = tmp / "relay.db"
         self.database_url = f"sqlite:///{self.db_path}"
@@ -126,7 +132,7 @@ class RelayServer(Process):
             self._dropped_by = f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"
         full_env = _clean_env({"DATABASE_URL": self.database_url, **(env or {})})
         super().__init__([SERVER_PYTHON, "-m", "server", "--port", str(port)], full_env, tmp / "server.log",
-                         port, "/healthz")
+                         port, "/healthz", preexec_fn)
 
     def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         """A query on the server's database; `?` marks the parameters (literals only: tests, not input)."""
@@ -176,8 +182,8 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """Start servers with custom settings; all stopped (and checked for tracebacks) after the test."""
     started: list[Process] = []
 
-    def start(env: dict[str, str] | None = None) -> RelayServer:
-        relay = RelayServer(tmp_path_factory.mktemp("relay"), env)
+    def start(env: dict[str, str] | None = None, preexec_fn: Callable[[], None] | None = None) -> RelayServer:
+        relay = RelayServer(tmp_path_factory.mktemp("relay"), env, preexec_fn)
         started.append(relay)
         return relay
 
