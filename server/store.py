@@ -633,6 +633,10 @@ class _SQLiteReaders:
                 self._connections.append(connection)
                 connection.row_factory = _Row
                 await connection.execute("PRAGMA query_only=ON")
+                # Sorts in memory, never in a temporary file: a read opens no file after this.
+                await connection.execute("PRAGMA temp_store=MEMORY")
+                # A first read opens the WAL file (and the shared memory), which the connection then keeps.
+                await connection.execute_fetchall("SELECT COUNT(*) FROM schema_migrations")
                 self._idle.put_nowait(connection)
         except BaseException:
             await self.disconnect()
@@ -732,6 +736,9 @@ class _SQLiteWriter:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.execute("PRAGMA foreign_keys=ON")
+            # A batch's savepoints journal in memory: past 64 KB SQLite would open a temporary file, which fails
+            # (`unable to open database file`) when sockets hold every file descriptor the process may have.
+            connection.execute("PRAGMA temp_store=MEMORY")
         except sqlite3.Error as exc:
             self._loop.call_soon_threadsafe(_settle_error, ready, exc)
             return
