@@ -24,13 +24,15 @@ import redis.asyncio
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from server.auth import Authenticator, new_secret, secret_hash
+from server.auth import ANONYMOUS, Authenticator, new_secret, secret_hash
 from server.budget import LocalLedger, RedisLedger
 from server.config import OFFLINE_MODEL, load_settings
 from server.pricing import Usage, cost_of
-from server.store import Store
+from server.protocol.frames import SendMessage
+from server.store import Reply, Status, Store, new_id
 
 from .conftest import _on_postgresql
+from .fakes import relay_in_process
 from .relay_clients import expected_words, sse_stream
 from .test_access import add_user, bearer, run_cli
 
@@ -128,9 +130,11 @@ async def test_at_a_hard_limit_of_1024_connections_past_it_are_dropped_at_accept
     """The limit cannot be raised: 1,000 concurrent streams, three runs. Every connection the server took is
     answered and saved; only the ones past the limit are closed unanswered at accept, never an HTTP error.
 
-    Fails before the fix: all 1,000 got a 500 in every run. Fails if SQLite reads open files after start (the
-    pool's first read that opens the WAL, `databases` reads) or the writer spills its savepoint journal to a
-    temporary file (`PRAGMA temp_store=MEMORY` in the writer): those are 500s once sockets take every descriptor.
+    Fails before the fix: all 1,000 got a 500 in every run. Fails if a pooled read connection opens the WAL on
+    its first query instead of at connect, or the writer spills its savepoint journal to a temporary file
+    (`PRAGMA temp_store=MEMORY` in the writer): those are 500s once sockets take every descriptor. (With reads
+    through `databases` and single flight, about one read connection is open at a time and this passes: the
+    test of the pool itself is test_sqlite_reads_open_no_file_when_the_process_has_no_descriptor_left.)
     """
     server = make_server(UNLIMITED, preexec_fn=open_files(1024, 1024))
     token = add_user(server.database_url, "crowd")
@@ -366,6 +370,36 @@ async def test_32_answers_started_at_once_on_two_instances_end_at_most_one_worst
         return _on_postgresql(own_database, sql)
 
     assert_within_one_worst_case(outcomes, await spent_when_all_ended(rows))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_database(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/worst.db"
+        return
+    if not POSTGRES_URLS:
+        pytest.skip("set TEST_DATABASE_URLS=postgresql://postgres@127.0.0.1:5432/test to run on PostgreSQL")
+    name = f"relay_worst_{uuid.uuid4().hex[:12]}"
+    _on_postgresql(POSTGRES_URLS[0], f"CREATE DATABASE {name}")
+    yield POSTGRES_URLS[0].rsplit("/", 1)[0] + "/" + name
+    _on_postgresql(POSTGRES_URLS[0], f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+async def test_an_answers_worst_case_counts_the_conversation_it_sends(any_database, tmp_path):
+    """max_tokens at the output price, plus the system prompt, the conversation so far and the message at one
+    token per 4 UTF-8 bytes at the input price. Fails if the history (store.history_bytes) is left out."""
+    async with relay_in_process(tmp_path, database_url=any_database, budget_per_day="1",
+                                system_prompt="Be brief.") as relay:
+        turn = await relay.store.begin_turn(conversation_id=None, agent_id="default", user_text="héllo wörld",
+                                            model="claude-sonnet-4-5", stream_id=new_id(), task_trace_id="t")
+        await relay.store.save_reply(turn.assistant_message_id, Reply(
+            "ünïcode answer", "", "claude-sonnet-4-5", Status.COMPLETE, "end_turn", 1, 2, 0, 0, Decimal("0.0001")))
+        agent = relay.settings.agent(None)
+        assert agent is not None and agent.model == "claude-sonnet-4-5"
+        worst = await relay._worst_case(agent, SendMessage("next", conversation_id=turn.conversation_id), ANONYMOUS)
+        sent = len("Be brief.") + len("héllo wörld".encode()) + len("ünïcode answer".encode()) + len("next")
+        assert worst == cost_of(Usage(input_tokens=(sent + 3) // 4, output_tokens=agent.max_tokens), agent.model)
+        assert await relay.store.history_bytes(turn.conversation_id, "another user") == 0
 
 
 def test_a_ledger_counts_a_saved_answer_until_the_spend_read_after_it_includes_it():
