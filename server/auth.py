@@ -112,7 +112,8 @@ class Authenticator:
         self._cache: dict[str, tuple[float, User | None]] = {}  # kind + digest -> (read at, user)
         self._open_read_at = -float("inf")
         self._open = False
-        self._flights: SingleFlight[str, None] = SingleFlight()
+        self._user_reads: SingleFlight[str, User | None] = SingleFlight()
+        self._open_reads: SingleFlight[str, bool] = SingleFlight()
         self._watched: set[Watched] = set()
         self._rechecks: asyncio.Task[None] | None = None
 
@@ -126,13 +127,14 @@ class Authenticator:
             return False
         age = self.settings.auth_cache_seconds if max_age is None else max_age
         if time.monotonic() - self._open_read_at >= age:
-            await self._flights.run("open", self._read_open_mode)
+            return await self._open_reads.run("open", self._read_open_mode)
         return self._open
 
-    async def _read_open_mode(self) -> None:
+    async def _read_open_mode(self) -> bool:
         started = time.monotonic()
         self._open = await self.store.active_user_count() == 0
         self._open_read_at = started
+        return self._open
 
     async def user(self, scope: Scope, max_age: float | None = None) -> User:
         """The user behind a request or WebSocket handshake; cached answers at most max_age seconds old
@@ -195,17 +197,18 @@ class Authenticator:
         age = self.settings.auth_cache_seconds if max_age is None else max_age
         cached = self._cache.get(key)
         if cached is None or time.monotonic() - cached[0] >= age:
-            await self._flights.run(key, lambda: self._read(key, kind))
-            cached = self._cache.get(key)
-        return None if cached is None else cached[1]
+            return await self._user_reads.run(key, lambda: self._read(key, kind))
+        return cached[1]
 
-    async def _read(self, key: str, kind: str) -> None:
+    async def _read(self, key: str, kind: str) -> User | None:
         started = time.monotonic()  # the answer is as old as the read's start
         find = self.store.user_by_token_hash if kind == TOKEN else self.store.user_by_session_hash
         row = await find(key[len(kind):])
         if len(self._cache) > 10_000:  # unknown secrets are cached too: keep a flood of them bounded
             self._cache.clear()
-        self._cache[key] = (started, None if row is None else _user(row))
+        user = None if row is None else _user(row)
+        self._cache[key] = (started, user)
+        return user
 
     # --- open WebSockets: their credential, checked again while they are open ---
 
