@@ -126,10 +126,6 @@ class LocalLedger:
                 if not entries:
                     del self._entries[user]
 
-    def held(self, user: str) -> int:
-        """What the user's entries hold now, settled ones included (tests, metrics)."""
-        return sum(amount for amount, _ in self._entries.get(user, {}).values())
-
 
 # KEYS[1]: the user's hash; field: answer id; value: "amount owner settled_at" (settled_at 0: running).
 # ARGV: answer, amount, room, since, owner, the lease key of an instance minus its id, keep (µs), dead owner (µs),

@@ -115,7 +115,7 @@ OWN_FILES = 64
 
 
 def open_files_needed(settings: Settings) -> tuple[int, int]:
-    """(open files the settings may need at once, the most upstream connections `limit` open files would hold).
+    """(files the settings may need open at once, the part of them that is not upstream connections).
 
     Each upstream connection serves one answer, and its reader usually has a connection of its own (an SSE
     response, or a WebSocket): two each. Each database connection is one or two (SQLite: the file and its WAL).

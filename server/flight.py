@@ -34,6 +34,3 @@ class SingleFlight(Generic[K, V]):
     def _forget(self, key: K, done: asyncio.Future[V]) -> None:
         if self._calls.get(key) is done:
             del self._calls[key]
-
-    def __len__(self) -> int:
-        return len(self._calls)
