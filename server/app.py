@@ -18,10 +18,12 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import api, assets
+from .budget import Ledger, LocalLedger, RedisLedger
 from .config import Settings
 from .core import Relay, save_orphan
 from .errors import RelayError
 from .hub import Orphan, StreamHub
+from .limits import Limits
 from .store import Store
 from .transports import sse, websocket
 from .upstream.anthropic import AnthropicUpstream
@@ -118,6 +120,16 @@ def make_hub(settings: Settings, store: Store) -> StreamHub:
                           on_instance_gone=store.interrupt_instance)
 
 
+def make_ledger(settings: Settings, hub: StreamHub) -> Ledger:
+    """Budget reservations in this process for one instance; with REDIS_URL, in Redis for all of them."""
+    if settings.redis_url is None:
+        return LocalLedger()
+    from .redis_hub import RedisStreamHub
+
+    assert isinstance(hub, RedisStreamHub)
+    return RedisLedger(hub.redis, settings.redis_prefix, hub.instance_id, hub._alive_key)
+
+
 MESSAGE_PATH = "/api/command-center/message"
 WEBSOCKET_PATH = "/api/command-center/ws"
 
@@ -168,7 +180,8 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = Store(settings.database_url, group_commit=settings.sqlite_group_commit_ms / 1000)
+        store = Store(settings.database_url, group_commit=settings.sqlite_group_commit_ms / 1000,
+                      pool_size=settings.database_pool_size)
         await store.connect()
         hub = make_hub(settings, store)
         try:
@@ -190,7 +203,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
             log.info("upstream requests go through the proxy %s", upstream.proxy)
         app.state.store = store
         app.state.hub = hub
-        relay = Relay(settings, store, upstream, hub)
+        relay = Relay(settings, store, upstream, hub, Limits(settings, store, make_ledger(settings, hub)))
         app.state.relay = relay
         if await relay.auth.open_mode():
             log.warning("open mode: no users exist, so anyone who can reach %s:%d may use this server and spend;"
@@ -206,6 +219,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         finally:
             await hub.shutdown(settings.shutdown_grace_seconds)
             progress.cancel()
+            await relay.limits.aclose()  # the budget entries of the answers just saved, before Redis goes
             await hub.close()
             await upstream.aclose()
             await store.disconnect()

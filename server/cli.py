@@ -10,6 +10,7 @@ import ctypes
 import logging
 import math
 import os
+import resource
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,7 +39,7 @@ def _serve_parser(parser: argparse.ArgumentParser) -> None:
 
 
 async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
-    store = Store(settings.database_url)
+    store = Store(settings.database_url, pool_size=1)  # one command, one read at a time
     await store.connect()
     try:
         return await work(store)
@@ -91,18 +92,70 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         pass  # not glibc (musl, for one): nothing to cap
 
 
+def raise_open_file_limit() -> tuple[int, int, int]:
+    """Raise the soft limit on open files to the hard limit: (soft before, soft now, hard).
+
+    Each connection is a file descriptor, and the usual soft limit (1024) is below what a few
+    hundred streams with their upstream connections take; the hard limit is what the
+    administrator allows.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return soft, soft, hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError):  # macOS caps it below an infinite hard limit
+        return soft, soft, hard
+    return soft, wanted, hard
+
+
+# Files a process holds besides its connections: listening sockets, the event loop's, Redis clients, logs.
+OWN_FILES = 64
+
+
+def open_files_needed(settings: Settings) -> tuple[int, int]:
+    """(files the settings may need open at once, the part of them that is not upstream connections).
+
+    Each upstream connection serves one answer, and its reader usually has a connection of its own (an SSE
+    response, or a WebSocket): two each. Each database connection is one or two (SQLite: the file and its WAL).
+    The offline model opens no upstream connection.
+    """
+    database = 2 * (settings.database_pool_size + 1)
+    per_upstream = 0 if settings.offline else 2
+    return per_upstream * settings.upstream_max_connections + database + OWN_FILES, database + OWN_FILES
+
+
+def check_open_file_limit(log: logging.Logger, limits: tuple[int, int, int], settings: Settings) -> None:
+    """Log the open-file limit once at start, and a warning when the hard limit cannot hold the settings."""
+    before, soft, hard = limits
+    if soft > before:
+        log.info("open files: soft limit raised from %d to %d (the hard limit)", before, soft)
+    else:
+        log.info("open files: limit %d (hard limit %d)", soft, hard)
+    needed, fixed = open_files_needed(settings)
+    if needed > soft:
+        room = max(0, (soft - fixed) // 2)
+        log.warning("open files: the limit of %d cannot hold RELAY_UPSTREAM_MAX_CONNECTIONS=%d answers, each with a"
+                    " client connection, and %d database connections (about %d files): lower"
+                    " RELAY_UPSTREAM_MAX_CONNECTIONS to %d, or raise the hard limit (ulimit -Hn, systemd LimitNOFILE=)",
+                    soft, settings.upstream_max_connections, settings.database_pool_size + 1, needed, room)
+
+
 def serve(settings: Settings) -> int:
     import uvicorn
 
     from .app import create_app
 
     limit_malloc_arenas()  # before any thread starts
+    open_files = raise_open_file_limit()
     refusal = preflight(settings)  # before logging is set up: the refusal is the one line printed
     if refusal:
         print(f"deltarelay: {refusal}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
     log = logging.getLogger("deltarelay")
+    check_open_file_limit(log, open_files, settings)
     if settings.offline:
         log.warning("no ANTHROPIC_API_KEY: answers come from the built-in offline demo model")
     log.info("deltarelay on http://%s:%d (database %s)", settings.host, settings.port,

@@ -54,6 +54,7 @@ class Settings:
     # httpx's default pool holds 100 connections and would queue the 101st stream.
     upstream_max_connections: int = 4096
     sqlite_group_commit_ms: float = 5.0  # under load, SQLite writes wait this long to share a transaction
+    database_pool_size: int = 10  # connections for reads (SQLite: opened at start; PostgreSQL: the pool, + 1)
     upstream_transport: str = "http1"  # "http1" (built in, least CPU), "aiohttp" (httpx-aiohttp) or "httpx"
     connect_timeout: float = 10.0
     first_event_timeout: float = 60.0
@@ -167,6 +168,7 @@ ENV_NAMES: dict[str, str] = {
     "upstream_max_connections": "RELAY_UPSTREAM_MAX_CONNECTIONS",
     "upstream_transport": "RELAY_UPSTREAM_TRANSPORT",
     "sqlite_group_commit_ms": "RELAY_SQLITE_GROUP_COMMIT_MS",
+    "database_pool_size": "RELAY_DATABASE_POOL_SIZE",
     "connect_timeout": "RELAY_CONNECT_TIMEOUT",
     "first_event_timeout": "RELAY_FIRST_EVENT_TIMEOUT",
     "idle_timeout": "RELAY_IDLE_TIMEOUT",
@@ -213,7 +215,7 @@ _POSITIVE = {
     "port", "max_tokens", "max_message_bytes", "upstream_max_connections", "connect_timeout",
     "first_event_timeout", "idle_timeout", "stream_log_events", "subscriber_queue_events", "keepalive_seconds",
     "stream_retention_max", "session_hours", "ws_max_frame_bytes", "ws_max_streams", "max_history_messages",
-    "instance_lease_seconds",
+    "instance_lease_seconds", "database_pool_size",
     "max_header_bytes", "max_headers", "header_timeout_seconds", "write_timeout_seconds",
 }
 _NON_NEGATIVE = {

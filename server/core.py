@@ -13,17 +13,18 @@ import random
 import time
 from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from typing import Any, Protocol
 
 import orjson
 from starlette.types import Scope
 
 from .auth import ANONYMOUS, Authenticator, User
-from .config import Settings
+from .config import Agent, Settings
 from .errors import NotFoundError, ProtocolError, RelayError, StorageUnavailableError, UpstreamError
 from .events import Cost, Done, Error, RelayEvent, Start, error_event
 from .hub import LiveStream, Orphan, StreamHub, Subscriber
-from .limits import Limits
+from .limits import Limits, Reservation
 from .logs import fields
 from .metrics import Metrics
 from .pricing import Usage, cost_of
@@ -111,9 +112,11 @@ class Relay:
         if agent is None:
             raise NotFoundError(f"agent {command.agent_id} not found")
         self.limits.take_stream(user)
+        reservation: Reservation | None = None
         try:
-            await self.limits.check_budget(user)
             stream_id = new_id()
+            if self.limits.budgeted:
+                reservation = await self.limits.reserve(user, stream_id, await self._worst_case(agent, command, user))
             turn = await self.store.begin_turn(
                 conversation_id=command.conversation_id,
                 agent_id=agent.id,
@@ -127,6 +130,7 @@ class Relay:
             )
         except BaseException:
             self.limits.give_stream(user)
+            self.limits.release(reservation)
             raise
         request = UpstreamRequest(model=agent.model, max_tokens=agent.max_tokens, messages=turn.history,
                                   system=agent.system)
@@ -136,7 +140,8 @@ class Relay:
         outcome = Outcome()
         self.hub.run(stream, self._observed(user, job, outcome,
                                             run_stream(job, self.upstream, self.store, stream, self.retry, outcome,
-                                                       self.save)))
+                                                       self.save),
+                                            reservation))
         self.metrics.started.inc()
         self.metrics.generating.inc()
         log.info("stream started", extra=fields(
@@ -144,15 +149,25 @@ class Relay:
             agent=agent.id, model=agent.model, traceSessionId=job.trace_session_id, taskTraceId=stream_id))
         return stream
 
-    async def _observed(self, user: User, job: Job, outcome: Outcome, work: Coroutine[Any, Any, Outcome]) -> None:
-        """Run a stream under the user's limits (one concurrent-stream slot; its cost counts today), then
-        count it in the metrics and log its end."""
+    async def _worst_case(self, agent: Agent, command: SendMessage, user: User) -> Decimal | None:
+        """The most an answer can cost: max_tokens at the output price, and its input (the system prompt, the
+        conversation so far and the message) at one token per 4 UTF-8 bytes, as for a cancelled answer's
+        output. None: the model has no price."""
+        size = len(agent.system.encode()) + len(command.message.encode())
+        if command.conversation_id is not None:
+            size += await self.store.history_bytes(command.conversation_id, user.id)
+        return cost_of(Usage(input_tokens=estimate_tokens(size), output_tokens=agent.max_tokens), agent.model)
+
+    async def _observed(self, user: User, job: Job, outcome: Outcome, work: Coroutine[Any, Any, Outcome],
+                        reservation: Reservation | None = None) -> None:
+        """Run a stream under the user's limits (one concurrent-stream slot; its worst case held in the budget
+        until it is saved, then its cost), then count it in the metrics and log its end."""
         try:
             await work
         finally:
             self.limits.give_stream(user)
+            self.limits.settle(reservation, outcome.cost.total_cost if outcome.cost is not None else None)
             self.metrics.generating.dec()
-        self.limits.record_cost(user, outcome.cost.total_cost if outcome.cost else None)
         self._report(user, job, outcome)
 
     def _report(self, user: User, job: Job, outcome: Outcome) -> None:

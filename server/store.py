@@ -2,8 +2,9 @@
 
 Writes go through one writer that holds one connection: SQLite allows one writer
 at a time, so serialising writes here means concurrent streams never meet
-`database is locked`, and no stream opens a connection of its own. Reads use the
-pool. Schema changes are the ordered SQL files in migrations/.
+`database is locked`, and no stream opens a connection of its own. Reads go through
+a bounded pool: for SQLite a fixed set of connections opened at start, for PostgreSQL
+asyncpg's pool. Schema changes are the ordered SQL files in migrations/.
 
 A database that cannot be reached or cannot take writes (a restart, a full disk) is
 StorageUnavailableError (503, retryable) on every read and write, never a driver's
@@ -26,15 +27,16 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Generator
+from collections.abc import Callable, Collection, Generator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
+import aiosqlite
 import asyncpg  # type: ignore[import-untyped]
 from databases import Database
 from databases.core import Connection
@@ -200,14 +202,21 @@ class Store:
     every queued operation in one transaction (one savepoint each); for PostgreSQL the
     `databases` connection of one writer task. Through `databases`, a stream's start
     cost 2.7 ms of CPU in SQLAlchemy and driver hops; batched in the thread it costs
-    about 0.06 ms (measured with 1,000 concurrent starts). Reads go through `databases`.
+    about 0.06 ms (measured with 1,000 concurrent starts). Reads go through `reads`, at
+    most `pool_size` at once: for SQLite that many connections opened at connect() (see
+    `_SQLiteReaders`), for PostgreSQL `databases` over asyncpg's pool of that size.
     """
 
-    def __init__(self, url: str, group_commit: float = 0.0) -> None:
+    def __init__(self, url: str, group_commit: float = 0.0, pool_size: int = 10) -> None:
         self.url = database_url(url)
         self.group_commit = group_commit
         self.is_sqlite = self.url.startswith("sqlite:")
-        self.db = Database(databases_url(self.url))
+        # PostgreSQL: asyncpg's pool holds pool_size connections for reads and one more, the writer's.
+        sizes: dict[str, Any] = {} if self.is_sqlite else {"min_size": min(pool_size + 1, 10),
+                                                            "max_size": pool_size + 1}
+        self.db = Database(databases_url(self.url), **sizes)
+        # SQLite: `databases` would open a connection, with a thread of its own, for every task that reads.
+        self.reads: Reads = _SQLiteReaders(sqlite_path(self.url), pool_size) if self.is_sqlite else self.db
         self._writer: _SQLiteWriter | _AsyncWriter | None = None
         self._locks = _LockFiles(sqlite_path(url) + "-instances") if self.is_sqlite else None
 
@@ -222,8 +231,12 @@ class Store:
         await self._writer.start()
         if migrate:
             await self.write(_migrate())
+        if isinstance(self.reads, _SQLiteReaders):
+            await self.reads.connect()  # after the writer made the file and its WAL
 
     async def disconnect(self) -> None:
+        if isinstance(self.reads, _SQLiteReaders):
+            await self.reads.disconnect()
         if self._writer is not None:
             await self._writer.stop()
             self._writer = None
@@ -246,9 +259,9 @@ class Store:
                 raise storage_error(exc) from exc
             raise
 
-    async def _fetch_all(self, sql: str, params: dict[str, Any] | None = None) -> list[Any]:
+    async def _fetch_all(self, sql: str, params: dict[str, Any] | None = None) -> Sequence[Any]:
         try:
-            return await self.db.fetch_all(sql, params)
+            return await self.reads.fetch_all(sql, params)
         except Exception as exc:
             if unavailable(exc):
                 raise storage_error(exc) from exc
@@ -256,7 +269,7 @@ class Store:
 
     async def _fetch_one(self, sql: str, params: dict[str, Any] | None = None) -> Any:
         try:
-            return await self.db.fetch_one(sql, params)
+            return await self.reads.fetch_one(sql, params)
         except Exception as exc:
             if unavailable(exc):
                 raise storage_error(exc) from exc
@@ -264,7 +277,7 @@ class Store:
 
     async def _fetch_val(self, sql: str, params: dict[str, Any] | None = None) -> Any:
         try:
-            return await self.db.fetch_val(sql, params)
+            return await self.reads.fetch_val(sql, params)
         except Exception as exc:
             if unavailable(exc):
                 raise storage_error(exc) from exc
@@ -653,6 +666,20 @@ class Store:
         )
         return sum((Decimal(row[0]) for row in rows), Decimal(0))
 
+    async def history_bytes(self, conversation_id: str, owner_id: str | None) -> int:
+        """The UTF-8 size of a conversation's messages, which an answer in it sends upstream (0: not owner_id's)."""
+        if not storable_id(conversation_id):
+            return 0
+        size = "LENGTH(CAST(m.content AS BLOB))" if self.is_sqlite else "OCTET_LENGTH(m.content)"
+        owner_clause = "c.owner_id IS NULL" if owner_id is None else "c.owner_id = :owner"
+        params: dict[str, Any] = {"id": conversation_id}
+        if owner_id is not None:
+            params["owner"] = owner_id
+        total = await self.reads.fetch_val(
+            f"SELECT COALESCE(SUM({size}), 0) FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+            f" WHERE m.conversation_id = :id AND {owner_clause}", params)
+        return int(total or 0)
+
     async def usage(self, start: str, end: str, group_by: str, owner_id: str | None = None,
                     every_owner: bool = False) -> list[UsageRow]:
         """Token and cost sums of the answers finished in [start, end), grouped by day, model, agent or user.
@@ -834,6 +861,85 @@ def _statements(sql: str) -> list[str]:
     return [statement.strip() for statement in "\n".join(lines).split(";") if statement.strip()]
 
 
+# --- Reads -------------------------------------------------------------------------------------
+
+
+class Reads(Protocol):
+    """What the store reads through: `databases.Database`, or the SQLite connections below."""
+
+    async def fetch_all(self, query: str, values: dict[str, Any] | None = None) -> Sequence[Any]: ...
+
+    async def fetch_one(self, query: str, values: dict[str, Any] | None = None) -> Any: ...
+
+    async def fetch_val(self, query: str, values: dict[str, Any] | None = None) -> Any: ...
+
+
+class _Row(sqlite3.Row):
+    """A row as `databases` gives one: by position or name, and as a mapping through `_mapping`."""
+
+    @property
+    def _mapping(self) -> dict[str, Any]:
+        return dict(zip(self.keys(), self, strict=True))
+
+
+class _SQLiteReaders:
+    """`size` aiosqlite connections, all opened at connect(): every read waits for an idle one.
+
+    `databases` opens an aiosqlite connection (a thread and a file descriptor) for each task
+    that reads and closes it after: 1,000 concurrent requests made 985 threads and ran the
+    process out of file descriptors (`unable to open database file`). These connections are
+    the only ones reads use, so a read never needs a new descriptor, even when sockets hold
+    every other one. A read runs to its end even if its caller is cancelled, so a
+    connection goes back to the pool only when it is idle.
+    """
+
+    def __init__(self, path: str, size: int) -> None:
+        self.path = path
+        self.size = size
+        self._idle: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        self._connections: list[aiosqlite.Connection] = []
+
+    async def connect(self) -> None:
+        try:
+            for _ in range(self.size):
+                connection = await aiosqlite.connect(self.path, isolation_level=None)
+                self._connections.append(connection)
+                connection.row_factory = _Row
+                await connection.execute("PRAGMA query_only=ON")
+                # Sorts in memory, never in a temporary file: a read opens no file after this.
+                await connection.execute("PRAGMA temp_store=MEMORY")
+                # A first read opens the WAL file (and the shared memory), which the connection then keeps.
+                await connection.execute_fetchall("SELECT COUNT(*) FROM schema_migrations")
+                self._idle.put_nowait(connection)
+        except BaseException:
+            await self.disconnect()
+            raise
+
+    async def disconnect(self) -> None:
+        connections, self._connections = self._connections, []
+        self._idle = asyncio.Queue()
+        for connection in connections:
+            await connection.close()
+
+    async def _read(self, query: str, values: dict[str, Any] | None) -> list[Any]:
+        connection = await self._idle.get()
+        try:
+            return list(await connection.execute_fetchall(query, values or {}))
+        finally:
+            self._idle.put_nowait(connection)
+
+    async def fetch_all(self, query: str, values: dict[str, Any] | None = None) -> list[Any]:
+        return await asyncio.shield(self._read(query, values))
+
+    async def fetch_one(self, query: str, values: dict[str, Any] | None = None) -> Any:
+        rows = await self.fetch_all(query, values)
+        return rows[0] if rows else None
+
+    async def fetch_val(self, query: str, values: dict[str, Any] | None = None) -> Any:
+        row = await self.fetch_one(query, values)
+        return None if row is None else row[0]
+
+
 # --- Write drivers -------------------------------------------------------------------------------
 
 ONE, ALL, NONE = "one", "all", "none"
@@ -969,6 +1075,9 @@ class _SQLiteWriter:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.execute("PRAGMA foreign_keys=ON")
+            # A batch's savepoints journal in memory: past 64 KB SQLite would open a temporary file, which fails
+            # (`unable to open database file`) when sockets hold every file descriptor the process may have.
+            connection.execute("PRAGMA temp_store=MEMORY")
         except sqlite3.Error as exc:
             self._loop.call_soon_threadsafe(_settle_error, ready, exc)
             return

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -55,13 +55,14 @@ class Process:
     """A real server process (uvicorn) on a free port, with its log kept for assertions."""
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path, port: int, ready_path: str,
-                 cwd: Path = SERVER_CWD) -> None:
+                 cwd: Path = SERVER_CWD, preexec_fn: Callable[[], None] | None = None) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.ws_url = f"ws://127.0.0.1:{port}"
         self.log_path = log_path
         self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     preexec_fn=preexec_fn)
         try:
             self._wait_ready(ready_path)
         except BaseException:
@@ -132,10 +133,12 @@ class RelayServer(Process):
     A DATABASE_URL in `env` (in any form the server accepts) is used instead, and `rows` reads it.
 
     `database_url` names the database instead (the test's own server, or a SQLite file where the test
-    wants it); the test then owns it.
+    wants it); the test then owns it. `preexec_fn` runs in the server's process before it starts (tests lower
+    its resource limits there).
     """
 
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None, database_url: str | None = None) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None, database_url: str | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         port = free_port()
         self.database_url = f"sqlite:///{tmp / 'relay.db'}"
         self._dropped_by = ""
@@ -147,7 +150,7 @@ class RelayServer(Process):
             self.database_url, self._dropped_by = new_postgresql_database(SERVERS_ON_POSTGRESQL)
         full_env = _clean_env({"DATABASE_URL": self.database_url, **(env or {})})
         super().__init__([SERVER_PYTHON, "-m", "server", "--port", str(port)], full_env, tmp / "server.log",
-                         port, "/healthz")
+                         port, "/healthz", preexec_fn=preexec_fn)
 
     @property
     def db_path(self) -> Path:
@@ -202,8 +205,9 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """Start servers with custom settings; all stopped (and checked for tracebacks) after the test."""
     started: list[Process] = []
 
-    def start(env: dict[str, str] | None = None, database_url: str | None = None) -> RelayServer:
-        relay = RelayServer(tmp_path_factory.mktemp("relay"), env, database_url)
+    def start(env: dict[str, str] | None = None, database_url: str | None = None,
+              preexec_fn: Callable[[], None] | None = None) -> RelayServer:
+        relay = RelayServer(tmp_path_factory.mktemp("relay"), env, database_url, preexec_fn)
         started.append(relay)
         return relay
 

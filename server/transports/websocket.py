@@ -3,6 +3,7 @@
 Client frames: {"type": "message" | "resume" | "cancel" | "ping", ...}.
 Server frames: {"event", "streamId", "id", "data"} (+ "requestId" on the start of a
 stream the client asked for with one). Thin: parsing is in protocol/frames.py.
+A socket whose token or session stops working while it is open is closed with 4401.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from ..protocol.frames import Cancel, Ping, Resume, SendMessage, parse_frame, re
 from .ws_protocol import SEND_BATCH
 
 log = logging.getLogger("deltarelay.ws")
+
+# The close code for a socket whose credentials stopped working (4000-4999 are the application's; 401 is HTTP's).
+CREDENTIAL_ENDED = 4401
 
 
 def error_frame(exc: RelayError, stream_id: str | None = None, request_id: str | None = None) -> str:
@@ -66,6 +70,21 @@ class Connection:
         except (RuntimeError, OSError):
             pass
 
+    def credential_ended(self) -> None:
+        """The token or session this socket opened with no longer holds: close it with 4401.
+
+        Its answers go on in the hub and are saved as usual; only this socket's reading stops.
+        """
+        task = asyncio.create_task(self._close(CREDENTIAL_ENDED, "your credentials are no longer valid"))
+        self.pumps.add(task)
+        task.add_done_callback(self.pumps.discard)
+
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        except (RuntimeError, OSError):
+            pass  # closed already
+
     async def refuse(self, exc: RelayError) -> None:
         """Answer the handshake with an HTTP error and a JSON body instead of opening the socket."""
         headers = [(b"content-type", b"application/json")]
@@ -97,6 +116,8 @@ class Connection:
         await self._send({"type": "websocket.accept"})
         hub = self.relay.hub
         hub.keepalive_targets.add(self)
+        auth = self.relay.auth
+        auth.watch(self)  # a revoke, a sign-out or an expired session closes the socket (credential_ended)
         try:
             while True:
                 message = await self._receive()
@@ -116,6 +137,7 @@ class Connection:
                 await self._send({"type": "websocket.close", "code": 1011})
         finally:
             hub.keepalive_targets.discard(self)
+            auth.unwatch(self)
             # The generation goes on in the hub; only this socket's readers stop.
             for pump in list(self.pumps):
                 pump.cancel()
