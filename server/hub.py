@@ -52,8 +52,10 @@ class KeepaliveTarget(Protocol):
     def keepalive_tick(self) -> None: ...
 
 
-# A backlog is read from the log this many events at a time (at most half the reader's queue bound).
+# A backlog is read from the log this many events at a time (at most half the reader's queue bound), or fewer
+# when they hold more than BACKLOG_PAGE_BYTES: what a reader holds does not grow with its backlog.
 BACKLOG_PAGE = 500
+BACKLOG_PAGE_BYTES = 64 * 1024
 
 
 class SubscriberDropped(Exception):
@@ -119,13 +121,15 @@ class Subscriber:
             self.paging = False
             self.dropped = True
             return
-        size = max(1, min(BACKLOG_PAGE, self.limit // 2))
+        count = max(1, min(BACKLOG_PAGE, self.limit // 2))
         page: list[Entry] = []
         next_id = self.cursor + 1
+        size = 0
         for name, data in stream.log.entries(self.cursor - first_id + 1):
             page.append((next_id, name, data))
             next_id += 1
-            if len(page) == size:
+            size += len(data)
+            if len(page) == count or size >= BACKLOG_PAGE_BYTES:
                 break
         self.pending = page
         self.cursor = next_id - 1
