@@ -59,6 +59,7 @@ ORPHAN_SECONDS = 20.0  # one orphan's save; past it the log is ended all the sam
 READ_BLOCK_MS = 5000
 WRITE_RETRY_SECONDS = (0.05, 1.0)  # the first and the longest wait before sending again what Redis did not take
 LOST_LOG_WAIT_SECONDS = 5.0  # a followed log gone from Redis this long (or two leases) is not coming back
+LOG_CHECK_SECONDS = 30.0  # followed logs are checked at least this often, and when Redis may have lost them
 
 # With decode_responses, an entry of a Redis Stream is (entry id "n-0", {"e": name, "d": data}).
 RawEntry = tuple[str, dict[str, str]]
@@ -307,8 +308,8 @@ class RedisStreamHub(StreamHub):
                         self._copied_usage.pop(stream_id, None)
                     if failing_since is None:
                         failing_since = loop.time()
-                        log.warning("Redis did not take the events of %d streams (%s); sending them again until"
-                                    " it does", len(dirty), exc)
+                        log.warning("Redis did not take events (%s); sending them again from the streams' logs"
+                                    " until it does", exc)
                     self._dirty_ready.set()
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, WRITE_RETRY_SECONDS[1])
@@ -428,6 +429,8 @@ class RedisStreamHub(StreamHub):
         self._mirrors[key] = mirror
         self._read_from[key] = entries[-1][0]
         self._epoch_of[key] = epoch
+        if self._check_at is None:
+            self._check_at = asyncio.get_running_loop().time() + LOG_CHECK_SECONDS
         self._reading_changed.set()
         # The reader may be blocked in an XREAD without this key: an entry in its wake stream ends the block.
         await self.redis.xadd(self._wake_key, {"w": "1"}, maxlen=10, approximate=False)
@@ -543,6 +546,8 @@ class RedisStreamHub(StreamHub):
                 log.info("stream %s: its Redis log was copied again; reading on from event %d", mirror.id,
                          mirror.last_id + 1)
                 self._epoch_of[key] = epoch
+        if self._check_at is None and self._mirrors:
+            self._check_at = now + LOG_CHECK_SECONDS
 
     def _lose(self, key: str, mirror: LiveStream, reason: str) -> None:
         """End a mirror whose log lost events: its readers get an error, a later resume reads the log afresh."""
@@ -592,7 +597,9 @@ class RedisStreamHub(StreamHub):
                         if stream is not None and stream.task is not None:
                             self.cancel(stream.id)
             except (RedisError, OSError) as exc:
-                log.warning("listening for cancels in Redis failed (%s); trying again", exc)
+                if self._listening.is_set():  # once per outage
+                    log.warning("listening for cancels in Redis failed (%s); trying again", exc)
+                self._listening.clear()
                 await asyncio.sleep(1)
 
     # --- leases and dead instances --------------------------------------------------------------
@@ -616,16 +623,21 @@ class RedisStreamHub(StreamHub):
     async def _renew_lease(self) -> None:
         """The lease, the membership (both lost if Redis restarted), and a look at this instance's copies."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.set(self._alive_key(self.instance_id), "1", px=int(self.lease_seconds * 1000))
+        alive = self._alive_key(self.instance_id)
+        pipe.exists(alive)
+        pipe.set(alive, "1", px=int(self.lease_seconds * 1000))
         pipe.sadd(self._instances_key, self.instance_id)  # after the lease: never a member without one
         made = [(copy, copy.epoch) for copy in self._copies.values() if copy.made]
         if made:
             pipe.mget([self.epoch_key(copy.stream.id) for copy, _ in made])
         results = await pipe.execute()
+        if not results[0] and self._mirrors:
+            # The lease was gone before its time: Redis lost its keys (a restart, FLUSHDB). The followed logs too?
+            self._check_at = asyncio.get_running_loop().time()
         if not made:
             return
         # A stream idle for a while writes nothing: its lost copy is noticed here, not at its next event.
-        for (copy, epoch), found in zip(made, results[2], strict=True):
+        for (copy, epoch), found in zip(made, results[3], strict=True):
             if found != epoch and copy.epoch == epoch and copy.made and copy.stream.id in self._copies:
                 log.warning("the Redis log of stream %s was lost (a restart, FLUSHDB, eviction); copying it"
                             " again from this instance's log", copy.stream.id)

@@ -221,7 +221,7 @@ async def test_an_xtrim_past_a_mirrors_cursor_ends_its_reader_with_not_resumable
         try:
             frozen_at = int((await client.xrevrange(key, count=1))[0][0].partition("-")[0])
             async with asyncio.timeout(GUARD):
-                while int((await client.xrevrange(key, count=1))[0][0].partition("-")[0]) < frozen_at + 30:
+                while int((await client.xrevrange(key, count=1))[0][0].partition("-")[0]) < frozen_at + 30:  # noqa: ASYNC110
                     await asyncio.sleep(0.02)  # the owner, another process, writes on
             await client.xtrim(key, maxlen=0)
         finally:
