@@ -209,7 +209,11 @@ class RedisStreamHub(StreamHub):
     # --- life -----------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Connect, take the lease, listen for cancels, and bury instances that died while none was looking."""
+        """Connect, take the lease, listen for cancels, and bury instances that died while none was looking.
+
+        Those burials are waited for (each bounded by BURY_SECONDS): the caller then marks `interrupted` what
+        dead instances left in the database, which must come after their answers are saved from their logs.
+        """
         await self._renew_lease()
         await self._load_scripts()
         self.start()
@@ -223,6 +227,7 @@ class RedisStreamHub(StreamHub):
         async with asyncio.timeout(10):
             await self._listening.wait()  # a cancel sent right after this start must not be missed
         await self.sweep()
+        await asyncio.gather(*self._burials.values())
 
     async def close(self) -> None:
         """Write out every queued event, give up the lease, disconnect; after shutdown()."""
