@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -212,8 +213,10 @@ def on_postgresql(url: str, statement: str) -> list[Any]:
 
     import asyncpg
 
+    from server.store import asyncpg_dsn
+
     async def run() -> list[Any]:
-        connection = await asyncpg.connect(url)
+        connection = await asyncpg.connect(asyncpg_dsn(url))
         try:
             return list(await connection.fetch(statement))
         finally:
@@ -228,7 +231,7 @@ def new_database(server_url: str) -> str:
 
     name = f"bench_{uuid.uuid4().hex[:12]}"
     on_postgresql(server_url, f'CREATE DATABASE "{name}"')
-    return server_url.rsplit("/", 1)[0] + "/" + name
+    return urllib.parse.urlunsplit(urllib.parse.urlsplit(server_url)._replace(path="/" + name))  # query kept
 
 
 @contextmanager
@@ -309,7 +312,7 @@ def saved_replies_postgres(database_url: str, server_url: str) -> dict[str, int]
     except (OSError, asyncpg.PostgresError) as exc:
         return f"unreadable: {exc}"
     finally:
-        on_postgresql(server_url, f'DROP DATABASE IF EXISTS "{database_url.rsplit("/", 1)[1]}"')
+        on_postgresql(server_url, f'DROP DATABASE IF EXISTS "{urllib.parse.urlsplit(database_url).path[1:]}"')
 
 
 def saved_replies(case: Case, database: Path | None) -> dict[str, int] | str:
@@ -453,6 +456,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("two cores are needed: one for the target, one for the upstream and load generator")
     if args.instances < 1 or (args.instances > 1 and not (args.database_url and args.redis_url)):
         parser.error("--instances 2 or more needs --database-url (PostgreSQL) and --redis-url")
+    if args.database_url:
+        from server.config import ConfigError, database_url
+
+        try:
+            args.database_url = database_url(args.database_url)  # postgres:// and the like: one form
+        except ConfigError as exc:
+            parser.error(str(exc))
+        if not args.database_url.startswith("postgresql:"):
+            parser.error("--database-url is a PostgreSQL server (postgresql://user@host:5432/db)")
     deployment = Deployment(args.instances, args.database_url, args.redis_url)
     cases = plan(args.quick, only, transports)
     estimate = sum(case.expected_s() for case in cases)

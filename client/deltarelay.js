@@ -1,4 +1,4 @@
-// deltarelay client: one ES module, no dependencies, no build step.
+// deltarelay client: one ES module, no dependencies; packaging minifies it (npm run build).
 //
 // Streams a relay answer over one shared WebSocket, or over SSE (a fetch POST
 // whose body is parsed incrementally) or EventSource when the socket is not an
@@ -9,6 +9,8 @@
 const MESSAGE_PATH = '/api/command-center/message'
 const STREAMS_PATH = '/api/command-center/streams/'
 const EVENTS = ['start', 'chunk', 'thinking', 'cost', 'done', 'error']
+// A 204 to a resume: the stream has ended, and there is nothing after the last event seen.
+const ended = () => ({ code: 'not_resumable', message: 'The stream has ended', retryable: false })
 
 const networkError = (message) => ({ code: 'network_error', message, retryable: true })
 
@@ -410,6 +412,7 @@ export function createClient(options = {}) {
         if (resume && (res.status >= 500 || res.status === 429)) throw res
         return stream._conn === conn && stream._push('error', await httpError(res))
       }
+      if (res.status === 204) return stream._conn === conn && stream._push('error', ended())
       connected(stream)
       const parser = createSSEParser((e) => deliver(stream, conn, e.event, JSON.parse(e.data), e.id))
       // ignoreBOM: keep a BOM in the text, so the parser strips exactly one.
@@ -445,9 +448,10 @@ export function createClient(options = {}) {
       if (stream.finished) return
     }
     const cursor = stream.lastEventId ? '?lastEventId=' + stream.lastEventId : ''
+    const url = base + STREAMS_PATH + encodeURIComponent(stream.streamId) + cursor
     let source
     try {
-      source = new ES(base + STREAMS_PATH + encodeURIComponent(stream.streamId) + cursor)
+      source = new ES(url)
     } catch {
       return lost(stream, null)
     }
@@ -456,11 +460,26 @@ export function createClient(options = {}) {
     source.onopen = () => connected(stream)
     for (const name of EVENTS) {
       source.addEventListener(name, (e) => {
-        // A server "error" event has data; a failed connection has none.
+        // A server "error" event has data; a failed connection has none, and a refused one is CLOSED.
         if (e.data != null) deliver(stream, conn, name, JSON.parse(e.data), e.lastEventId)
+        else if (source.readyState === 2) refused(stream, conn, url)
         else lost(stream, conn)
       })
     }
+  }
+
+  // An EventSource shows neither the status nor the body of a refusal (204, 404 not_resumable, 401...):
+  // ask again with fetch, and end with the server's answer rather than retrying what it refused.
+  async function refused(stream, conn, url) {
+    try {
+      const res = await fetchImpl(url, { headers: { Accept: 'application/json' } })
+      if (stream._conn === conn) {
+        if (res.status === 204) return stream._push('error', ended())
+        if (res.status >= 400 && res.status < 500 && res.status !== 429) return stream._push('error', await httpError(res))
+      }
+      res.body?.cancel()
+    } catch {}
+    lost(stream, conn)
   }
 
   function post(path, body, accept, signal) {

@@ -159,12 +159,13 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready for traffic: the database (and Redis, when configured) answer and the server is not shutting down."""
+    """Ready for traffic: the database answers and takes writes (and Redis answers, when configured), and the
+    server is not shutting down."""
     relay: Relay = request.app.state.relay
     checks: dict[str, str] = {}
     try:
         await relay.store.ping()
-        checks["database"] = "ok"
+        checks["database"] = "ok" if await relay.store.writable() else "not_writable"
     except Exception:
         checks["database"] = "unreachable"
     hub = relay.hub

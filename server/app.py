@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import httpx
 from starlette.applications import Starlette
@@ -15,24 +15,21 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
-from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import api
+from . import api, assets
+from .budget import Ledger, LocalLedger, RedisLedger
 from .config import Settings
 from .core import Relay, save_orphan
 from .errors import RelayError
 from .hub import Orphan, StreamHub
+from .limits import Limits
 from .store import Store
 from .transports import sse, websocket
 from .upstream.anthropic import AnthropicUpstream
 from .upstream.offline import OfflineOptions, OfflineTransport
 
 log = logging.getLogger("deltarelay")
-
-ROOT = Path(__file__).resolve().parent.parent
-STATIC = ROOT / "static"
-CLIENT = ROOT / "client"
 
 
 def upstream_transport(settings: Settings) -> httpx.AsyncBaseTransport | None:
@@ -96,15 +93,15 @@ class SecurityHeaders:
 
 
 async def index(request: Request) -> Response:
-    return FileResponse(STATIC / "index.html")
+    return FileResponse(assets.static_dir() / "index.html")
 
 
 async def usage_page(request: Request) -> Response:
-    return FileResponse(STATIC / "usage.html")
+    return FileResponse(assets.static_dir() / "usage.html")
 
 
 async def favicon(request: Request) -> Response:
-    return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
+    return FileResponse(assets.static_dir() / "favicon.svg", media_type="image/svg+xml")
 
 
 def make_hub(settings: Settings, store: Store) -> StreamHub:
@@ -121,6 +118,16 @@ def make_hub(settings: Settings, store: Store) -> StreamHub:
     return RedisStreamHub(settings.redis_url, *sizes, prefix=settings.redis_prefix,
                           lease_seconds=settings.instance_lease_seconds, on_orphan=save,
                           on_instance_gone=store.interrupt_instance)
+
+
+def make_ledger(settings: Settings, hub: StreamHub) -> Ledger:
+    """Budget reservations in this process for one instance; with REDIS_URL, in Redis for all of them."""
+    if settings.redis_url is None:
+        return LocalLedger()
+    from .redis_hub import RedisStreamHub
+
+    assert isinstance(hub, RedisStreamHub)
+    return RedisLedger(hub.redis, settings.redis_prefix, hub.instance_id, hub._alive_key)
 
 
 MESSAGE_PATH = "/api/command-center/message"
@@ -173,12 +180,15 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = Store(settings.database_url, group_commit=settings.sqlite_group_commit_ms / 1000)
+        store = Store(settings.database_url, group_commit=settings.sqlite_group_commit_ms / 1000,
+                      pool_size=settings.database_pool_size)
         await store.connect()
         hub = make_hub(settings, store)
         try:
+            await store.hold_instance(hub.instance_id)
             await hub.open()
-            # Only answers no live instance is generating: another instance's running ones are left alone.
+            # Only answers no live instance is generating: another instance's running ones are left alone
+            # (alive in the hub's eyes or holding their lease in the database, as a process draining does).
             left = await store.interrupt_unfinished(await hub.live_instances())
         except BaseException:
             await hub.close()
@@ -189,14 +199,17 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         offline = transport is None and settings.offline
         upstream = AnthropicUpstream(settings, transport or upstream_transport(settings),
                                      base_url="http://offline-model.invalid" if offline else None)
+        if upstream.proxy is not None:
+            log.info("upstream requests go through the proxy %s", upstream.proxy)
         app.state.store = store
         app.state.hub = hub
-        relay = Relay(settings, store, upstream, hub)
+        relay = Relay(settings, store, upstream, hub, Limits(settings, store, make_ledger(settings, hub)))
         app.state.relay = relay
         if await relay.auth.open_mode():
             log.warning("open mode: no users exist, so anyone who can reach %s:%d may use this server and spend;"
                         " add one with `deltarelay users add NAME`", settings.host, settings.port)
         app.state.settings = settings
+        progress = asyncio.create_task(relay.save_progress(), name="partial-saves")
         # Everything made at start lives for the process: keep it out of every later collection.
         gc.collect()
         gc.freeze()
@@ -205,6 +218,8 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
             yield
         finally:
             await hub.shutdown(settings.shutdown_grace_seconds)
+            progress.cancel()
+            await relay.limits.aclose()  # the budget entries of the answers just saved, before Redis goes
             await hub.close()
             await upstream.aclose()
             await store.disconnect()
@@ -226,8 +241,8 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         Route("/api/command-center/streams/{stream_id}", sse.get_stream),
         Route("/api/command-center/streams/{stream_id}/cancel", sse.cancel_stream, methods=["POST"]),
         WebSocketRoute(WEBSOCKET_PATH, websocket.WebSocketEndpoint()),  # taken by RelayApp first
-        Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),
-        Mount("/client", StaticFiles(directory=CLIENT, check_dir=False), name="client"),
+        Mount("/static", assets.static_files(), name="static"),
+        Mount("/client", assets.client_files(), name="client"),
     ]
     return RelayApp(
         routes=routes,

@@ -10,26 +10,32 @@ settings allow it: bound to a loopback address, or RELAY_ALLOW_ANONYMOUS=1.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ipaddress
+import logging
 import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.requests import cookie_parser
 from starlette.types import Scope
 
 from .config import Settings
 from .errors import ForbiddenError, UnauthorizedError
+from .flight import SingleFlight
 from .store import Store
+
+log = logging.getLogger("deltarelay.auth")
 
 TOKEN_PREFIX = "drt_"
 SESSION_PREFIX = "drs_"
 SESSION_COOKIE = "deltarelay_session"
 _SECRET_LIMIT = 200  # longer than any secret we issue: refuse before hashing megabytes
+TOKEN, SESSION = "token:", "session:"  # the kinds of secret, as prefixes of their cache keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,32 +85,60 @@ def own_origin(scope: Scope) -> str:
     return f"{'https' if secure else 'http'}://{host}".lower()
 
 
+class Watched(Protocol):
+    """An open connection that authenticated once (a WebSocket): its credential is checked again while open."""
+
+    scope: Scope
+    user: User
+
+    def credential_ended(self) -> None:
+        """The credential no longer gives `user`: revoked, expired, signed out, or open mode ended."""
+
+
 class Authenticator:
     """Turns a request's credentials into a User; caches answers for auth_cache_seconds.
 
     The cache bounds the database reads per request to about one per user per few seconds;
     a revoked token therefore works for at most auth_cache_seconds more on each instance.
+    Concurrent lookups of one secret (or of open mode) share one read. An open WebSocket
+    authenticated only at its handshake: while watched, its credential is checked again
+    every recheck_seconds against answers at most that old, so the socket learns of a revoke
+    within auth_cache_seconds (at least 0.5 s).
     """
 
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
-        self._cache: dict[str, tuple[float, User | None]] = {}
-        self._open_until = 0.0
+        self._cache: dict[str, tuple[float, User | None]] = {}  # kind + digest -> (read at, user)
+        self._open_read_at = -float("inf")
         self._open = False
+        self._user_reads: SingleFlight[str, User | None] = SingleFlight()
+        self._open_reads: SingleFlight[str, bool] = SingleFlight()
+        self._watched: set[Watched] = set()
+        self._rechecks: asyncio.Task[None] | None = None
 
-    async def open_mode(self) -> bool:
-        """No active user exists and the settings allow anonymous use."""
+    @property
+    def recheck_seconds(self) -> float:
+        return max(self.settings.auth_cache_seconds / 2, 0.25)
+
+    async def open_mode(self, max_age: float | None = None) -> bool:
+        """No active user exists and the settings allow anonymous use (known at most max_age seconds ago)."""
         if not (self.settings.loopback or self.settings.allow_anonymous):
             return False
-        moment = time.monotonic()
-        if moment >= self._open_until:
-            self._open = await self.store.active_user_count() == 0
-            self._open_until = moment + self.settings.auth_cache_seconds
+        age = self.settings.auth_cache_seconds if max_age is None else max_age
+        if time.monotonic() - self._open_read_at >= age:
+            return await self._open_reads.run("open", self._read_open_mode)
         return self._open
 
-    async def user(self, scope: Scope) -> User:
-        """The user behind a request or WebSocket handshake.
+    async def _read_open_mode(self) -> bool:
+        started = time.monotonic()
+        self._open = await self.store.active_user_count() == 0
+        self._open_read_at = started
+        return self._open
+
+    async def user(self, scope: Scope, max_age: float | None = None) -> User:
+        """The user behind a request or WebSocket handshake; cached answers at most max_age seconds old
+        (default auth_cache_seconds).
 
         Raises:
             UnauthorizedError: no valid credentials, and the server is not open.
@@ -120,7 +154,7 @@ class Authenticator:
             scheme, _, token = authorization.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise UnauthorizedError("the Authorization header must be: Bearer <token>")
-            user = await self._lookup(token.strip(), self.store.user_by_token_hash)
+            user = await self._lookup(token.strip(), TOKEN, max_age)
             if user is None:
                 raise UnauthorizedError("this token is not valid (unknown or revoked)")
             return user
@@ -129,12 +163,12 @@ class Authenticator:
             self.check_origin(scope)
         session = session_secret(headers)
         if session is not None:
-            user = await self._lookup(session, self.store.user_by_session_hash)
+            user = await self._lookup(session, SESSION, max_age)
             if user is not None:
                 return user
-            if not await self.open_mode():
+            if not await self.open_mode(max_age):
                 raise UnauthorizedError("your session has ended; sign in again")
-        if await self.open_mode():
+        if await self.open_mode(max_age):
             if not self.settings.allow_anonymous and not _loopback_host(header(headers, b"host")):
                 # DNS rebinding: another site's name pointed at 127.0.0.1 must not reach an open server.
                 raise ForbiddenError("an open server answers only requests addressed to localhost")
@@ -154,20 +188,62 @@ class Authenticator:
             return
         raise ForbiddenError(f"requests from {origin[:100]} are not allowed (set RELAY_ALLOWED_ORIGINS)")
 
-    async def _lookup(self, secret: str, find: Any) -> User | None:
+    async def _lookup(self, secret: str, kind: str, max_age: float | None = None) -> User | None:
+        """The user of a token (kind TOKEN) or session secret (SESSION); None: unknown, revoked or expired."""
         if len(secret) > _SECRET_LIMIT:
             return None
-        digest = secret_hash(secret)
-        moment = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached is not None and cached[0] > moment:
-            return cached[1]
-        row = await find(digest)
-        user = None if row is None else _user(row)
+        # Keyed by kind too: a session secret sent as a token is not a token.
+        key = kind + secret_hash(secret)
+        age = self.settings.auth_cache_seconds if max_age is None else max_age
+        cached = self._cache.get(key)
+        if cached is None or time.monotonic() - cached[0] >= age:
+            return await self._user_reads.run(key, lambda: self._read(key, kind))
+        return cached[1]
+
+    async def _read(self, key: str, kind: str) -> User | None:
+        started = time.monotonic()  # the answer is as old as the read's start
+        find = self.store.user_by_token_hash if kind == TOKEN else self.store.user_by_session_hash
+        row = await find(key[len(kind):])
         if len(self._cache) > 10_000:  # unknown secrets are cached too: keep a flood of them bounded
             self._cache.clear()
-        self._cache[digest] = (moment + self.settings.auth_cache_seconds, user)
+        user = None if row is None else _user(row)
+        self._cache[key] = (started, user)
         return user
+
+    # --- open WebSockets: their credential, checked again while they are open ---
+
+    def watch(self, connection: Watched) -> None:
+        """Check `connection`'s credential every recheck_seconds until unwatch(); one task for all of them."""
+        self._watched.add(connection)
+        if self._rechecks is None or self._rechecks.done():
+            self._rechecks = asyncio.create_task(self._recheck_loop(), name="auth-recheck")
+
+    def unwatch(self, connection: Watched) -> None:
+        self._watched.discard(connection)
+
+    async def _recheck_loop(self) -> None:
+        while self._watched:
+            await asyncio.sleep(self.recheck_seconds)
+            await self.recheck()
+
+    async def recheck(self) -> int:
+        """Tell each watched connection whose credential no longer gives its user; how many were told."""
+        ended = 0
+        for connection in list(self._watched):
+            if connection not in self._watched:
+                continue
+            try:
+                user: User | None = await self.user(connection.scope, max_age=self.recheck_seconds)
+            except (UnauthorizedError, ForbiddenError):
+                user = None
+            except Exception as exc:  # the database is away: keep the sockets, ask again next time
+                log.warning("could not check the credentials of open WebSockets: %s", exc)
+                return ended
+            if user != connection.user:
+                self._watched.discard(connection)
+                connection.credential_ended()
+                ended += 1
+        return ended
 
     async def sign_in(self, token: str) -> tuple[User, str, int]:
         """A new session for a valid token: (user, the session secret for the cookie, its max-age in seconds).
@@ -175,7 +251,7 @@ class Authenticator:
         Raises:
             UnauthorizedError: the token is not valid.
         """
-        user = await self._lookup(token, self.store.user_by_token_hash) if token else None
+        user = await self._lookup(token, TOKEN) if token else None
         if user is None or user.id is None:
             raise UnauthorizedError("this token is not valid (unknown or revoked)")
         secret = new_secret(SESSION_PREFIX)
@@ -188,7 +264,7 @@ class Authenticator:
         secret = session_secret(headers)
         if secret is not None and len(secret) <= _SECRET_LIMIT:
             digest = secret_hash(secret)
-            self._cache.pop(digest, None)
+            self._cache.pop(SESSION + digest, None)
             await self.store.delete_session(digest)
 
 

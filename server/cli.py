@@ -1,4 +1,5 @@
-"""Command line: `deltarelay` (or `python -m server`) runs the server; `deltarelay users` manages users."""
+"""Command line: `deltarelay` (or `python -m server`) runs the server; `users` manages users, `usage` reports
+spending and `check` says whether a deployment is ready."""
 
 from __future__ import annotations
 
@@ -7,34 +8,38 @@ import asyncio
 import csv
 import ctypes
 import logging
+import math
 import os
+import resource
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import FrameType
 from typing import TypeVar
 
 from . import logs
 from .auth import new_secret, secret_hash, valid_user_name
-from .config import ConfigError, Settings, load_settings
-from .errors import RelayError
+from .config import ConfigError, Settings, load_settings, masked_url
+from .errors import RelayError, one_line
 from .store import Store, UsageRow
-from .transports.http_protocol import RelayHttpProtocol
+from .transports.http_protocol import ConnectionGuard, relay_http_protocol
 from .transports.ws_protocol import relay_websocket_protocol
 from .usage import GROUPS, parse_query, total_of, usage_rows
 
 T = TypeVar("T")
+DATABASE_URL_HELP = "sqlite:///file.db or postgresql://user@host:5432/db (DATABASE_URL)"
 
 
 def _serve_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="address to bind (HOST, default 127.0.0.1)")
     parser.add_argument("--port", help="port to bind (PORT, default 8000)")
-    parser.add_argument("--database-url", help="sqlite:///file.db or postgresql://... (DATABASE_URL)")
+    parser.add_argument("--database-url", help=DATABASE_URL_HELP)
     parser.add_argument("--model", help="default model (RELAY_MODEL)")
     parser.add_argument("--log-level", help="critical, error, warning, info or debug (RELAY_LOG_LEVEL)")
 
 
 async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
-    store = Store(settings.database_url)
+    store = Store(settings.database_url, pool_size=1)  # one command, one read at a time
     await store.connect()
     try:
         return await work(store)
@@ -47,11 +52,11 @@ def preflight(settings: Settings) -> str | None:
     no users and the address is reachable from other machines. None: start."""
 
     async def check() -> str | None:
-        where = settings.database_url.split("@")[-1]  # never print a password
+        where = masked_url(settings.database_url)
         try:
             users = await _with_store(settings, lambda store: store.active_user_count())
         except Exception as exc:
-            return f"cannot open the database {where}: {_one_line(exc)}"
+            return f"cannot open the database {where}: {one_line(exc)}"
         if settings.redis_url is not None:
             import redis.asyncio
 
@@ -59,7 +64,7 @@ def preflight(settings: Settings) -> str | None:
             try:
                 await client.ping()
             except Exception as exc:
-                return f"cannot reach Redis at {settings.redis_url.split('@')[-1]}: {_one_line(exc)}"
+                return f"cannot reach Redis at {masked_url(settings.redis_url)}: {one_line(exc)}"
             finally:
                 await client.aclose()
         if users or settings.loopback or settings.allow_anonymous:
@@ -69,10 +74,6 @@ def preflight(settings: Settings) -> str | None:
                 " without sign-in")
 
     return asyncio.run(check())
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
@@ -91,23 +92,84 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         pass  # not glibc (musl, for one): nothing to cap
 
 
+def raise_open_file_limit() -> tuple[int, int, int]:
+    """Raise the soft limit on open files to the hard limit: (soft before, soft now, hard).
+
+    Each connection is a file descriptor, and the usual soft limit (1024) is below what a few
+    hundred streams with their upstream connections take; the hard limit is what the
+    administrator allows.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return soft, soft, hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError):  # macOS caps it below an infinite hard limit
+        return soft, soft, hard
+    return soft, wanted, hard
+
+
+# Files a process holds besides its connections: listening sockets, the event loop's, Redis clients, logs.
+OWN_FILES = 64
+
+
+def open_files_needed(settings: Settings) -> tuple[int, int]:
+    """(files the settings may need open at once, the part of them that is not upstream connections).
+
+    Each upstream connection serves one answer, and its reader usually has a connection of its own (an SSE
+    response, or a WebSocket): two each. Each database connection is one or two (SQLite: the file and its WAL).
+    The offline model opens no upstream connection.
+    """
+    database = 2 * (settings.database_pool_size + 1)
+    per_upstream = 0 if settings.offline else 2
+    return per_upstream * settings.upstream_max_connections + database + OWN_FILES, database + OWN_FILES
+
+
+def check_open_file_limit(log: logging.Logger, limits: tuple[int, int, int], settings: Settings) -> None:
+    """Log the open-file limit once at start, and a warning when the hard limit cannot hold the settings."""
+    before, soft, hard = limits
+    if soft > before:
+        log.info("open files: soft limit raised from %d to %d (the hard limit)", before, soft)
+    else:
+        log.info("open files: limit %d (hard limit %d)", soft, hard)
+    needed, fixed = open_files_needed(settings)
+    if needed > soft:
+        room = max(0, (soft - fixed) // 2)
+        log.warning("open files: the limit of %d cannot hold RELAY_UPSTREAM_MAX_CONNECTIONS=%d answers, each with a"
+                    " client connection, and %d database connections (about %d files): lower"
+                    " RELAY_UPSTREAM_MAX_CONNECTIONS to %d, or raise the hard limit (ulimit -Hn, systemd LimitNOFILE=)",
+                    soft, settings.upstream_max_connections, settings.database_pool_size + 1, needed, room)
+
+
 def serve(settings: Settings) -> int:
     import uvicorn
 
     from .app import create_app
 
     limit_malloc_arenas()  # before any thread starts
+    open_files = raise_open_file_limit()
     refusal = preflight(settings)  # before logging is set up: the refusal is the one line printed
     if refusal:
         print(f"deltarelay: {refusal}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
     log = logging.getLogger("deltarelay")
+    check_open_file_limit(log, open_files, settings)
     if settings.offline:
         log.warning("no ANTHROPIC_API_KEY: answers come from the built-in offline demo model")
     log.info("deltarelay on http://%s:%d (database %s)", settings.host, settings.port,
-             settings.database_url.split("@")[-1])
+             masked_url(settings.database_url))
     app = create_app(settings)
+    guard = ConnectionGuard(
+        max_header_bytes=settings.max_header_bytes, max_headers=settings.max_headers,
+        head_timeout=settings.header_timeout_seconds, max_pending=settings.max_unauthenticated_connections,
+        write_timeout=settings.write_timeout_seconds,
+    )
+
+    grace = settings.shutdown_grace_seconds
+    # The end of the grace period is kept for the readers' last events and the sockets' closing handshakes.
+    tail = min(1.0, grace / 4)
 
     class Server(uvicorn.Server):
         draining: asyncio.Task[None] | None = None
@@ -122,14 +184,24 @@ def serve(settings: Settings) -> int:
                 return
             hub.begin_shutdown()
             log.info("shutting down: new answers are refused; %d running get up to %.0f s",
-                     len(hub.active()), settings.shutdown_grace_seconds)
+                     len(hub.active()), grace)
             self.draining = asyncio.get_running_loop().create_task(self.drain(sig, frame))
 
         async def drain(self, sig: int, frame: FrameType | None) -> None:
-            running = [stream.task for stream in app.state.hub.active() if stream.task is not None]
-            if running:
-                await asyncio.wait(running, timeout=settings.shutdown_grace_seconds)
-            super().handle_exit(sig, frame)
+            """The whole shutdown within the grace period: answers until its tail, then the readers and sockets.
+
+            What is still running at the tail is saved as interrupted, which ends its stream with an
+            `interrupted` error event; its readers get that event before uvicorn closes their connections.
+            """
+            hub = app.state.hub
+            try:
+                await hub.shutdown(grace - tail)
+                await hub.wait_for_readers(grace - (time.monotonic() - hub.shutdown_started))
+            finally:
+                # uvicorn's own wait for connections to close (and then tasks to end) gets what is left of the
+                # grace period.
+                self.config.timeout_graceful_shutdown = max(0.1, grace - (time.monotonic() - hub.shutdown_started))
+                super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
         app,
@@ -139,14 +211,16 @@ def serve(settings: Settings) -> int:
         log_config=None,  # our handler (text or JSON) formats uvicorn's lines too
         access_log=settings.access_log,
         loop="auto",  # uvloop when installed
-        http=RelayHttpProtocol,  # httptools, with a body writer for event streams
-        ws=relay_websocket_protocol(quiet=not settings.access_log and settings.log_level.lower() != "debug"),
+        http=relay_http_protocol(guard),  # httptools, with a body writer for event streams and head limits
+        ws=relay_websocket_protocol(quiet=not settings.access_log and settings.log_level.lower() != "debug",
+                                    guard=guard),
         ws_ping_interval=settings.keepalive_seconds,
         # Answers are small text frames: compression costs more CPU than it saves, and a zlib context per socket.
         ws_per_message_deflate=False,
         ws_max_size=settings.ws_max_frame_bytes,  # a bigger frame closes the socket (1009)
         lifespan="on",
-        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds)),
+        # What a second signal leaves connections to close; a drain sets it to the rest of the grace period.
+        timeout_graceful_shutdown=math.ceil(tail),
     )
     Server(config).run()
     return 0
@@ -231,13 +305,35 @@ def usage_command(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return seconds
+
+
+def _check(args: argparse.Namespace) -> int:
+    """`deltarelay check`: the settings the server would read, then each dependency; exit 0 when ready, else 1."""
+    from . import check
+
+    try:
+        settings = load_settings(host=args.host, port=args.port, database_url=args.database_url, model=args.model,
+                                 log_level=args.log_level)
+    except ConfigError as exc:
+        return check.settings_failed(str(exc), args.json)
+    return check.check_command(settings, args.timeout, args.json)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deltarelay", description="Stream model answers to browsers.")
     sub = parser.add_subparsers(dest="command")
     _serve_parser(parser)
     _serve_parser(sub.add_parser("serve", help="run the server (the default)"))
     users = sub.add_parser("users", help="add, list or revoke users and their API tokens")
-    users.add_argument("--database-url", help="sqlite:///file.db or postgresql://... (DATABASE_URL)")
+    users.add_argument("--database-url", help=DATABASE_URL_HELP)
     actions = users.add_subparsers(dest="action", required=True)
     add = actions.add_parser("add", help="add a user and print their API token once")
     add.add_argument("name")
@@ -246,13 +342,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     revoke = actions.add_parser("revoke", help="revoke a user's token and end their sessions")
     revoke.add_argument("name")
     report = sub.add_parser("usage", help="tokens and exact costs per day, model, agent or user")
-    report.add_argument("--database-url", help="sqlite:///file.db or postgresql://... (DATABASE_URL)")
+    report.add_argument("--database-url", help=DATABASE_URL_HELP)
     report.add_argument("--from", dest="date_from", help="first UTC day, YYYY-MM-DD (default: 29 days before --to)")
     report.add_argument("--to", dest="date_to", help="last UTC day, YYYY-MM-DD (default: today)")
     report.add_argument("--group-by", choices=GROUPS, default="day")
     report.add_argument("--user", help="one user's usage (default: everyone's)")
     report.add_argument("--csv", action="store_true", help="CSV on standard output")
+    check = sub.add_parser("check", help="check the settings, database, Redis and upstream before traffic")
+    _serve_parser(check)
+    check.add_argument("--timeout", type=_positive_seconds, default=5.0,
+                       help="seconds each check may take (default 5)")
+    check.add_argument("--json", action="store_true", help="the report as JSON")
     args = parser.parse_args(argv)
+    if args.command == "check":
+        return _check(args)
     try:
         if args.command == "users":
             return users_command(args, load_settings(database_url=args.database_url))

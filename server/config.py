@@ -15,6 +15,11 @@ from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+import httpx
+
+from .upstream.proxies import ProxyConfigError, ProxyEnvironment
 
 OFFLINE_MODEL = "deltarelay-offline"
 DEFAULT_BASE_URL = "https://api.anthropic.com"
@@ -49,6 +54,7 @@ class Settings:
     # httpx's default pool holds 100 connections and would queue the 101st stream.
     upstream_max_connections: int = 4096
     sqlite_group_commit_ms: float = 5.0  # under load, SQLite writes wait this long to share a transaction
+    database_pool_size: int = 10  # connections for reads (SQLite: opened at start; PostgreSQL: the pool, + 1)
     upstream_transport: str = "http1"  # "http1" (built in, least CPU), "aiohttp" (httpx-aiohttp) or "httpx"
     connect_timeout: float = 10.0
     first_event_timeout: float = 60.0
@@ -65,6 +71,11 @@ class Settings:
     retry_base_delay: float = 0.5
     retry_max_wait: float = 10.0
     shutdown_grace_seconds: float = 20.0
+    # While the database cannot take writes: an answer's end waits this long for its save, then ends with a
+    # retryable `storage_unavailable` error while the save is retried for up to save_retry_seconds.
+    save_wait_seconds: float = 10.0
+    save_retry_seconds: float = 600.0
+    partial_save_seconds: float = 3.0  # a running answer's text so far is saved this often (0: never)
     log_level: str = "info"
     log_format: str = "text"  # "text" for people, "json" for one JSON object a line
     access_log: bool = False  # one line per request; streams get their own start/end lines
@@ -75,6 +86,12 @@ class Settings:
     auth_cache_seconds: float = 5.0  # how long a checked token or session is trusted before asking the database
     ws_max_frame_bytes: int = 256 * 1024
     ws_max_streams: int = 16  # streams one socket may follow at once
+    # Connections before they are anyone's (issue 14): what a request head may hold and how long it may take.
+    max_header_bytes: int = 32 * 1024  # request line and headers together; more is a 431
+    max_headers: int = 100
+    header_timeout_seconds: float = 15.0  # from the connection (or the request's first byte) to a whole head
+    max_unauthenticated_connections: int = 256  # past it the oldest is closed; 0: no limit
+    write_timeout_seconds: float = 30.0  # a peer that reads nothing this long while writes wait is closed
     # Per-user limits; 0 turns one off.
     limit_requests_per_minute: int = 600
     limit_concurrent_streams: int = 32
@@ -86,6 +103,8 @@ class Settings:
     redis_prefix: str = "deltarelay"  # the start of every Redis key: deployments sharing a Redis stay apart
     instance_lease_seconds: float = 3.0  # an instance silent this long is dead: its answers end as interrupted
     agents: tuple[Agent, ...] = field(default=())
+    # HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY (either case), as httpx reads them; none unless loaded.
+    proxies: ProxyEnvironment = field(default_factory=ProxyEnvironment)
 
     @property
     def offline(self) -> bool:
@@ -149,6 +168,7 @@ ENV_NAMES: dict[str, str] = {
     "upstream_max_connections": "RELAY_UPSTREAM_MAX_CONNECTIONS",
     "upstream_transport": "RELAY_UPSTREAM_TRANSPORT",
     "sqlite_group_commit_ms": "RELAY_SQLITE_GROUP_COMMIT_MS",
+    "database_pool_size": "RELAY_DATABASE_POOL_SIZE",
     "connect_timeout": "RELAY_CONNECT_TIMEOUT",
     "first_event_timeout": "RELAY_FIRST_EVENT_TIMEOUT",
     "idle_timeout": "RELAY_IDLE_TIMEOUT",
@@ -164,6 +184,9 @@ ENV_NAMES: dict[str, str] = {
     "retry_base_delay": "RELAY_RETRY_BASE_DELAY",
     "retry_max_wait": "RELAY_RETRY_MAX_WAIT",
     "shutdown_grace_seconds": "RELAY_SHUTDOWN_GRACE_SECONDS",
+    "save_wait_seconds": "RELAY_SAVE_WAIT_SECONDS",
+    "save_retry_seconds": "RELAY_SAVE_RETRY_SECONDS",
+    "partial_save_seconds": "RELAY_PARTIAL_SAVE_SECONDS",
     "log_level": "RELAY_LOG_LEVEL",
     "log_format": "RELAY_LOG_FORMAT",
     "access_log": "RELAY_ACCESS_LOG",
@@ -173,6 +196,11 @@ ENV_NAMES: dict[str, str] = {
     "auth_cache_seconds": "RELAY_AUTH_CACHE_SECONDS",
     "ws_max_frame_bytes": "RELAY_WS_MAX_FRAME_BYTES",
     "ws_max_streams": "RELAY_WS_MAX_STREAMS",
+    "max_header_bytes": "RELAY_MAX_HEADER_BYTES",
+    "max_headers": "RELAY_MAX_HEADERS",
+    "header_timeout_seconds": "RELAY_HEADER_TIMEOUT_SECONDS",
+    "max_unauthenticated_connections": "RELAY_MAX_UNAUTHENTICATED_CONNECTIONS",
+    "write_timeout_seconds": "RELAY_WRITE_TIMEOUT_SECONDS",
     "limit_requests_per_minute": "RELAY_LIMIT_REQUESTS_PER_MINUTE",
     "limit_concurrent_streams": "RELAY_LIMIT_CONCURRENT_STREAMS",
     "limit_connections": "RELAY_LIMIT_CONNECTIONS",
@@ -187,12 +215,15 @@ _POSITIVE = {
     "port", "max_tokens", "max_message_bytes", "upstream_max_connections", "connect_timeout",
     "first_event_timeout", "idle_timeout", "stream_log_events", "subscriber_queue_events", "keepalive_seconds",
     "stream_retention_max", "session_hours", "ws_max_frame_bytes", "ws_max_streams", "max_history_messages",
-    "instance_lease_seconds",
+    "instance_lease_seconds", "database_pool_size",
+    "max_header_bytes", "max_headers", "header_timeout_seconds", "write_timeout_seconds",
 }
 _NON_NEGATIVE = {
     "offline_delay_ms", "offline_words", "stream_retention_seconds", "retry_attempts", "retry_base_delay",
-    "retry_max_wait", "shutdown_grace_seconds", "auth_cache_seconds", "limit_requests_per_minute",
+    "retry_max_wait", "shutdown_grace_seconds", "auth_cache_seconds", "save_wait_seconds", "save_retry_seconds",
+    "partial_save_seconds", "limit_requests_per_minute",
     "limit_concurrent_streams", "limit_connections", "sqlite_group_commit_ms",
+    "max_unauthenticated_connections",
 }
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -243,6 +274,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         if raw is None or raw == "":
             continue
         values[f.name] = _convert(f.name, f.type, raw)
+    values["proxies"] = ProxyEnvironment.from_environ(environ)
     for name, value in overrides.items():
         if value is None:
             continue
@@ -251,19 +283,113 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
             value = _convert(name, kind, value)
         values[name] = value
     settings = Settings(**values)
+    settings = replace(settings, database_url=database_url(settings.database_url))
     _validate(settings)
     return settings.with_agents()
 
 
+SQLITE_SCHEMES = ("sqlite", "sqlite+aiosqlite")
+POSTGRESQL_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_ACCEPTED = ("DATABASE_URL must start with sqlite:// or postgresql:// (sqlite+aiosqlite://, postgres:// and"
+             " postgresql+asyncpg:// mean the same)")
+
+
+def database_url(url: str) -> str:
+    """The one form of a DATABASE_URL: `sqlite:///FILE` or `postgresql://USER:PASSWORD@HOST:PORT/DB?sslmode=MODE`.
+
+    `sqlite+aiosqlite://` means `sqlite://`; `postgres://` and `postgresql+asyncpg://` mean `postgresql://`.
+    A PostgreSQL URL may carry `sslmode` (libpq's modes; asyncpg's default is prefer), `min_size` and
+    `max_size` (the read pool); the databases library's `ssl=true|false|MODE` becomes
+    `sslmode=verify-full|disable|MODE`, which is what asyncpg makes of it.
+
+    Raises:
+        ConfigError: another database or driver, a SQLite URL naming a host, no file or an in-memory
+            database, or a parameter the drivers would ignore. The message never holds the password.
+    """
+    scheme, separator, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not separator or scheme not in SQLITE_SCHEMES + POSTGRESQL_SCHEMES:
+        raise ConfigError(f"{_ACCEPTED}, got {url.split(':')[0]!r}")
+    if scheme in SQLITE_SCHEMES:
+        return "sqlite://" + _sqlite_rest(rest)
+    return _postgresql_url(url)
+
+
+def _sqlite_rest(rest: str) -> str:
+    if not rest.startswith("/"):
+        raise ConfigError("DATABASE_URL for SQLite is sqlite:///relative.db or sqlite:////absolute.db:"
+                          " three slashes, then the file")
+    if "?" in rest or "#" in rest:
+        raise ConfigError("DATABASE_URL for SQLite takes no parameters: write ? and # in a file name as %3F and %23")
+    file = unquote(rest[1:])
+    if not file or file == ":memory:":
+        raise ConfigError("DATABASE_URL for SQLite must name a file (an in-memory database would not be shared"
+                          " by the writer and the readers)")
+    return rest
+
+
+def _postgresql_url(url: str) -> str:
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ConfigError("DATABASE_URL has a port that is not a number") from None
+    if parts.fragment:
+        raise ConfigError("DATABASE_URL has a '#': write it as %23 (in a password, say)")
+    options: dict[str, str] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in options or (name in ("ssl", "sslmode") and "sslmode" in options):
+            raise ConfigError(f"DATABASE_URL gives {name} twice (ssl and sslmode are one setting)")
+        if name == "ssl":
+            name, value = "sslmode", {"true": "verify-full", "false": "disable"}.get(value.lower(), value)
+        if name == "sslmode":
+            if value not in SSL_MODES:
+                raise ConfigError(f"DATABASE_URL sslmode must be one of {', '.join(SSL_MODES)}, got {value!r}")
+        elif name in ("min_size", "max_size"):
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"DATABASE_URL {name} must be a whole number above 0, got {value!r}")
+        else:
+            raise ConfigError(f"DATABASE_URL parameter {name!r} is not supported: PostgreSQL URLs take sslmode,"
+                              " min_size and max_size")
+        options[name] = value
+    query = urlencode(sorted(options.items(), key=lambda item: ("sslmode", "min_size", "max_size").index(item[0])))
+    return urlunsplit(("postgresql", parts.netloc, parts.path, query, ""))
+
+
+def masked_url(url: str) -> str:
+    """`url` fit to print: the password in it, and any parameter named like one, become ***.
+
+    Everything up to the last `@` is taken for the user and password, so a password holding `/`, `?` or `#`
+    is masked too.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return url
+    at = rest.rfind("@")
+    if at >= 0:
+        user, colon, _ = rest[:at].partition(":")
+        rest = (f"{user}:***" if colon else user) + rest[at:]
+    address, question, query = rest.partition("?")
+    if question:
+        pairs = [(name, "***" if "password" in name.lower() else value)
+                 for name, value in parse_qsl(query, keep_blank_values=True)]
+        rest = address + "?" + urlencode(pairs, safe="*")
+    return f"{scheme}://{rest}"
+
+
 def _validate(settings: Settings) -> None:
-    if not settings.database_url.startswith(("sqlite:", "postgresql:", "postgres:")):
-        raise ConfigError(
-            f"DATABASE_URL must start with sqlite:// or postgresql://, got {settings.database_url.split(':')[0]!r}"
-        )
     if not settings.anthropic_base_url.startswith(("http://", "https://")):
         raise ConfigError("ANTHROPIC_BASE_URL must be an http:// or https:// URL")
     if settings.upstream_transport not in ("http1", "aiohttp", "httpx"):
         raise ConfigError("RELAY_UPSTREAM_TRANSPORT must be http1, aiohttp or httpx")
+    if not settings.offline:
+        try:
+            settings.proxies.proxy_for(httpx.URL(settings.anthropic_base_url))
+        except ProxyConfigError as exc:
+            raise ConfigError(str(exc)) from None
+        except httpx.InvalidURL:
+            raise ConfigError("ANTHROPIC_BASE_URL is not a valid URL") from None
     if settings.budget_per_day is not None:
         try:
             budget = Decimal(settings.budget_per_day)

@@ -13,24 +13,25 @@ import random
 import time
 from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from typing import Any, Protocol
 
 import orjson
 from starlette.types import Scope
 
 from .auth import ANONYMOUS, Authenticator, User
-from .config import Settings
-from .errors import NotFoundError, ProtocolError, RelayError, UpstreamError
-from .events import Cost, Done, Error, Start, error_event
+from .config import Agent, Settings
+from .errors import NotFoundError, ProtocolError, RelayError, StorageUnavailableError, UpstreamError
+from .events import Cost, Done, Error, RelayEvent, Start, error_event
 from .hub import LiveStream, Orphan, StreamHub, Subscriber
-from .limits import Limits
+from .limits import Limits, Reservation
 from .logs import fields
 from .metrics import Metrics
 from .pricing import Usage, cost_of
 from .protocol.anthropic import ReplyState, TextParts, estimate_tokens, redact
 from .protocol.frames import SendMessage
 from .protocol.sse import SSEEvent
-from .store import Reply, Status, Store, new_id
+from .store import FinishedElsewhereError, Reply, Status, Store, new_id, now
 from .upstream.anthropic import UpstreamRequest
 
 log = logging.getLogger("deltarelay.core")
@@ -87,6 +88,7 @@ class Relay:
         self.metrics.count_chunks_of_running(self._running_chunks)
         self.limits.on_refusal = lambda limit: self.metrics.refused.labels(limit).inc()
         self.retry = RetryPolicy(settings.retry_attempts, settings.retry_base_delay, settings.retry_max_wait)
+        self.save = SavePolicy(settings.save_wait_seconds, settings.save_retry_seconds)
 
     async def admit(self, scope: Scope) -> User:
         """The user behind a request, counted against their requests per minute.
@@ -114,9 +116,11 @@ class Relay:
         if agent is None:
             raise NotFoundError(f"agent {command.agent_id} not found")
         self.limits.take_stream(user)
+        reservation: Reservation | None = None
         try:
-            await self.limits.check_budget(user)
             stream_id = new_id()
+            if self.limits.budgeted:
+                reservation = await self.limits.reserve(user, stream_id, await self._worst_case(agent, command, user))
             turn = await self.store.begin_turn(
                 conversation_id=command.conversation_id,
                 agent_id=agent.id,
@@ -130,6 +134,7 @@ class Relay:
             )
         except BaseException:
             self.limits.give_stream(user)
+            self.limits.release(reservation)
             raise
         request = UpstreamRequest(model=agent.model, max_tokens=agent.max_tokens, messages=turn.history,
                                   system=agent.system)
@@ -138,7 +143,9 @@ class Relay:
         stream = self.hub.create(stream_id, turn.conversation_id, turn.assistant_message_id, agent.model)
         outcome = Outcome()
         self.hub.run(stream, self._observed(user, job, outcome,
-                                            run_stream(job, self.upstream, self.store, stream, self.retry, outcome)))
+                                            run_stream(job, self.upstream, self.store, stream, self.retry, outcome,
+                                                       self.save),
+                                            reservation))
         self.metrics.started.inc()
         self.metrics.generating.inc()
         log.info("stream started", extra=fields(
@@ -146,15 +153,25 @@ class Relay:
             agent=agent.id, model=agent.model, traceSessionId=job.trace_session_id, taskTraceId=stream_id))
         return stream
 
-    async def _observed(self, user: User, job: Job, outcome: Outcome, work: Coroutine[Any, Any, Outcome]) -> None:
-        """Run a stream under the user's limits (one concurrent-stream slot; its cost counts today), then
-        count it in the metrics and log its end."""
+    async def _worst_case(self, agent: Agent, command: SendMessage, user: User) -> Decimal | None:
+        """The most an answer can cost: max_tokens at the output price, and its input (the system prompt, the
+        conversation so far and the message) at one token per 4 UTF-8 bytes, as for a cancelled answer's
+        output. None: the model has no price."""
+        size = len(agent.system.encode()) + len(command.message.encode())
+        if command.conversation_id is not None:
+            size += await self.store.history_bytes(command.conversation_id, user.id)
+        return cost_of(Usage(input_tokens=estimate_tokens(size), output_tokens=agent.max_tokens), agent.model)
+
+    async def _observed(self, user: User, job: Job, outcome: Outcome, work: Coroutine[Any, Any, Outcome],
+                        reservation: Reservation | None = None) -> None:
+        """Run a stream under the user's limits (one concurrent-stream slot; its worst case held in the budget
+        until it is saved, then its cost), then count it in the metrics and log its end."""
         try:
             await work
         finally:
             self.limits.give_stream(user)
+            self.limits.settle(reservation, outcome.cost.total_cost if outcome.cost is not None else None)
             self.metrics.generating.dec()
-        self.limits.record_cost(user, outcome.cost.total_cost if outcome.cost else None)
         self._report(user, job, outcome)
 
     def _report(self, user: User, job: Job, outcome: Outcome) -> None:
@@ -188,6 +205,42 @@ class Relay:
             timeToFirstTokenMs=round(first_token * 1000, 1) if first_token is not None else None,
             durationMs=round(duration * 1000, 1), traceSessionId=job.trace_session_id, taskTraceId=job.stream_id))
 
+    async def save_progress(self) -> None:
+        """Every `partial_save_seconds`, save the text and usage so far of each running answer that changed
+        since (a timer, never a write per chunk), so that after a crash its row holds what came until then.
+
+        Runs until cancelled; a database that cannot take the writes is tried again at the next tick.
+        """
+        interval = self.settings.partial_save_seconds
+        if not interval:
+            return
+        saved: dict[str, int] = {}  # stream id -> its last event id at its last partial save
+        while True:
+            await asyncio.sleep(interval)
+            marks: dict[str, int] = {}
+            due: list[LiveStream] = []
+            for stream in self.hub.active():
+                reply = stream.reply
+                if reply is None or not stream.running or stream.finalizing or stream.message_id is None:
+                    continue
+                marks[stream.id] = stream.last_id
+                if saved.get(stream.id) != stream.last_id and (reply.has_content or reply.usage.input_tokens):
+                    due.append(stream)
+            # A batch at a time, each built just before its write: the loop runs other work in between.
+            for first in range(0, len(due), PROGRESS_BATCH):
+                part: list[tuple[str, str, Reply]] = []
+                for stream in due[first:first + PROGRESS_BATCH]:
+                    if stream.reply is not None and stream.message_id is not None and not stream.finalizing:
+                        part.append((stream.id, stream.message_id, _partial(stream.reply)))
+                try:
+                    await self.store.save_progress([(message_id, reply) for _, message_id, reply in part])
+                except StorageUnavailableError:
+                    for stream_id, _, _ in part:
+                        marks.pop(stream_id, None)  # not saved: try again next time
+                except Exception:
+                    log.exception("could not save the progress of %d answers", len(part))
+            saved = marks
+
     def _running_chunks(self) -> int:
         return sum(stream.reply.chunk_count for stream in self.hub.active() if stream.reply is not None)
 
@@ -213,6 +266,29 @@ class Relay:
         except NotFoundError as exc:
             exc.code = "not_found"
             raise
+
+
+# Partial saves are written this many answers to a transaction, so other writes (stream starts) pass between.
+PROGRESS_BATCH = 50
+
+
+@dataclass(frozen=True, slots=True)
+class SavePolicy:
+    """How an answer's save outlasts a database that cannot take writes (down, restarting, disk full).
+
+    The stream's `done` waits for the save up to `wait_seconds` after its first failed attempt: `done`
+    always means saved, and a short outage (a PostgreSQL restart takes seconds) passes unseen. Past it the
+    stream ends with a retryable `storage_unavailable` error instead, and the save goes on being retried with
+    backoff (first_delay, doubling to max_delay) until `retry_seconds` after the answer ended; past that it is
+    given up (logged): the row keeps its last partial save and the next start marks it `interrupted`. The
+    answers waiting so are at most those that were running (a new one cannot start without a write), and
+    each keeps its user's concurrent-stream slot until its save ends.
+    """
+
+    wait_seconds: float = 10.0
+    retry_seconds: float = 600.0
+    first_delay: float = 0.05
+    max_delay: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,10 +326,16 @@ async def resume(relay: Relay, stream_id: str, after: int, keepalive: bool = Fal
 
 
 async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStream,
-                     retry: RetryPolicy | None = None, outcome: Outcome | None = None) -> Outcome:
-    """Relay one answer into `stream`'s log and save it exactly once, however it ends; how it went."""
+                     retry: RetryPolicy | None = None, outcome: Outcome | None = None,
+                     save: SavePolicy | None = None) -> Outcome:
+    """Relay one answer into `stream`'s log and save it exactly once, however it ends; how it went.
+
+    The stream ends with `done` (or the answer's own `error`) only once the answer is saved; see SavePolicy
+    for a database that cannot take it yet.
+    """
     retry = retry or RetryPolicy()
     outcome = outcome or Outcome()
+    save = save or SavePolicy()
     stream.running = True
     stream.append(Start(job.stream_id, job.conversation_id, job.request.model))
     stream.reply = ReplyState(job.request.model)
@@ -301,21 +383,42 @@ async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStr
     cost = reply.cost_event(estimated=not finished)
     if not finished and reply.has_content:
         stream.append(cost)
-    saved = await _save(store, job, reply, status, cost, failure)
-    message_id = job.message_id if saved else None
-    if status is Status.COMPLETE:
-        stream.append(Done(job.conversation_id, message_id, reply.stop_reason))
-    elif status is Status.CANCELLED:
-        stream.append(Done(job.conversation_id, message_id, "cancelled"))
-    elif status is Status.INTERRUPTED:
-        stream.append(Error("interrupted", "the server stopped before the answer was finished", True,
-                            message_id=message_id))
-    else:
-        assert failure is not None
-        stream.append(replace(error_event(failure), message_id=message_id))
+    failing: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # set at its first failure
+    saving = asyncio.ensure_future(_save(store, job, _record(reply, status, cost, failure), save, failing))
+    await _wait(saving, None, failing)
+    told = False
+    if not await _wait(saving, save.wait_seconds):
+        # The database cannot take the answer yet: say so rather than `done`, and keep trying to save it.
+        stream.append(Error("storage_unavailable", "the database cannot take writes now: this answer is kept and"
+                            " saved when it can", True, retry_after=1.0, message_id=job.message_id))
+        told = True
+        outcome.error_code = "storage_unavailable"
+        await _wait(saving, None)
+    problem = saving.exception()
+    message_id: str | None = job.message_id
+    if isinstance(problem, FinishedElsewhereError):
+        log.error("stream %s: its message %s was already finished elsewhere (marked interrupted by another"
+                  " process?): this answer is not saved", job.stream_id, job.message_id)
+        status = Status.INTERRUPTED
+        failure = RelayError("this answer was ended as interrupted elsewhere before it could be saved",
+                             code="interrupted", retryable=True)
+    elif isinstance(problem, StorageUnavailableError):
+        log.error("stream %s: gave up saving message %s; its row keeps the text of its last partial save and"
+                  " is marked interrupted at the next start", job.stream_id, job.message_id)
+        failure = RelayError("the database could not take this answer", code="storage_unavailable",
+                             retryable=True, status=503)
+    elif problem is not None:
+        log.error("could not save message %s of stream %s", job.message_id, job.stream_id, exc_info=problem)
+        failure, message_id = RelayError("internal error while saving the answer"), None
+    elif told:
+        log.warning("stream %s: message %s is saved after all", job.stream_id, job.message_id)
+    if not told:
+        stream.append(_ending(job, status, failure if problem is not None or status is Status.ERROR else None,
+                              reply, message_id))
     outcome.status = status
     outcome.cost = cost
-    outcome.error_code = failure.code if failure is not None else None
+    if outcome.error_code is None:
+        outcome.error_code = failure.code if failure is not None else None
     outcome.chunks = reply.chunk_count
     outcome.finished_at = time.monotonic()
     return outcome
@@ -345,7 +448,11 @@ async def save_orphan(store: Store, orphan: Orphan) -> bool:
         cache_creation_input_tokens=usage.cache_creation_input_tokens,
         cache_read_input_tokens=usage.cache_read_input_tokens, cost=cost_of(usage, model), cost_estimated=True,
     )
-    return await store.save_reply(orphan.message_id, record)
+    try:
+        await store.save_reply(orphan.message_id, record)
+    except FinishedElsewhereError:
+        return False
+    return True
 
 
 async def _relay_attempt(job: Job, upstream: Upstream, stream: LiveStream, reply: ReplyState,
@@ -366,10 +473,20 @@ async def _relay_attempt(job: Job, upstream: Upstream, stream: LiveStream, reply
 
 
 
-async def _save(store: Store, job: Job, reply: ReplyState, status: Status, cost: Cost,
-                failure: RelayError | None) -> bool:
+def _ending(job: Job, status: Status, failure: RelayError | None, reply: ReplyState,
+            message_id: str | None) -> RelayEvent:
+    """The stream's last event: `done`, or the `error` that ended it."""
+    if failure is not None:
+        return replace(error_event(failure), message_id=message_id)
+    if status is Status.INTERRUPTED:
+        return Error("interrupted", "the server stopped before the answer was finished", True, message_id=message_id)
+    return Done(job.conversation_id, message_id, "cancelled" if status is Status.CANCELLED else reply.stop_reason)
+
+
+def _record(reply: ReplyState, status: Status, cost: Cost, failure: RelayError | None) -> Reply:
+    """What is saved of an answer that ended with `status`."""
     usage = reply.usage
-    record = Reply(
+    return Reply(
         content=reply.text,
         thinking=reply.thinking,
         model=reply.model,
@@ -382,23 +499,64 @@ async def _save(store: Store, job: Job, reply: ReplyState, status: Status, cost:
         cost=cost.total_cost,
         cost_estimated=cost.estimated,
         error_code=failure.code if failure is not None else None,
+        finished_at=now(),
     )
-    saving = asyncio.ensure_future(store.save_reply(job.message_id, record))
+
+
+def _partial(reply: ReplyState) -> Reply:
+    """What is saved of an answer still being written: its text so far, costed as a cancel now would be."""
+    cost = reply.cost_event(estimated=True)
+    return Reply(
+        content=reply.text, thinking=reply.thinking, model=reply.model, status=Status.STREAMING, stop_reason=None,
+        input_tokens=cost.input_tokens, output_tokens=cost.output_tokens,
+        cache_creation_input_tokens=cost.cache_creation_input_tokens,
+        cache_read_input_tokens=cost.cache_read_input_tokens, cost=cost.total_cost, cost_estimated=cost.estimated,
+    )
+
+
+async def _save(store: Store, job: Job, record: Reply, policy: SavePolicy,
+                failing: asyncio.Future[None] | None = None) -> None:
+    """Save the answer, retrying with backoff while the database cannot take writes (see SavePolicy);
+    `failing` is set when the first attempt fails so.
+
+    Raises:
+        FinishedElsewhereError: the message was finished by someone else; nothing is written.
+        StorageUnavailableError: the database still could not take it when the retries ran out.
+    """
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + max(policy.retry_seconds, policy.wait_seconds)
+    delay = policy.first_delay
     while True:
         try:
-            # Shielded, and waited for even if cancelled: the answer is saved and the stream ended, always.
-            await asyncio.shield(saving)
-            return True
+            await store.save_reply(job.message_id, record)
+            return
+        except StorageUnavailableError:
+            if failing is not None and not failing.done():
+                failing.set_result(None)
+            if loop.time() + delay > give_up:
+                raise
+            if delay == policy.first_delay:
+                log.warning("stream %s: the database cannot take its answer yet; retrying for up to %.0f s",
+                            job.stream_id, give_up - loop.time())
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, policy.max_delay)
+
+
+async def _wait(saving: asyncio.Future[None], seconds: float | None, until: asyncio.Future[None] | None = None
+                ) -> bool:
+    """Wait for `saving` for up to `seconds` (None: no limit) or until `until` is done, through cancellations:
+    the answer is saved and its stream ended, always. Whether `saving` ended."""
+    loop = asyncio.get_running_loop()
+    deadline = None if seconds is None else loop.time() + seconds
+    waiting = [saving] if until is None else [saving, until]
+    while not saving.done() and (until is None or not until.done()):
+        left = None if deadline is None else deadline - loop.time()
+        if left is not None and left <= 0:
+            return False
+        try:
+            await asyncio.wait(waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            if not saving.done():
-                continue
-            if saving.cancelled() or saving.exception() is not None:
-                log.error("could not save message %s of stream %s", job.message_id, job.stream_id)
-                return False
-            return True
-        except Exception:
-            log.exception("could not save message %s of stream %s", job.message_id, job.stream_id)
-            return False
+    return saving.done()

@@ -12,6 +12,7 @@
       UpstreamError            the model's API failed (auth, rate_limited, overloaded...)
         UpstreamTimeoutError   connect, first-event or idle timeout
       ProtocolError            the upstream stream is malformed
+      StorageUnavailableError  503, the database cannot take writes now (down, restarting, disk full)
 
 A transport turns a RelayError into a 4xx JSON body or an `error` event; no other
 exception reaches a user. Messages never contain keys or tokens.
@@ -120,3 +121,16 @@ class UpstreamTimeoutError(UpstreamError):
 class ProtocolError(UpstreamError):
     code = "protocol_error"
     retryable = False
+
+
+def one_line(exc: BaseException) -> str:
+    """Any exception as one short line for an operator (its type and message, whitespace folded)."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+
+
+class StorageUnavailableError(RelayError):
+    """The database cannot be reached or cannot take writes (restarting, disk full): try again shortly."""
+
+    code = "storage_unavailable"
+    status = 503
+    retryable = True

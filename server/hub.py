@@ -19,6 +19,7 @@ import asyncio
 import logging
 import time
 import uuid
+import weakref
 from array import array
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
@@ -75,7 +76,7 @@ class Subscriber:
     """
 
     __slots__ = ("stream", "limit", "pending", "cursor", "paging", "closed", "dropped", "active", "keepalive_due",
-                 "on_detach", "deliver", "_waiter")
+                 "on_detach", "deliver", "_waiter", "__weakref__")
 
     def __init__(self, stream: LiveStream, after: int, limit: int) -> None:
         self.stream = stream
@@ -465,6 +466,10 @@ class StreamHub:
         # Readers that want keepalives: one sweep per interval for all of them, no timer per reader.
         self.keepalive_targets: set[KeepaliveTarget] = set()
         self._keepalive_task: asyncio.Task[None] | None = None
+        # Every reader not yet detached (weak: one whose task never ran is not kept), so that a shutdown can
+        # wait for the readers of the streams it ended to get their last event.
+        self.readers: weakref.WeakSet[Subscriber] = weakref.WeakSet()
+        self._awaited: tuple[set[Subscriber], asyncio.Future[None]] | None = None
 
     def start(self) -> None:
         self._keepalive_task = asyncio.create_task(self._keepalive_loop(), name="keepalive")
@@ -540,8 +545,36 @@ class StreamHub:
         subscriber = self.get(stream_id).subscribe(after, self.queue_limit)
         if keepalive and not subscriber.closed:
             self.keepalive_targets.add(subscriber)
-            subscriber.on_detach = self.keepalive_targets.discard
+        self.readers.add(subscriber)
+        subscriber.on_detach = self._detached
         return subscriber
+
+    def _detached(self, subscriber: Subscriber) -> None:
+        self.keepalive_targets.discard(subscriber)
+        self.readers.discard(subscriber)
+        awaited = self._awaited
+        if awaited is not None and subscriber in awaited[0]:
+            awaited[0].discard(subscriber)
+            if not awaited[0] and not awaited[1].done():
+                awaited[1].set_result(None)
+
+    async def wait_for_readers(self, seconds: float) -> bool:
+        """Wait, at most `seconds`, until every reader of a finished stream has had its last event and let go.
+
+        Readers of streams still running (another instance's, with Redis) are not waited for. True: none left.
+        """
+        waiting = {reader for reader in self.readers if reader.stream.finished}
+        if not waiting:
+            return True
+        self._awaited = (waiting, asyncio.get_running_loop().create_future())
+        try:
+            async with asyncio.timeout(max(seconds, 0.0)):
+                await self._awaited[1]
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._awaited = None
 
     async def resume(self, stream_id: str, after: int = 0, keepalive: bool = False) -> Subscriber:
         """Read any stream from after event `after` (here: only this process's streams).

@@ -2,8 +2,9 @@
 
 Each refusal is a LimitError (429) or BudgetError (402) whose `limit` names the rule and
 whose retry_after says when trying again can succeed. Counts live in this process: with
-several instances each one applies them on its own, except the budget, which is read
-from the recorded costs in the database.
+several instances each one applies them on its own, except the budget: the recorded
+costs are in the database, and what running answers may still cost is in the ledger
+(budget.py), which instances share through Redis.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from .auth import User
+from .budget import NANO, Ledger, LocalLedger, dollars, nanos
 from .config import Settings
 from .errors import BudgetError, LimitError
+from .flight import SingleFlight
 from .store import Store
 
-# How long a user's spend read from the database is reused; answers finished here are added at once.
+# How long a user's spend read from the database is reused (the ledger holds what was saved since).
 _SPENT_CACHE_SECONDS = 10.0
 
 
@@ -34,14 +37,33 @@ class _Bucket:
     updated: float
 
 
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """An answer's worst case, held in the ledger from its start until it is saved."""
+
+    user: str
+    answer: str
+    amount: int  # nano-dollars
+
+
+@dataclass(frozen=True, slots=True)
+class _Spent:
+    day: str  # UTC
+    fetched: float  # time.monotonic()
+    since: int  # the ledger's clock just before the read
+    dollars: Decimal
+
+
 class Limits:
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, ledger: Ledger | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.ledger: Ledger = ledger or LocalLedger()
         self._buckets: dict[str, _Bucket] = {}
         self._streams: dict[str, int] = {}
         self._connections: dict[str, int] = {}
-        self._spent: dict[str, tuple[str, float, Decimal]] = {}  # user -> (UTC day, read at, dollars)
+        self._spent: dict[str, _Spent] = {}
+        self._spent_reads: SingleFlight[str, _Spent] = SingleFlight()
         self.on_refusal: Callable[[str], None] = lambda limit: None  # metrics count refusals by limit
 
     def _refuse(self, error: LimitError | BudgetError) -> LimitError | BudgetError:
@@ -100,37 +122,83 @@ class Limits:
     def streams_of(self, user: User) -> int:
         return self._streams.get(_key(user), 0)
 
-    # --- the daily budget, from the costs recorded in the database ---
+    # --- the daily budget: costs recorded in the database, worst cases of running answers in the ledger ---
 
-    async def check_budget(self, user: User) -> None:
+    @property
+    def budgeted(self) -> bool:
+        return self.settings.daily_budget is not None
+
+    async def reserve(self, user: User, answer: str, worst_case: Decimal | None) -> Reservation | None:
+        """Admit an answer under the user's daily budget and hold its worst case until settle() or release().
+
+        Admitted while the user's spend today (the recorded costs, read from the database at most
+        _SPENT_CACHE_SECONDS ago) plus what the ledger holds (the worst cases of their running answers, and
+        the costs of answers saved since that read) is below the budget. Each answer admitted that way can
+        take the day over the budget by at most its own worst case, so the day ends below the budget plus
+        the worst case of the last answer admitted. None: no budget is set.
+
+        Raises:
+            BudgetError: the budget is spent (retry at 00:00 UTC) or held by running answers (retry soon).
+        """
         budget = self.settings.daily_budget
         if budget is None:
-            return
+            return None
         spent = await self.spent_today(user)
-        if spent >= budget:
-            tomorrow = (datetime.now(UTC) + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-            wait = math.ceil((tomorrow - datetime.now(UTC)).total_seconds())
-            raise self._refuse(BudgetError(
-                f"today's budget of ${format(budget, 'f')} is spent (${format(spent, 'f')}); it renews at 00:00 UTC",
-                retry_after=wait, details={"limit": "budget_per_day", "spent": format(spent, "f"),
-                                           "budget": format(budget, "f")}))
+        if spent.dollars >= budget:
+            raise self._spent_error(budget, spent.dollars)
+        amount = nanos(worst_case) if worst_case else 0
+        room = math.ceil((budget - spent.dollars) / NANO)
+        admitted, running, settled = await self.ledger.reserve(_key(user), answer, amount, room, spent.since)
+        if admitted:
+            return Reservation(_key(user), answer, amount)
+        total = (spent.dollars + dollars(settled)).normalize()
+        if total >= budget:
+            raise self._spent_error(budget, total)
+        raise self._refuse(BudgetError(
+            f"today's budget of ${format(budget, 'f')} is taken: ${format(total, 'f')} spent and"
+            f" ${format(dollars(running).normalize(), 'f')} held by answers still running; try again when they end",
+            retry_after=1.0, details={"limit": "budget_per_day", "spent": format(total, "f"),
+                                      "reserved": format(dollars(running).normalize(), "f"),
+                                      "budget": format(budget, "f")}))
 
-    async def spent_today(self, user: User) -> Decimal:
+    def settle(self, reservation: Reservation | None, cost: Decimal | None) -> None:
+        """The answer is saved: its entry holds its recorded cost now (None: unknown, the worst case stays)."""
+        if reservation is not None:
+            amount = reservation.amount if cost is None else nanos(cost)
+            self.ledger.settle(reservation.user, reservation.answer, amount)
+
+    def release(self, reservation: Reservation | None) -> None:
+        """The answer never started (nothing was saved): its entry goes."""
+        if reservation is not None:
+            self.ledger.release(reservation.user, reservation.answer)
+
+    async def aclose(self) -> None:
+        await self.ledger.aclose()
+
+    def _spent_error(self, budget: Decimal, spent: Decimal) -> BudgetError | LimitError:
+        tomorrow = (datetime.now(UTC) + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+        wait = math.ceil((tomorrow - datetime.now(UTC)).total_seconds())
+        return self._refuse(BudgetError(
+            f"today's budget of ${format(budget, 'f')} is spent (${format(spent, 'f')}); it renews at 00:00 UTC",
+            retry_after=wait, details={"limit": "budget_per_day", "spent": format(spent, "f"),
+                                       "budget": format(budget, "f")}))
+
+    async def spent_today(self, user: User) -> _Spent:
+        """The user's recorded spend today, and the ledger's time just before it was read."""
         day = datetime.now(UTC).strftime("%Y-%m-%d")
         key = _key(user)
         cached = self._spent.get(key)
-        moment = time.monotonic()
-        if cached is not None and cached[0] == day and moment - cached[1] < _SPENT_CACHE_SECONDS:
-            return cached[2]
-        spent = await self.store.spent_since(user.id, day + "T00:00:00.000000Z")
-        self._spent[key] = (day, moment, spent)
-        return spent
+        if cached is not None and cached.day == day and time.monotonic() - cached.fetched < _SPENT_CACHE_SECONDS:
+            return cached
 
-    def record_cost(self, user: User, cost: Decimal | None) -> None:
-        """An answer finished here: count its cost now rather than at the next database read."""
-        cached = self._spent.get(_key(user))
-        if cost and cached is not None and cached[0] == datetime.now(UTC).strftime("%Y-%m-%d"):
-            self._spent[_key(user)] = (cached[0], cached[1], cached[2] + cost)
+        async def read() -> _Spent:
+            fetched = time.monotonic()
+            since = await self.ledger.now()  # before the read: whatever is settled from now on, it may miss
+            spent = await self.store.spent_since(user.id, day + "T00:00:00.000000Z")
+            self._spent[key] = _Spent(day, fetched, since, spent)
+            return self._spent[key]
+
+        return await self._spent_reads.run(key + "/" + day, read)
 
 
 def _give(counts: dict[str, int], key: str) -> None:

@@ -1,10 +1,12 @@
 """The offline model as its own Anthropic-compatible HTTP server, for development and benchmarks.
 
     python -m server.mock_upstream --port 9000 [--delay-ms 40] [--words 0] [--error MODE] [--error-message TEXT]
-                                   [--stamp]
+                                   [--stamp] [--api-key KEY]
 
-Point the relay at it with ANTHROPIC_BASE_URL=http://127.0.0.1:9000 and any ANTHROPIC_API_KEY.
-A request may override the options with headers x-mock-delay-ms, x-mock-words, x-mock-error.
+Point the relay at it with ANTHROPIC_BASE_URL=http://127.0.0.1:9000 and any ANTHROPIC_API_KEY (or KEY,
+when --api-key makes it refuse every other key with the API's 401). A request may override the options
+with headers x-mock-delay-ms, x-mock-words, x-mock-error. It answers POST /v1/messages and the Models
+API (GET /v1/models, GET /v1/models/{id}: the models server/pricing.py has a price for).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from .pricing import PRICES, resolve_model
 from .upstream.offline import ERROR_MODES, OfflineOptions, anthropic_stream, error_body, error_status
 
 Scope = MutableMapping[str, Any]
@@ -35,13 +38,41 @@ def _overrides(options: OfflineOptions, headers: dict[bytes, bytes]) -> OfflineO
     return replace(options, **changes) if changes else options
 
 
-def mock_app(options: OfflineOptions, fail_first: int = 0) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+def _error(kind: str, message: str) -> bytes:
+    return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
+
+
+def _model(model_id: str) -> dict[str, str]:
+    return {"type": "model", "id": model_id, "display_name": model_id, "created_at": "2025-01-01T00:00:00Z"}
+
+
+async def _models(send: Send, path: str, headers: dict[bytes, bytes]) -> None:
+    """The Models API: GET /v1/models lists the priced models; GET /v1/models/{id} finds one (aliases too)."""
+    if b"anthropic-version" not in headers:
+        await _respond(send, 400, _error("invalid_request_error", "anthropic-version: header is required"))
+        return
+    if path == "/v1/models":
+        data = [_model(model_id) for model_id in sorted(PRICES)]
+        await _respond(send, 200, orjson.dumps({"data": data, "has_more": False, "first_id": data[0]["id"],
+                                                "last_id": data[-1]["id"]}))
+        return
+    model_id = path[len("/v1/models/"):]
+    if resolve_model(model_id) is None:
+        await _respond(send, 404, _error("not_found_error", f"model: {model_id}"))
+        return
+    await _respond(send, 200, orjson.dumps(_model(model_id)))
+
+
+def mock_app(options: OfflineOptions, fail_first: int = 0,
+             api_key: str | None = None) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """A bare ASGI app: as little server work per delta as possible, so it can feed a benchmark.
 
     `fail_first`: only the first N requests fail with options.error; later ones succeed.
-    GET /stats tells what it saw: requests, answers completed, and answers whose client hung up.
+    `api_key`: every API request whose x-api-key differs gets the API's 401 `authentication_error`.
+    GET /stats tells what it saw: Messages API requests, answers completed, and answers whose client hung up.
     """
     stats = {"requests": 0, "completed": 0, "disconnected": 0}
+    expected_key = None if api_key is None else api_key.encode()
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -57,6 +88,14 @@ def mock_app(options: OfflineOptions, fail_first: int = 0) -> Callable[[Scope, R
         if scope["method"] == "GET" and scope["path"] == "/stats":
             await _respond(send, 200, orjson.dumps(stats))
             return
+        headers = dict(scope["headers"])
+        if expected_key is not None and scope["path"].startswith("/v1/") \
+                and headers.get(b"x-api-key") != expected_key:
+            await _respond(send, 401, _error("authentication_error", "invalid x-api-key"))
+            return
+        if scope["method"] == "GET" and (scope["path"] == "/v1/models" or scope["path"].startswith("/v1/models/")):
+            await _models(send, scope["path"], headers)
+            return
         if scope["method"] != "POST" or scope["path"] != "/v1/messages":
             await _respond(send, 404, orjson.dumps({"type": "error", "error": {"type": "not_found_error",
                                                                                  "message": "no such route"}}))
@@ -70,7 +109,6 @@ def mock_app(options: OfflineOptions, fail_first: int = 0) -> Callable[[Scope, R
         stats["requests"] += 1
         try:
             request = orjson.loads(body)
-            headers = dict(scope["headers"])
             request_options = _overrides(options, headers)
             if "{x-api-key}" in request_options.error_message:  # an upstream that echoes the key it was sent
                 request_options = replace(request_options, error_message=request_options.error_message.replace(
@@ -128,13 +166,14 @@ def main() -> None:
                         help="the message of the overloaded-* modes' error event; {x-api-key} echoes the request's key")
     parser.add_argument("--fail-first", type=int, default=0, help="with --error: only the first N requests fail")
     parser.add_argument("--stamp", action="store_true", help="each delta is 'seq:send_time_ns ' (benchmarks)")
+    parser.add_argument("--api-key", help="refuse every other x-api-key with a 401, as the API does")
     args = parser.parse_args()
     import uvicorn
 
     options = OfflineOptions(delay_ms=args.delay_ms, words=args.words, repeat=args.repeat, error=args.error,
                              error_message=args.error_message, stamp=args.stamp)
-    uvicorn.run(mock_app(options, args.fail_first), host=args.host, port=args.port, log_level="warning", lifespan="on",
-                access_log=False)
+    uvicorn.run(mock_app(options, args.fail_first, args.api_key), host=args.host, port=args.port, log_level="warning",
+                lifespan="on", access_log=False)
 
 
 if __name__ == "__main__":

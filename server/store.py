@@ -2,31 +2,47 @@
 
 Writes go through one writer that holds one connection: SQLite allows one writer
 at a time, so serialising writes here means concurrent streams never meet
-`database is locked`, and no stream opens a connection of its own. Reads use the
-pool. Schema changes are the ordered SQL files in migrations/.
+`database is locked`, and no stream opens a connection of its own. Reads go through
+a bounded pool: for SQLite a fixed set of connections opened at start, for PostgreSQL
+asyncpg's pool. Schema changes are the ordered SQL files in migrations/.
+
+A database that cannot be reached or cannot take writes (a restart, a full disk) is
+StorageUnavailableError (503, retryable) on every read and write, never a driver's
+own exception; the PostgreSQL writer reconnects by itself. Each process holds an
+instance lease in the database's own terms (a locked file beside a SQLite file, an
+advisory lock on PostgreSQL), so a starting process leaves alone the answers of any
+other process still alive.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import fcntl
 import logging
+import os
 import queue
+import re
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Generator
+from collections.abc import Callable, Collection, Generator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
+import aiosqlite
+import asyncpg  # type: ignore[import-untyped]
 from databases import Database
 from databases.core import Connection
 
-from .errors import NotFoundError, TooLargeError
+from .config import database_url
+from .errors import NotFoundError, StorageUnavailableError, TooLargeError
 
 log = logging.getLogger("deltarelay.store")
 
@@ -57,15 +73,59 @@ def storable_id(value: str) -> bool:
     return 0 < len(value) <= 200 and value.isprintable()
 
 
+class FinishedElsewhereError(Exception):
+    """A save found its message already finished (by another process, or a survivor instance): nothing written."""
+
+
+# SQLite result codes (the low byte of an extended code) that say the file cannot take the write now, as
+# opposed to a wrong statement: busy or locked past the timeout, out of memory, read-only, I/O, full, unopenable.
+_SQLITE_UNAVAILABLE = {5, 6, 7, 8, 10, 13, 14}
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the database cannot be reached or cannot take writes now (retrying later may work)."""
+    if isinstance(exc, StorageUnavailableError):
+        return True
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF in _SQLITE_UNAVAILABLE
+    # PostgreSQL: class 08 (connection), 53 (disk full, out of memory, too many connections), 57 (shutting
+    # down, starting up); asyncpg's InterfaceError is a connection it has closed; OSError a refused connect.
+    return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.InsufficientResourcesError,
+                            asyncpg.OperatorInterventionError, asyncpg.InterfaceError, OSError, TimeoutError))
+
+
+def storage_error(exc: BaseException) -> StorageUnavailableError:
+    """The user-facing error for a database that cannot be used now; the cause stays in the logs."""
+    if isinstance(exc, StorageUnavailableError):
+        return exc
+    return StorageUnavailableError("the database cannot take this request now; try again shortly",
+                                   retry_after=1.0)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+
+
 def databases_url(url: str) -> str:
-    """The `databases` URL for a user-facing DATABASE_URL (sqlite:// goes through aiosqlite)."""
+    """The `databases` URL for a DATABASE_URL: SQLite through aiosqlite, PostgreSQL through asyncpg.
+
+    `databases` hands asyncpg the host, port, user, password and database of the URL and, of its
+    parameters, only `ssl`, `min_size` and `max_size`: libpq's `sslmode` goes to it as `ssl`.
+    """
+    url = database_url(url)
     if url.startswith("sqlite:"):
         return "sqlite+aiosqlite:" + url[len("sqlite:"):]
-    if url.startswith("postgres://"):
-        return "postgresql+asyncpg://" + url[len("postgres://"):]
-    if url.startswith("postgresql://"):
-        return "postgresql+asyncpg://" + url[len("postgresql://"):]
-    return url
+    parts = urlsplit(url)
+    query = [("ssl" if name == "sslmode" else name, value) for name, value in parse_qsl(parts.query)]
+    return urlunsplit(parts._replace(scheme="postgresql+asyncpg", query=urlencode(query)))
+
+
+def asyncpg_dsn(url: str) -> str:
+    """A PostgreSQL DATABASE_URL as `asyncpg.connect()` reads it (libpq's form: the pool sizes dropped)."""
+    parts = urlsplit(database_url(url))
+    query = [(name, value) for name, value in parse_qsl(parts.query) if name == "sslmode"]
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +155,9 @@ class Reply:
     cost: Decimal | None
     cost_estimated: bool = False
     error_code: str | None = None
+    # When it was finished (see now()), fixed once per answer: a save retried after a commit whose reply was
+    # lost finds its own earlier write by it, and counts as done rather than as finished elsewhere.
+    finished_at: str | None = None
 
 
 @dataclass(slots=True)
@@ -139,39 +202,177 @@ class Store:
     every queued operation in one transaction (one savepoint each); for PostgreSQL the
     `databases` connection of one writer task. Through `databases`, a stream's start
     cost 2.7 ms of CPU in SQLAlchemy and driver hops; batched in the thread it costs
-    about 0.06 ms (measured with 1,000 concurrent starts). Reads go through `databases`.
+    about 0.06 ms (measured with 1,000 concurrent starts). Reads go through `reads`, at
+    most `pool_size` at once: for SQLite that many connections opened at connect() (see
+    `_SQLiteReaders`), for PostgreSQL `databases` over asyncpg's pool of that size.
     """
 
-    def __init__(self, url: str, group_commit: float = 0.0) -> None:
-        self.url = url
+    def __init__(self, url: str, group_commit: float = 0.0, pool_size: int = 10) -> None:
+        self.url = database_url(url)
         self.group_commit = group_commit
-        self.is_sqlite = url.startswith("sqlite")
-        self.db = Database(databases_url(url))
+        self.is_sqlite = self.url.startswith("sqlite:")
+        # PostgreSQL: asyncpg's pool holds pool_size connections for reads and one more, the writer's.
+        sizes: dict[str, Any] = {} if self.is_sqlite else {"min_size": min(pool_size + 1, 10),
+                                                            "max_size": pool_size + 1}
+        self.db = Database(databases_url(self.url), **sizes)
+        # SQLite: `databases` would open a connection, with a thread of its own, for every task that reads.
+        self.reads: Reads = _SQLiteReaders(sqlite_path(self.url), pool_size) if self.is_sqlite else self.db
         self._writer: _SQLiteWriter | _AsyncWriter | None = None
+        self._locks = _LockFiles(sqlite_path(url) + "-instances") if self.is_sqlite else None
 
-    async def connect(self) -> None:
+    async def connect(self, migrate: bool = True) -> None:
+        """Open the read pool and the writer, then apply the migrations not applied yet (unless `migrate` is
+        False: `deltarelay check` looks and changes nothing)."""
         await self.db.connect()
         if self.is_sqlite:
             self._writer = _SQLiteWriter(sqlite_path(self.url), self.group_commit)
         else:
             self._writer = _AsyncWriter(self.db)
         await self._writer.start()
-        await self.write(_migrate())
+        if migrate:
+            await self.write(_migrate())
+        if isinstance(self.reads, _SQLiteReaders):
+            await self.reads.connect()  # after the writer made the file and its WAL
 
     async def disconnect(self) -> None:
+        if isinstance(self.reads, _SQLiteReaders):
+            await self.reads.disconnect()
         if self._writer is not None:
             await self._writer.stop()
             self._writer = None
+        if self._locks is not None:
+            self._locks.release()
         await self.db.disconnect()
 
     async def write(self, operation: Operation[T]) -> T:
-        """Run one operation (a generator of queries) in a transaction of its own."""
+        """Run one operation (a generator of queries) in a transaction of its own.
+
+        Raises:
+            StorageUnavailableError: the database cannot take writes now; nothing of the operation is written.
+        """
         if self._writer is None:
             raise RuntimeError("store is not connected")
-        return await self._writer.run(operation)
+        try:
+            return await self._writer.run(operation)
+        except Exception as exc:
+            if unavailable(exc):
+                raise storage_error(exc) from exc
+            raise
+
+    async def _fetch_all(self, sql: str, params: dict[str, Any] | None = None) -> Sequence[Any]:
+        try:
+            return await self.reads.fetch_all(sql, params)
+        except Exception as exc:
+            if unavailable(exc):
+                raise storage_error(exc) from exc
+            raise
+
+    async def _fetch_one(self, sql: str, params: dict[str, Any] | None = None) -> Any:
+        try:
+            return await self.reads.fetch_one(sql, params)
+        except Exception as exc:
+            if unavailable(exc):
+                raise storage_error(exc) from exc
+            raise
+
+    async def _fetch_val(self, sql: str, params: dict[str, Any] | None = None) -> Any:
+        try:
+            return await self.reads.fetch_val(sql, params)
+        except Exception as exc:
+            if unavailable(exc):
+                raise storage_error(exc) from exc
+            raise
 
     async def ping(self) -> None:
-        await self.db.fetch_val("SELECT 1")
+        await self._fetch_val("SELECT 1")
+
+    async def writable(self, within: float = 2.0) -> bool:
+        """Whether a write can be made now: the writer wrote within the last second, or a probe write succeeds.
+
+        What readiness reports: a ping only proves that reads work, and the writer holds a connection (and
+        a disk) of its own.
+        """
+        writer = self._writer
+        if writer is None:
+            return False
+        if writer.healthy and time.monotonic() - writer.last_ok < 1.0:
+            return True
+
+        def probe() -> Operation[None]:
+            yield Query("UPDATE write_probe SET written_at = :t WHERE id = 1", {"t": now()})
+
+        try:
+            async with asyncio.timeout(within):
+                await self.write(probe())
+        except (StorageUnavailableError, TimeoutError):
+            return False
+        return True
+
+    async def hold_instance(self, instance_id: str) -> None:
+        """Take this process's instance lease, held until disconnect(): while it is held, no other process
+        counts `instance_id`'s answers as left behind (see interrupt_unfinished)."""
+        if self._locks is not None:
+            self._locks.hold(instance_id)
+        else:
+            assert isinstance(self._writer, _AsyncWriter)
+            await self._writer.hold_lease(instance_id)
+
+    def _lease_held(self, instance_id: str) -> Generator[Query, Any, bool]:
+        """Whether some live process holds `instance_id`'s lease (a step of an operation)."""
+        if self._locks is not None:
+            return self._locks.held(instance_id)
+        row = yield Query(f"SELECT pg_try_advisory_xact_lock({_LEASE_KEY})", {"instance": instance_id}, ONE)
+        # Taken: nobody held it. The lock is this transaction's and goes with it.
+        return not row[0]
+
+    async def probe(self) -> Probe:
+        """Prove the writer can write what the server will write next, and leave no trace.
+
+        In one transaction of the writer, rolled back at the end: with the schema up to date, a conversation
+        is inserted, updated and deleted (what a stream start needs); with migrations pending, a table is
+        created and written (what applying them at start needs). It also reads which migrations are applied.
+
+        Raises:
+            Exception: the driver's error for the first statement that failed.
+        """
+        sqlite = self.is_sqlite
+
+        def operation() -> Operation[Probe]:
+            version = yield Query("SELECT sqlite_version()" if sqlite else "SHOW server_version", {}, ONE)
+            server = f"{'SQLite' if sqlite else 'PostgreSQL'} {str(version[0]).split()[0]}"
+            yield Query(_SCHEMA_MIGRATIONS)
+            rows = yield Query("SELECT version FROM schema_migrations", {}, ALL)
+            applied = frozenset(int(row[0]) for row in rows)
+            known = migration_versions()
+            # Before the migration that makes it, there is no users table: after it, there are no users.
+            tables = yield Query(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'users'" if sqlite else
+                "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = current_schema()"
+                " AND table_name = 'users'", {}, ONE)
+            users = 0
+            if tables[0]:
+                counted = yield Query("SELECT COUNT(*) FROM users WHERE revoked_at IS NULL", {}, ONE)
+                users = int(counted[0])
+            if set(known) <= applied:
+                wrote = "inserted, updated and deleted a conversation"
+                stamp, conversation = now(), "deltarelay-check-" + new_id()
+                yield Query("INSERT INTO conversations (id, agent_id, title, created_at, updated_at, owner_id)"
+                            " VALUES (:id, 'check', 'check', :t, :t, NULL)", {"id": conversation, "t": stamp})
+                yield Query("UPDATE conversations SET updated_at = :t WHERE id = :id",
+                            {"id": conversation, "t": now()})
+                yield Query("DELETE FROM conversations WHERE id = :id", {"id": conversation})
+            else:
+                wrote = "created a table and wrote a row"
+                yield Query("CREATE TABLE deltarelay_check (id TEXT PRIMARY KEY)")
+                yield Query("INSERT INTO deltarelay_check (id) VALUES (:id)", {"id": new_id()})
+            probe = Probe(applied, known, users, server, wrote)
+            raise _RolledBack(probe)
+
+        try:
+            await self.write(operation())
+        except _RolledBack as done:
+            return done.probe
+        raise AssertionError("the probe always rolls back")
 
     async def begin_turn(
         self,
@@ -251,12 +452,18 @@ class Store:
 
         return await self.write(operation())
 
-    async def save_reply(self, message_id: str, reply: Reply) -> bool:
+    async def save_reply(self, message_id: str, reply: Reply) -> None:
         """Write an assistant message's final state; a message is finished exactly once.
 
-        Returns whether this call finished it (False: it was already finished, by another
-        instance perhaps). RETURNING makes the check and the write one atomic statement.
+        RETURNING makes the check and the write one atomic statement. A retry of a save whose commit went
+        through (its reply lost with the connection) matches its own write by `reply.finished_at`.
+
+        Raises:
+            FinishedElsewhereError: the message was already finished (by another process perhaps); nothing
+                is written.
+            StorageUnavailableError: the database cannot take the write now; retrying later may work.
         """
+        finished_at = reply.finished_at or now()
 
         def operation() -> Operation[bool]:
             rows = yield Query(
@@ -264,48 +471,90 @@ class Store:
                 " stop_reason = :stop, input_tokens = :inp, output_tokens = :out,"
                 " cache_creation_input_tokens = :cw, cache_read_input_tokens = :cr, cost = :cost,"
                 " cost_estimated = :est, error_code = :err, completed_at = :t"
-                " WHERE id = :id AND status = :streaming RETURNING id",
+                " WHERE id = :id AND (status = :streaming OR (status = :status AND completed_at = :t)) RETURNING id",
                 {
                     "content": reply.content, "thinking": reply.thinking, "model": reply.model,
                     "status": reply.status.value, "stop": reply.stop_reason, "inp": reply.input_tokens,
                     "out": reply.output_tokens, "cw": reply.cache_creation_input_tokens,
                     "cr": reply.cache_read_input_tokens,
                     "cost": None if reply.cost is None else format(reply.cost, "f"),
-                    "est": 1 if reply.cost_estimated else 0, "err": reply.error_code, "t": now(),
+                    "est": 1 if reply.cost_estimated else 0, "err": reply.error_code, "t": finished_at,
                     "id": message_id, "streaming": Status.STREAMING.value,
                 },
                 ALL,
             )
             return bool(rows)
 
-        return await self.write(operation())
+        if not await self.write(operation()):
+            raise FinishedElsewhereError(f"message {message_id} was already finished")
+
+    async def save_progress(self, replies: Collection[tuple[str, Reply]]) -> None:
+        """Write the text and usage so far of answers still `streaming` (a crash then loses only what came
+        since); a message already finished is left as it is. The status stays `streaming`.
+
+        Raises:
+            StorageUnavailableError: the database cannot take the write now.
+        """
+
+        def operation() -> Operation[None]:
+            for message_id, reply in replies:
+                yield Query(
+                    "UPDATE messages SET content = :content, thinking = :thinking, model = :model,"
+                    " input_tokens = :inp, output_tokens = :out, cache_creation_input_tokens = :cw,"
+                    " cache_read_input_tokens = :cr, cost = :cost, cost_estimated = :est"
+                    " WHERE id = :id AND status = :streaming",
+                    {
+                        "content": reply.content, "thinking": reply.thinking, "model": reply.model,
+                        "inp": reply.input_tokens, "out": reply.output_tokens,
+                        "cw": reply.cache_creation_input_tokens, "cr": reply.cache_read_input_tokens,
+                        "cost": None if reply.cost is None else format(reply.cost, "f"),
+                        "est": 1 if reply.cost_estimated else 0, "id": message_id,
+                        "streaming": Status.STREAMING.value,
+                    },
+                )
+
+        await self.write(operation())
 
     async def interrupt_unfinished(self, live_instances: Collection[str] = ()) -> int:
-        """Mark messages left `streaming` as `interrupted`, except those of instances in `live_instances`.
+        """Mark messages left `streaming` by instances that are gone as `interrupted`, keeping their text.
 
-        One instance passes nothing: whatever is unfinished at its start was left by an
-        earlier process. Instances sharing a database pass the ones still alive, so a
-        starting instance never touches another's running answers.
+        Gone: not in `live_instances` (what the hub knows is alive) and holding no instance lease (see
+        hold_instance), or named by no instance at all (an answer from before instances were recorded).
+        The check and the update are one transaction, so an instance that starts meanwhile is never touched.
         """
-        keep = {f"i{n}": instance for n, instance in enumerate(sorted(live_instances))}
-        names = ", ".join(f":{key}" for key in keep)
-        spare = f" AND (instance_id IS NULL OR instance_id NOT IN ({names}))" if keep else ""
+        live = set(live_instances)
 
         def operation() -> Operation[int]:
-            params = {"s": Status.STREAMING.value, **keep}
-            rows = yield Query("SELECT id FROM messages WHERE status = :s" + spare, params, ALL)
-            yield Query(
-                "UPDATE messages SET status = :i, completed_at = :t WHERE status = :s" + spare,
-                {"i": Status.INTERRUPTED.value, "t": now(), **params},
-            )
-            return len(rows)
+            params: dict[str, Any] = {"s": Status.STREAMING.value}
+            rows = yield Query("SELECT DISTINCT instance_id FROM messages WHERE status = :s", params, ALL)
+            gone: list[str] = []
+            for row in rows:
+                instance = row[0]
+                if instance is None or instance in live:
+                    continue
+                if not (yield from self._lease_held(instance)):
+                    gone.append(instance)
+            named = {f"i{n}": instance for n, instance in enumerate(gone)}
+            clause = "instance_id IS NULL" + (f" OR instance_id IN ({', '.join(f':{k}' for k in named)})"
+                                              if named else "")
+            params.update(named)
+            found = yield Query(f"SELECT COUNT(*) FROM messages WHERE status = :s AND ({clause})", params, ONE)
+            if found[0]:
+                yield Query(f"UPDATE messages SET status = :i, completed_at = :t WHERE status = :s AND ({clause})",
+                            {"i": Status.INTERRUPTED.value, "t": now(), **params})
+            return int(found[0])
 
         return await self.write(operation())
 
     async def interrupt_instance(self, instance_id: str) -> int:
-        """Mark the `streaming` messages of an instance that is gone as `interrupted` (what Redis did not know)."""
+        """Mark the `streaming` messages of an instance that is gone as `interrupted` (what Redis did not know).
+
+        An instance whose lease is still held is alive whatever Redis says: nothing of it is touched.
+        """
 
         def operation() -> Operation[int]:
+            if (yield from self._lease_held(instance_id)):
+                return 0
             params = {"s": Status.STREAMING.value, "instance": instance_id}
             rows = yield Query("SELECT id FROM messages WHERE status = :s AND instance_id = :instance", params,
                                ALL)
@@ -328,17 +577,17 @@ class Store:
         )
         order = " ORDER BY c.updated_at DESC, c.id LIMIT :limit"
         if every_owner:
-            rows = await self.db.fetch_all(select + order, {"limit": limit})
+            rows = await self._fetch_all(select + order, {"limit": limit})
         elif owner_id is None:
-            rows = await self.db.fetch_all(select + " WHERE c.owner_id IS NULL" + order, {"limit": limit})
+            rows = await self._fetch_all(select + " WHERE c.owner_id IS NULL" + order, {"limit": limit})
         else:
-            rows = await self.db.fetch_all(select + " WHERE c.owner_id = :owner" + order,
+            rows = await self._fetch_all(select + " WHERE c.owner_id = :owner" + order,
                                            {"limit": limit, "owner": owner_id})
         conversations = [dict(row._mapping) for row in rows]
         costs: dict[str, Decimal] = {}
         if conversations:
             ids = {f"c{i}": c["id"] for i, c in enumerate(conversations)}
-            cost_rows = await self.db.fetch_all(
+            cost_rows = await self._fetch_all(
                 "SELECT conversation_id, cost FROM messages WHERE cost IS NOT NULL AND conversation_id IN ("
                 + ", ".join(f":{key}" for key in ids) + ")",
                 ids,
@@ -352,7 +601,7 @@ class Store:
     async def get_conversation(self, conversation_id: str) -> dict[str, Any]:
         if not storable_id(conversation_id):
             raise NotFoundError("conversation not found")
-        row = await self.db.fetch_one(
+        row = await self._fetch_one(
             "SELECT c.id, c.agent_id, c.title, c.created_at, c.updated_at, c.owner_id,"
             " (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count"
             " FROM conversations c WHERE c.id = :id",
@@ -366,14 +615,14 @@ class Store:
 
     async def _conversation_cost(self, conversation_id: str) -> Decimal | None:
         # Costs are exact decimal text: sum them as Decimal, never as SQL floats.
-        rows = await self.db.fetch_all(
+        rows = await self._fetch_all(
             "SELECT cost FROM messages WHERE conversation_id = :id AND cost IS NOT NULL", {"id": conversation_id}
         )
         return sum((Decimal(row[0]) for row in rows), Decimal(0)) if rows else None
 
     async def list_messages(self, conversation_id: str) -> list[dict[str, Any]]:
         await self.get_conversation(conversation_id)
-        rows = await self.db.fetch_all(
+        rows = await self._fetch_all(
             "SELECT id, conversation_id, seq, role, content, thinking, model, status, stop_reason, input_tokens,"
             " output_tokens, cache_creation_input_tokens, cache_read_input_tokens, cost, cost_estimated,"
             " error_code, stream_id, trace_session_id, task_trace_id, created_at, completed_at"
@@ -386,20 +635,20 @@ class Store:
         """The id of the assistant message a stream produced, if any."""
         if not storable_id(stream_id):
             return None
-        row = await self.db.fetch_one(
+        row = await self._fetch_one(
             "SELECT id FROM messages WHERE stream_id = :s AND role = 'assistant'", {"s": stream_id}
         )
         return None if row is None else str(row[0])
 
     async def get_message(self, message_id: str) -> dict[str, Any] | None:
-        row = await self.db.fetch_one("SELECT * FROM messages WHERE id = :id", {"id": message_id})
+        row = await self._fetch_one("SELECT * FROM messages WHERE id = :id", {"id": message_id})
         return None if row is None else dict(row._mapping)
 
     async def owner_of_stream(self, stream_id: str) -> tuple[bool, str | None]:
         """(whether the stream is known, the id of the user whose conversation it answers)."""
         if not storable_id(stream_id):
             return False, None
-        row = await self.db.fetch_one(
+        row = await self._fetch_one(
             "SELECT c.owner_id FROM messages m JOIN conversations c ON c.id = m.conversation_id"
             " WHERE m.stream_id = :s AND m.role = 'assistant'", {"s": stream_id}
         )
@@ -411,11 +660,25 @@ class Store:
         params: dict[str, Any] = {"since": since}
         if owner_id is not None:
             params["owner"] = owner_id
-        rows = await self.db.fetch_all(
+        rows = await self._fetch_all(
             "SELECT m.cost FROM messages m JOIN conversations c ON c.id = m.conversation_id"
             f" WHERE {owner_clause} AND m.cost IS NOT NULL AND m.completed_at >= :since", params
         )
         return sum((Decimal(row[0]) for row in rows), Decimal(0))
+
+    async def history_bytes(self, conversation_id: str, owner_id: str | None) -> int:
+        """The UTF-8 size of a conversation's messages, which an answer in it sends upstream (0: not owner_id's)."""
+        if not storable_id(conversation_id):
+            return 0
+        size = "LENGTH(CAST(m.content AS BLOB))" if self.is_sqlite else "OCTET_LENGTH(m.content)"
+        owner_clause = "c.owner_id IS NULL" if owner_id is None else "c.owner_id = :owner"
+        params: dict[str, Any] = {"id": conversation_id}
+        if owner_id is not None:
+            params["owner"] = owner_id
+        total = await self.reads.fetch_val(
+            f"SELECT COALESCE(SUM({size}), 0) FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+            f" WHERE m.conversation_id = :id AND {owner_clause}", params)
+        return int(total or 0)
 
     async def usage(self, start: str, end: str, group_by: str, owner_id: str | None = None,
                     every_owner: bool = False) -> list[UsageRow]:
@@ -431,7 +694,7 @@ class Store:
             else:
                 where += " AND c.owner_id = :owner"
                 params["owner"] = owner_id
-        rows = await self.db.fetch_all(
+        rows = await self._fetch_all(
             "SELECT m.completed_at, m.model, c.agent_id, COALESCE(u.name, 'anonymous'), m.input_tokens,"
             " m.output_tokens, m.cache_creation_input_tokens, m.cache_read_input_tokens, m.cost"
             " FROM messages m JOIN conversations c ON c.id = m.conversation_id"
@@ -469,7 +732,7 @@ class Store:
         return await self.write(operation())
 
     async def list_users(self) -> list[dict[str, Any]]:
-        rows = await self.db.fetch_all(
+        rows = await self._fetch_all(
             "SELECT id, name, is_admin, created_at, revoked_at FROM users ORDER BY created_at, name")
         return [dict(row._mapping) for row in rows]
 
@@ -489,19 +752,19 @@ class Store:
     async def user_id_by_name(self, name: str) -> str | None:
         if not storable_id(name):
             return None
-        row = await self.db.fetch_one("SELECT id FROM users WHERE name = :name", {"name": name})
+        row = await self._fetch_one("SELECT id FROM users WHERE name = :name", {"name": name})
         return None if row is None else str(row[0])
 
     async def active_user_count(self) -> int:
-        return int(await self.db.fetch_val("SELECT COUNT(*) FROM users WHERE revoked_at IS NULL") or 0)
+        return int(await self._fetch_val("SELECT COUNT(*) FROM users WHERE revoked_at IS NULL") or 0)
 
     async def user_by_token_hash(self, token_hash: str) -> dict[str, Any] | None:
-        row = await self.db.fetch_one(
+        row = await self._fetch_one(
             "SELECT id, name, is_admin FROM users WHERE token_hash = :h AND revoked_at IS NULL", {"h": token_hash})
         return None if row is None else dict(row._mapping)
 
     async def user_by_session_hash(self, secret_hash: str) -> dict[str, Any] | None:
-        row = await self.db.fetch_one(
+        row = await self._fetch_one(
             "SELECT u.id, u.name, u.is_admin FROM sessions s JOIN users u ON u.id = s.user_id"
             " WHERE s.secret_hash = :h AND s.expires_at > :t AND u.revoked_at IS NULL", {"h": secret_hash, "t": now()})
         return None if row is None else dict(row._mapping)
@@ -541,8 +804,45 @@ def _history(messages: list[tuple[str, str]]) -> list[dict[str, str]]:
     return history
 
 
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """What Store.probe found: the migrations applied and known, and the active users."""
+
+    applied: frozenset[int]
+    known: list[int]
+    users: int
+    server: str  # the database's name and version
+    wrote: str  # what the writer did before it rolled back
+
+    @property
+    def pending(self) -> list[int]:
+        return [version for version in self.known if version not in self.applied]
+
+    @property
+    def unknown(self) -> list[int]:
+        """Applied migrations this code does not have: a newer deltarelay migrated the database."""
+        return sorted(self.applied.difference(self.known))
+
+
+class _RolledBack(Exception):
+    """Ends the probe's operation, so that the writer rolls back everything it did."""
+
+    def __init__(self, probe: Probe) -> None:
+        super().__init__("rolled back")
+        self.probe = probe
+
+
+def migration_versions() -> list[int]:
+    """The versions of the migrations in migrations/, in order."""
+    return sorted(int(path.name.split("_", 1)[0]) for path in MIGRATIONS.glob("*.sql"))
+
+
+_SCHEMA_MIGRATIONS = ("CREATE TABLE IF NOT EXISTS schema_migrations"
+                      " (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+
+
 def _migrate() -> Operation[None]:
-    yield Query("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+    yield Query(_SCHEMA_MIGRATIONS)
     rows = yield Query("SELECT version FROM schema_migrations", {}, ALL)
     applied = {row[0] for row in rows}
     for path in sorted(MIGRATIONS.glob("*.sql")):
@@ -559,6 +859,85 @@ def _statements(sql: str) -> list[str]:
     """Split a migration file into statements (no semicolons inside our SQL literals)."""
     lines = [line for line in sql.splitlines() if not line.lstrip().startswith("--")]
     return [statement.strip() for statement in "\n".join(lines).split(";") if statement.strip()]
+
+
+# --- Reads -------------------------------------------------------------------------------------
+
+
+class Reads(Protocol):
+    """What the store reads through: `databases.Database`, or the SQLite connections below."""
+
+    async def fetch_all(self, query: str, values: dict[str, Any] | None = None) -> Sequence[Any]: ...
+
+    async def fetch_one(self, query: str, values: dict[str, Any] | None = None) -> Any: ...
+
+    async def fetch_val(self, query: str, values: dict[str, Any] | None = None) -> Any: ...
+
+
+class _Row(sqlite3.Row):
+    """A row as `databases` gives one: by position or name, and as a mapping through `_mapping`."""
+
+    @property
+    def _mapping(self) -> dict[str, Any]:
+        return dict(zip(self.keys(), self, strict=True))
+
+
+class _SQLiteReaders:
+    """`size` aiosqlite connections, all opened at connect(): every read waits for an idle one.
+
+    `databases` opens an aiosqlite connection (a thread and a file descriptor) for each task
+    that reads and closes it after: 1,000 concurrent requests made 985 threads and ran the
+    process out of file descriptors (`unable to open database file`). These connections are
+    the only ones reads use, so a read never needs a new descriptor, even when sockets hold
+    every other one. A read runs to its end even if its caller is cancelled, so a
+    connection goes back to the pool only when it is idle.
+    """
+
+    def __init__(self, path: str, size: int) -> None:
+        self.path = path
+        self.size = size
+        self._idle: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        self._connections: list[aiosqlite.Connection] = []
+
+    async def connect(self) -> None:
+        try:
+            for _ in range(self.size):
+                connection = await aiosqlite.connect(self.path, isolation_level=None)
+                self._connections.append(connection)
+                connection.row_factory = _Row
+                await connection.execute("PRAGMA query_only=ON")
+                # Sorts in memory, never in a temporary file: a read opens no file after this.
+                await connection.execute("PRAGMA temp_store=MEMORY")
+                # A first read opens the WAL file (and the shared memory), which the connection then keeps.
+                await connection.execute_fetchall("SELECT COUNT(*) FROM schema_migrations")
+                self._idle.put_nowait(connection)
+        except BaseException:
+            await self.disconnect()
+            raise
+
+    async def disconnect(self) -> None:
+        connections, self._connections = self._connections, []
+        self._idle = asyncio.Queue()
+        for connection in connections:
+            await connection.close()
+
+    async def _read(self, query: str, values: dict[str, Any] | None) -> list[Any]:
+        connection = await self._idle.get()
+        try:
+            return list(await connection.execute_fetchall(query, values or {}))
+        finally:
+            self._idle.put_nowait(connection)
+
+    async def fetch_all(self, query: str, values: dict[str, Any] | None = None) -> list[Any]:
+        return await asyncio.shield(self._read(query, values))
+
+    async def fetch_one(self, query: str, values: dict[str, Any] | None = None) -> Any:
+        rows = await self.fetch_all(query, values)
+        return rows[0] if rows else None
+
+    async def fetch_val(self, query: str, values: dict[str, Any] | None = None) -> Any:
+        row = await self.fetch_one(query, values)
+        return None if row is None else row[0]
 
 
 # --- Write drivers -------------------------------------------------------------------------------
@@ -579,10 +958,74 @@ class Query:
 Operation = Generator[Query, Any, T]
 
 
+# The PostgreSQL advisory lock that is an instance's lease: a 64-bit hash of its id, in a namespace of ours.
+_LEASE_KEY = "hashtextextended('deltarelay-instance:' || :instance, 0)"
+_LOCK_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class _LockFiles:
+    """Instance leases beside a SQLite file: each live process holds an flock on `<dir>/<instance>.lock`.
+
+    The kernel drops an flock when its process dies, however it dies (kill -9 included), so a file that
+    can be locked belongs to a process that is gone; it is removed by whoever finds it so.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._held: tuple[int, str] | None = None  # (fd, path) of this process's own lease
+
+    def _path(self, instance_id: str) -> str | None:
+        return os.path.join(self.directory, instance_id + ".lock") if _LOCK_NAME.fullmatch(instance_id) else None
+
+    def hold(self, instance_id: str) -> None:
+        path = self._path(instance_id)
+        if path is None:
+            raise ValueError(f"an instance id is letters, digits, '_' or '-', got {instance_id!r}")
+        os.makedirs(self.directory, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.release()
+        self._held = (fd, path)
+        for name in os.listdir(self.directory):  # what processes that died left behind
+            if name.endswith(".lock") and name != instance_id + ".lock":
+                self.held(name[:-5])
+
+    def held(self, instance_id: str) -> bool:
+        """Whether a live process holds this instance's lease; a lease nobody holds is removed."""
+        path = self._path(instance_id)
+        if path is None:
+            return False
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        else:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            return False
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        if self._held is not None:
+            fd, path = self._held
+            self._held = None
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+
 def sqlite_path(url: str) -> str:
-    """The file of sqlite:///relative.db or sqlite:////absolute.db."""
-    path = url.split(":", 1)[1]
-    return path[3:] if path.startswith("///") else path.lstrip("/")
+    """The file of sqlite:///relative.db or sqlite:////absolute.db, percent-decoded as `databases` does."""
+    return unquote(database_url(url)[len("sqlite:///"):])
 
 
 class _SQLiteWriter:
@@ -598,6 +1041,8 @@ class _SQLiteWriter:
     def __init__(self, path: str, group_commit: float = 0.0) -> None:
         self.path = path
         self.group_commit = group_commit
+        self.healthy = True  # the last batch was written (False: the file could not take it, e.g. a full disk)
+        self.last_ok = 0.0  # time.monotonic() of the last batch written
         self._sleep = time.sleep  # tests replace it
         self._jobs: queue.SimpleQueue[tuple[Operation[Any], asyncio.Future[Any]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -630,6 +1075,9 @@ class _SQLiteWriter:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.execute("PRAGMA foreign_keys=ON")
+            # A batch's savepoints journal in memory: past 64 KB SQLite would open a temporary file, which fails
+            # (`unable to open database file`) when sockets hold every file descriptor the process may have.
+            connection.execute("PRAGMA temp_store=MEMORY")
         except sqlite3.Error as exc:
             self._loop.call_soon_threadsafe(_settle_error, ready, exc)
             return
@@ -658,9 +1106,8 @@ class _SQLiteWriter:
         finally:
             connection.close()
 
-    @staticmethod
     def _run_batch(
-        connection: sqlite3.Connection, batch: list[tuple[Operation[Any], asyncio.Future[Any]]]
+        self, connection: sqlite3.Connection, batch: list[tuple[Operation[Any], asyncio.Future[Any]]]
     ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
@@ -670,6 +1117,8 @@ class _SQLiteWriter:
                 try:
                     result = _drive(operation, lambda q: _sqlite_query(connection, q))
                 except Exception as exc:
+                    if isinstance(exc, sqlite3.Error) and unavailable(exc):
+                        raise  # the file cannot take this batch (SQLite may have rolled it back already)
                     connection.execute("ROLLBACK TO op")
                     outcomes.append((done, None, exc))
                 else:
@@ -679,8 +1128,17 @@ class _SQLiteWriter:
         except sqlite3.Error as exc:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
-            log.exception("SQLite write batch failed")
+            if not unavailable(exc):
+                log.exception("SQLite write batch failed")
+            elif self.healthy:
+                self.healthy = False
+                log.warning("SQLite writes fail (%s): answers are kept and saved when the file takes writes"
+                            " again", _one_line(exc))
             return [(done, None, exc) for _, done in batch]
+        if not self.healthy:
+            self.healthy = True
+            log.warning("SQLite writes work again")
+        self.last_ok = time.monotonic()
         return outcomes
 
 
@@ -720,17 +1178,31 @@ def _settle_error(done: asyncio.Future[Any], error: BaseException) -> None:
 
 
 class _AsyncWriter:
-    """One task holding one `databases` connection (PostgreSQL): an operation per transaction."""
+    """One task holding one `databases` connection (PostgreSQL): an operation per transaction.
+
+    A lost connection (a restart, a cut network) is replaced, with backoff up to RECONNECT_MAX_DELAY apart.
+    While there is none, an operation fails at once with StorageUnavailableError instead of waiting: a
+    request gets its 503 now, and the core retries an answer's save by itself. A connection found closed
+    before an operation starts is replaced first, so the first write after a restart succeeds. The
+    instance lease (an advisory lock of the writer's session) is taken again on every new connection.
+    """
+
+    RECONNECT_FIRST_DELAY = 0.05
+    RECONNECT_MAX_DELAY = 1.0
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._jobs: asyncio.Queue[tuple[Operation[Any], asyncio.Future[Any]]] = asyncio.Queue()
+        self.healthy = False  # a connection is open (False: every operation fails at once until there is one)
+        self.last_ok = 0.0  # time.monotonic() of the last operation written
+        self.instance_id: str | None = None
+        self._jobs: collections.deque[tuple[Operation[Any], asyncio.Future[Any]]] = collections.deque()
+        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         ready = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._main(ready), name="store-writer")
-        await ready
+        await ready  # the first connection must work: a server that cannot reach its database does not start
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -740,28 +1212,115 @@ class _AsyncWriter:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        self._fail_waiting(StorageUnavailableError("the store is closed"))
 
     def run(self, operation: Operation[T]) -> asyncio.Future[T]:
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._jobs.put_nowait((operation, done))
+        if not self.healthy:
+            done.set_exception(StorageUnavailableError("the database is not reachable; try again shortly",
+                                                       retry_after=1.0))
+            return done
+        self._jobs.append((operation, done))
+        self._wake.set()
         return done
 
+    async def hold_lease(self, instance_id: str) -> None:
+        """Take `instance_id`'s advisory lock on the writer's session, now and after every reconnect."""
+        self.instance_id = instance_id
+
+        def take() -> Operation[bool]:
+            row = yield Query(f"SELECT pg_try_advisory_lock({_LEASE_KEY})", {"instance": instance_id}, ONE)
+            return bool(row[0])
+
+        if not await self.run(take()):
+            log.warning("the lease of instance %s is held by another session", instance_id)
+
+    def _fail_waiting(self, error: Exception) -> None:
+        while self._jobs:
+            _, done = self._jobs.popleft()
+            if not done.done():
+                done.set_exception(error)
+
     async def _main(self, ready: asyncio.Future[None]) -> None:
-        async with self.db.connection() as connection:
-            ready.set_result(None)
-            while True:
-                operation, done = await self._jobs.get()
-                if done.cancelled():
-                    continue
-                try:
-                    async with connection.transaction():
-                        result = await _drive_async(operation, connection)
-                except Exception as exc:
-                    if not done.cancelled():
-                        done.set_exception(exc)
-                else:
-                    if not done.cancelled():
-                        done.set_result(result)
+        delay = self.RECONNECT_FIRST_DELAY
+        while True:
+            try:
+                async with self.db.connection() as connection:
+                    try:
+                        if self.instance_id is not None:
+                            if not await connection.fetch_val(f"SELECT pg_try_advisory_lock({_LEASE_KEY})",
+                                                              {"instance": self.instance_id}):
+                                log.warning("the lease of instance %s is held by another session", self.instance_id)
+                        else:
+                            await connection.execute("SELECT 1")
+                        if ready.done() and not self.healthy:
+                            log.warning("PostgreSQL writes work again")
+                        self.healthy = True
+                        if not ready.done():
+                            ready.set_result(None)
+                        delay = self.RECONNECT_FIRST_DELAY
+                        await self._serve(connection)
+                    except BaseException:
+                        _terminate(connection)  # so that releasing it has nothing left to reset
+                        raise
+                continue  # the connection was found closed before an operation: replace it at once
+            except Exception as exc:
+                if not ready.done():
+                    ready.set_exception(exc)
+                    return
+                if not unavailable(exc):
+                    log.exception("the PostgreSQL writer's connection failed")
+                if self.healthy:
+                    log.warning("PostgreSQL writes fail (%s): reconnecting; answers are kept and saved when it is"
+                                " back", _one_line(exc))
+                self.healthy = False
+                self._fail_waiting(StorageUnavailableError("the database is not reachable; try again shortly",
+                                                           retry_after=1.0))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.RECONNECT_MAX_DELAY)
+
+    async def _serve(self, connection: Connection) -> None:
+        """Run operations until the connection is lost: return when it was found closed before one (which
+        waits for the next connection), raise when it failed during one (which has failed)."""
+        while True:
+            while not self._jobs:
+                self._wake.clear()
+                await self._wake.wait()
+            operation, done = self._jobs[0]
+            if done.cancelled():
+                self._jobs.popleft()
+                continue
+            if _closed(connection):
+                return
+            self._jobs.popleft()
+            try:
+                async with connection.transaction():
+                    result = await _drive_async(operation, connection)
+            except Exception as exc:
+                if not done.cancelled():
+                    done.set_exception(exc)
+                # A full disk fails the write but leaves the connection usable; anything else needs a new one.
+                full = isinstance(exc, asyncpg.InsufficientResourcesError)
+                if unavailable(exc) and (_closed(connection) or not full):
+                    raise
+            else:
+                self.last_ok = time.monotonic()
+                if not done.cancelled():
+                    done.set_result(result)
+
+
+def _closed(connection: Connection) -> bool:
+    try:
+        return bool(connection.raw_connection.is_closed())
+    except (asyncpg.InterfaceError, AssertionError):  # released back to the pool: closed under us
+        return True
+
+
+def _terminate(connection: Connection) -> None:
+    try:
+        connection.raw_connection.terminate()
+    except (asyncpg.InterfaceError, AssertionError):
+        pass
 
 
 async def _drive_async(operation: Operation[T], connection: Connection) -> T:

@@ -12,13 +12,17 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
 import pytest
+
+from server.config import database_url
+from server.store import asyncpg_dsn, sqlite_path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -29,7 +33,7 @@ STREAMS = DATA / "anthropic-streams"
 SERVER_PYTHON = os.environ.get("DELTARELAY_SERVER_PYTHON") or sys.executable
 SERVER_CWD = Path(os.environ.get("DELTARELAY_SERVER_CWD") or ROOT)
 # Every table the migrations create, in an order that drops cleanly (referencing tables first).
-SCHEMA_TABLES = ("messages", "sessions", "conversations", "users", "schema_migrations")
+SCHEMA_TABLES = ("messages", "sessions", "conversations", "users", "write_probe", "schema_migrations")
 
 
 def free_port() -> int:
@@ -39,7 +43,9 @@ def free_port() -> int:
 
 
 def _clean_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "RELAY_", "DATABASE_URL"))}
+    # Proxy variables too: a developer's HTTP_PROXY would send the servers' loopback upstream traffic to it.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ANTHROPIC_", "RELAY_", "DATABASE_URL")) and not k.lower().endswith("_proxy")}
     env.update({"RELAY_OFFLINE_DELAY_MS": "0", "PYTHONUNBUFFERED": "1"})
     env.update(extra)
     return env
@@ -48,13 +54,15 @@ def _clean_env(extra: dict[str, str]) -> dict[str, str]:
 class Process:
     """A real server process (uvicorn) on a free port, with its log kept for assertions."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, port: int, ready_path: str) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, port: int, ready_path: str,
+                 cwd: Path = SERVER_CWD, preexec_fn: Callable[[], None] | None = None) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.ws_url = f"ws://127.0.0.1:{port}"
         self.log_path = log_path
         self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(args, cwd=SERVER_CWD, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     preexec_fn=preexec_fn)
         try:
             self._wait_ready(ready_path)
         except BaseException:
@@ -111,31 +119,52 @@ def _on_postgresql(url: str, *statements: str) -> list[tuple[Any, ...]]:
         return pool.submit(asyncio.run, run()).result(timeout=60)
 
 
-class RelayServer(Process):
-    """`python -m server` with a database of its own: a SQLite file, or a new PostgreSQL database."""
+def new_postgresql_database(server_url: str) -> tuple[str, str]:
+    """A new empty database on `server_url`'s PostgreSQL server: its URL (query kept) and the DROP that removes it."""
+    name = f"relay_{uuid.uuid4().hex[:12]}"
+    _on_postgresql(asyncpg_dsn(server_url), f"CREATE DATABASE {name}")
+    url = urlunsplit(urlsplit(server_url)._replace(path="/" + name))
+    return url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"
 
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None) -> None:
+
+class RelayServer(Process):
+    """`python -m server` with a database of its own: a SQLite file, or a new PostgreSQL database.
+
+    A DATABASE_URL in `env` (in any form the server accepts) is used instead, and `rows` reads it.
+
+    `database_url` names the database instead (the test's own server, or a SQLite file where the test
+    wants it); the test then owns it. `preexec_fn` runs in the server's process before it starts (tests lower
+    its resource limits there).
+    """
+
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None, database_url: str | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         port = free_port()
-        self.db_path = tmp / "relay.db"
-        self.database_url = f"sqlite:///{self.db_path}"
+        self.database_url = f"sqlite:///{tmp / 'relay.db'}"
         self._dropped_by = ""
-        if SERVERS_ON_POSTGRESQL:
-            name = f"relay_{uuid.uuid4().hex[:12]}"
-            _on_postgresql(SERVERS_ON_POSTGRESQL, f"CREATE DATABASE {name}")
-            self.database_url = SERVERS_ON_POSTGRESQL.rsplit("/", 1)[0] + "/" + name
-            self._dropped_by = f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        if database_url is not None:
+            self.database_url = database_url
+        elif env and "DATABASE_URL" in env:
+            self.database_url = env["DATABASE_URL"]
+        elif SERVERS_ON_POSTGRESQL:
+            self.database_url, self._dropped_by = new_postgresql_database(SERVERS_ON_POSTGRESQL)
         full_env = _clean_env({"DATABASE_URL": self.database_url, **(env or {})})
         super().__init__([SERVER_PYTHON, "-m", "server", "--port", str(port)], full_env, tmp / "server.log",
-                         port, "/healthz")
+                         port, "/healthz", preexec_fn=preexec_fn)
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite file (for a server on SQLite)."""
+        return Path(sqlite_path(self.database_url))
 
     def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         """A query on the server's database; `?` marks the parameters (literals only: tests, not input)."""
-        if not self.database_url.startswith("postgresql"):
+        if database_url(self.database_url).startswith("sqlite:"):
             with sqlite3.connect(self.db_path) as db:
                 return [tuple(row) for row in db.execute(sql, params).fetchall()]
         for param in params:
             sql = sql.replace("?", "'" + str(param).replace("'", "''") + "'", 1)
-        return _on_postgresql(self.database_url, sql)
+        return _on_postgresql(asyncpg_dsn(self.database_url), sql)
 
     def count(self, sql: str, *params: Any) -> int:
         return int(self.rows(sql, *params)[0][0])
@@ -143,7 +172,7 @@ class RelayServer(Process):
     def stop(self, sig: int = signal.SIGTERM) -> int:
         code = super().stop(sig)
         if self._dropped_by:
-            _on_postgresql(SERVERS_ON_POSTGRESQL, self._dropped_by)
+            _on_postgresql(asyncpg_dsn(SERVERS_ON_POSTGRESQL), self._dropped_by)
             self._dropped_by = ""
         return code
 
@@ -176,8 +205,9 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """Start servers with custom settings; all stopped (and checked for tracebacks) after the test."""
     started: list[Process] = []
 
-    def start(env: dict[str, str] | None = None) -> RelayServer:
-        relay = RelayServer(tmp_path_factory.mktemp("relay"), env)
+    def start(env: dict[str, str] | None = None, database_url: str | None = None,
+              preexec_fn: Callable[[], None] | None = None) -> RelayServer:
+        relay = RelayServer(tmp_path_factory.mktemp("relay"), env, database_url, preexec_fn)
         started.append(relay)
         return relay
 

@@ -72,6 +72,15 @@ async def sse_read(base_url: str, stream_id: str, last_event_id: int | None = No
             return [(int(e.id) if e.id else None, e.event, loads(e.data)) async for e in source.aiter_sse()]
 
 
+async def sse_resume(base_url: str, stream_id: str, last_event_id: int | None = None) -> httpx.Response:
+    """GET a stream as an EventSource would (Accept: text/event-stream), body read whole: status, headers, body."""
+    headers = {"Accept": "text/event-stream"}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = str(last_event_id)
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        return await client.get(f"/api/command-center/streams/{stream_id}", headers=headers)
+
+
 async def ws_stream(ws_url: str, frame: dict[str, Any]) -> list[Event]:
     """Send one message frame over a new socket and read its stream to the end."""
     async with websockets.connect(ws_url + "/api/command-center/ws") as socket:

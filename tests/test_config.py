@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from databases import DatabaseURL
 
-from server.config import ConfigError, load_settings
+from server.config import ConfigError, database_url, load_settings, masked_url
+from server.store import asyncpg_dsn, databases_url, sqlite_path
 
 
 def test_defaults_run_offline_on_a_local_sqlite_file():
@@ -37,7 +39,8 @@ def test_an_api_key_switches_to_the_configured_model():
         ({"PORT": "0"}, "PORT must be greater than 0, got '0'"),
         ({"RELAY_IDLE_TIMEOUT": "nan"}, "RELAY_IDLE_TIMEOUT must be a finite number, got 'nan'"),
         ({"RELAY_OFFLINE_DELAY_MS": "-1"}, "RELAY_OFFLINE_DELAY_MS must be 0 or more, got '-1'"),
-        ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL must start with sqlite:// or postgresql://, got 'mysql'"),
+        ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL must start with sqlite:// or postgresql:// (sqlite+aiosqlite://,"
+                                        " postgres:// and postgresql+asyncpg:// mean the same), got 'mysql'"),
         ({"ANTHROPIC_BASE_URL": "ftp://x"}, "ANTHROPIC_BASE_URL must be an http:// or https:// URL"),
         ({"REDIS_URL": "http://x"}, "REDIS_URL must start with redis://, rediss:// or unix://, got 'http'"),
         ({"RELAY_REDIS_PREFIX": "a b"}, "RELAY_REDIS_PREFIX must be a non-empty word without spaces"),
@@ -71,3 +74,79 @@ def test_a_broken_agents_file_is_a_config_error(tmp_path):
         load_settings({"RELAY_AGENTS_FILE": str(path)})
     with pytest.raises(ConfigError, match="cannot be read"):
         load_settings({"RELAY_AGENTS_FILE": str(tmp_path / "missing.json")})
+
+
+@pytest.mark.parametrize(("given", "canonical"), [
+    ("sqlite:///deltarelay.db", "sqlite:///deltarelay.db"),
+    ("sqlite+aiosqlite:///deltarelay.db", "sqlite:///deltarelay.db"),
+    ("SQLite+aiosqlite:////srv/relay/data.db", "sqlite:////srv/relay/data.db"),
+    ("postgresql://relay:pw@db.internal:5432/relay", "postgresql://relay:pw@db.internal:5432/relay"),
+    ("postgres://relay:pw@db.internal:5432/relay", "postgresql://relay:pw@db.internal:5432/relay"),
+    ("postgresql+asyncpg://relay@db.internal/relay", "postgresql://relay@db.internal/relay"),
+    # What hosts hand out: libpq's sslmode is kept; the databases library's ssl= is the same setting.
+    ("postgres://u:p@h:5432/d?sslmode=require", "postgresql://u:p@h:5432/d?sslmode=require"),
+    ("postgresql://u@h/d?ssl=true", "postgresql://u@h/d?sslmode=verify-full"),
+    ("postgresql://u@h/d?ssl=false", "postgresql://u@h/d?sslmode=disable"),
+    ("postgresql://u@h/d?max_size=4&ssl=prefer&min_size=1", "postgresql://u@h/d?sslmode=prefer&min_size=1&max_size=4"),
+])
+def test_database_urls_have_one_form_per_database(given, canonical):
+    """Fails before the fix: sqlite+aiosqlite:// and postgresql+asyncpg:// were refused, postgres:// kept as given,
+    and ?ssl= passed through unchanged."""
+    assert load_settings({"DATABASE_URL": given}).database_url == canonical
+    assert database_url(canonical) == canonical
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("postgresql+psycopg2://u:secretpw@h/d", "got 'postgresql+psycopg2'"),
+    ("mysql://u:secretpw@h/d", "got 'mysql'"),
+    ("sqlite+pysqlite:///x.db", "got 'sqlite+pysqlite'"),
+    ("sqlite:x.db", "got 'sqlite'"),
+    ("sqlite://host/x.db", "three slashes, then the file"),
+    ("sqlite:///x.db?mode=ro", "takes no parameters"),
+    ("sqlite:///:memory:", "must name a file"),
+    ("sqlite:///", "must name a file"),
+    ("postgresql://u:secretpw@h:port/d", "port that is not a number"),
+    ("postgresql://u:secretpw@h/d?channel_binding=require", "parameter 'channel_binding' is not supported"),
+    ("postgresql://u:secretpw@h/d?sslmode=sometimes", "sslmode must be one of disable, allow, prefer"),
+    ("postgresql://u:secretpw@h/d?ssl=true&sslmode=disable", "ssl and sslmode are one setting"),
+    ("postgresql://u:secretpw@h/d?max_size=0", "max_size must be a whole number above 0"),
+])
+def test_other_database_urls_are_refused_with_one_line_that_never_holds_the_password(url, says):
+    """Fails before the fix for every row but mysql: they were accepted (and failed later, or were ignored)."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"DATABASE_URL": url})
+    message = str(caught.value)
+    assert says in message and "DATABASE_URL" in message
+    assert "secretpw" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("url", [
+    "sqlite:///relative.db", "sqlite:////absolute/dir/x.db", "sqlite:///with%20space.db", "sqlite:///a%3Fb%23c.db",
+])
+def test_the_sqlite_writer_and_the_read_pool_open_the_same_file(url):
+    """The writer thread opens sqlite_path(url); databases opens its own reading of the URL: they must agree.
+    Fails if sqlite_path stops percent-decoding (with%20space.db)."""
+    assert sqlite_path(url) == DatabaseURL(databases_url(url)).database
+
+
+def test_the_drivers_get_the_canonical_url_in_the_form_each_reads():
+    """databases reads ssl= (not sslmode=) and asyncpg.connect reads libpq's form without the pool sizes.
+    Fails before the fix: databases_url passed sslmode through, which databases ignores."""
+    url = "postgres://u:p%40ss@h:5432/d?sslmode=require&max_size=3"
+    assert databases_url(url) == "postgresql+asyncpg://u:p%40ss@h:5432/d?ssl=require&max_size=3"
+    parsed = DatabaseURL(databases_url(url))
+    assert (parsed.password, parsed.options) == ("p@ss", {"ssl": "require", "max_size": "3"})
+    assert asyncpg_dsn(url) == "postgresql://u:p%40ss@h:5432/d?sslmode=require"
+    assert databases_url("sqlite:///x.db") == "sqlite+aiosqlite:///x.db"
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://relay:s3cret@db:5432/relay", "postgresql://relay:***@db:5432/relay"),
+    ("postgresql://relay@db/relay?sslmode=require", "postgresql://relay@db/relay?sslmode=require"),
+    ("redis://:s3cret@cache:6379/0", "redis://:***@cache:6379/0"),
+    ("rediss://default:s3cret@cache:6380/0?password=s3cret", "rediss://default:***@cache:6380/0?password=***"),
+    ("postgresql://relay:s3/cr#et@db/relay", "postgresql://relay:***@db/relay"),  # not percent-encoded
+    ("sqlite:////srv/x.db", "sqlite:////srv/x.db"),
+])
+def test_masked_urls_keep_everything_but_the_password(url, shown):
+    assert masked_url(url) == shown

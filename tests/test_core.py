@@ -14,7 +14,7 @@ import pytest
 import respx
 
 from server.core import Relay
-from server.errors import NotFoundError
+from server.errors import NotFoundError, StorageUnavailableError
 from server.protocol.frames import SendMessage
 from server.protocol.sse import SSEDecoder
 from server.store import new_id
@@ -474,3 +474,76 @@ async def test_cancel_right_after_start_still_ends_the_stream_and_saves_it_cance
     assert names(await collect(relay.hub, stream.id))[-1] == "done"
     saved = await relay.store.get_message(stream.message_id)
     assert saved is not None and saved["status"] == "cancelled"
+
+
+# --- saving when the database cannot take it ----------------------------------------------------------
+
+
+async def test_a_save_that_finds_its_message_finished_elsewhere_ends_with_an_error_never_done(relay, upstream,
+                                                                                              monkeypatch):
+    """Another process marked the answer interrupted before its save (issue 14, finding 6). Treating
+    FinishedElsewhereError as a successful save in run_stream fails this: the stream ended `done`."""
+    upstream.mock(return_value=sse_response(anthropic_stream_bytes(["Hel", "lo"])))
+    save_reply = relay.store.save_reply
+
+    async def marked_first(message_id: str, reply: Any) -> None:
+        assert await relay.store.interrupt_unfinished() == 1  # what a second process did on main
+        await save_reply(message_id, reply)
+
+    monkeypatch.setattr(relay.store, "save_reply", marked_first)
+    events = await run_to_end(relay, SendMessage("hello"))
+
+    assert names(events)[-1] == "error"
+    assert events[-1][2]["code"] == "interrupted" and events[-1][2]["retryable"] is True
+    assert "done" not in names(events)
+
+
+async def test_an_answer_whose_save_fails_for_a_while_ends_done_once_it_is_saved(tmp_path, upstream, monkeypatch):
+    """The database is back within RELAY_SAVE_WAIT_SECONDS: `done` waits for the save. Making _save give up
+    at the first StorageUnavailableError fails this (the stream ends with an error and nothing is saved)."""
+    async with relay_in_process(tmp_path, save_wait_seconds=30) as relay:
+        upstream.mock(return_value=sse_response(anthropic_stream_bytes(["Hel", "lo"])))
+        save_reply, failures = relay.store.save_reply, []
+
+        async def unavailable_three_times(message_id: str, reply: Any) -> None:
+            if len(failures) < 3:
+                failures.append(reply)
+                raise StorageUnavailableError("the database is restarting")
+            await save_reply(message_id, reply)
+
+        monkeypatch.setattr(relay.store, "save_reply", unavailable_three_times)
+        events = await run_to_end(relay, SendMessage("hello"))
+
+        assert names(events)[-2:] == ["cost", "done"] and len(failures) == 3
+        assert events[-1][2]["messageId"] is not None
+        _, assistant = await saved_messages(relay, events)
+        assert (assistant["content"], assistant["status"]) == ("Hello", "complete")
+
+
+async def test_past_the_save_wait_the_stream_ends_storage_unavailable_and_the_answer_is_saved_later(
+        tmp_path, upstream, monkeypatch):
+    """RELAY_SAVE_WAIT_SECONDS=0: the client is told at the first failed save, and the save goes on. Ending
+    with `done` there, or dropping the retries after the error event, fails this."""
+    async with relay_in_process(tmp_path, save_wait_seconds=0) as relay:
+        upstream.mock(return_value=sse_response(anthropic_stream_bytes(["Hel", "lo"])))
+        save_reply, back = relay.store.save_reply, asyncio.Event()
+
+        async def unavailable_until_back(message_id: str, reply: Any) -> None:
+            if not back.is_set():
+                raise StorageUnavailableError("the disk is full")
+            await save_reply(message_id, reply)
+
+        monkeypatch.setattr(relay.store, "save_reply", unavailable_until_back)
+        stream = await relay.start(SendMessage("hello"))
+        events = await collect(relay.hub, stream.id)
+
+        assert names(events)[-1] == "error" and "done" not in names(events)
+        error = events[-1][2]
+        assert (error["code"], error["retryable"], error["messageId"]) == ("storage_unavailable", True,
+                                                                           stream.message_id)
+        assert (await relay.store.get_message(stream.message_id) or {})["status"] == "streaming"
+        back.set()
+        async with asyncio.timeout(10):
+            await asyncio.wait([stream.task])
+        saved = await relay.store.get_message(stream.message_id) or {}
+        assert (saved["content"], saved["status"]) == ("Hello", "complete")

@@ -20,6 +20,7 @@ from .relay_clients import (
     relay_with_big_answer,
     send_message_request,
     sse_read,
+    sse_resume,
     text_of,
     unread_socket,
     ws_read_until_end,
@@ -121,11 +122,12 @@ async def test_a_cursor_that_cannot_be_served_gets_one_not_resumable_error_with_
             full = [(int(e.id), e.event, loads(e.data)) async for e in source.aiter_sse()]
     stream_id = full[0][2]["streamId"]
 
-    events = await sse_read(relay.url, stream_id, last_event_id=500 if cursor == "ahead" else 1)
+    refused = await sse_resume(relay.url, stream_id, last_event_id=500 if cursor == "ahead" else 1)
 
-    assert names(events) == ["error"]
-    assert events[0][2]["code"] == "not_resumable"
-    assert events[0][2]["messageId"] == full[-1][2]["messageId"]
+    # A JSON error, not a 200 event stream: an EventSource stops there instead of reconnecting.
+    assert refused.status_code == 410
+    assert refused.json()["error"]["code"] == "not_resumable"
+    assert refused.json()["error"]["messageId"] == full[-1][2]["messageId"]
     async with websockets.connect(relay.ws_url + "/api/command-center/ws") as ws:
         cursor_id = 500 if cursor == "ahead" else 1
         await ws.send(json.dumps({"type": "resume", "streamId": stream_id, "lastEventId": cursor_id}))
@@ -317,12 +319,12 @@ async def test_an_expired_stream_is_not_resumable_and_points_to_the_saved_answer
     full = await sse_read_new(relay.url, "gone soon")
     stream_id, message_id = full[0][2]["streamId"], full[-1][2]["messageId"]
 
-    over_sse = await sse_read(relay.url, stream_id, last_event_id=3)
+    over_sse = await sse_resume(relay.url, stream_id, last_event_id=3)
     async with websockets.connect(relay.ws_url + "/api/command-center/ws") as ws:
         await ws.send(json.dumps({"type": "resume", "streamId": stream_id, "lastEventId": 3}))
         over_ws = json.loads(await ws.recv())
 
-    assert names(over_sse) == ["error"]
-    assert (over_sse[0][2]["code"], over_sse[0][2]["messageId"]) == ("not_resumable", message_id)
+    assert over_sse.status_code == 404
+    assert (over_sse.json()["error"]["code"], over_sse.json()["error"]["messageId"]) == ("not_resumable", message_id)
     assert (over_ws["data"]["code"], over_ws["data"]["messageId"]) == ("not_resumable", message_id)
     assert saved(relay, message_id)[:2] == ("complete", expected_words(10))

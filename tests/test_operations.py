@@ -236,8 +236,9 @@ def test_healthz_is_liveness_and_readyz_turns_503_while_shutting_down(make_serve
 
 
 @pytest.mark.parametrize(("env", "says"), [
-    ({"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere"}, "cannot open the database 127.0.0.1:1/nowhere"),
-    ({"REDIS_URL": "redis://127.0.0.1:1/0"}, "cannot reach Redis at redis://127.0.0.1:1/0"),
+    ({"DATABASE_URL": "postgres://postgres:pw-never-shown@127.0.0.1:1/nowhere"},
+     "cannot open the database postgresql://postgres:***@127.0.0.1:1/nowhere"),
+    ({"REDIS_URL": "redis://:pw-never-shown@127.0.0.1:1/0"}, "cannot reach Redis at redis://:***@127.0.0.1:1/0"),
 ])
 def test_an_unreachable_database_or_redis_stops_the_start_with_one_line(tmp_path, env, says):
     base = {"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
@@ -245,3 +246,4 @@ def test_an_unreachable_database_or_redis_stops_the_start_with_one_line(tmp_path
                             env=_clean_env({**base, **env}), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and says in result.stderr and "Traceback" not in result.stderr
+    assert "pw-never-shown" not in result.stderr

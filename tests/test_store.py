@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,18 @@ import pytest
 from databases import Database
 
 from server.errors import NotFoundError
-from server.store import MIGRATIONS, Query, Reply, Status, Store, Turn, _statements, databases_url, new_id
+from server.store import (
+    MIGRATIONS,
+    FinishedElsewhereError,
+    Query,
+    Reply,
+    Status,
+    Store,
+    Turn,
+    _statements,
+    databases_url,
+    new_id,
+)
 
 from .conftest import SCHEMA_TABLES
 
@@ -258,14 +270,75 @@ async def test_interrupt_unfinished_spares_the_answers_of_live_instances(store):
     assert (await store.get_message(mine.assistant_message_id) or {})["status"] == "interrupted"
 
 
-async def test_a_message_is_finished_exactly_once(store):
+async def test_a_message_is_finished_exactly_once_and_a_save_that_matches_no_row_raises(store):
+    """Reverting save_reply to return False (the no-row case core.py took for success) fails this."""
     started = await turn(store, "hello")
-    assert await store.save_reply(started.assistant_message_id, reply("First save.")) is True
-    assert await store.save_reply(started.assistant_message_id, reply("", status=Status.ERROR)) is False
+    await store.save_reply(started.assistant_message_id, reply("First save."))
+    with pytest.raises(FinishedElsewhereError):
+        await store.save_reply(started.assistant_message_id, reply("", status=Status.ERROR))
+    with pytest.raises(FinishedElsewhereError):
+        await store.save_reply(new_id(), reply("no such message"))
 
     saved = await store.get_message(started.assistant_message_id)
     assert saved is not None
     assert (saved["content"], saved["status"]) == ("First save.", "complete")
+
+
+async def test_a_save_retried_after_its_commit_went_through_finds_its_own_write(store):
+    """A commit whose reply was lost with the connection is retried: the same `finished_at` counts as done.
+    Dropping the `completed_at = :t` arm of save_reply's WHERE fails this."""
+    started = await turn(store, "hello")
+    record = replace(reply("Saved once."), finished_at="2026-11-24T10:00:00.000000Z")
+    await store.save_reply(started.assistant_message_id, record)
+    await store.save_reply(started.assistant_message_id, record)
+    with pytest.raises(FinishedElsewhereError):
+        await store.save_reply(started.assistant_message_id, replace(record, finished_at=None))
+
+
+async def test_progress_is_saved_while_streaming_and_never_over_a_finished_answer(store):
+    """Dropping `AND status = :streaming` from save_progress's UPDATE fails this."""
+    running, finished = await turn(store, "running"), await turn(store, "finished")
+    await store.save_reply(finished.assistant_message_id, reply("The whole answer."))
+    partial = replace(reply("The wh", status=Status.STREAMING, cost=Decimal("0.00001")), cost_estimated=True)
+
+    await store.save_progress([(running.assistant_message_id, partial), (finished.assistant_message_id, partial)])
+
+    row = await store.get_message(running.assistant_message_id) or {}
+    assert (row["status"], row["content"], row["input_tokens"], row["cost"], row["cost_estimated"]) == (
+        "streaming", "The wh", 10, "0.00001", 1)
+    assert row["completed_at"] is None
+    done = await store.get_message(finished.assistant_message_id) or {}
+    assert (done["status"], done["content"]) == ("complete", "The whole answer.")
+    assert await store.interrupt_unfinished() == 1
+    left = await store.get_message(running.assistant_message_id) or {}
+    assert (left["status"], left["content"], left["cost"]) == ("interrupted", "The wh", "0.00001")
+
+
+async def test_a_start_spares_the_answers_of_a_process_that_holds_its_lease(url):
+    """A second Store on the same database stands for a second process. Making _lease_held answer False
+    fails this: the other process's running answer would be marked interrupted."""
+    first, second = Store(url), Store(url)
+    await first.connect()
+    await second.connect()
+    try:
+        await first.hold_instance("first")
+        await second.hold_instance("second")
+        mine = await first.begin_turn(conversation_id=None, agent_id="default", user_text="a", model="m",
+                                      stream_id=new_id(), task_trace_id="t", instance_id="first")
+        gone = await first.begin_turn(conversation_id=None, agent_id="default", user_text="b", model="m",
+                                      stream_id=new_id(), task_trace_id="t", instance_id="crashed")
+
+        assert await second.interrupt_unfinished({"second"}) == 1
+        assert await second.interrupt_instance("first") == 0
+
+        assert (await second.get_message(mine.assistant_message_id) or {})["status"] == "streaming"
+        assert (await second.get_message(gone.assistant_message_id) or {})["status"] == "interrupted"
+        await first.disconnect()  # the process ends: its lease goes with it
+        assert await second.interrupt_unfinished({"second"}) == 1
+        assert (await second.get_message(mine.assistant_message_id) or {})["status"] == "interrupted"
+    finally:
+        await first.disconnect()
+        await second.disconnect()
 
 
 # --- money ------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from .relay_clients import (
     relay_with_big_answer,
     send_message_request,
     sse_read,
+    sse_resume,
     sse_stream,
     text_of,
     unread_socket,
@@ -106,10 +107,13 @@ async def test_last_event_id_replays_exactly_the_events_after_it(server):
     assert rest == full[5:]
 
 
-async def test_unknown_stream_is_one_terminal_not_resumable_event_for_eventsource(server):
-    events = await sse_read(server.url, "no-such-stream")
-    assert names(events) == ["error"]
-    assert events[0][2]["code"] == "not_resumable"
+async def test_an_unknown_stream_is_a_404_not_resumable_for_an_eventsource_too(server):
+    """An EventSource fails on any status but 200 and does not reconnect. Fails if the endpoint goes back to a
+    200 stream of one error event for `Accept: text/event-stream` (its end had the browser reconnect in a loop)."""
+    eventsource = await sse_resume(server.url, "no-such-stream")
+    assert eventsource.status_code == 404
+    assert eventsource.headers["content-type"] == "application/json"
+    assert eventsource.json()["error"]["code"] == "not_resumable"
     async with httpx.AsyncClient(base_url=server.url) as client:
         response = await client.get("/api/command-center/streams/no-such-stream",
                                     headers={"accept": "application/json"})

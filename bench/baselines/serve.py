@@ -31,7 +31,7 @@ def serve_like_relay(make_app: Callable[[], Any], port: int, host: str = "127.0.
     serve(settings)
 
 
-def _uvicorn_websocket_protocol(quiet: bool) -> type:
+def _uvicorn_websocket_protocol(quiet: bool, guard: object = None) -> type:
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
     quiet_log = logging.getLogger("bench.websockets")

@@ -97,6 +97,16 @@ test('sse: not_resumable ends the stream with that error, and it does not try ag
   assert.equal(requestsOf(stream).length, 1)
 })
 
+test('sse: a 204 to a resume ends the stream with not_resumable, and it does not try again', async () => {
+  const stream = sseClient().send('ended:4')
+  const result = await stream.done
+  assert.equal(result.error.code, 'not_resumable')
+  assert.equal(result.error.retryable, false)
+  assert.equal(result.text, 'Hello 🙂 line\u2028sep naïve')
+  await new Promise((resolve) => setTimeout(resolve, 20))
+  assert.equal(requestsOf(stream).length, 1)
+})
+
 test('sse: slow_consumer is not an end: it resumes from the last id it really saw', async () => {
   const stream = sseClient().send('slow:3')
   const heard = collect(stream)
@@ -185,10 +195,23 @@ test('eventsource: slow_consumer resumes from the last id seen; not_resumable en
   assert.equal((await slow.done).text, TEXT)
   assert.deepEqual(requestsOf(slow).filter((r) => r.method === 'GET').map((r) => r.query), ['', '?lastEventId=3'])
 
+  // The refused resume (404) closes the EventSource; one fetch of the same URL reads why, and that is the end.
   const gone = esClient().send('gone:2')
-  const { error } = await gone.done
+  const { error, messageId } = await gone.done
   assert.equal(error.code, 'not_resumable')
-  assert.equal(requestsOf(gone).length, 2)
+  assert.equal(messageId, 'm7')
+  const gets = requestsOf(gone)
+  assert.deepEqual(gets.map((r) => [r.query, r.headers.accept]),
+    [['', 'text/event-stream'], ['?lastEventId=2', 'text/event-stream'], ['?lastEventId=2', 'application/json']])
+})
+
+test('eventsource: a 204 to a resume ends the stream with not_resumable, and it does not try again', async () => {
+  const stream = esClient().send('ended:2')
+  const { error } = await stream.done
+  assert.equal(error.code, 'not_resumable')
+  await new Promise((resolve) => setTimeout(resolve, 20))
+  assert.equal(requestsOf(stream).length, 3)
+  assert.ok(FetchEventSource.instances.every((source) => source.readyState === 2), 'every source closed')
 })
 
 // ---- WebSocket ------------------------------------------------------------------------

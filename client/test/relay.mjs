@@ -52,6 +52,7 @@ export function sse(id, event, data) {
 }
 
 const tick = () => new Promise((resolve) => setImmediate(resolve))
+const GONE = { code: 'not_resumable', message: 'stream expired', retryable: false, messageId: 'm7' }
 
 /**
  * A relay on a free loopback port. The message text picks the answer:
@@ -70,7 +71,10 @@ const tick = () => new Promise((resolve) => setImmediate(resolve))
  *                stall      stays open and silent until the client goes
  *                keepalive  sends ": keepalive" every 10 ms for 150 ms, then the rest
  *                slow       sends slow_consumer (with the stream's last id, as the server does) and ends
- *                gone       ends; every later connection gets one not_resumable event (id 0)
+ *                gone       ends; every later connection gets a 404 not_resumable error (messageId m7),
+ *                           as the server answers for an expired stream
+ *                ended      ends; every later connection gets a 204, as the server answers a cursor at
+ *                           the last event of a finished stream
  *                cancel     ends; later connections wait for the cancel endpoint, then
  *                           get an estimated cost and done "cancelled"
  *   "nostart"  a keepalive comment, then the body ends
@@ -113,6 +117,9 @@ export async function startRelay() {
       const after = Number(req.headers['last-event-id'] || url.searchParams.get('lastEventId') || 0)
       gets.set(streamId, (gets.get(streamId) || 0) + 1)
       if (!streams.has(streamId)) return error(res, 404, { code: 'not_resumable', message: 'unknown stream' })
+      const kind = /^(\w+):[\d,]+$/.exec(streams.get(streamId))?.[1]
+      if (gets.get(streamId) > 0 && kind === 'gone') return error(res, 404, GONE)
+      if (gets.get(streamId) > 0 && kind === 'ended') return res.writeHead(204).end()
       return answer(streams.get(streamId), res, { after, streamId, first: gets.get(streamId) === 1 })
     }
 
@@ -176,10 +183,6 @@ export async function startRelay() {
     // 0 for the POST (or an EventSource's first GET), then 1, 2... for the next GETs
     const connection = gets.get(streamId)
     const cut = connection < cuts.length ? cuts[connection] : Infinity
-    if (connection > 0 && kind === 'gone') {
-      const gone = { code: 'not_resumable', message: 'stream expired', retryable: false, messageId: 'm7' }
-      return res.end(sse(0, 'error', gone))
-    }
     if (connection > 0 && kind === 'cancel' && cut === Infinity) {
       const estimated = { ...COST, outputTokens: 2, estimated: true }
       const done = () => res.end(sse(after + 1, 'cost', estimated) + sse(after + 2, 'done', { ...DONE, stopReason: 'cancelled' }))

@@ -13,8 +13,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from ..core import Relay, resume
-from ..errors import BadRequestError, RelayError, TooLargeError
-from ..events import TERMINAL_EVENTS, Error, encode_data, error_event
+from ..errors import TooLargeError
+from ..events import TERMINAL_EVENTS, Error, encode_data
 from ..hub import Entry, LogLostError, StreamHub, Subscriber, SubscriberDropped
 from ..metrics import Metrics
 from ..protocol.frames import parse_event_id, parse_json_object, parse_send_message
@@ -181,7 +181,11 @@ async def post_message(request: Request) -> Response | EventStreamResponse:
 
 
 async def get_stream(request: Request) -> Response | EventStreamResponse:
-    """GET /api/command-center/streams/{id}: the stream's events after Last-Event-ID (EventSource-ready)."""
+    """GET /api/command-center/streams/{id}: the stream's events after Last-Event-ID (EventSource-ready).
+
+    204 when the stream has ended and the cursor is at its last event; a JSON error (404/410 not_resumable,
+    401, 429...) when it cannot be read. Neither has an EventSource reconnect.
+    """
     relay: Relay = request.app.state.relay
     limits = relay.limits
     raw_cursor = request.headers.get("last-event-id") or request.query_params.get("lastEventId") or "0"
@@ -193,18 +197,18 @@ async def get_stream(request: Request) -> Response | EventStreamResponse:
         held = user
         subscriber = await resume(relay, request.path_params["stream_id"], after, keepalive=True, user=user,
                                   transport="sse")
-    except RelayError as exc:
-        if held is not None:
-            limits.give_connection(held)
-        if isinstance(exc, BadRequestError) or _wants_json(request):
-            raise
-        # EventSource cannot read an error status's body: say it as one terminal event.
-        return Response(frame_entries([(0, "error", encode_data(error_event(exc)).decode())]),
-                        media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
     except BaseException:
+        # A RelayError is its JSON error and status, whatever the Accept header: an EventSource fails on any
+        # status but 200 and does not reconnect, and a fetch client reads the code (and messageId) from it.
         if held is not None:
             limits.give_connection(held)
         raise
+    if subscriber.closed and not subscriber.pending:
+        # The stream has ended and the client has had its every event. A 200, even empty, would have an
+        # EventSource reconnect every few seconds for as long as the page is open; 204 tells it to stop.
+        subscriber.detach()
+        limits.give_connection(user)
+        return Response(status_code=204, headers={"cache-control": "no-store"})
     return event_stream(subscriber, release=lambda: limits.give_connection(user), metrics=relay.metrics)
 
 

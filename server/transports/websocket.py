@@ -3,11 +3,13 @@
 Client frames: {"type": "message" | "resume" | "cancel" | "ping", ...}.
 Server frames: {"event", "streamId", "id", "data"} (+ "requestId" on the start of a
 stream the client asked for with one). Thin: parsing is in protocol/frames.py.
+A socket whose token or session stops working while it is open is closed with 4401.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import orjson
@@ -22,6 +24,9 @@ from ..protocol.frames import Cancel, Ping, Resume, SendMessage, parse_frame, re
 from .ws_protocol import SEND_BATCH
 
 log = logging.getLogger("deltarelay.ws")
+
+# The close code for a socket whose credentials stopped working (4000-4999 are the application's; 401 is HTTP's).
+CREDENTIAL_ENDED = 4401
 
 
 def error_frame(exc: RelayError, stream_id: str | None = None, request_id: str | None = None) -> str:
@@ -65,6 +70,21 @@ class Connection:
         except (RuntimeError, OSError):
             pass
 
+    def credential_ended(self) -> None:
+        """The token or session this socket opened with no longer holds: close it with 4401.
+
+        Its answers go on in the hub and are saved as usual; only this socket's reading stops.
+        """
+        task = asyncio.create_task(self._close(CREDENTIAL_ENDED, "your credentials are no longer valid"))
+        self.pumps.add(task)
+        task.add_done_callback(self.pumps.discard)
+
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        except (RuntimeError, OSError):
+            pass  # closed already
+
     async def refuse(self, exc: RelayError) -> None:
         """Answer the handshake with an HTTP error and a JSON body instead of opening the socket."""
         headers = [(b"content-type", b"application/json")]
@@ -83,6 +103,10 @@ class Connection:
         except RelayError as exc:
             await self.refuse(exc)
             return
+        except Exception:
+            log.exception("WebSocket handshake failed")
+            await self.refuse(RelayError("internal server error"))
+            return
         try:
             await self._serve()
         finally:
@@ -92,6 +116,8 @@ class Connection:
         await self._send({"type": "websocket.accept"})
         hub = self.relay.hub
         hub.keepalive_targets.add(self)
+        auth = self.relay.auth
+        auth.watch(self)  # a revoke, a sign-out or an expired session closes the socket (credential_ended)
         try:
             while True:
                 message = await self._receive()
@@ -104,8 +130,14 @@ class Connection:
                 await self.handle(raw)
         except OSError:
             return
+        except Exception:
+            # No exception takes a socket down without a close code: 1011 says the server failed.
+            log.exception("WebSocket connection failed")
+            with contextlib.suppress(RuntimeError, OSError):
+                await self._send({"type": "websocket.close", "code": 1011})
         finally:
             hub.keepalive_targets.discard(self)
+            auth.unwatch(self)
             # The generation goes on in the hub; only this socket's readers stop.
             for pump in list(self.pumps):
                 pump.cancel()
@@ -138,6 +170,13 @@ class Connection:
                 await self.relay.cancel(command.stream_id, self.user)
         except RelayError as exc:
             await self.send(error_frame(exc, request_id=request_id or request_id_of(raw)))
+        except OSError:
+            raise  # the socket itself is gone
+        except Exception:
+            # A bug, not the client's fault: this frame gets an error, and the socket stays open.
+            log.exception("WebSocket frame failed")
+            await self.send(error_frame(RelayError("internal server error"),
+                                        request_id=request_id or request_id_of(raw)))
 
     def check_room(self) -> None:
         limit = self.relay.settings.ws_max_streams

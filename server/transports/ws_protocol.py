@@ -1,6 +1,10 @@
 """The relay's WebSocket server protocol: uvicorn's websockets-sansio one, quieter, with a batched send.
 
-Three changes, each measured under load (bench.run --profile, tracemalloc):
+Three changes, each measured under load (bench.run --profile, tracemalloc), and the limits of
+http_protocol.ConnectionGuard (issue 14): a socket counts as waiting for its head until its handshake is
+answered (within the same timeout, else a 503), a refused handshake is one WARNING line per peer per minute
+instead of uvicorn's ERROR "returned without completing handshake" per socket, and a peer that reads nothing
+for the write timeout while frames wait is cut off (pings notice it too, but only after interval + timeout).
 
 - No INFO lines per WebSocket unless the access log is on. uvicorn logs '"WebSocket /path" [accepted]'
   through its error logger (even with the access log off) and websockets logs "connection open": at 500 new
@@ -17,6 +21,12 @@ Three changes, each measured under load (bench.run --profile, tracemalloc):
   deques (1.9 KB), a writable flag without asyncio.Event's deque (0.6 KB), and the handshake's request and
   response let go once the socket is open (about 2 KB: websockets' handshake parser kept the request, every header
   parsed, as a local for the socket's life).
+
+uvicorn internals this module relies on (uvicorn 0.54, WebSocketsSansIOProtocol): `conn` (websockets'
+ServerProtocol: `parser`, `reader`, `logger`, `state`, `extensions`, `reject`, `send_response`,
+`data_to_send`), `queue`, `writable`, `logger`, `request`, `response`, `scope`, `transport`, `client`, `loop`,
+`handshake_complete`, `close_sent`, `disconnected`, `handle_connect()`, and the flow-control hooks
+`pause_writing` and `resume_writing`.
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ from typing import Any
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import Protocol, State
+
+from .http_protocol import ConnectionGuard
 
 SEND_BATCH = "deltarelay.websocket.send_batch"
 
@@ -43,11 +55,12 @@ def text_frame(payload: bytes) -> bytes:
     return struct.pack("!BBQ", 0x81, 127, size) + payload
 
 
-def relay_websocket_protocol(quiet: bool) -> type[WebSocketsSansIOProtocol]:
+def relay_websocket_protocol(quiet: bool, guard: ConnectionGuard | None = None) -> type[WebSocketsSansIOProtocol]:
     """The protocol class for uvicorn's `ws=` setting; `quiet`: no INFO lines per socket."""
     # Not under "uvicorn.": uvicorn's logging setup resets the levels of its loggers' children.
     socket_log = logging.getLogger("deltarelay.websockets")
     socket_log.setLevel(logging.WARNING if quiet else logging.NOTSET)
+    limits = guard if guard is not None else ConnectionGuard()
 
     class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -57,9 +70,18 @@ def relay_websocket_protocol(quiet: bool) -> type[WebSocketsSansIOProtocol]:
             self.queue = ReceiveQueue()  # type: ignore[assignment]
             self.writable = WritableFlag()  # type: ignore[assignment]
             self.frame_writer = FrameWriter(self)
+            self.write_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            limits.wait_for_head(self, self.loop)  # until the app accepts or refuses the handshake
 
         def handle_connect(self, event: Any) -> None:
             super().handle_connect(event)
+            if self.handshake_complete:  # websockets refused the request itself (not a valid handshake)
+                limits.got_head(self)
+                limits.refused(self.client, f"refused a WebSocket handshake: {self.response.status_code}")
+                return
             self.scope["extensions"][SEND_BATCH] = {"writer": self.frame_writer}
             conn = self.conn
             if not conn.reader.buffer:
@@ -69,15 +91,30 @@ def relay_websocket_protocol(quiet: bool) -> type[WebSocketsSansIOProtocol]:
                 next(conn.parser)
 
         def connection_lost(self, exc: Exception | None) -> None:
+            limits.got_head(self)
+            if self.write_timer is not None:
+                self.write_timer.cancel()
+                self.write_timer = None
             super().connection_lost(exc)
             self.frame_writer.protocol = None  # the scope holds the writer: no cycle back to this protocol
 
         async def send(self, message: Any) -> None:
-            if message["type"] != SEND_BATCH:
-                if message["type"] == "websocket.send":
+            kind = message["type"]
+            if kind != SEND_BATCH:
+                if kind == "websocket.send":
                     self.frame_writer.flush()  # frames queued earlier go first
+                    await super().send(message)
+                    return
                 await super().send(message)
-                if message["type"] == "websocket.accept" and self.handshake_complete:
+                if kind == "websocket.http.response.start":
+                    limits.refused(self.client, f"refused a WebSocket handshake: {message['status']}")
+                elif not self.handshake_complete and self.close_sent:
+                    # The refusal's body is written and the socket closed: that answers the handshake (uvicorn
+                    # would log an ERROR that it never completed, once per refused socket).
+                    self.handshake_complete = True
+                if self.handshake_complete:
+                    limits.got_head(self)
+                if kind == "websocket.accept" and self.handshake_complete:
                     # The response is written: its headers and the request's are not read again.
                     self.request = self.response = None  # type: ignore[assignment]
                 return
@@ -85,6 +122,39 @@ def relay_websocket_protocol(quiet: bool) -> type[WebSocketsSansIOProtocol]:
             await self.writable.wait()
             if self.disconnected or not self.frame_writer.write(message["texts"]):
                 raise ClientDisconnected()
+
+        def head_timed_out(self) -> None:
+            self._unanswered(f"the WebSocket handshake was not answered within {limits.head_timeout:g} s")
+
+        def evicted(self) -> None:
+            self._unanswered("too many connections are waiting to send a request")
+
+        def _unanswered(self, reason: str) -> None:
+            """503 to a handshake the app has not answered yet; the app's answer, when it comes, finds it gone."""
+            if self.handshake_complete:
+                return
+            limits.refused(self.client, f"refused a WebSocket handshake: 503 {reason}")
+            self.handshake_complete = self.close_sent = self.disconnected = True
+            if not self.transport.is_closing():
+                self.conn.send_response(self.conn.reject(503, reason + "\n"))
+                self.transport.write(b"".join(self.conn.data_to_send()))
+                self.transport.close()
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self.write_timer is None:
+                self.write_timer = self.loop.call_later(limits.write_timeout, self._write_timed_out)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self.write_timer is not None:
+                self.write_timer.cancel()
+                self.write_timer = None
+
+        def _write_timed_out(self) -> None:
+            self.write_timer = None
+            limits.refused(self.client, f"cut off a WebSocket that read nothing for {limits.write_timeout:g} s")
+            self.transport.abort()  # close() would wait for a flush that never comes
 
     return RelayWebSocketProtocol
 

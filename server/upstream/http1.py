@@ -1,16 +1,24 @@
 """A minimal HTTP/1.1 client for the one call the relay makes: POST a JSON body, read the streamed answer.
 
-An asyncio protocol with httptools' C parser (chunked decoding included) and a keep-alive pool. Measured
-against httpx-aiohttp with 500 concurrent streams (bench/upstream.py, one core): a stream's request and
-response cost about 400 us of CPU through httpx.Request + aiohttp's ClientSession, most of it per-request
-Python machinery (header multidicts, tracing hooks, timeouts, payload objects) that one fixed API call never
-needs. Errors are httpx's exception types, so callers map them as for any httpx transport; it is also an
-`httpx.AsyncBaseTransport` for code that builds httpx requests.
+An asyncio protocol with httptools' C parser (chunked decoding included), a keep-alive pool, HTTP proxies
+(HTTPS_PROXY and friends, through server/upstream/proxies.py: a CONNECT tunnel for https, absolute-form
+requests for http) and happy eyeballs. It is hand-written because one fixed API call needs none of a
+general client's per-request machinery (httpx.Request, aiohttp's ClientSession: header multidicts, tracing
+hooks, timeouts, payload objects), which was the largest cost of a stream's start. Measured when it became
+the default (commit dc6a1e6, 500 concurrent streams, bench/upstream.py, CPU on one core), the upstream
+request and response of one stream cost 163 us instead of httpx-aiohttp's 400 us on a new connection and
+80 us instead of 230 us on a reused one; the relay's CPU per stream started (500 streams x 1 delta over 1 s)
+fell from 1,180 to 940 us over SSE and from 1,440 to 1,160 us over the WebSocket. Errors are httpx's
+exception types, so callers map them as for any httpx transport; it is also an `httpx.AsyncBaseTransport`
+for code that builds httpx requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import itertools
+import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
@@ -19,8 +27,18 @@ from typing import Any
 import httptools
 import httpx
 
+from .proxies import Proxy, ProxyEnvironment
+
 # Stop reading from the socket while this much body is buffered and not yet consumed.
 _HIGH_WATER = 256 * 1024
+# Happy eyeballs (RFC 8305): the next address is tried this long after the last attempt started, unless it
+# failed sooner. 250 ms is the RFC's default and anyio's, which httpx connects through.
+HAPPY_EYEBALLS_DELAY = 0.25
+# A proxy's answer to CONNECT is a status line and a few headers.
+_MAX_PROXY_ANSWER = 64 * 1024
+
+# A pooled connection's key: the upstream's scheme, host and port, and the proxy in between (or None).
+Key = tuple[str, str, int, Proxy | None]
 
 
 class Http1Response:
@@ -105,10 +123,14 @@ class Http1Response:
         self._wake()
 
 
+class _OutOfTurn(Exception):
+    """A response began that no request asked for."""
+
+
 class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection; one request at a time."""
 
-    def __init__(self, pool: Http1Transport, key: tuple[str, str, int], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, pool: Http1Transport, key: Key, loop: asyncio.AbstractEventLoop) -> None:
         self.pool = pool
         self.key = key
         self.loop = loop
@@ -118,7 +140,8 @@ class _Connection(asyncio.Protocol):
         self.headers_ready: asyncio.Future[None] | None = None
         self.closed = False
         self.reusable = False  # the last response ended cleanly with keep-alive
-        self.received = False  # any byte of the current response arrived
+        self.received = False  # any byte came back since the current request was sent
+        self.interim = False  # the message being parsed is a 1xx answer, not the response
         self.idle_since = 0.0
         self.paused = False
         self.discarded = False  # the pool no longer counts it
@@ -163,10 +186,22 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        response = self.response
+        if response is None or response._complete:
+            # Bytes no request asked for (on an idle pooled connection, or after the response's end): whatever
+            # the server meant, the next request on this connection could be answered with them.
+            self.reusable = False
+            self.close()
+            self.pool._discard(self)
+            return
         self.received = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            if response._complete:  # the response ended and more came in the same read: see above
+                self.reusable = False
+                self.close()
+                return
             self._lost(httpx.RemoteProtocolError(f"invalid HTTP response from the upstream: {exc}"))
             self.close()
 
@@ -190,20 +225,35 @@ class _Connection(asyncio.Protocol):
         if self.response is not None:
             self.response._fail(error)
 
-    # httptools callbacks
+    # httptools callbacks (only while a response is expected: data_received sees to that)
+    def on_message_begin(self) -> None:
+        response = self.response
+        if response is None or response._complete:
+            raise _OutOfTurn
+        response.raw_headers.clear()  # an interim answer's headers are not the response's
+        response._chunked = response._length_known = False
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.response is not None
-        self.response.raw_headers.append((name, value))
+        response = self.response
+        assert response is not None
+        response.raw_headers.append((name, value))
         lower = name.lower()
         if lower == b"transfer-encoding":
-            self.response._chunked = b"chunked" in value.lower()
+            response._chunked = b"chunked" in value.lower()
         elif lower == b"content-length":
-            self.response._length_known = True
+            response._length_known = True
 
     def on_headers_complete(self) -> None:
         response = self.response
         assert response is not None
-        response.status_code = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            if status == 101:  # nothing here asks to switch protocols
+                raise httptools.HttpParserError("101 Switching Protocols to a request that asked for no upgrade")
+            # 100 Continue, 103 Early Hints: interim answers; the response follows on the same connection.
+            self.interim = True
+            return
+        response.status_code = status
         if self.headers_ready is not None and not self.headers_ready.done():
             self.headers_ready.set_result(None)
 
@@ -215,21 +265,55 @@ class _Connection(asyncio.Protocol):
         response = self.response
         if response is None:
             return
+        if self.interim:
+            self.interim = False
+            return
         self.reusable = self.parser.should_keep_alive()
         response._complete = True
         response._wake()
 
 
+class _TunnelAnswer(asyncio.Protocol):
+    """Reads a proxy's answer to CONNECT: `answer` gets its head (status line and headers)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.head = bytearray()
+        self.answer: asyncio.Future[bytes] = loop.create_future()
+
+    def data_received(self, data: bytes) -> None:
+        if self.answer.done():
+            return
+        self.head += data
+        end = self.head.find(b"\r\n\r\n")
+        if end >= 0:
+            self.answer.set_result(bytes(self.head[:end]))
+        elif len(self.head) > _MAX_PROXY_ANSWER:
+            self.answer.set_exception(httpx.ProxyError(f"the proxy {self.proxy} answered CONNECT with more than"
+                                                       f" {_MAX_PROXY_ANSWER} bytes of headers"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(httpx.ProxyError(f"the proxy {self.proxy} closed the connection before"
+                                                       f" answering CONNECT ({exc or 'EOF'})"))
+
+
 class Http1Transport(httpx.AsyncBaseTransport):
-    """HTTP/1.1 to one or more hosts, with at most `max_connections` open and idle ones kept for reuse."""
+    """HTTP/1.1 to one or more hosts, with at most `max_connections` open and idle ones kept for reuse.
+
+    `proxies` (from the environment: server/upstream/proxies.py) says which URLs go through which proxy;
+    connections are pooled per (scheme, host, port, proxy).
+    """
 
     def __init__(self, max_connections: int = 100, keepalive_expiry: float = 5.0, connect_timeout: float = 10.0,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, proxies: ProxyEnvironment | None = None) -> None:
         self.max_connections = max_connections
         self.keepalive_expiry = keepalive_expiry
         self.connect_timeout = connect_timeout
         self._ssl_context = ssl_context
-        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._proxies = proxies or ProxyEnvironment()
+        self._routes: dict[tuple[str, str, int | None], Key] = {}
+        self._idle: dict[Key, list[_Connection]] = {}
         self._open = 0
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
@@ -239,36 +323,54 @@ class Http1Transport(httpx.AsyncBaseTransport):
             self._ssl_context = httpx.create_ssl_context()
         return self._ssl_context
 
-    async def send(self, url: httpx.URL, head: bytes, body: bytes) -> Http1Response:
-        """Send one request (`head`: the request line and headers, CRLF-terminated, blank line included) and
-        return its response once the status and headers arrived.
+    def route(self, url: httpx.URL) -> Key:
+        """The pool key of `url`: its scheme, host and port, and the proxy that serves it (or None)."""
+        key = self._routes.get((url.scheme, url.host, url.port))
+        if key is None:
+            scheme = url.scheme
+            key = (scheme, url.host, url.port or (443 if scheme == "https" else 80), self._proxies.proxy_for(url))
+            self._routes[(url.scheme, url.host, url.port)] = key
+        return key
 
-        Raises httpx.ConnectError/ConnectTimeout/PoolTimeout/ReadError/RemoteProtocolError.
+    async def send(self, url: httpx.URL, head: bytes, body: bytes) -> Http1Response:
+        """Send one request (`head`: the request line with an origin-form target such as /v1/messages, and
+        headers, CRLF-terminated, blank line included) and return its response once the status and headers
+        arrived. Through a proxy, an http:// request's target is made absolute-form and carries the proxy's
+        credentials; an https:// one goes through a CONNECT tunnel as it is.
+
+        Raises httpx.ConnectError/ConnectTimeout/PoolTimeout/ProxyError/ReadError/RemoteProtocolError.
         """
-        scheme = url.scheme
-        key = (scheme, url.host, url.port or (443 if scheme == "https" else 80))
+        key = self.route(url)
+        proxy = key[3]
+        if proxy is not None and key[0] == "http":
+            head = _absolute_form(head, url, proxy)
+        data = head + body
         for attempt in (0, 1):
-            connection, reused = await self._connection(key)
-            response = connection.send(head + body)
+            connection, reused = await self._connection(key, fresh=attempt == 1)
+            response = connection.send(data)
             try:
                 await connection.headers_ready  # type: ignore[misc]
             except BaseException as exc:
                 connection.close()
                 self._discard(connection)
-                # A kept-alive connection the server closed meanwhile: the request never got an answer.
-                if isinstance(exc, httpx.ReadError) and reused and attempt == 0 and not connection.received:
+                # A POST is not idempotent: it is sent again, once and on a new connection, only when a
+                # kept-alive connection failed before a single byte came back (the server closed it, idle, as
+                # it was reused: it did not take the request). Once any byte came back, even an interim 100,
+                # the server may have acted on it, and the error is the caller's.
+                if isinstance(exc, httpx.ReadError) and reused and not connection.received:
                     continue
                 raise
             return response
         raise AssertionError("unreachable")
 
-    async def _connection(self, key: tuple[str, str, int]) -> tuple[_Connection, bool]:
+    async def _connection(self, key: Key, fresh: bool = False) -> tuple[_Connection, bool]:
+        """An idle connection for `key` (unless `fresh`), else a new one; and whether it was reused."""
         if self._closed:
             raise httpx.ConnectError("the upstream transport is closed")
         loop = asyncio.get_running_loop()
         idle = self._idle.get(key)
         now = loop.time()
-        while idle:
+        while idle and not fresh:
             connection = idle.pop()
             connection.in_idle = False
             if connection.closed or now - connection.idle_since > self.keepalive_expiry:
@@ -278,23 +380,52 @@ class Http1Transport(httpx.AsyncBaseTransport):
             return connection, True
         await self._slot()
         connection = _Connection(self, key, loop)
-        scheme, host, port = key
         try:
             async with asyncio.timeout(self.connect_timeout):
-                if scheme == "https":
-                    await loop.create_connection(lambda: connection, host, port, ssl=self.ssl_context(),
-                                                 server_hostname=host)
-                else:
-                    await loop.create_connection(lambda: connection, host, port)
+                await self._open_connection(connection, loop)
         except BaseException as exc:
             connection.close()
             self._discard(connection)
+            scheme, host, port, proxy = key
+            where = f"{host}:{port}" if proxy is None else f"{host}:{port} through the proxy {proxy}"
             if isinstance(exc, TimeoutError):
-                raise httpx.ConnectTimeout(f"could not connect to {host}:{port} in time") from None
+                raise httpx.ConnectTimeout(f"could not connect to {where} in time") from None
             if isinstance(exc, OSError | ssl.SSLError):
-                raise httpx.ConnectError(f"could not connect to {host}:{port}: {exc}") from None
+                raise httpx.ConnectError(f"could not connect to {where}: {exc}") from None
             raise
         return connection, False
+
+    async def _open_connection(self, connection: _Connection, loop: asyncio.AbstractEventLoop) -> None:
+        """Connect `connection`: to the upstream, or to its proxy (and through a tunnel for https)."""
+        scheme, host, port, proxy = connection.key
+        if proxy is None:
+            sock = await connect_socket(loop, host, port)
+            tls = self.ssl_context() if scheme == "https" else None
+            await loop.create_connection(lambda: connection, sock=sock, ssl=tls, server_hostname=host if tls else None)
+            return
+        to_proxy = self.ssl_context() if proxy.url.scheme == "https" else None
+        sock = await connect_socket(loop, proxy.host, proxy.port)
+        if scheme == "http":
+            await loop.create_connection(lambda: connection, sock=sock, ssl=to_proxy,
+                                         server_hostname=proxy.host if to_proxy else None)
+            return
+        tunnel = _TunnelAnswer(loop, proxy)
+        transport, _ = await loop.create_connection(lambda: tunnel, sock=sock, ssl=to_proxy,
+                                                    server_hostname=proxy.host if to_proxy else None)
+        try:
+            authority = _authority(host, port)
+            request = [b"CONNECT " + authority + b" HTTP/1.1", b"host: " + authority]
+            if proxy.authorization is not None:
+                request.append(b"proxy-authorization: " + proxy.authorization)
+            transport.write(b"\r\n".join(request) + b"\r\n\r\n")
+            _check_tunnel(await tunnel.answer, proxy, authority)
+            # TLS with the upstream inside the tunnel, its certificate checked for the upstream's name.
+            tls_transport = await loop.start_tls(transport, connection, self.ssl_context(), server_hostname=host)
+        except BaseException:
+            transport.close()
+            raise
+        assert tls_transport is not None
+        connection.connection_made(tls_transport)
 
     async def _slot(self) -> None:
         if self._open >= self.max_connections:
@@ -365,7 +496,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
             if name.lower() in (b"content-length", b"transfer-encoding"):
                 continue
             lines.append(name + b": " + value)
-        lines.append(b"content-length: %d" % len(body))
+        lines.append(b"Content-Length: %d" % len(body))
         response = await self.send(url, b"\r\n".join(lines) + b"\r\n\r\n", body)
         return httpx.Response(response.status_code, headers=response.raw_headers, stream=_Stream(response),
                               request=request, extensions={"http_version": b"HTTP/1.1"})
@@ -391,9 +522,104 @@ class _Stream(httpx.AsyncByteStream):
         await self.response.aclose()
 
 
+async def connect_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """A connected non-blocking TCP socket to `host`:`port`, by happy eyeballs (RFC 8305, as httpx's anyio
+    does; uvloop's create_connection has no happy_eyeballs_delay): the addresses in getaddrinfo's order with
+    the families interleaved, each attempt started HAPPY_EYEBALLS_DELAY after the one before (at once if that
+    one failed), the first to connect kept and the others cancelled.
+
+    Raises:
+        OSError: no address connected (the last address's error), or the name did not resolve.
+    """
+    infos: list[tuple[Any, ...]]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        infos = list(await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+    else:  # an address: no resolver (a thread) needed
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        infos = [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+    if not infos:
+        raise OSError(f"{host} resolves to no address")
+    families: dict[int, list[Any]] = {}
+    for info in infos:
+        families.setdefault(info[0], []).append(info)
+    addresses = iter([info for group in itertools.zip_longest(*families.values()) for info in group if info])
+    attempts: set[asyncio.Task[socket.socket]] = set()
+    errors: list[BaseException] = []
+    try:
+        address = next(addresses, None)
+        while address is not None or attempts:
+            if address is not None:
+                attempts.add(loop.create_task(_connect_one(loop, address)))
+                address = next(addresses, None)
+            done, attempts = await asyncio.wait(attempts, timeout=HAPPY_EYEBALLS_DELAY if address else None,
+                                                return_when=asyncio.FIRST_COMPLETED)
+            for attempt in done:
+                error = attempt.exception()
+                if error is None:
+                    winner = attempt.result()
+                    for other in done - {attempt}:
+                        _close_socket_of(other)
+                    return winner
+                errors.append(error)
+        raise errors[-1]
+    finally:
+        for attempt in attempts:
+            attempt.cancel()
+            attempt.add_done_callback(_close_socket_of)
+
+
+async def _connect_one(loop: asyncio.AbstractEventLoop, info: Any) -> socket.socket:
+    family, kind, proto, _, address = info
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await loop.sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _close_socket_of(attempt: asyncio.Task[socket.socket]) -> None:
+    if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
+        attempt.result().close()
+
+
+def _authority(host: str, port: int) -> bytes:
+    return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode("ascii")
+
+
+def _check_tunnel(head: bytes, proxy: Proxy, authority: bytes) -> None:
+    """Raise httpx.ProxyError unless `head` is a 2xx answer to CONNECT (its message starts with the status)."""
+    status_line = head.split(b"\r\n", 1)[0]
+    parts = status_line.split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise httpx.ProxyError(f"the proxy {proxy} answered CONNECT {authority.decode()} with something that is"
+                               f" not HTTP")
+    status = int(parts[1])
+    if not 200 <= status < 300:
+        reason = parts[2].decode("latin-1", "replace").strip() if len(parts) > 2 else ""
+        raise httpx.ProxyError(f"{status} {reason} from the proxy {proxy} to CONNECT {authority.decode()}")
+
+
+def _absolute_form(head: bytes, url: httpx.URL, proxy: Proxy) -> bytes:
+    """`head` for a proxy: the request target as a whole URL, and the proxy's credentials if it has some."""
+    end = head.index(b"\r\n")
+    method, target, version = head[:end].split(b" ", 2)
+    line = b"%s %s://%s%s %s" % (method, url.raw_scheme, url.netloc, target, version)
+    if proxy.authorization is not None:
+        line += b"\r\nproxy-authorization: " + proxy.authorization
+    return line + head[end:]
+
+
 def request_head(url: httpx.URL, headers: dict[str, str], extra: dict[str, Any] | None = None) -> bytes:
     """The fixed part of a POST to `url` with `headers`: everything up to the content-length value."""
     lines = [b"POST " + url.raw_path + b" HTTP/1.1", b"host: " + url.netloc]
     for name, value in {**headers, **(extra or {})}.items():
         lines.append(name.encode("ascii") + b": " + str(value).encode("latin-1"))
-    return b"\r\n".join(lines) + b"\r\ncontent-length: "
+    # Spelled as httpx and aiohttp spell it: proxy.py 2.4 looks for this spelling only when it forwards a
+    # request, and adds a second Content-Length (which servers refuse with a 400) after any other.
+    return b"\r\n".join(lines) + b"\r\nContent-Length: "
