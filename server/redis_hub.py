@@ -401,8 +401,8 @@ class RedisStreamHub(StreamHub):
             try:
                 await self._mirror(stream_id)
             except (RedisError, OSError) as exc:
-                raise RelayError("the streams of other instances cannot be read now; try again",
-                                 code="storage_unavailable", status=503, retryable=True) from exc
+                raise RelayError("the streams of other instances cannot be read now (Redis does not answer);"
+                                 " try again", code="stream_unavailable", status=503, retryable=True) from exc
         stream = self.get(stream_id)
         if stream.task is None and after > stream.last_id:
             # The client may have read these events from the owner a moment before they reached Redis.

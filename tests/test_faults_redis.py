@@ -3,7 +3,7 @@ two relay instances sharing it and a PostgreSQL database; the burial of 500 orph
 resuming from event 0; an upstream error that echoes the API key.
 
 The Redis tests need redis-server and a PostgreSQL URL in TEST_DATABASE_URLS (each test gets a database of
-its own, dropped after it); the others run anywhere. Never the machine's shared Redis: `tests/own_redis.py`.
+its own, dropped after it); the others run anywhere. Never the machine's shared Redis: `tests/own_services.py`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from httpx_sse import aconnect_sse
 
 from .conftest import _on_postgresql
-from .own_redis import OwnRedis, own_redis
+from .own_services import OwnRedis, own_redis
 from .relay_clients import Event, expected_words, loads, names, sse_read, sse_stream, text_of, unread_socket
 
 POSTGRES_URLS = [url.strip() for url in os.environ.get("TEST_DATABASE_URLS", "").split(",")
