@@ -120,7 +120,7 @@ def new_epoch() -> str:
 
 
 @dataclass(slots=True)
-class Copy:
+class LogCopy:
     """What Redis holds of one of this instance's streams, until its last event is written."""
 
     stream: LiveStream
@@ -157,8 +157,8 @@ class RedisStreamHub(StreamHub):
         # The blocking XREAD holds its connection for up to READ_BLOCK_MS: a client of its own.
         self.reader: Redis = Redis.from_url(redis_url, decode_responses=True)
         self._scripts = {source: "" for source in (APPEND_SCRIPT, COPY_SCRIPT, END_SCRIPT)}  # source -> sha
-        self._copies: dict[str, Copy] = {}  # this instance's streams whose last event Redis has not taken yet
-        self._dirty: dict[str, Copy] = {}  # those with events to write
+        self._copies: dict[str, LogCopy] = {}  # this instance's streams whose last event Redis has not taken yet
+        self._dirty: dict[str, LogCopy] = {}  # those with events to write
         self._dirty_ready = asyncio.Event()
         self._copied_usage: dict[str, Usage] = {}
         self._mirrors: dict[str, LiveStream] = {}  # log key -> mirror still being read
@@ -285,7 +285,7 @@ class RedisStreamHub(StreamHub):
     def create(self, stream_id: str, conversation_id: str, message_id: str, model: str) -> LiveStream:
         stream = super().create(stream_id, conversation_id, message_id, model)
         stream.sink = self._queue
-        self._copies[stream_id] = Copy(stream, new_epoch())
+        self._copies[stream_id] = LogCopy(stream, new_epoch())
         return stream
 
     def _queue(self, stream: LiveStream, event_id: int, name: str, data: str) -> None:
@@ -326,7 +326,7 @@ class RedisStreamHub(StreamHub):
             if self._closing and not self._dirty:
                 return
 
-    async def _write(self, copies: list[Copy]) -> None:
+    async def _write(self, copies: list[LogCopy]) -> None:
         """One pipeline: for each stream, the events Redis does not have yet from its log, and its usage copy.
 
         Raises:
@@ -335,7 +335,7 @@ class RedisStreamHub(StreamHub):
         pipe = self.redis.pipeline(transaction=False)
         running = self._running_key(self.instance_id)
         retention = max(1, math.ceil(self.retention_seconds))
-        sent: list[tuple[int, Copy, int]] = []  # (index of its script, copy, last id sent)
+        sent: list[tuple[int, LogCopy, int]] = []  # (index of its script, copy, last id sent)
         for copy in copies:
             stream = copy.stream
             if stream.last_id <= copy.written:
