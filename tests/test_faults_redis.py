@@ -137,8 +137,8 @@ async def rows(database_url: str, sql: str, *args: Any) -> list[Any]:
 @needs_postgres
 async def test_a_redis_restart_mid_answer_gives_a_reader_on_the_other_instance_every_event_once(
         instances, redis_server):
-    """Fails on the old writer (it dropped what Redis did not take, and wrote on into the new empty Redis:
-    the mirror took the jump) and with the mirror's gap check removed."""
+    """Fails with the old writer (it dropped what Redis did not take after three tries, and wrote on into the
+    new, empty Redis from the next id: the mirror took the jump)."""
     a, b = instances()
     stream_id = await start_in_background(a.url)
     watcher = Watcher(b.url, stream_id)
