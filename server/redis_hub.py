@@ -365,22 +365,19 @@ class RedisStreamHub(StreamHub):
             return
         results = await pipe.execute(raise_on_error=False)
         refused: Exception | None = None
+        scripts_lost = False
+        lost: list[LogCopy] = []
         for index, copy, last_id in sent:
             result = results[index]
             stream = copy.stream
             if isinstance(result, Exception):
                 self._dirty.setdefault(stream.id, copy)
                 if isinstance(result, NoScriptError):
-                    await self._load_scripts()  # a Redis that restarted has no scripts: send again at once
-                    self._dirty_ready.set()
+                    scripts_lost = True  # a Redis that restarted has no scripts: load them, send again at once
                 else:
                     refused = result
             elif result == -1:
-                log.warning("the Redis log of stream %s was lost (a restart, FLUSHDB, eviction); copying it again"
-                            " from this instance's log", stream.id)
-                copy.made, copy.epoch, copy.written = False, new_epoch(), 0
-                self._dirty.setdefault(stream.id, copy)
-                self._dirty_ready.set()
+                lost.append(copy)
             elif result == -2:
                 # Another instance took this stream for dead and ended its log: stop, as a shutdown would.
                 log.warning("stream %s was ended as interrupted by another instance; stopping it", stream.id)
@@ -391,8 +388,22 @@ class RedisStreamHub(StreamHub):
                 copy.made, copy.written = True, last_id
                 if stream.finished and last_id == stream.last_id:
                     self._copies.pop(stream.id, None)
+        if lost:
+            self._copy_again(lost)
+        if scripts_lost:
+            await self._load_scripts()
+            self._dirty_ready.set()
         if refused is not None:
             raise refused
+
+    def _copy_again(self, lost: list[LogCopy]) -> None:
+        """Make new copies, from this instance's logs, of the logs that Redis lost."""
+        log.warning("the Redis logs of %d streams were lost (a restart, FLUSHDB, eviction), %s among them; copying"
+                    " them again from this instance's logs", len(lost), lost[0].stream.id)
+        for copy in lost:
+            copy.made, copy.epoch, copy.written = False, new_epoch(), 0
+            self._dirty.setdefault(copy.stream.id, copy)
+        self._dirty_ready.set()
 
     # --- other instances' streams: mirrors -----------------------------------------------------
 
@@ -642,13 +653,10 @@ class RedisStreamHub(StreamHub):
         if not made:
             return
         # A stream idle for a while writes nothing: its lost copy is noticed here, not at its next event.
-        for (copy, epoch), found in zip(made, results[3], strict=True):
-            if found != epoch and copy.epoch == epoch and copy.made and copy.stream.id in self._copies:
-                log.warning("the Redis log of stream %s was lost (a restart, FLUSHDB, eviction); copying it"
-                            " again from this instance's log", copy.stream.id)
-                copy.made, copy.epoch, copy.written = False, new_epoch(), 0
-                self._dirty.setdefault(copy.stream.id, copy)
-                self._dirty_ready.set()
+        lost = [copy for (copy, epoch), found in zip(made, results[3], strict=True)
+                if found != epoch and copy.epoch == epoch and copy.made and copy.stream.id in self._copies]
+        if lost:
+            self._copy_again(lost)
 
     async def _sweep_loop(self) -> None:
         while True:

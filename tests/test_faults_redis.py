@@ -173,7 +173,7 @@ async def test_a_flushdb_mid_answer_is_copied_again_by_the_owner_and_a_reader_an
     client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
         await client.flushdb()
-        await until(lambda: "copying it again" in a.log(), "the owner to copy the log again")
+        await until(lambda: "copying them again" in a.log(), "the owner to copy the log again")
     finally:
         await client.aclose()
     (c,) = instances(1)  # no copy of its own: it reads the log from Redis
