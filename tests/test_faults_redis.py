@@ -9,6 +9,7 @@ its own, dropped after it); the others run anywhere. Never the machine's shared 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import uuid
@@ -20,11 +21,22 @@ import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
+import websockets
 from httpx_sse import aconnect_sse
 
 from .conftest import _on_postgresql
 from .own_services import OwnRedis, own_redis
-from .relay_clients import Event, expected_words, loads, names, sse_read, sse_stream, text_of, unread_socket
+from .relay_clients import (
+    Event,
+    expected_words,
+    loads,
+    names,
+    sse_read,
+    sse_stream,
+    text_of,
+    unread_socket,
+    ws_read_until_end,
+)
 
 POSTGRES_URLS = [url.strip() for url in os.environ.get("TEST_DATABASE_URLS", "").split(",")
                  if url.strip().startswith(("postgresql:", "postgres:"))]
@@ -100,6 +112,13 @@ class Watcher:
     async def end(self) -> list[Event]:
         async with asyncio.timeout(GUARD):
             return await self.task
+
+
+async def ws_read_from_0(ws_url: str, stream_id: str) -> list[Event]:
+    """A WebSocket reader of one stream from its first event to its end."""
+    async with websockets.connect(ws_url + "/api/command-center/ws") as ws:
+        await ws.send(json.dumps({"type": "resume", "streamId": stream_id, "lastEventId": 0}))
+        return await ws_read_until_end(ws, stream_id)
 
 
 async def start_in_background(url: str) -> str:
@@ -191,6 +210,7 @@ async def test_a_log_lost_with_its_owner_dead_ends_the_other_instances_reader_wi
     stream_id = await start_in_background(a.url)
     watcher = Watcher(b.url, stream_id)
     await watcher.reached(20)
+    socket_reader = asyncio.ensure_future(ws_read_from_0(b.ws_url, stream_id))
 
     a.proc.send_signal(signal.SIGKILL)
     await asyncio.to_thread(a.proc.wait, 30)
@@ -201,6 +221,8 @@ async def test_a_log_lost_with_its_owner_dead_ends_the_other_instances_reader_wi
         await client.aclose()
 
     assert_whole_until_not_resumable(await watcher.end())
+    async with asyncio.timeout(GUARD):
+        assert_whole_until_not_resumable(await socket_reader)  # the WebSocket's error frame has "id": null
     assert "was lost, and its instance did not copy it again" in b.log()
 
 
