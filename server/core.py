@@ -28,7 +28,7 @@ from .limits import Limits, Reservation
 from .logs import fields
 from .metrics import Metrics
 from .pricing import Usage, cost_of
-from .protocol.anthropic import ReplyState, TextParts, estimate_tokens
+from .protocol.anthropic import ReplyState, TextParts, estimate_tokens, redact
 from .protocol.frames import SendMessage
 from .protocol.sse import SSEEvent
 from .store import FinishedElsewhereError, Reply, Status, Store, new_id, now
@@ -38,6 +38,10 @@ log = logging.getLogger("deltarelay.core")
 
 
 class Upstream(Protocol):
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The credentials it sends (its API key): masked in every error a user is shown."""
+
     def events(self, request: UpstreamRequest) -> AsyncGenerator[SSEEvent, None]: ...
 
 
@@ -360,6 +364,9 @@ async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStr
                 log.info("stream %s: upstream %s, retry %d in %.2fs", job.stream_id, exc.code, attempt, delay)
                 await asyncio.sleep(delay)
     except RelayError as exc:
+        # A failure's words reach a user in this stream's `error` event: whichever path made them (an HTTP
+        # error body, an `error` event mid-stream) and whatever of the key they echo, the key stops here.
+        exc.message = redact(exc.message, upstream.secrets)
         status, failure = Status.ERROR, exc
     except asyncio.CancelledError:
         task = asyncio.current_task()

@@ -2,9 +2,10 @@
 
 The hub owns the task that runs each answer, so generation goes on when the
 connection that started it drops. A subscriber gets the log after its cursor and
-then the live events, with no gap and no duplicate: both happen in one step of
-the event loop. Every queue is bounded; a subscriber that falls too far behind
-is dropped and may resume from the log.
+then the live events, with no gap and no duplicate. The backlog is read from the
+log a page at a time as the reader's writes drain, so a reader resuming from event
+0 of a long stream holds one page, not the whole log. Every queue is bounded; a
+subscriber that falls too far behind is dropped and may resume from the log.
 
 StreamHub is the one interface the core and the transports use, and its in-process
 implementation for a single instance. server/redis_hub.py extends it across
@@ -52,20 +53,37 @@ class KeepaliveTarget(Protocol):
     def keepalive_tick(self) -> None: ...
 
 
+# A backlog is read from the log this many events at a time (at most half the reader's queue bound), or fewer
+# when they hold more than BACKLOG_PAGE_BYTES: what a reader holds does not grow with its backlog.
+BACKLOG_PAGE = 500
+BACKLOG_PAGE_BYTES = 64 * 1024
+
+
 class SubscriberDropped(Exception):
     """The subscriber fell more than its queue bound behind; it may resume from the log."""
 
 
+class LogLostError(SubscriberDropped):
+    """The log lost events this subscriber had not read yet (Redis lost them): it cannot go on, nor resume."""
+
+
 class Subscriber:
-    """One reader of one stream: a bounded queue of entries, read in batches."""
+    """One reader of one stream: a bounded queue of entries, read in batches.
 
-    __slots__ = ("stream", "limit", "pending", "closed", "dropped", "active", "keepalive_due", "on_detach", "deliver",
-                 "_waiter", "__weakref__")
+    Until it has caught up, a subscriber pages its backlog from the stream's log (`paging`): live events
+    are in that log too, so none is queued twice or missed. From then on the live events are queued, at
+    most `limit` of them.
+    """
 
-    def __init__(self, stream: LiveStream, backlog: list[Entry], limit: int) -> None:
+    __slots__ = ("stream", "limit", "pending", "cursor", "paging", "closed", "dropped", "active", "keepalive_due",
+                 "on_detach", "deliver", "_waiter", "__weakref__")
+
+    def __init__(self, stream: LiveStream, after: int, limit: int) -> None:
         self.stream = stream
         self.limit = limit
-        self.pending = backlog
+        self.pending: list[Entry] = []
+        self.cursor = after  # the id of the last entry queued or delivered
+        self.paging = True
         self.closed = False
         self.dropped = False
         self.active = True  # got an event since the last keepalive tick
@@ -79,8 +97,9 @@ class Subscriber:
 
     def push(self, entry: Entry) -> None:
         self.active = True
-        if self.dropped:
-            return
+        if self.dropped or self.paging:
+            return  # paging: the entry is in the log, and its page comes in turn
+        self.cursor = entry[0]
         waiter = self._waiter
         if self.deliver is not None and waiter is not None and not waiter.done() and not self.pending \
                 and self.deliver(entry):
@@ -91,6 +110,31 @@ class Subscriber:
         else:
             self.pending.append(entry)
         self._wake()
+
+    def page(self) -> None:
+        """Queue the next page of the backlog from the log; caught up, stop paging and take live events.
+
+        A cursor the log no longer holds (it dropped older events meanwhile) drops the subscriber.
+        """
+        stream = self.stream
+        first_id = stream.last_id - len(stream.log) + 1
+        if self.cursor < first_id - 1:
+            self.paging = False
+            self.dropped = True
+            return
+        count = max(1, min(BACKLOG_PAGE, self.limit // 2))
+        page: list[Entry] = []
+        next_id = self.cursor + 1
+        size = 0
+        for name, data in stream.log.entries(self.cursor - first_id + 1):
+            page.append((next_id, name, data))
+            next_id += 1
+            size += len(data)
+            if len(page) == count or size >= BACKLOG_PAGE_BYTES:
+                break
+        self.pending = page
+        self.cursor = next_id - 1
+        self.paging = self.cursor < stream.last_id
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -104,6 +148,7 @@ class Subscriber:
     def abandon(self) -> None:
         """The reader went away: stop its batches now, whatever is still pending."""
         self.pending = []
+        self.paging = False
         self.close()
         self.detach()
 
@@ -126,6 +171,10 @@ class Subscriber:
         """Every entry ready at once comes as one batch, so a transport writes it in one go.
 
         An empty batch means "keepalive due": nothing happened for a keepalive interval.
+
+        Raises:
+            SubscriberDropped: more than `limit` events behind, or behind what the log still holds.
+            LogLostError: the stream's log lost the events after the last one this subscriber got.
         """
         try:
             while True:
@@ -134,12 +183,17 @@ class Subscriber:
                     self.keepalive_due = False
                     yield batch
                     continue
+                if self.paging:
+                    self.page()
+                    continue
                 if self.keepalive_due:
                     self.keepalive_due = False
                     yield []
                     continue
                 if self.dropped:
                     raise SubscriberDropped(f"more than {self.limit} events behind")
+                if self.stream.lost is not None and self.cursor >= self.stream.last_id:
+                    raise LogLostError(self.stream.lost)
                 if self.closed:
                     return
                 self._waiter = asyncio.get_running_loop().create_future()
@@ -223,8 +277,8 @@ class EventLog:
             return _NAMES[self._names[-1]]
         return _NAMES[self._blocks[-1][0][-1]] if self._blocks else None
 
-    def entries(self, start: int = 0) -> Iterator[tuple[str, str]]:
-        """(name, data) of every event from the `start`-th held one (0: the oldest held)."""
+    def _blocks_from(self, start: int) -> Iterator[tuple[bytes | bytearray, bytes | bytearray, array[int], int]]:
+        """(names, data, offsets, first index) of each block from the one with the `start`-th held event."""
         index = start + self._skip
         blocks: list[tuple[bytes | bytearray, bytes | bytearray, array[int]]] = [*self._blocks]
         blocks.append((self._names, self._data, self._offsets))
@@ -232,9 +286,20 @@ class EventLog:
             if index >= len(names):
                 index -= len(names)
                 continue
-            for k in range(index, len(names)):
-                yield _NAMES[names[k]], joined[offsets[k]:offsets[k + 1]].decode()
+            yield names, joined, offsets, index
             index = 0
+
+    def entries(self, start: int = 0) -> Iterator[tuple[str, str]]:
+        """(name, data) of every event from the `start`-th held one (0: the oldest held)."""
+        for names, joined, offsets, first in self._blocks_from(start):
+            for k in range(first, len(names)):
+                yield _NAMES[names[k]], joined[offsets[k]:offsets[k + 1]].decode()
+
+    def encoded(self, start: int = 0) -> Iterator[tuple[str, bytes]]:
+        """(name, data as UTF-8 bytes) of every event from the `start`-th held one."""
+        for names, joined, offsets, first in self._blocks_from(start):
+            for k in range(first, len(names)):
+                yield _NAMES[names[k]], bytes(joined[offsets[k]:offsets[k + 1]])
 
 
 class LiveStream:
@@ -242,7 +307,7 @@ class LiveStream:
 
     __slots__ = (
         "id", "conversation_id", "message_id", "model", "log", "last_id", "finished",
-        "subscribers", "task", "stop_status", "reply", "running", "finalizing", "sink", "cursor_waiters",
+        "subscribers", "task", "stop_status", "reply", "running", "finalizing", "sink", "cursor_waiters", "lost",
     )
 
     def __init__(self, stream_id: str, conversation_id: str, message_id: str | None, model: str,
@@ -264,6 +329,8 @@ class LiveStream:
         self.sink: Sink | None = None  # where else every event goes (Redis), None for one instance
         # A mirror's readers whose cursor is a few events ahead of what has arrived yet: (cursor, future).
         self.cursor_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # Why a mirror ended without its last event: the log it copies lost events it had not read yet.
+        self.lost: str | None = None
 
     def append(self, event: RelayEvent) -> None:
         """Number, encode (once) and log an event, and hand it to every subscriber."""
@@ -278,7 +345,10 @@ class LiveStream:
         self._log(event.name, data, encoded)
 
     def append_entry(self, event_id: int, name: str, data: str) -> None:
-        """Log an event numbered elsewhere (a mirror of another instance's stream): ids are kept as they are."""
+        """Log an event numbered elsewhere (a mirror of another instance's stream): ids are kept as they are.
+
+        The caller sees to it that ids follow on (see RedisStreamHub): a jump starts the log afresh.
+        """
         if self.finished or event_id <= self.last_id:
             return  # already have it: a mirror's reads may overlap
         if event_id != self.last_id + 1:
@@ -302,6 +372,17 @@ class LiveStream:
             self.subscribers = []
             if self.cursor_waiters:
                 self.wake_cursor_waiters()
+
+    def end_lost(self, reason: str) -> None:
+        """End a mirror whose log lost events: each subscriber gets what is here, then LogLostError."""
+        if self.finished:
+            return
+        self.lost = reason
+        self.finished = True
+        for subscriber in self.subscribers:
+            subscriber.close()
+        self.subscribers = []
+        self.wake_cursor_waiters()
 
     def wake_cursor_waiters(self) -> None:
         waiting = []
@@ -341,9 +422,8 @@ class LiveStream:
             raise GoneError(
                 f"the log of stream {self.id} no longer holds event {after + 1}", message_id=self.message_id
             )
-        start = after - first_id + 1
-        backlog = [(first_id + start + k, name, data) for k, (name, data) in enumerate(self.log.entries(start))]
-        subscriber = Subscriber(self, backlog, max(queue_limit, len(backlog) + 1))
+        subscriber = Subscriber(self, after, queue_limit)
+        subscriber.page()  # the first page now: a reader with nothing pending has had every event
         if self.finished:
             subscriber.closed = True
         else:

@@ -1,6 +1,7 @@
 """The offline model as its own Anthropic-compatible HTTP server, for development and benchmarks.
 
-    python -m server.mock_upstream --port 9000 [--delay-ms 40] [--words 0] [--error MODE] [--stamp] [--api-key KEY]
+    python -m server.mock_upstream --port 9000 [--delay-ms 40] [--words 0] [--error MODE] [--error-message TEXT]
+                                   [--stamp] [--api-key KEY]
 
 Point the relay at it with ANTHROPIC_BASE_URL=http://127.0.0.1:9000 and any ANTHROPIC_API_KEY (or KEY,
 when --api-key makes it refuse every other key with the API's 401). A request may override the options
@@ -109,6 +110,9 @@ def mock_app(options: OfflineOptions, fail_first: int = 0,
         try:
             request = orjson.loads(body)
             request_options = _overrides(options, headers)
+            if "{x-api-key}" in request_options.error_message:  # an upstream that echoes the key it was sent
+                request_options = replace(request_options, error_message=request_options.error_message.replace(
+                    "{x-api-key}", headers.get(b"x-api-key", b"").decode(errors="replace")))
             if fail_first and stats["requests"] > fail_first:
                 request_options = replace(request_options, error="none")
         except (orjson.JSONDecodeError, ValueError):
@@ -158,6 +162,8 @@ def main() -> None:
     parser.add_argument("--words", type=int, default=0, help="text deltas per answer (0: the demo answer)")
     parser.add_argument("--repeat", type=int, default=1, help="each delta is its word this many times")
     parser.add_argument("--error", choices=ERROR_MODES, default="none", help="fail every request this way")
+    parser.add_argument("--error-message", default="Overloaded",
+                        help="the message of the overloaded-* modes' error event; {x-api-key} echoes the request's key")
     parser.add_argument("--fail-first", type=int, default=0, help="with --error: only the first N requests fail")
     parser.add_argument("--stamp", action="store_true", help="each delta is 'seq:send_time_ns ' (benchmarks)")
     parser.add_argument("--api-key", help="refuse every other x-api-key with a 401, as the API does")
@@ -165,7 +171,7 @@ def main() -> None:
     import uvicorn
 
     options = OfflineOptions(delay_ms=args.delay_ms, words=args.words, repeat=args.repeat, error=args.error,
-                             stamp=args.stamp)
+                             error_message=args.error_message, stamp=args.stamp)
     uvicorn.run(mock_app(options, args.fail_first, args.api_key), host=args.host, port=args.port, log_level="warning",
                 lifespan="on", access_log=False)
 

@@ -129,13 +129,44 @@ async def test_a_reader_that_never_reads_is_dropped_at_its_bound_and_holds_no_mo
         await read_all(stuck)
     # It may resume from the log where it was.
     resumed = await hubs.reader.resume("s1", after=991)
-    assert len(await asyncio.wait_for(_first_batch(resumed), 5)) == 10
+    assert [entry[0] for entry in await asyncio.wait_for(_first_entries(resumed, 10), 5)] == list(range(992, 1002))
 
 
-async def _first_batch(subscriber: Subscriber) -> list:
+async def test_a_reader_resuming_from_0_of_a_long_log_pages_it_within_its_bound_and_misses_nothing(hubs):
+    """Fails when subscribe() queues the whole backlog and lifts the bound to it (the old hub: a first batch
+    of 3,001 events for a reader bounded at 10), and when a live event reaches a reader still paging (twice,
+    in-process)."""
+    stream = make_stream(hubs.owner, log_limit=10_000)
+    hubs.reader.log_limit = 10_000
+    for n in range(3000):
+        stream.append(Chunk(f"w{n}"))
+    await hubs.settled("s1", 3001)
+    reader = await hubs.reader.resume("s1", after=0)
+    assert 0 < len(reader.pending) <= 10
+
+    entries: list = []
+    async with asyncio.timeout(10):
+        async for batch in reader.batches():
+            assert len(batch) <= 10  # the queue bound, whatever the backlog
+            entries += batch
+            # Live events while it pages (a few: a mirror may hand them over at once): they are in the log,
+            # and come in their turn.
+            if len(entries) % 400 < len(batch) and stream.last_id < 3009:
+                stream.append(Chunk("live"))
+            elif len(entries) >= 3001 and not stream.finished:
+                stream.append(Done("c1", "m1", "end_turn"))
+
+    assert [entry[0] for entry in entries] == list(range(1, stream.last_id + 1))
+    assert entries[-1][1] == "done"
+
+
+async def _first_entries(subscriber: Subscriber, count: int) -> list:
+    entries: list = []
     async for batch in subscriber.batches():
-        return batch
-    return []
+        entries += batch
+        if len(entries) >= count:
+            break
+    return entries
 
 
 async def test_cursors_outside_the_log_are_not_resumable(hubs):

@@ -13,7 +13,14 @@ import pytest
 
 from server.errors import ProtocolError, UpstreamError
 from server.events import Chunk, Cost, RelayEvent, Thinking
-from server.protocol.anthropic import MAX_ERROR_MESSAGE, ReplyState, error_for_status, parse_retry_after
+from server.protocol.anthropic import (
+    MAX_ERROR_MESSAGE,
+    ReplyState,
+    error_for_status,
+    parse_retry_after,
+    redact,
+    safe_message,
+)
 from server.protocol.sse import SSEDecoder
 
 STREAMS = Path(__file__).parent / "data" / "anthropic-streams"
@@ -405,6 +412,19 @@ def test_upstream_error_text_reaches_the_client_as_one_safe_line() -> None:
     with pytest.raises(UpstreamError) as caught:
         ReplyState("claude-haiku-4-5").feed(*event("error", error={"type": "api_error", "message": leaky}))
     assert "sk-ant" not in caught.value.message and "drt_" not in caught.value.message
+
+
+def test_redact_masks_a_key_of_any_shape_also_where_a_shape_or_the_length_cap_cut_it() -> None:
+    """Fails without the masked form (safe_message leaves "testkey-not-" of this key) or without the tail rule."""
+    key = "testkey-not-sk-ant-shaped-123"
+    assert redact(safe_message(f"bad key {key}, try again"), [key]) == "bad key [redacted], try again"
+    assert redact(f"plain {key} twice {key}", [key]) == "plain [redacted] twice [redacted]"
+    words = "w " * ((MAX_ERROR_MESSAGE - 10) // 2)
+    cut = safe_message(words + key)  # the length cap leaves the key's first 10 characters
+    assert cut.endswith(" " + key[:10]) and redact(cut, [key]) == words + "[redacted]"
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl"
+    assert redact(f"token {jwt} refused", []) == "token [redacted] refused"
+    assert redact("nothing secret here", [key, ""]) == "nothing secret here"
 
 
 def test_error_for_status_auth_messages_are_fixed() -> None:

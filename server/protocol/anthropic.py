@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -339,14 +340,39 @@ def _stream_error(error: Any) -> UpstreamError:
     return _upstream_error(code, message)
 
 
-# Anything shaped like a credential: Anthropic keys, our tokens and sessions, bearer values, long opaque strings.
-_SECRET_SHAPES = re.compile(r"sk-ant-[\w-]+|dr[ts]_[\w-]+|(?i:bearer)\s+\S+|[A-Za-z0-9_\-+/=]{40,}")
+# Anything shaped like a credential: Anthropic keys, our tokens and sessions, bearer values, JWTs, long opaque
+# strings.
+_SECRET_SHAPES = re.compile(
+    r"sk-ant-[\w-]+|dr[ts]_[\w-]+|(?i:bearer)\s+\S+|eyJ[\w-]*\.[\w-]*\.[\w-]*|[A-Za-z0-9_\-+/=]{40,}")
+# A secret cut by the length cap leaves at least this much of itself at the end of a message to be masked.
+_SECRET_TAIL = 6
 
 
 def safe_message(text: str) -> str:
     """Upstream words fit to show a user: one line, printable, bounded, with credential-shaped strings masked."""
     text = "".join(c if c.isprintable() else " " for c in text[: MAX_ERROR_MESSAGE * 2])
     return _SECRET_SHAPES.sub("[redacted]", " ".join(text.split()))[:MAX_ERROR_MESSAGE]
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """`text` with each of `secrets` masked, whatever its shape, and credential shapes too.
+
+    `text` may have been through safe_message, whose shapes can mask part of a secret and leave the rest
+    ("key-sk-ant-xyz" becomes "key-[redacted]"): that form is masked whole as well. A message cut at its
+    length cap may end with the start of a secret: that start is masked too.
+    """
+    for secret in secrets:
+        if not secret:
+            continue
+        forms = {secret, _SECRET_SHAPES.sub("[redacted]", secret)} - {"[redacted]"}
+        for form in forms:
+            text = text.replace(form, "[redacted]")
+        for form in forms:
+            for length in range(min(len(form) - 1, len(text)), _SECRET_TAIL - 1, -1):
+                if text.endswith(form[:length]):
+                    text = text[:-length] + "[redacted]"
+                    break
+    return _SECRET_SHAPES.sub("[redacted]", text)
 
 
 def _error_message(error: Any, default: str) -> str:

@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 from ..core import Relay, resume
 from ..errors import TooLargeError
 from ..events import TERMINAL_EVENTS, Error, encode_data
-from ..hub import Entry, StreamHub, Subscriber, SubscriberDropped
+from ..hub import Entry, LogLostError, StreamHub, Subscriber, SubscriberDropped
 from ..metrics import Metrics
 from ..protocol.frames import parse_event_id, parse_json_object, parse_send_message
 from ..protocol.sse import encode_comment
@@ -84,11 +84,14 @@ class EventStreamResponse:
                     if ended:
                         break
             except SubscriberDropped as exc:
-                if self.metrics is not None:
-                    self.metrics.dropped.labels("sse").inc()
+                if isinstance(exc, LogLostError):
+                    error = Error("not_resumable", str(exc), False)
+                else:
+                    if self.metrics is not None:
+                        self.metrics.dropped.labels("sse").inc()
+                    error = Error("slow_consumer", f"this connection fell behind ({exc}); resume with"
+                                  " Last-Event-ID", True)
                 # No id: the client's Last-Event-ID stays at the last event it really got.
-                error = Error("slow_consumer", f"this connection fell behind ({exc}); resume with Last-Event-ID",
-                              True)
                 await send({"type": "http.response.body", "more_body": True,
                             "body": take() + f"event: error\ndata: {encode_data(error).decode()}\n\n".encode()})
             finally:

@@ -17,9 +17,9 @@ from starlette.types import Receive, Scope, Send
 
 from ..auth import ANONYMOUS
 from ..core import Relay, resume
-from ..errors import LimitError, RelayError
+from ..errors import GoneError, LimitError, RelayError
 from ..events import encode_data, error_event
-from ..hub import Entry, Subscriber, SubscriberDropped
+from ..hub import Entry, LogLostError, Subscriber, SubscriberDropped
 from ..protocol.frames import Cancel, Ping, Resume, SendMessage, parse_frame, request_id_of
 from .ws_protocol import SEND_BATCH
 
@@ -225,6 +225,8 @@ class Connection:
                 else:
                     for text in frames:
                         await self.send(text)
+        except LogLostError as exc:
+            await self.send(error_frame(GoneError(str(exc)), stream_id=stream_id))
         except SubscriberDropped as exc:
             metrics.dropped.labels("websocket").inc()
             await self.send(error_frame(

@@ -107,6 +107,11 @@ class AnthropicUpstream:
         http_request = httpx.Request("POST", self.url, headers=self.headers, content=body, extensions=self.extensions)
         return await self.transport.handle_async_request(http_request)
 
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The credentials this upstream sends: the core masks them in every error a user sees."""
+        return (self.settings.anthropic_api_key,) if self.settings.anthropic_api_key else ()
+
     async def aclose(self) -> None:
         await self.transport.aclose()
 

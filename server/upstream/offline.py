@@ -41,6 +41,7 @@ class OfflineOptions:
     words: int = 0  # text deltas per answer; 0: the demo answer's natural length
     repeat: int = 1  # each delta is its word this many times (big deltas for load tests)
     error: str = "none"
+    error_message: str = "Overloaded"  # the message of the overloaded-* modes' `error` event
     stamp: bool = False  # each delta carries "seq:send_time_ns " for latency benchmarks
 
 
@@ -110,8 +111,9 @@ async def anthropic_stream(request: dict[str, Any], options: OfflineOptions) -> 
                       "cache_read_input_tokens": 0, "output_tokens": 1},
         },
     })
+    overloaded = {"type": "error", "error": {"type": "overloaded_error", "message": options.error_message}}
     if options.error == "overloaded-first":
-        yield _event("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+        yield _event("error", overloaded)
         return
     yield _event("content_block_start",
                  {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
@@ -119,7 +121,7 @@ async def anthropic_stream(request: dict[str, Any], options: OfflineOptions) -> 
     half = len(deltas) // 2
     for seq, text in enumerate(deltas):
         if seq == half and options.error == "overloaded-midstream":
-            yield _event("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+            yield _event("error", overloaded)
             return
         if seq == half and options.error == "cut-midstream":
             return
