@@ -125,7 +125,7 @@ export async function startServer({ env = {}, upstream = null } = {}) {
  *   'stall'    left out, and everything after it: the connection stays open and silent until the client goes
  *   'end'      left out, and the response ends there cleanly (SSE: its last chunk), as if the server ended it
  *   'cut'      left out, and both connections are destroyed: the client sees its connection lost
- *   { inject: text, then }  `text` (SSE bytes, or a WebSocket text frame's payload) goes out first, then
+ *   { inject: text, then }  `text` (SSE bytes, or a WebSocket text frame's payload; or a list of them) goes out first, then
  *              `then` (one of the above) applies to the event itself
  */
 export async function startProxy(target) {
@@ -296,7 +296,7 @@ export async function startProxy(target) {
     /** Carry out a hook's action on one event (`raw`, passed on by `pass`, or written to the client). */
     function apply(action, raw, inject, cut, end = cut, pass = (bytes) => client.write(bytes)) {
       if (action && typeof action === 'object') {
-        inject(action.inject)
+        for (const text of [].concat(action.inject)) inject(text)
         action = action.then
       }
       if (action === undefined) return pass(raw)
