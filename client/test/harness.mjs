@@ -116,7 +116,8 @@ export async function startServer({ env = {}, upstream = null } = {}) {
  *
  * `plan(match, hook)`: the next request for which match(request) holds is answered through `hook`, once
  * (`{ persistent: true }` in the hook: every such request). `{ refuse: true }`: the proxy answers it with a
- * 403 itself; `{ hang: true }`: it is never passed on nor answered. Otherwise the hook sees the answer an event at a time:
+ * 403 itself; `{ hang: true }`: it is never passed on nor answered; `{ cursor: () => id }`: the server is asked
+ * for the events after `id` instead of the request's Last-Event-ID. The hook sees the answer an event at a time:
  * `sse(event)` for each SSE event or comment block of a response ({ id, event, data, text }), `ws(frame)`
  * for each text frame the server sends on an upgraded connection (decoded JSON), `wsClient(frame)` for each
  * the client sends, and says what happens to it:
@@ -207,7 +208,15 @@ export async function startProxy(target) {
           return upstream.destroy()
         }
         responders.push(hook)
-        upstream.write(raw)
+        if (hook?.cursor) {
+          // The server is asked for the events after another id than the client's (after a trim, say).
+          const at = hook.cursor()
+          const head = raw.subarray(0, end + 4).toString('latin1')
+          const moved = head.replace(/(\r\nlast-event-id:)[^\r]*/i, `$1 ${at}`).replace(/([?&]lastEventId=)\d+/, `$1${at}`)
+          upstream.write(Buffer.concat([Buffer.from(moved, 'latin1'), raw.subarray(end + 4)]))
+        } else {
+          upstream.write(raw)
+        }
         if ((headers.upgrade || '').toLowerCase() === 'websocket') websocket = true
       }
     })
@@ -318,8 +327,11 @@ export async function startProxy(target) {
     get cancels() {
       return requests.map((r) => /^\/api\/command-center\/streams\/([^/]+)\/cancel$/.exec(r.path)?.[1]).filter(Boolean)
     },
+    /** Returns a function that drops the plan (for a persistent one). */
     plan(match, hook) {
-      plans.push({ match, hook })
+      const entry = { match, hook }
+      plans.push(entry)
+      return () => plans.includes(entry) && plans.splice(plans.indexOf(entry), 1)
     },
     close() {
       plans.length = 0
