@@ -1,16 +1,21 @@
-"""Scripted Anthropic streams, a recording fake upstream body, and a relay run in-process.
+"""Scripted Anthropic streams, a fake Messages API on a loopback socket, and a relay run in-process.
 
-The relay built here is the real one (Store on a real database, AnthropicUpstream over
-httpx, StreamHub, Relay); only the network is faked, with respx at https://upstream.test.
+The relay built here is the real one (Store on a real database, AnthropicUpstream on its default
+transport, the built-in HTTP/1.1 client, StreamHub, Relay); only the Messages API is faked, by
+FakeUpstream: an HTTP/1.1 server on 127.0.0.1 that answers from a script and records every request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+import socket
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, replace
 from decimal import Decimal
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +29,9 @@ from server.protocol.frames import SendMessage
 from server.store import Store
 from server.upstream.anthropic import AnthropicUpstream
 
+from .raw_upstream import STREAM_HEAD, Server, chunk
+
 API_KEY = "sk-test-secret"
-BASE_URL = "https://upstream.test"
-MESSAGES_URL = BASE_URL + "/v1/messages"
 
 #: One relay event as a subscriber sees it: (id, name, decoded data).
 RelayedEvent = tuple[int, str, dict[str, Any]]
@@ -80,53 +85,186 @@ def anthropic_stream_bytes(texts: list[str], **script: Any) -> bytes:
     return b"".join(anthropic_events(texts, **script))
 
 
-class FakeBody(httpx.AsyncByteStream):
-    """An upstream response body: sends `chunks`, then (hang=True) waits for ever.
+@dataclass(frozen=True, slots=True)
+class RecordedRequest:
+    """One request as the fake upstream read it off its socket."""
 
-    Records what happened to it: `waiting` is set once every chunk was handed out and
-    the body hangs, `ended` when its generator finished (normally or not), `closed`
-    when the HTTP response was closed.
+    method: str
+    path: str
+    headers: httpx.Headers
+    body: bytes
+
+    def json(self) -> dict[str, Any]:
+        value: dict[str, Any] = orjson.loads(self.body)
+        return value
+
+
+class SSEAnswer:
+    """A 200 text/event-stream answer, chunked: each of `chunks` is one HTTP chunk, then by `then`:
+
+    - "end": the last chunk, as the API ends a stream;
+    - "hang": nothing more, until the client closes the connection;
+    - "cut": the connection is closed with the body unfinished (no last chunk).
+
+    A "hang" answer sets `closed` once the fake upstream saw the client close the connection (EOF or reset).
     """
 
-    def __init__(self, chunks: Iterable[bytes], *, hang: bool = False) -> None:
+    def __init__(self, chunks: Iterable[bytes], then: str = "end") -> None:
+        assert then in ("end", "hang", "cut"), then
         self.chunks = list(chunks)
-        self.hang = hang
-        self.waiting = asyncio.Event()
-        self.ended = asyncio.Event()
+        self.then = then
         self.closed = asyncio.Event()
-        self.served = False
-        self._generator = self._generate()
 
-    async def _generate(self) -> AsyncIterator[bytes]:
+    async def write(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader) -> bool:
+        writer.write(STREAM_HEAD)
+        for part in self.chunks:
+            writer.write(chunk(part))
+            await writer.drain()
+        if self.then == "end":
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            return True
+        if self.then == "hang":
+            await _until_closed(reader)
+            self.closed.set()
+        return False  # "cut", or the client closed: this connection ends here
+
+
+class JSONAnswer:
+    """A JSON answer with a content-length: an API error (`status` 4xx/5xx) with its headers."""
+
+    def __init__(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        self.status = status
+        self.body = orjson.dumps(body)
+        self.headers = headers or {}
+
+    async def write(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader) -> bool:
+        reason = b"Overloaded" if self.status == 529 else HTTPStatus(self.status).phrase.encode()  # 529: the API's own
+        head = [b"HTTP/1.1 %d %s" % (self.status, reason),
+                b"content-type: application/json", b"content-length: %d" % len(self.body)]
+        head += [name.encode() + b": " + value.encode() for name, value in self.headers.items()]
+        writer.write(b"\r\n".join(head) + b"\r\n\r\n" + self.body)
+        await writer.drain()
+        return True
+
+
+def api_error(status: int, error_type: str, message: str, headers: dict[str, str] | None = None) -> JSONAnswer:
+    """The API's error answer: {"type": "error", "error": {"type": ..., "message": ...}}."""
+    return JSONAnswer(status, {"type": "error", "error": {"type": error_type, "message": message}}, headers)
+
+
+Answer = SSEAnswer | JSONAnswer
+
+
+async def _until_closed(reader: asyncio.StreamReader) -> None:
+    """Return once the peer closed the connection (EOF or reset), whatever else it sends."""
+    try:
+        while await reader.read(64 * 1024):
+            pass
+    except ConnectionError:
+        pass
+
+
+class FakeUpstream:
+    """The Messages API on 127.0.0.1, over real HTTP/1.1 (keep-alive, chunked bodies): each POST is
+    recorded (`requests`) and answered by the next scripted answer (answer()) or by answer_each(request).
+
+    A request with no answer scripted gets a 500 and fails the test at exit. The relay talks to it through
+    its real upstream transport (the built-in http1 client by default), so the relay's timeouts, cancels and
+    retries meet a real socket. `connections` counts the TCP connections accepted.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[RecordedRequest] = []
+        self.unexpected: list[RecordedRequest] = []
+        self.failures: list[Exception] = []
+        self._script: deque[Answer] = deque()
+        self._each: Callable[[RecordedRequest], Answer] | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.server = Server(self._serve)
+
+    def answer(self, *answers: Answer) -> None:
+        """Answer the next requests with these, one each, in order."""
+        self._script.extend(answers)
+
+    def answer_each(self, make: Callable[[RecordedRequest], Answer]) -> None:
+        """Answer every request (once the scripted answers are used up) with make(request)."""
+        self._each = make
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    @property
+    def connections(self) -> int:
+        return self.server.connections
+
+    async def __aenter__(self) -> FakeUpstream:
+        await self.server.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for writer in list(self._writers):
+            writer.close()
+        await self.server.__aexit__(*exc)
+        assert not self.failures, f"the fake upstream failed: {self.failures!r}"
+        assert not self.unexpected, f"requests with no scripted answer: {self.unexpected}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        self._writers.add(writer)
         try:
-            for chunk in self.chunks:
-                yield chunk
-            if self.hang:
-                self.waiting.set()
-                await asyncio.Event().wait()  # never set: only a cancel or a close ends this
+            while True:  # one request after another on a kept-alive connection
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    return  # the client closed an idle connection
+                request = _parse_request(head)
+                length = int(request.headers.get("content-length", "0"))
+                request = replace(request, body=await reader.readexactly(length))
+                self.requests.append(request)
+                answer = self._next(request)
+                if answer is None:
+                    self.unexpected.append(request)
+                    answer = api_error(500, "api_error", "the test scripted no answer for this request")
+                if not await answer.write(writer, reader):
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the relay went away mid-request or mid-answer: what a cancel or a timeout does
+        except Exception as exc:  # a broken script: fail the test at exit, not only in the log
+            self.failures.append(exc)
         finally:
-            self.ended.set()
+            self._writers.discard(writer)
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        # One body per response: a respx return_value served twice would otherwise look empty.
-        assert not self.served, "a FakeBody serves one response; use side_effect for several"
-        self.served = True
-        return self._generator
-
-    async def aclose(self) -> None:
-        self.closed.set()
-        await self._generator.aclose()  # type: ignore[attr-defined]
+    def _next(self, request: RecordedRequest) -> Answer | None:
+        if self._script:
+            return self._script.popleft()
+        return self._each(request) if self._each is not None else None
 
 
-def sse_response(body: bytes | FakeBody) -> httpx.Response:
-    """A 200 text/event-stream response with `body`."""
-    stream = body if isinstance(body, FakeBody) else FakeBody([body])
-    return httpx.Response(200, headers={"content-type": "text/event-stream; charset=utf-8"}, stream=stream)
+def _parse_request(head: bytes) -> RecordedRequest:
+    request_line, *lines = head.decode("latin-1").split("\r\n")
+    method, path, _ = request_line.split(" ", 2)
+    fields = [line.split(":", 1) for line in lines if line]
+    headers = httpx.Headers([(name, value.strip()) for name, value in fields])
+    return RecordedRequest(method, path, headers, b"")
+
+
+def refused_url() -> tuple[socket.socket, str]:
+    """A loopback address where nothing listens, and the socket that holds its port (bound, not listening:
+    every connection is refused) until the caller closes it."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+#: Where a relay with no fake upstream sends its requests: nothing listens there (port 1, tcpmux).
+UNREACHABLE = "http://127.0.0.1:1"
 
 
 @asynccontextmanager
 async def relay_in_process(
     tmp: Path,
+    upstream: FakeUpstream | str = UNREACHABLE,
     *,
     database_url: str | None = None,
     first_event_timeout: float = 10.0,
@@ -134,7 +272,8 @@ async def relay_in_process(
     retry_attempts: int = 0,
     **overrides: Any,
 ) -> AsyncIterator[Relay]:
-    """A real Relay (Store, AnthropicUpstream to https://upstream.test, StreamHub); closed on exit.
+    """A real Relay (Store, AnthropicUpstream on the default transport, StreamHub) whose upstream is
+    `upstream` (a FakeUpstream, or a base URL); closed on exit.
 
     One upstream request per answer unless a test asks for retries (retry_attempts):
     then a failed first request shows its own error, not the outcome of retries.
@@ -143,22 +282,21 @@ async def relay_in_process(
         {},
         database_url=database_url or f"sqlite:///{tmp}/t.db",
         anthropic_api_key=API_KEY,
-        anthropic_base_url=BASE_URL,
+        anthropic_base_url=upstream if isinstance(upstream, str) else upstream.base_url,
         first_event_timeout=first_event_timeout,
         idle_timeout=idle_timeout,
         retry_attempts=retry_attempts,
-        upstream_transport="httpx",  # respx fakes httpcore; the aiohttp transport is tested against processes
         **overrides,
     )
     store = Store(settings.database_url)
     await store.connect()
-    upstream = AnthropicUpstream(settings)
+    relay_upstream = AnthropicUpstream(settings)
     hub = StreamHub(settings.stream_log_events, settings.stream_retention_seconds)
     try:
-        yield Relay(settings, store, upstream, hub)
+        yield Relay(settings, store, relay_upstream, hub)
     finally:
         await hub.shutdown(grace_seconds=0)
-        await upstream.aclose()
+        await relay_upstream.aclose()
         await store.disconnect()
 
 
@@ -176,6 +314,19 @@ async def collect(hub: StreamHub, stream_id: str, after: int = 0) -> list[Relaye
         async for batch in subscriber.batches():
             events.extend((event_id, name, decode(data)) for event_id, name, data in batch)
     return events
+
+
+async def collect_until(hub: StreamHub, stream_id: str, enough: Callable[[list[RelayedEvent]], bool]
+                        ) -> list[RelayedEvent]:
+    """The events of a stream from its start until enough(events) holds (then the reader lets go)."""
+    events: list[RelayedEvent] = []
+    async with asyncio.timeout(10):
+        async with aclosing(hub.subscribe(stream_id, 0).batches()) as batches:
+            async for batch in batches:
+                events.extend((event_id, name, decode(data)) for event_id, name, data in batch)
+                if enough(events):
+                    return events
+    raise AssertionError(f"the stream ended before the test had what it waited for: {events}")
 
 
 async def run_to_end(relay: Relay, command: SendMessage) -> list[RelayedEvent]:

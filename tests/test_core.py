@@ -1,35 +1,38 @@
-"""The streaming core in-process: a real Relay, SQLite file and hub; the upstream faked with respx."""
+"""The streaming core in-process: a real Relay, SQLite file and hub; the Messages API a FakeUpstream on a loopback
+socket, reached through the relay's default upstream transport (the built-in HTTP/1.1 client)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import pytest
-import respx
 
 from server.core import Relay
 from server.errors import NotFoundError, StorageUnavailableError
 from server.protocol.frames import SendMessage
 from server.protocol.sse import SSEDecoder
 from server.store import new_id
+from server.upstream.http1 import Http1Transport
 
 from .fakes import (
     API_KEY,
-    MESSAGES_URL,
-    FakeBody,
+    FakeUpstream,
+    RecordedRequest,
     RelayedEvent,
+    SSEAnswer,
     anthropic_events,
     anthropic_stream_bytes,
+    api_error,
     collect,
+    collect_until,
+    refused_url,
     relay_in_process,
     run_to_end,
-    sse_response,
 )
 
 STREAMS = Path(__file__).parent / "data" / "anthropic-streams"
@@ -39,16 +42,17 @@ ERROR_FIXTURE = "docs_error_overloaded_midstream"
 
 
 @pytest.fixture
-async def relay(tmp_path: Path) -> AsyncIterator[Relay]:
-    async with relay_in_process(tmp_path) as relay:
-        yield relay
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    """The Messages API on a loopback port; each test says what it answers."""
+    async with FakeUpstream() as fake:
+        yield fake
 
 
 @pytest.fixture
-def upstream() -> Iterator[respx.Route]:
-    """The route of POST https://upstream.test/v1/messages; each test says what it answers."""
-    with respx.mock(assert_all_called=False) as router:
-        yield router.post(MESSAGES_URL)
+async def relay(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[Relay]:
+    async with relay_in_process(tmp_path, upstream) as relay:
+        assert isinstance(relay.upstream.transport, Http1Transport)  # RELAY_UPSTREAM_TRANSPORT's default
+        yield relay
 
 
 def names(events: list[RelayedEvent]) -> list[str]:
@@ -70,9 +74,14 @@ async def count_rows(relay: Relay) -> tuple[int, int]:
     return conversations, messages
 
 
-def upstream_body(request: httpx.Request) -> dict[str, Any]:
-    body: dict[str, Any] = orjson.loads(request.content)
-    return body
+def answer(texts: list[str], **script: Any) -> SSEAnswer:
+    """A scripted streamed answer, each upstream event an HTTP chunk of its own."""
+    return SSEAnswer(anthropic_events(texts, **script))
+
+
+def recorded(name: str) -> SSEAnswer:
+    """A recorded upstream stream, as one HTTP chunk."""
+    return SSEAnswer([(STREAMS / f"{name}.sse").read_bytes()])
 
 
 # --- a scripted answer ------------------------------------------------------------------------------
@@ -80,9 +89,7 @@ def upstream_body(request: httpx.Request) -> dict[str, Any]:
 
 async def test_scripted_answer_gives_start_chunks_cost_done_and_is_saved_complete(relay, upstream):
     texts = ["Hel", "lo, ", "wor", "ld 🙂"]
-    upstream.mock(return_value=sse_response(
-        anthropic_stream_bytes(texts, input_tokens=10, output_tokens=7, cache_read=4)
-    ))
+    upstream.answer(SSEAnswer([anthropic_stream_bytes(texts, input_tokens=10, output_tokens=7, cache_read=4)]))
 
     stream = await relay.start(SendMessage("Say hello"))
     events = await collect(relay.hub, stream.id)
@@ -131,7 +138,7 @@ def tool_input_json(name: str) -> list[str]:
 @pytest.mark.parametrize("name", [name for name in FIXTURES if name != ERROR_FIXTURE])
 async def test_recorded_stream_relays_its_text_and_thinking_and_is_saved_complete(relay, upstream, name):
     expected = EXPECTED[name]
-    upstream.mock(return_value=sse_response((STREAMS / f"{name}.sse").read_bytes()))
+    upstream.answer(recorded(name))
 
     events = await run_to_end(relay, SendMessage("replay"))
 
@@ -161,7 +168,7 @@ async def test_recorded_stream_relays_its_text_and_thinking_and_is_saved_complet
 
 
 async def test_recorded_overload_midstream_ends_with_a_retryable_error_and_saves_the_partial_text(relay, upstream):
-    upstream.mock(return_value=sse_response((STREAMS / f"{ERROR_FIXTURE}.sse").read_bytes()))
+    upstream.answer(recorded(ERROR_FIXTURE))
 
     events = await run_to_end(relay, SendMessage("replay"))
 
@@ -180,15 +187,17 @@ async def test_recorded_overload_midstream_ends_with_a_retryable_error_and_saves
 
 
 async def test_request_sent_upstream_has_the_key_the_version_and_a_streaming_body(relay, upstream):
-    upstream.mock(return_value=sse_response(anthropic_stream_bytes(["Hi"])))
+    upstream.answer(answer(["Hi"]))
 
     await run_to_end(relay, SendMessage("first question"))
 
-    request = upstream.calls.last.request
+    [request] = upstream.requests
+    assert (request.method, request.path) == ("POST", "/v1/messages")
+    assert request.headers["host"] == upstream.base_url.removeprefix("http://")
     assert request.headers["x-api-key"] == API_KEY
     assert request.headers["anthropic-version"] == "2023-06-01"
     assert request.headers["content-type"] == "application/json"
-    assert upstream_body(request) == {
+    assert request.json() == {
         "model": "claude-sonnet-4-5",
         "max_tokens": 1024,
         "messages": [{"role": "user", "content": "first question"}],
@@ -197,17 +206,14 @@ async def test_request_sent_upstream_has_the_key_the_version_and_a_streaming_bod
 
 
 async def test_second_message_in_a_conversation_sends_the_whole_history(relay, upstream):
-    upstream.mock(side_effect=[
-        sse_response(anthropic_stream_bytes(["First ", "answer."])),
-        sse_response(anthropic_stream_bytes(["Second answer."])),
-    ])
+    upstream.answer(answer(["First ", "answer."]), answer(["Second answer."]))
 
     first = await run_to_end(relay, SendMessage("first question"))
     conversation_id = first[-1][2]["conversationId"]
     second = await run_to_end(relay, SendMessage("second question", conversation_id=conversation_id))
 
     assert second[0][2]["conversationId"] == conversation_id
-    assert upstream_body(upstream.calls.last.request)["messages"] == [
+    assert upstream.requests[-1].json()["messages"] == [
         {"role": "user", "content": "first question"},
         {"role": "assistant", "content": "First answer."},
         {"role": "user", "content": "second question"},
@@ -241,9 +247,7 @@ async def test_upstream_http_error_becomes_an_error_event_with_a_stable_code(rel
     error_type, code, retryable = HTTP_ERRORS[status]
     # An auth error answer that quotes the key: the relay must never pass it on.
     message = f"invalid x-api-key {API_KEY}" if code == "auth" else f"upstream says {status}"
-    upstream.mock(return_value=httpx.Response(
-        status, json={"type": "error", "error": {"type": error_type, "message": message}}, headers={"retry-after": "7"}
-    ))
+    upstream.answer(api_error(status, error_type, message, {"retry-after": "7"}))
 
     events = await run_to_end(relay, SendMessage("hello"))
 
@@ -265,51 +269,74 @@ async def test_upstream_http_error_becomes_an_error_event_with_a_stable_code(rel
     assert API_KEY not in repr(await relay.store.db.fetch_all("SELECT * FROM conversations"))
 
 
-async def test_connection_failure_becomes_a_connection_failed_error(relay, upstream):
-    upstream.mock(side_effect=httpx.ConnectError("connection refused"))
-
-    events = await run_to_end(relay, SendMessage("hello"))
+async def test_connection_failure_becomes_a_connection_failed_error(tmp_path):
+    holder, url = refused_url()
+    with holder:
+        async with relay_in_process(tmp_path, url) as relay:
+            events = await run_to_end(relay, SendMessage("hello"))
+            _, assistant = await saved_messages(relay, events)
 
     assert names(events) == ["start", "error"]
     assert (events[-1][2]["code"], events[-1][2]["retryable"]) == ("connection_failed", True)
-    _, assistant = await saved_messages(relay, events)
     assert (assistant["status"], assistant["error_code"]) == ("error", "connection_failed")
 
 
-async def test_upstream_that_never_sends_an_event_times_out(tmp_path, upstream):
-    body = FakeBody([], hang=True)
-    upstream.mock(return_value=sse_response(body))
+async def test_connection_closed_mid_answer_is_a_connection_failed_error_with_the_partial_text_saved(tmp_path,
+                                                                                                   upstream):
+    """The upstream's socket closes after two deltas, the chunked body unfinished; not retried (text went out).
+    The built-in client taking any connection's end for the end of the body fails this (protocol_error)."""
+    upstream.answer(SSEAnswer(anthropic_events(["Hel", "lo", " never sent"])[:5], then="cut"))
 
-    async with relay_in_process(tmp_path, first_event_timeout=0.05) as relay:
+    async with relay_in_process(tmp_path, upstream, retry_attempts=3, retry_base_delay=0) as relay:
         events = await run_to_end(relay, SendMessage("hello"))
         _, assistant = await saved_messages(relay, events)
+
+    assert names(events) == ["start", "chunk", "chunk", "cost", "error"]
+    assert (events[-1][2]["code"], events[-1][2]["retryable"]) == ("connection_failed", True)
+    assert (assistant["content"], assistant["status"], assistant["error_code"]) == ("Hello", "error",
+                                                                                    "connection_failed")
+    assert len(upstream.requests) == 1
+
+
+async def test_upstream_that_never_sends_an_event_times_out(tmp_path, upstream):
+    """The upstream answers 200 and its headers, then nothing. The relay hangs up on it: the built-in client
+    keeping an unfinished response's connection open (pooled, in _Connection.finish) fails this."""
+    body = SSEAnswer([], then="hang")
+    upstream.answer(body)
+
+    async with relay_in_process(tmp_path, upstream, first_event_timeout=0.05) as relay:
+        events = await run_to_end(relay, SendMessage("hello"))
+        _, assistant = await saved_messages(relay, events)
+        async with asyncio.timeout(10):
+            await body.closed.wait()  # the relay hung up on the silent upstream
 
     assert names(events) == ["start", "error"]
     error = events[-1][2]
     assert (error["code"], error["retryable"]) == ("timeout", True)
     assert "start answering" in error["message"]
     assert (assistant["content"], assistant["status"], assistant["error_code"]) == ("", "error", "timeout")
-    assert body.closed.is_set()
 
 
 async def test_upstream_that_goes_silent_mid_answer_times_out_and_saves_the_partial_text(tmp_path, upstream):
-    body = FakeBody(anthropic_events(["Hel", "lo", " never sent"])[:5], hang=True)
-    upstream.mock(return_value=sse_response(body))
+    """Two deltas, then silence; the connection is closed, not pooled, as above."""
+    body = SSEAnswer(anthropic_events(["Hel", "lo", " never sent"])[:5], then="hang")
+    upstream.answer(body)
 
-    async with relay_in_process(tmp_path, idle_timeout=0.05) as relay:
+    async with relay_in_process(tmp_path, upstream, idle_timeout=0.05) as relay:
         events = await run_to_end(relay, SendMessage("hello"))
         _, assistant = await saved_messages(relay, events)
+        async with asyncio.timeout(10):
+            await body.closed.wait()
 
     assert names(events) == ["start", "chunk", "chunk", "cost", "error"]
     error = events[-1][2]
     assert (error["code"], error["retryable"]) == ("timeout", True)
     assert "mid-answer" in error["message"]
     assert (assistant["content"], assistant["status"], assistant["error_code"]) == ("Hello", "error", "timeout")
-    assert body.closed.is_set()
 
 
 async def test_stream_that_ends_without_message_stop_is_a_protocol_error(relay, upstream):
-    upstream.mock(return_value=sse_response(b"".join(anthropic_events(["Hel", "lo"])[:-1])))
+    upstream.answer(SSEAnswer(anthropic_events(["Hel", "lo"])[:-1]))
 
     events = await run_to_end(relay, SendMessage("hello"))
 
@@ -325,12 +352,13 @@ async def test_stream_that_ends_without_message_stop_is_a_protocol_error(relay, 
 
 
 async def test_cancelled_stream_ends_done_cancelled_saves_the_partial_text_and_closes_upstream(relay, upstream):
-    body = FakeBody(anthropic_events(["Hel", "lo", " never sent"])[:5], hang=True)
-    upstream.mock(return_value=sse_response(body))
+    """The upstream sees its connection closed: the built-in client pooling the connection of an unfinished
+    response (in _Connection.finish) fails this."""
+    body = SSEAnswer(anthropic_events(["Hel", "lo", " never sent"])[:5], then="hang")
+    upstream.answer(body)
     stream = await relay.start(SendMessage("hello"))
 
-    async with asyncio.timeout(10):
-        await body.waiting.wait()
+    await collect_until(relay.hub, stream.id, lambda events: text_of(events) == "Hello")
     assert relay.hub.cancel(stream.id) is True
     events = await collect(relay.hub, stream.id)
 
@@ -341,7 +369,8 @@ async def test_cancelled_stream_ends_done_cancelled_saves_the_partial_text_and_c
     _, assistant = await saved_messages(relay, events)
     assert (assistant["content"], assistant["status"], assistant["stop_reason"]) == ("Hello", "cancelled", "cancelled")
     assert assistant["cost_estimated"] == 1
-    assert body.closed.is_set() and body.ended.is_set()
+    async with asyncio.timeout(10):
+        await body.closed.wait()  # the cancel closed the upstream connection
     assert relay.hub.cancel(stream.id) is False
 
 
@@ -352,7 +381,7 @@ async def test_unknown_conversation_raises_not_found_and_saves_nothing(relay, up
     with pytest.raises(NotFoundError):
         await relay.start(SendMessage("hello", conversation_id=new_id()))
     assert await count_rows(relay) == (0, 0)
-    assert not upstream.called
+    assert upstream.connections == 0
     assert relay.hub.streams == {}
 
 
@@ -360,7 +389,7 @@ async def test_unknown_agent_raises_not_found_and_saves_nothing(relay, upstream)
     with pytest.raises(NotFoundError):
         await relay.start(SendMessage("hello", agent_id="no-such-agent"))
     assert await count_rows(relay) == (0, 0)
-    assert not upstream.called
+    assert upstream.connections == 0
     assert relay.hub.streams == {}
 
 
@@ -368,11 +397,10 @@ async def test_unknown_agent_raises_not_found_and_saves_nothing(relay, upstream)
 
 
 async def test_twenty_concurrent_streams_on_one_sqlite_file_all_complete_and_are_saved(relay, upstream):
-    def answer(request: httpx.Request) -> httpx.Response:
-        question = upstream_body(request)["messages"][-1]["content"]
-        return sse_response(anthropic_stream_bytes(["Answer", " to ", question]))
+    def answer_to(request: RecordedRequest) -> SSEAnswer:
+        return answer(["Answer", " to ", request.json()["messages"][-1]["content"]])
 
-    upstream.mock(side_effect=answer)
+    upstream.answer_each(answer_to)
 
     results = await asyncio.gather(*(run_to_end(relay, SendMessage(f"question {i}")) for i in range(20)))
 
@@ -389,81 +417,120 @@ async def test_twenty_concurrent_streams_on_one_sqlite_file_all_complete_and_are
 
 
 async def test_retryable_error_before_any_text_is_retried_and_the_answer_completes(tmp_path, upstream):
-    upstream.mock(side_effect=[
-        httpx.Response(529, json={"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
-        sse_response(anthropic_stream_bytes(["Second ", "try"])),
-    ])
+    upstream.answer(api_error(529, "overloaded_error", "Overloaded"), answer(["Second ", "try"]))
 
-    async with relay_in_process(tmp_path, retry_attempts=2, retry_base_delay=0) as relay:
+    async with relay_in_process(tmp_path, upstream, retry_attempts=2, retry_base_delay=0) as relay:
         events = await run_to_end(relay, SendMessage("hello"))
         _, assistant = await saved_messages(relay, events)
 
     assert names(events) == ["start", "chunk", "chunk", "cost", "done"]
-    assert upstream.call_count == 2
+    assert len(upstream.requests) == 2
     assert (assistant["content"], assistant["status"]) == ("Second try", "complete")
 
 
 async def test_retries_stop_after_the_configured_attempts(tmp_path, upstream):
-    upstream.mock(side_effect=lambda request: httpx.Response(503, json={"type": "error", "error": {
-        "type": "api_error", "message": "unavailable"}}))
+    upstream.answer_each(lambda request: api_error(503, "api_error", "unavailable"))
 
-    async with relay_in_process(tmp_path, retry_attempts=2, retry_base_delay=0) as relay:
+    async with relay_in_process(tmp_path, upstream, retry_attempts=2, retry_base_delay=0) as relay:
         events = await run_to_end(relay, SendMessage("hello"))
 
     assert names(events) == ["start", "error"]
     assert events[-1][2]["code"] == "upstream_error"
-    assert upstream.call_count == 3
+    assert len(upstream.requests) == 3
 
 
 async def test_error_after_text_went_out_is_never_retried(tmp_path, upstream):
-    upstream.mock(side_effect=lambda request: sse_response((STREAMS / f"{ERROR_FIXTURE}.sse").read_bytes()))
+    upstream.answer_each(lambda request: recorded(ERROR_FIXTURE))
 
-    async with relay_in_process(tmp_path, retry_attempts=3, retry_base_delay=0) as relay:
+    async with relay_in_process(tmp_path, upstream, retry_attempts=3, retry_base_delay=0) as relay:
         events = await run_to_end(relay, SendMessage("hello"))
 
     assert names(events) == ["start", "chunk", "cost", "error"]
     assert text_of(events) == "Hello"
-    assert upstream.call_count == 1
+    assert len(upstream.requests) == 1
 
 
 async def test_retry_after_longer_than_the_retry_budget_fails_at_once(tmp_path, upstream):
-    upstream.mock(side_effect=lambda request: httpx.Response(429, headers={"retry-after": "7"}, json={
-        "type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}))
+    upstream.answer_each(lambda request: api_error(429, "rate_limit_error", "slow down", {"retry-after": "7"}))
 
-    async with relay_in_process(tmp_path, retry_attempts=3, retry_max_wait=1.0) as relay:
+    async with relay_in_process(tmp_path, upstream, retry_attempts=3, retry_max_wait=1.0) as relay:
         events = await run_to_end(relay, SendMessage("hello"))
 
     assert names(events) == ["start", "error"]
     assert (events[-1][2]["code"], events[-1][2]["retryAfter"]) == ("rate_limited", 7)
-    assert upstream.call_count == 1
+    assert len(upstream.requests) == 1
+
+
+def blocked_saves(relay: Relay, monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, asyncio.Event, list[str]]:
+    """Make the store's save_reply wait for the test: (saving: set when a save began, release: set it to let
+    the save go on, saved: the message id of every save that completed)."""
+    saving, release, saved = asyncio.Event(), asyncio.Event(), []
+    save_reply = relay.store.save_reply
+
+    async def blocked_save_reply(message_id: str, reply: Any) -> None:
+        saving.set()
+        await release.wait()
+        await save_reply(message_id, reply)
+        saved.append(message_id)
+
+    monkeypatch.setattr(relay.store, "save_reply", blocked_save_reply)
+    return saving, release, saved
+
+
+async def test_a_users_cancel_while_the_answer_is_being_saved_is_too_late_and_the_answer_ends_complete(
+        relay, upstream, monkeypatch):
+    """The answer came whole: a cancel that arrives during its save changes nothing. Letting hub.cancel cancel a
+    stream whose core is finalizing fails this (cancel answers True)."""
+    upstream.answer(answer(["Hel", "lo"]))
+    saving, release, saved = blocked_saves(relay, monkeypatch)
+    stream = await relay.start(SendMessage("hello"))
+    async with asyncio.timeout(10):
+        await saving.wait()
+    assert relay.hub.cancel(stream.id) is False  # a user's cancel racing the end of the answer
+    release.set()
+    events = await collect(relay.hub, stream.id)
+
+    assert names(events) == ["start", "chunk", "chunk", "cost", "done"]
+    assert events[-1][2]["stopReason"] == "end_turn"
+    assert saved == [stream.message_id]
+    _, assistant = await relay.store.list_messages(stream.conversation_id)
+    assert (assistant["content"], assistant["status"]) == ("Hello", "complete")
 
 
 async def test_cancel_while_the_answer_is_being_saved_still_ends_the_stream(relay, upstream, monkeypatch):
-    upstream.mock(return_value=sse_response(anthropic_stream_bytes(["Hel", "lo"])))
-    saving, gate = asyncio.Event(), asyncio.Event()
-    save_reply = relay.store.save_reply
-
-    async def slow_save_reply(message_id: str, reply: Any) -> None:
-        saving.set()
-        await gate.wait()
-        await save_reply(message_id, reply)
-
-    monkeypatch.setattr(relay.store, "save_reply", slow_save_reply)
+    """A cancellation that reaches the core while it waits for the save (nothing in the hub cancels a saving
+    stream, see above; asyncio.run cancelling every task as a process ends does) neither cancels the save nor
+    ends the stream without its last event: the save completes once, then `done`. Fails if run_stream awaits
+    _save directly instead of through its own future (the save is cancelled: nothing saved, no `done`), or if
+    _wait lets the CancelledError through (the task ends cancelled and the log without `done`)."""
+    upstream.answer(answer(["Hel", "lo"]))
+    saving, release, saved = blocked_saves(relay, monkeypatch)
     stream = await relay.start(SendMessage("hello"))
-    subscriber = relay.hub.subscribe(stream.id, 0)
+    task = stream.task
+    assert task is not None
     async with asyncio.timeout(10):
         await saving.wait()
-        relay.hub.cancel(stream.id)  # a user's cancel racing the end of the answer
-        gate.set()
-        await asyncio.wait([stream.task])
+        for _ in range(2):  # every cancellation is absorbed, not only the first
+            task.cancel()
+            # Until the core has taken it: no event says so, the task's count of pending cancellations does.
+            while task.cancelling() and not task.done():  # noqa: ASYNC110
+                await asyncio.sleep(0)
+            assert not task.done() and not stream.finished, "the stream ended before its save did"
+        release.set()
+        await asyncio.wait([task])
 
+    assert not task.cancelled()
+    assert saved == [stream.message_id]
+    events = await collect(relay.hub, stream.id)
+    assert names(events) == ["start", "chunk", "chunk", "cost", "done"]
+    assert events[-1][2] == {"conversationId": stream.conversation_id, "messageId": stream.message_id,
+                             "stopReason": "end_turn"}
     _, assistant = await relay.store.list_messages(stream.conversation_id)
     assert (assistant["content"], assistant["status"]) == ("Hello", "complete")
-    assert stream.finished and subscriber.closed, f"no terminal event: the log ends with {stream.log.last_name()}"
 
 
 async def test_cancel_right_after_start_still_ends_the_stream_and_saves_it_cancelled(relay, upstream):
-    upstream.mock(return_value=sse_response(anthropic_stream_bytes(["never", " read"])))
+    upstream.answer(answer(["never", " read"]))
     stream = await relay.start(SendMessage("hello"))
 
     assert relay.hub.cancel(stream.id) is True  # before the event loop ran the stream's task
@@ -483,7 +550,7 @@ async def test_a_save_that_finds_its_message_finished_elsewhere_ends_with_an_err
                                                                                               monkeypatch):
     """Another process marked the answer interrupted before its save (issue 14, finding 6). Treating
     FinishedElsewhereError as a successful save in run_stream fails this: the stream ended `done`."""
-    upstream.mock(return_value=sse_response(anthropic_stream_bytes(["Hel", "lo"])))
+    upstream.answer(answer(["Hel", "lo"]))
     save_reply = relay.store.save_reply
 
     async def marked_first(message_id: str, reply: Any) -> None:
@@ -501,8 +568,8 @@ async def test_a_save_that_finds_its_message_finished_elsewhere_ends_with_an_err
 async def test_an_answer_whose_save_fails_for_a_while_ends_done_once_it_is_saved(tmp_path, upstream, monkeypatch):
     """The database is back within RELAY_SAVE_WAIT_SECONDS: `done` waits for the save. Making _save give up
     at the first StorageUnavailableError fails this (the stream ends with an error and nothing is saved)."""
-    async with relay_in_process(tmp_path, save_wait_seconds=30) as relay:
-        upstream.mock(return_value=sse_response(anthropic_stream_bytes(["Hel", "lo"])))
+    async with relay_in_process(tmp_path, upstream, save_wait_seconds=30) as relay:
+        upstream.answer(answer(["Hel", "lo"]))
         save_reply, failures = relay.store.save_reply, []
 
         async def unavailable_three_times(message_id: str, reply: Any) -> None:
@@ -524,8 +591,8 @@ async def test_past_the_save_wait_the_stream_ends_storage_unavailable_and_the_an
         tmp_path, upstream, monkeypatch):
     """RELAY_SAVE_WAIT_SECONDS=0: the client is told at the first failed save, and the save goes on. Ending
     with `done` there, or dropping the retries after the error event, fails this."""
-    async with relay_in_process(tmp_path, save_wait_seconds=0) as relay:
-        upstream.mock(return_value=sse_response(anthropic_stream_bytes(["Hel", "lo"])))
+    async with relay_in_process(tmp_path, upstream, save_wait_seconds=0) as relay:
+        upstream.answer(answer(["Hel", "lo"]))
         save_reply, back = relay.store.save_reply, asyncio.Event()
 
         async def unavailable_until_back(message_id: str, reply: Any) -> None:

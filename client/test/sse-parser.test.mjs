@@ -7,7 +7,8 @@ import { test } from 'node:test'
 
 import { createSSEParser } from '../deltarelay.js'
 
-const { vectors } = JSON.parse(readFileSync(new URL('./data/sse-vectors.json', import.meta.url), 'utf8'))
+// The one copy of the vectors, which the Python decoder's tests (tests/test_protocol_sse.py) read too.
+const { vectors } = JSON.parse(readFileSync(new URL('../../tests/data/sse-vectors.json', import.meta.url), 'utf8'))
 
 /** Run byte chunks through decoder and parser as client/deltarelay.js does. */
 function parse(byteChunks) {
