@@ -230,7 +230,7 @@ class Store:
             self._writer = _AsyncWriter(self.db)
         await self._writer.start()
         if migrate:
-            await self.write(_migrate())
+            await self.write(_migrate(postgresql=not self.is_sqlite))
         if isinstance(self.reads, _SQLiteReaders):
             await self.reads.connect()  # after the writer made the file and its WAL
 
@@ -841,7 +841,14 @@ _SCHEMA_MIGRATIONS = ("CREATE TABLE IF NOT EXISTS schema_migrations"
                       " (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
 
 
-def _migrate() -> Operation[None]:
+def _migrate(postgresql: bool = False) -> Operation[None]:
+    """Apply the migrations not applied yet, in one transaction.
+
+    On PostgreSQL, instances that start together take turns (a transaction-scoped advisory lock): two
+    processes creating the same tables at once would otherwise collide in the catalogue.
+    """
+    if postgresql:
+        yield Query("SELECT pg_advisory_xact_lock(hashtext('deltarelay-migrations'))", {}, ONE)
     yield Query(_SCHEMA_MIGRATIONS)
     rows = yield Query("SELECT version FROM schema_migrations", {}, ALL)
     applied = {row[0] for row in rows}

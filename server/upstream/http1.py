@@ -133,6 +133,9 @@ class _Connection(asyncio.Protocol):
     def __init__(self, pool: Http1Transport, key: Key, loop: asyncio.AbstractEventLoop) -> None:
         self.pool = pool
         self.key = key
+        # Through a CONNECT tunnel: the TCP transport under this connection's TLS. Closed with it, since a
+        # proxy may never pass the upstream's close_notify back, and asyncio keeps the socket until it comes.
+        self.tunnel: asyncio.BaseTransport | None = None
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -170,6 +173,8 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+        if self.tunnel is not None:
+            self.tunnel.close()  # after the TLS transport queued its close_notify, which this still writes
 
     def pause(self) -> None:
         if not self.paused and self.transport is not None:
@@ -425,6 +430,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
             transport.close()
             raise
         assert tls_transport is not None
+        connection.tunnel = transport
         connection.connection_made(tls_transport)
 
     async def _slot(self) -> None:
