@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import fcntl
 import logging
 import os
@@ -27,7 +28,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Generator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -105,6 +106,17 @@ def storage_error(exc: BaseException) -> StorageUnavailableError:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+
+
+@contextlib.contextmanager
+def _as_storage_errors() -> Iterator[None]:
+    """A database that cannot be used now raises StorageUnavailableError out of this block; other errors pass."""
+    try:
+        yield
+    except Exception as exc:
+        if unavailable(exc):
+            raise storage_error(exc) from exc
+        raise
 
 
 def databases_url(url: str) -> str:
@@ -252,36 +264,20 @@ class Store:
         """
         if self._writer is None:
             raise RuntimeError("store is not connected")
-        try:
+        with _as_storage_errors():
             return await self._writer.run(operation)
-        except Exception as exc:
-            if unavailable(exc):
-                raise storage_error(exc) from exc
-            raise
 
     async def _fetch_all(self, sql: str, params: dict[str, Any] | None = None) -> Sequence[Any]:
-        try:
+        with _as_storage_errors():
             return await self.reads.fetch_all(sql, params)
-        except Exception as exc:
-            if unavailable(exc):
-                raise storage_error(exc) from exc
-            raise
 
     async def _fetch_one(self, sql: str, params: dict[str, Any] | None = None) -> Any:
-        try:
+        with _as_storage_errors():
             return await self.reads.fetch_one(sql, params)
-        except Exception as exc:
-            if unavailable(exc):
-                raise storage_error(exc) from exc
-            raise
 
     async def _fetch_val(self, sql: str, params: dict[str, Any] | None = None) -> Any:
-        try:
+        with _as_storage_errors():
             return await self.reads.fetch_val(sql, params)
-        except Exception as exc:
-            if unavailable(exc):
-                raise storage_error(exc) from exc
-            raise
 
     async def ping(self) -> None:
         await self._fetch_val("SELECT 1")
