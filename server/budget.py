@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError
 
 from .errors import RelayError
+from .tasks import stop_tasks
 
 log = logging.getLogger("deltarelay.budget")
 
@@ -256,4 +257,4 @@ class RedisLedger:
                     await self._worker
             except TimeoutError:
                 log.error("gave up settling %d budget entries in Redis at shutdown", len(self._queue))
-                self._worker.cancel()
+                await stop_tasks([self._worker])

@@ -46,6 +46,7 @@ from .errors import NotFoundError, RelayError
 from .events import TERMINAL_EVENTS, Error, encode_data
 from .hub import Entry, LiveStream, Orphan, StreamHub, Subscriber
 from .pricing import Usage
+from .tasks import stop_tasks
 
 log = logging.getLogger("deltarelay.hub")
 
@@ -239,11 +240,8 @@ class RedisStreamHub(StreamHub):
                     await self._writer
             except TimeoutError:
                 log.error("gave up writing the events of %d streams to Redis at shutdown", len(self._dirty))
-                self._writer.cancel()
-        tasks = [*self._tasks, *self._burials.values()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+                await stop_tasks([self._writer])
+        await stop_tasks([*self._tasks, *self._burials.values()])
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.srem(self._instances_key, self.instance_id)
