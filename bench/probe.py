@@ -65,6 +65,7 @@ class Probe:
             name = getattr(arg, "__name__", "")
             if name in COPIES:
                 self.counts["copies"] += 1
+                self.counts[f"copies by {name}"] += 1
 
 
 def free_port() -> int:
@@ -169,8 +170,10 @@ async def main(chunks: int) -> None:
     for transport in ("sse", "ws"):
         for case in ("live", "burst", "stalled"):
             counts = await run_case(transport, case, chunks)
+            detail = ", ".join(f"{key.removeprefix('copies by ')} {value:.2f}" for key, value in sorted(counts.items())
+                               if key.startswith("copies by "))
             print(f"{transport:10} {case:7} {counts.get('resumptions', 0):12.2f} {counts.get('agen', 0):6.2f}"
-                  f" {counts.get('copies', 0):7.2f} {counts.get('writes', 0):7.2f}")
+                  f" {counts.get('copies', 0):7.2f} {counts.get('writes', 0):7.2f}   ({detail})")
 
 
 if __name__ == "__main__":
