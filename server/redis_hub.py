@@ -743,7 +743,8 @@ class RedisStreamHub(StreamHub):
         """Save a dead instance's answer from its log, then end the log with `interrupted`: save first, as the
         core does, so a client that gets the event finds the answer saved."""
         epoch, raw = await self._log(stream_id)
-        entries: list[Entry] = [(entry_number(entry_id), fields[b"e"].decode(), fields[b"d"]) for entry_id, fields in raw]
+        entries: list[Entry] = [(entry_number(entry_id), fields[b"e"].decode(), fields[b"d"])
+                                for entry_id, fields in raw]
         if not entries:
             # Its log is gone (Redis lost it): nothing to save from, nor to end. The database's row is
             # finished by on_instance_gone, with whatever it holds.

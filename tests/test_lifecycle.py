@@ -238,6 +238,32 @@ async def test_a_reader_that_stops_reading_is_dropped_while_others_stream_at_ful
     assert len(received) < 8_000_000
 
 
+async def test_a_websocket_that_stops_reading_is_dropped_while_others_stream_at_full_speed(make_server,
+                                                                                         make_upstream):
+    """The WebSocket twin of the SSE test above: a socket that reads nothing after its start frame gets an
+    `error` frame `slow_consumer` for its stream, not the 8 MB answer, while two SSE readers get it whole.
+    Fails with an unbounded outbox (Subscriber.push without its limit check): the socket gets `done`."""
+    relay = relay_with_big_answer(make_server, make_upstream, delay_ms=1, queue_events=1000)
+    async with websockets.connect(relay.ws_url + "/api/command-center/ws", sock=unread_socket(relay.port),
+                                  max_queue=4, max_size=None) as stuck:
+        await stuck.send(json.dumps({"type": "message", "message": "I will not read"}))
+        start = json.loads(await asyncio.wait_for(stuck.recv(), 30))
+        assert start["event"] == "start"
+        fast = await asyncio.gather(*(sse_read_new(relay.url, f"fast {n}") for n in range(2)))
+        for events in fast:
+            assert text_of(events) == expected_words(8000, 150)
+        frames = 1
+        async with asyncio.timeout(60):
+            while True:
+                frame = json.loads(await stuck.recv())
+                frames += 1
+                if frame["event"] in ("done", "error"):
+                    break
+    assert (frame["event"], frame["streamId"], frame["data"]["code"]) == ("error", start["streamId"],
+                                                                           "slow_consumer")
+    assert frames < 8003
+
+
 async def sse_read_new(url: str, message: str) -> list:
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         async with aconnect_sse(client, "POST", "/api/command-center/message", json={"message": message}) as source:

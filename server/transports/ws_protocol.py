@@ -39,7 +39,6 @@ from websockets.protocol import Protocol, State
 from .http_protocol import ConnectionGuard, WriteDeadline
 from .writers import WRITER
 
-
 _SHORT_HEADERS = [bytes((0x81, size)) for size in range(126)]
 
 
