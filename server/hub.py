@@ -141,6 +141,8 @@ class Subscriber:
             self.dropped = True
             self.outbox = []
             self._wake()
+            if self._loop is not None:  # stop receiving now, even while serve() waits for a paused socket
+                self._loop.call_soon(self.detach)
             return
         outbox.append(self.frame(*entry))
         if len(outbox) == 1 and self._loop is not None:

@@ -134,6 +134,8 @@ async def test_a_reader_whose_socket_stalls_is_dropped_at_its_bound_and_holds_no
     if hubs.owner is hubs.reader:  # (a mirror takes the events in its own task, unseen by this loop)
         assert most == 10  # the bound was reached, not merely respected
     assert stuck.dropped and stuck.outbox == [] and writer.writes == []
+    await asyncio.sleep(0)
+    assert stuck not in hubs.reader.streams["s1"].subscribers  # let go at once, its socket still paused
     writer.resume()
     with pytest.raises(SubscriberDropped):
         await asyncio.wait_for(serving, 5)
