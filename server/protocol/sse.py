@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..errors import ProtocolError
 
-__all__ = ["SSEDecoder", "SSEEvent", "encode_comment", "encode_event"]
+__all__ = ["SSEDecoder", "SSEEvent", "encode_comment", "encode_entry", "encode_event"]
 
 _BOM = b"\xef\xbb\xbf"
 _DEFAULT_MAX_LINE_BYTES = 1 << 20
@@ -172,7 +172,7 @@ class SSEDecoder:
 
 
 def encode_event(name: str | None, data: str | bytes, id: int | str | None = None) -> bytes:
-    """Frame one event as `id: ...\nevent: ...\ndata: ...\n\n`; the relay's SSE responses use it for every event.
+    """Frame one event as `id: ...\nevent: ...\ndata: ...\n\n`.
 
     Data with line breaks becomes several `data:` lines; a decoder gives it back with
     every line break (CRLF, CR or LF) as LF, because SSE cannot carry CR. Bytes data is
@@ -198,6 +198,20 @@ def encode_event(name: str | None, data: str | bytes, id: int | str | None = Non
             raise ValueError("an SSE id cannot contain a line break or NUL")
         frame = b"id: %b\n%b" % (text.encode("utf-8"), frame)
     return frame
+
+
+def encode_entry(id: int, name: str, data: bytes) -> bytes:
+    """Frame one numbered event with UTF-8 data, as encode_event does: the relay's SSE responses frame every
+    logged event with it (hub.Framer's argument order).
+
+    Raises:
+        ValueError: `name` contains a line break.
+    """
+    if b"\n" in data or b"\r" in data:
+        return encode_event(name, data, id)
+    if "\n" in name or "\r" in name:
+        raise ValueError("an SSE event name cannot contain a line break")
+    return b"id: %d\nevent: %b\ndata: %b\n\n" % (id, name.encode("utf-8"), data)
 
 
 def encode_comment(text: str) -> bytes:

@@ -18,7 +18,7 @@ from ..events import Error, encode_data
 from ..hub import LogLostError, StreamHub, Subscriber, SubscriberDropped
 from ..metrics import Metrics
 from ..protocol.frames import parse_event_id, parse_json_object, parse_send_message
-from ..protocol.sse import encode_comment, encode_event
+from ..protocol.sse import encode_comment, encode_entry, encode_event
 from .http_protocol import BodyWriter
 from .writers import SendWriter, socket_writer
 
@@ -31,9 +31,8 @@ SSE_HEADERS = {
 SSE_MEDIA_TYPE = "text/event-stream; charset=utf-8"
 
 
-def frame_event(event_id: int, name: str, data: bytes) -> bytes:
-    """One logged event as an SSE event (protocol.sse.encode_event); data is one line of compact JSON."""
-    return encode_event(name, data, event_id)
+# One logged event as an SSE event; data is one line of compact JSON.
+frame_event = encode_entry
 
 
 KEEPALIVE = encode_comment("keepalive")
