@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import socket
 import sys
+import time
 from collections import Counter
 from types import FrameType, SimpleNamespace
 from typing import Any
@@ -74,7 +75,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def run_case(transport: str, case: str, chunks: int) -> dict[str, float]:
+async def run_case(transport: str, case: str, chunks: int, timed: bool = False) -> dict[str, float]:
     hub = StreamHub(chunks + 30, retention_seconds=60, queue_limit=chunks + 30)
     hub.start()
     stream = hub.create("s1", "c1", "m1", "model")
@@ -135,8 +136,10 @@ async def run_case(transport: str, case: str, chunks: int) -> dict[str, float]:
     await read_until(b"warm" * 0 + b'"warm"}' if transport == "ws" else b'{"text":"warm"}\n\n')
 
     probe = Probe()
-    sys.setprofile(probe.hook)
+    if not timed:
+        sys.setprofile(probe.hook)
     probe.on = True
+    started = time.process_time()
     if case == "live":
         for n in range(chunks):
             stream.append(Chunk(f"chunk {n:06d} 🙂"))
@@ -153,6 +156,7 @@ async def run_case(transport: str, case: str, chunks: int) -> dict[str, float]:
             await asyncio.sleep(0)
     if case == "stalled":
         await read_until(f"chunk {chunks - 1:06d}".encode())
+    cpu = time.process_time() - started
     probe.on = False
     sys.setprofile(None)
     stream.append(Done("c1", "m1", "end_turn"))
@@ -161,10 +165,19 @@ async def run_case(transport: str, case: str, chunks: int) -> dict[str, float]:
     server.should_exit = True
     await serving
     await hub.shutdown(0)
+    if timed:
+        return {"µs": cpu * 1e6 / chunks}
     return {key: value / chunks for key, value in probe.counts.items()}
 
 
-async def main(chunks: int) -> None:
+async def main(chunks: int, timed: bool) -> None:
+    if timed:
+        print(f"CPU per chunk, µs, best of 5 runs of {chunks} chunks (python -m bench.probe --time)")
+        for transport in ("sse", "ws"):
+            for case in ("live", "burst"):
+                best = min([(await run_case(transport, case, chunks, timed=True))["µs"] for _ in range(5)])
+                print(f"{transport:10} {case:7} {best:8.2f}")
+        return
     print(f"per chunk, over {chunks} chunks (python -m bench.probe --chunks {chunks})")
     print(f"{'transport':10} {'case':7} {'resumptions':>12} {'agen':>6} {'copies':>7} {'writes':>7}")
     for transport in ("sse", "ws"):
@@ -179,4 +192,6 @@ async def main(chunks: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, default=400)
-    asyncio.run(main(parser.parse_args().chunks))
+    parser.add_argument("--time", action="store_true", help="CPU time per chunk instead of counts (no hook)")
+    args = parser.parse_args()
+    asyncio.run(main(args.chunks, args.time))

@@ -25,6 +25,9 @@ from .writers import SendWriter, socket_writer
 
 log = logging.getLogger("deltarelay.ws")
 
+# The relay's event names as bytes (names are JSON-safe: they come from events.py, never from input).
+EVENT_NAMES = {name: name.encode() for name in ("start", "chunk", "thinking", "cost", "done", "error")}
+
 # The close code for a socket whose credentials stopped working (4000-4999 are the application's; 401 is HTTP's).
 CREDENTIAL_ENDED = 4401
 
@@ -201,8 +204,9 @@ class Connection:
 
         def frame(event_id: int, name: str, data: bytes) -> bytes:
             self.active = True
+            raw = EVENT_NAMES.get(name) or name.encode()
             return b'{"event":"%b","streamId":%b,"id":%d,"data":%b%b' % (
-                name.encode(), sid, event_id, data, start_tail if name == "start" else b"}")
+                raw, sid, event_id, data, start_tail if name == "start" else b"}")
 
         async def send_frames(frames: list[bytes]) -> None:
             for payload in frames:
