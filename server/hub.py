@@ -9,7 +9,7 @@ subscriber that falls too far behind is dropped and may resume from the log.
 
 StreamHub is the one interface the core and the transports use, and its in-process
 implementation for a single instance. server/redis_hub.py extends it across
-instances (REDIS_URL): the same local fast path, plus every event copied to Redis
+instances (REDIS_URL): the same local streams, plus every event copied to Redis
 through `LiveStream.sink`, and other instances' streams read into local mirrors.
 """
 
@@ -595,7 +595,7 @@ class StreamHub:
         return stream
 
     def subscribe(self, stream_id: str, after: int = 0, keepalive: bool = False) -> Subscriber:
-        """Read a stream from after event `after`; `keepalive`: get an empty batch when idle."""
+        """Read a stream from after event `after`; `keepalive`: the keepalive sweep reaches it (see serve())."""
         subscriber = self.get(stream_id).subscribe(after, self.queue_limit)
         if keepalive and not subscriber.closed:
             self.keepalive_targets.add(subscriber)
