@@ -125,6 +125,7 @@ async def test_uvicorn_http_protocol_and_request_cycle_have_every_attribute_the_
         assert cycle is not None, "uvicorn HttpToolsProtocol.cycle is set once a request head is read"
         assert missing(cycle, REQUEST_CYCLE_ATTRIBUTES) == []
         assert hasattr(cycle.flow, "write_paused"), "uvicorn FlowControl.write_paused"
+        assert asyncio.iscoroutinefunction(cycle.flow.drain), "uvicorn FlowControl.drain()"
     finally:
         protocol.connection_lost(None)
         for task in list(protocol.tasks):

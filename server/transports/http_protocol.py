@@ -26,7 +26,7 @@ uvicorn internals this module relies on (uvicorn 0.54, HttpToolsProtocol and Req
 `_should_upgrade()`, `_unsupported_upgrade_warning()`, `handle_websocket_upgrade()`, the parser callbacks
 `on_message_begin`, `on_url`, `on_header`, `on_headers_complete`, the flow-control hooks `pause_writing` and
 `resume_writing`, and the cycle's `response_started`, `response_complete`, `chunked_encoding`, `disconnected`,
-`flow.write_paused` and `transport`. data_received is uvicorn's own, plus the head's accounting.
+`flow.write_paused`, `flow.drain()` and `transport`. data_received is uvicorn's own, plus the head's accounting.
 """
 
 from __future__ import annotations
