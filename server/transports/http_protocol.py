@@ -21,12 +21,8 @@ timeout_keep_alive only covers the wait between requests, which it keeps doing):
   stays paused) is cut off, which ends the response and gives back the user's connection slot.
 Each refusal is one WARNING line per peer per minute at most (logs.PeerLog), naming no header or token.
 
-uvicorn internals this module relies on (uvicorn 0.54, HttpToolsProtocol and RequestResponseCycle):
-`parser`, `transport`, `client`, `loop`, `cycle`, `scope`, `_unset_keepalive_if_required()`,
-`_should_upgrade()`, `_unsupported_upgrade_warning()`, `handle_websocket_upgrade()`, the parser callbacks
-`on_message_begin`, `on_url`, `on_header`, `on_headers_complete`, the flow-control hooks `pause_writing` and
-`resume_writing`, and the cycle's `response_started`, `response_complete`, `chunked_encoding`, `disconnected`,
-`flow.write_paused`, `flow.drain()` and `transport`. data_received is uvicorn's own, plus the head's accounting.
+The uvicorn internals it relies on are reached through internals.py (UvicornHttpProtocol, the cycle_*
+functions), which lists them.
 """
 
 from __future__ import annotations
@@ -38,11 +34,18 @@ import weakref
 from collections import OrderedDict
 from typing import Any, Protocol
 
-import httptools
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from ..logs import PeerLog
+from .internals import (
+    RequestCycle,
+    UvicornHttpProtocol,
+    cycle_can_write,
+    cycle_drain,
+    cycle_open,
+    cycle_streaming,
+    cycle_write,
+)
 from .writers import WRITER
 
 log = logging.getLogger("deltarelay.connections")
@@ -54,34 +57,33 @@ class BodyWriter:
 
     __slots__ = ("_cycle",)
 
-    def __init__(self, cycle: RequestResponseCycle) -> None:
+    def __init__(self, cycle: RequestCycle) -> None:
         # Weak: the cycle's scope holds this writer, and a reference cycle per request would wait for the GC.
-        self._cycle: weakref.ref[RequestResponseCycle] | None = weakref.ref(cycle)
+        self._cycle: weakref.ref[RequestCycle] | None = weakref.ref(cycle)
 
     @property
-    def cycle(self) -> RequestResponseCycle | None:
+    def cycle(self) -> RequestCycle | None:
         return self._cycle() if self._cycle is not None else None
 
     def streaming(self) -> bool:
         """The response is streaming a chunked body, and the client has not gone."""
         cycle = self.cycle
-        return (cycle is not None and cycle.response_started and not cycle.response_complete
-                and cycle.chunked_encoding is True and not cycle.disconnected and cycle.scope["method"] != "HEAD")
+        return cycle is not None and cycle_streaming(cycle)
 
     def can_write(self) -> bool:
         """Streaming, and the client keeps up (the transport is not paused)."""
         cycle = self.cycle
-        return cycle is not None and not cycle.flow.write_paused and self.streaming()
+        return cycle is not None and cycle_can_write(cycle) and self.streaming()
 
     def write_many(self, frames: list[bytes]) -> None:
         cycle = self.cycle
-        if cycle is not None and not cycle.disconnected and not cycle.response_complete:
-            cycle.transport.writelines([b"%x\r\n" % sum(map(len, frames)), *frames, b"\r\n"])
+        if cycle is not None and cycle_open(cycle):
+            cycle_write(cycle, [b"%x\r\n" % sum(map(len, frames)), *frames, b"\r\n"])
 
     async def drain(self) -> None:
         cycle = self.cycle
-        if cycle is not None and cycle.flow.write_paused and not cycle.disconnected:
-            await cycle.flow.drain()
+        if cycle is not None:
+            await cycle_drain(cycle)
         if not self.streaming():
             raise ConnectionResetError("the response is over or its client went away")
 
@@ -186,12 +188,12 @@ class _HeadRefused(Exception):
 
 class WriteDeadline:
     """A protocol mixin: a peer that reads nothing for `write_deadline_guard().write_timeout` seconds while
-    writes wait (the transport stays paused) is cut off. Mixed in before uvicorn's protocol class."""
+    writes wait (the transport stays paused) is cut off. Mixed in before internals' protocol classes."""
 
     write_timer: asyncio.TimerHandle | None = None
     stalled_peer = "connection"  # how the refusal's log line names the peer
 
-    # Provided by uvicorn's protocol classes.
+    # Provided by internals' protocol classes (uvicorn's).
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
     client: tuple[str, int] | None
@@ -221,7 +223,7 @@ class WriteDeadline:
         self.transport.abort()  # close() would wait for a flush that never comes
 
 
-class RelayHttpProtocol(WriteDeadline, HttpToolsProtocol):
+class RelayHttpProtocol(WriteDeadline, UvicornHttpProtocol):
     guard = ConnectionGuard()  # relay_http_protocol() gives each server its own
 
     def write_deadline_guard(self) -> ConnectionGuard:
@@ -250,18 +252,7 @@ class RelayHttpProtocol(WriteDeadline, HttpToolsProtocol):
             return
         if self.reading_head:
             self.head_bytes += len(data)
-        self._unset_keepalive_if_required()
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            if self._should_upgrade():
-                self.handle_websocket_upgrade()
-            else:
-                self._unsupported_upgrade_warning()
-            return
-        except httptools.HttpParserError:
-            if not self.refused:  # uvicorn answers 400 too, with a warning line per request
-                self.refuse(400, "invalid_request", "invalid HTTP request")
+        if not self.feed(data):  # upgraded, or not HTTP
             return
         if self.reading_head:
             if self.head_bytes > self.guard.max_header_bytes:
@@ -297,9 +288,13 @@ class RelayHttpProtocol(WriteDeadline, HttpToolsProtocol):
         self.head_bytes = 0
         self.guard.got_head(self)
         super().on_headers_complete()
-        cycle: Any = self.cycle
-        if cycle is not None and cycle.scope is self.scope:  # a new request (not a WebSocket upgrade)
-            self.scope.setdefault("extensions", {})[WRITER] = {"writer": BodyWriter(cycle)}
+        cycle = self.new_request_cycle()
+        if cycle is not None:  # a new request (not a WebSocket upgrade)
+            self.set_extension(WRITER, {"writer": BodyWriter(cycle)})
+
+    def invalid_request(self) -> None:
+        if not self.refused:  # uvicorn answers 400 too, with a warning line per request
+            self.refuse(400, "invalid_request", "invalid HTTP request")
 
     def refuse(self, status: int, code: str, message: str) -> None:
         """Answer `status` with a JSON error, log it (rate-limited), and close once the peer has read it."""
@@ -310,7 +305,7 @@ class RelayHttpProtocol(WriteDeadline, HttpToolsProtocol):
         transport = self.transport
         if transport.is_closing():
             return
-        if self.cycle is not None and not self.cycle.response_complete:
+        if self.responding():
             transport.abort()  # a pipelined head while a response is going out: no answer can go in between
             return
         transport.write(error_response(status, code, message))
