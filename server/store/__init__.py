@@ -4,7 +4,7 @@ Writes go through one writer that holds one connection: SQLite allows one writer
 at a time, so serialising writes here means concurrent streams never meet
 `database is locked`, and no stream opens a connection of its own. Reads go through
 a bounded pool: for SQLite a fixed set of connections opened at start, for PostgreSQL
-asyncpg's pool. Schema changes are the ordered SQL files in migrations/.
+asyncpg's pool. Schema changes are Alembic revisions in migrations/versions/, applied at start.
 
 A database that cannot be reached or cannot take writes (a restart, a full disk) is
 StorageUnavailableError (503, retryable) on every read and write, never a driver's
@@ -18,7 +18,7 @@ One module per concern:
     records.py          statuses, ids, Turn, Reply, UsageRow (pure)
     queries.py          Query and Operation: a write as a generator of queries (pure)
     faults.py, urls.py  errors that mean "unavailable"; DATABASE_URL per driver (pure)
-    schema.py           migrations and the check's Probe
+    schema.py           Alembic revisions (migrations/), the old runner's databases, the check's Probe
     base.py             StoreBase: connect, write, read, readiness, leases, probe
     conversations.py    turns, saves, interrupted answers, conversation reads
     users.py, usage.py  users and sessions; usage and budget sums
@@ -35,7 +35,7 @@ from .conversations import ConversationQueries
 from .faults import storage_error, unavailable
 from .queries import ALL, NONE, ONE, Operation, Query
 from .records import FinishedElsewhereError, Reply, Status, Turn, UsageRow, new_id, now, storable_id
-from .schema import MIGRATIONS, Probe, _statements, migration_versions
+from .schema import MIGRATIONS, Probe, migration_versions
 from .urls import asyncpg_dsn, databases_url, sqlite_path
 from .usage import UsageQueries
 from .users import UserQueries
@@ -47,6 +47,6 @@ class Store(ConversationQueries, UserQueries, UsageQueries, StoreBase):
 
 __all__ = [
     "ALL", "MIGRATIONS", "NONE", "ONE", "FinishedElsewhereError", "Operation", "Probe", "Query", "Reply", "Status",
-    "Store", "StoreBase", "Turn", "UsageRow", "_statements", "asyncpg_dsn", "databases_url", "migration_versions",
+    "Store", "StoreBase", "Turn", "UsageRow", "asyncpg_dsn", "databases_url", "migration_versions",
     "new_id", "now", "sqlite_path", "storable_id", "storage_error", "unavailable",
 ]

@@ -5,20 +5,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Generator, Sequence
+from decimal import Decimal
 from typing import Any
 
 from databases import Database
 
 from ..config import database_url
 from ..errors import StorageUnavailableError
+from . import schema
 from .faults import as_storage_errors
 from .leases import LEASE_KEY, LockFiles
 from .postgres_writer import PostgresWriter
-from .queries import ALL, ONE, Operation, Query, T
+from .queries import ONE, Operation, Query, T
 from .reads import Reads, SQLiteReaders
-from .records import new_id, now
-from .schema import SCHEMA_MIGRATIONS, Probe, RolledBack, migration_versions
-from .schema import migrate as apply_migrations
+from .records import cost_nanos, cost_of_nanos, new_id, now
+from .schema import Probe, RolledBack, migration_versions
 from .sqlite_writer import SQLiteWriter
 from .urls import databases_url, sqlite_path
 
@@ -50,8 +51,8 @@ class StoreBase:
         self._locks = LockFiles(sqlite_path(url) + "-instances") if self.is_sqlite else None
 
     async def connect(self, migrate: bool = True) -> None:
-        """Open the read pool and the writer, then apply the migrations not applied yet (unless `migrate` is
-        False: `deltarelay check` looks and changes nothing)."""
+        """Open the writer, apply the migrations not applied yet on a connection of their own (unless `migrate`
+        is False: `deltarelay check` looks and changes nothing), then open the read pool."""
         await self.db.connect()
         if self.is_sqlite:
             self._writer = SQLiteWriter(sqlite_path(self.url), self.group_commit)
@@ -59,7 +60,8 @@ class StoreBase:
             self._writer = PostgresWriter(self.db)
         await self._writer.start()
         if migrate:
-            await self.write(apply_migrations(postgresql=not self.is_sqlite))
+            with as_storage_errors():
+                await schema.run_on(self.url, schema.upgrade)
         if isinstance(self.reads, SQLiteReaders):
             await self.reads.connect()  # after the writer made the file and its WAL
 
@@ -83,6 +85,26 @@ class StoreBase:
             raise RuntimeError("store is not connected")
         with as_storage_errors():
             return await self._writer.run(operation)
+
+    def _cost_param(self, cost: Decimal | None) -> Decimal | int | None:
+        """A cost as the `cost` column takes it: NUMERIC USD on PostgreSQL, whole nano-dollars on SQLite.
+
+        Raises:
+            ValueError: finer than a nano-dollar, on either database (so both keep the same costs).
+        """
+        if cost is None:
+            return None
+        nanos = cost_nanos(cost)
+        return nanos if self.is_sqlite else cost
+
+    def _cost_value(self, value: Any) -> Decimal | None:
+        """A `cost` column's value, or a SUM of it, as exact USD (None stays None)."""
+        if value is None:
+            return None
+        if self.is_sqlite:
+            return cost_of_nanos(int(value))
+        # NUMERIC keeps the scale it was given: the same value reads the same on both databases.
+        return Decimal(value).normalize() if value else Decimal(0)
 
     async def _fetch_all(self, sql: str, params: dict[str, Any] | None = None) -> Sequence[Any]:
         with as_storage_errors():
@@ -153,9 +175,7 @@ class StoreBase:
         def operation() -> Operation[Probe]:
             version = yield Query("SELECT sqlite_version()" if sqlite else "SHOW server_version", {}, ONE)
             server = f"{'SQLite' if sqlite else 'PostgreSQL'} {str(version[0]).split()[0]}"
-            yield Query(SCHEMA_MIGRATIONS)
-            rows = yield Query("SELECT version FROM schema_migrations", {}, ALL)
-            applied = frozenset(int(row[0]) for row in rows)
+            applied = yield from schema.read_applied(sqlite)
             known = migration_versions()
             # Before the migration that makes it, there is no users table: after it, there are no users.
             tables = yield Query(

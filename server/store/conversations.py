@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-from decimal import Decimal
 from typing import Any
 
 from ..errors import NotFoundError, TooLargeError
 from .base import StoreBase
 from .queries import ALL, ONE, Operation, Query
 from .records import FinishedElsewhereError, Reply, Status, Turn, new_id, now, storable_id
+
+# A conversation with its message count and the exact sum of its costs (NULL: none priced), summed by the
+# database: NUMERIC on PostgreSQL, whole nano-dollars on SQLite (see migration 0005).
+_CONVERSATION = (
+    "SELECT c.id, c.agent_id, c.title, c.created_at, c.updated_at, c.owner_id,"
+    " (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count,"
+    " (SELECT SUM(m.cost) FROM messages m WHERE m.conversation_id = c.id) AS total_cost"
+    " FROM conversations c"
+)
 
 
 class ConversationQueries(StoreBase):
@@ -105,6 +113,7 @@ class ConversationQueries(StoreBase):
             StorageUnavailableError: the database cannot take the write now; retrying later may work.
         """
         finished_at = reply.finished_at or now()
+        cost = self._cost_param(reply.cost)
 
         def operation() -> Operation[bool]:
             rows = yield Query(
@@ -118,8 +127,7 @@ class ConversationQueries(StoreBase):
                     "status": reply.status.value, "stop": reply.stop_reason, "inp": reply.input_tokens,
                     "out": reply.output_tokens, "cw": reply.cache_creation_input_tokens,
                     "cr": reply.cache_read_input_tokens,
-                    "cost": None if reply.cost is None else format(reply.cost, "f"),
-                    "est": 1 if reply.cost_estimated else 0, "err": reply.error_code, "t": finished_at,
+                    "cost": cost, "est": 1 if reply.cost_estimated else 0, "err": reply.error_code, "t": finished_at,
                     "id": message_id, "streaming": Status.STREAMING.value,
                 },
                 ALL,
@@ -137,8 +145,10 @@ class ConversationQueries(StoreBase):
             StorageUnavailableError: the database cannot take the write now.
         """
 
+        costs = [self._cost_param(reply.cost) for _, reply in replies]
+
         def operation() -> Operation[None]:
-            for message_id, reply in replies:
+            for (message_id, reply), cost in zip(replies, costs, strict=True):
                 yield Query(
                     "UPDATE messages SET content = :content, thinking = :thinking, model = :model,"
                     " input_tokens = :inp, output_tokens = :out, cache_creation_input_tokens = :cw,"
@@ -148,8 +158,7 @@ class ConversationQueries(StoreBase):
                         "content": reply.content, "thinking": reply.thinking, "model": reply.model,
                         "inp": reply.input_tokens, "out": reply.output_tokens,
                         "cw": reply.cache_creation_input_tokens, "cr": reply.cache_read_input_tokens,
-                        "cost": None if reply.cost is None else format(reply.cost, "f"),
-                        "est": 1 if reply.cost_estimated else 0, "id": message_id,
+                        "cost": cost, "est": 1 if reply.cost_estimated else 0, "id": message_id,
                         "streaming": Status.STREAMING.value,
                     },
                 )
@@ -211,11 +220,7 @@ class ConversationQueries(StoreBase):
     async def list_conversations(self, owner_id: str | None = None, limit: int = 100,
                                  every_owner: bool = False) -> list[dict[str, Any]]:
         """The most recent conversations of owner_id (None: made in open mode), or of everyone."""
-        select = (
-            "SELECT c.id, c.agent_id, c.title, c.created_at, c.updated_at, c.owner_id,"
-            " (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count"
-            " FROM conversations c"
-        )
+        select = _CONVERSATION
         order = " ORDER BY c.updated_at DESC, c.id LIMIT :limit"
         if every_owner:
             rows = await self._fetch_all(select + order, {"limit": limit})
@@ -224,42 +229,27 @@ class ConversationQueries(StoreBase):
         else:
             rows = await self._fetch_all(select + " WHERE c.owner_id = :owner" + order,
                                            {"limit": limit, "owner": owner_id})
-        conversations = [dict(row._mapping) for row in rows]
-        costs: dict[str, Decimal] = {}
-        if conversations:
-            ids = {f"c{i}": c["id"] for i, c in enumerate(conversations)}
-            cost_rows = await self._fetch_all(
-                "SELECT conversation_id, cost FROM messages WHERE cost IS NOT NULL AND conversation_id IN ("
-                + ", ".join(f":{key}" for key in ids) + ")",
-                ids,
-            )
-            for row in cost_rows:
-                costs[row[0]] = costs.get(row[0], Decimal(0)) + Decimal(row[1])
-        for conversation in conversations:
-            conversation["total_cost"] = costs.get(conversation["id"])
-        return conversations
+        return [self._conversation(row) for row in rows]
+
+    def _conversation(self, row: Any) -> dict[str, Any]:
+        conversation = dict(row._mapping)
+        conversation["total_cost"] = self._cost_value(conversation["total_cost"])
+        return conversation
 
     async def get_conversation(self, conversation_id: str) -> dict[str, Any]:
         if not storable_id(conversation_id):
             raise NotFoundError("conversation not found")
-        row = await self._fetch_one(
-            "SELECT c.id, c.agent_id, c.title, c.created_at, c.updated_at, c.owner_id,"
-            " (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count"
-            " FROM conversations c WHERE c.id = :id",
-            {"id": conversation_id},
-        )
+        row = await self._fetch_one(_CONVERSATION + " WHERE c.id = :id", {"id": conversation_id})
         if row is None:
             raise NotFoundError(f"conversation {conversation_id} not found")
-        conversation = dict(row._mapping)
-        conversation["total_cost"] = await self._conversation_cost(conversation_id)
-        return conversation
+        return self._conversation(row)
 
-    async def _conversation_cost(self, conversation_id: str) -> Decimal | None:
-        # Costs are exact decimal text: sum them as Decimal, never as SQL floats.
-        rows = await self._fetch_all(
-            "SELECT cost FROM messages WHERE conversation_id = :id AND cost IS NOT NULL", {"id": conversation_id}
-        )
-        return sum((Decimal(row[0]) for row in rows), Decimal(0)) if rows else None
+    def _message(self, row: Any) -> dict[str, Any]:
+        """A message row, its cost as exact decimal text (None: unpriced)."""
+        message = dict(row._mapping)
+        cost = self._cost_value(message["cost"])
+        message["cost"] = None if cost is None else format(cost, "f")
+        return message
 
     async def list_messages(self, conversation_id: str) -> list[dict[str, Any]]:
         await self.get_conversation(conversation_id)
@@ -270,7 +260,7 @@ class ConversationQueries(StoreBase):
             " FROM messages WHERE conversation_id = :id ORDER BY seq",
             {"id": conversation_id},
         )
-        return [dict(row._mapping) for row in rows]
+        return [self._message(row) for row in rows]
 
     async def answer_of_stream(self, stream_id: str) -> str | None:
         """The id of the assistant message a stream produced, if any."""
@@ -283,7 +273,7 @@ class ConversationQueries(StoreBase):
 
     async def get_message(self, message_id: str) -> dict[str, Any] | None:
         row = await self._fetch_one("SELECT * FROM messages WHERE id = :id", {"id": message_id})
-        return None if row is None else dict(row._mapping)
+        return None if row is None else self._message(row)
 
     async def owner_of_stream(self, stream_id: str) -> tuple[bool, str | None]:
         """(whether the stream is known, the id of the user whose conversation it answers)."""

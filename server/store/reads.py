@@ -55,7 +55,7 @@ class SQLiteReaders:
                 # Sorts in memory, never in a temporary file: a read opens no file after this.
                 await connection.execute("PRAGMA temp_store=MEMORY")
                 # A first read opens the WAL file (and the shared memory), which the connection then keeps.
-                await connection.execute_fetchall("SELECT COUNT(*) FROM schema_migrations")
+                await connection.execute_fetchall("SELECT COUNT(*) FROM sqlite_master")
                 self._idle.put_nowait(connection)
         except BaseException:
             await self.disconnect()

@@ -35,6 +35,26 @@ def storable_id(value: str) -> bool:
     return 0 < len(value) <= 200 and value.isprintable()
 
 
+NANOS_PER_USD = 9  # SQLite stores a cost as whole nano-dollars (10 ** -9 USD); see migration 0005
+
+
+def cost_nanos(cost: Decimal) -> int:
+    """A cost as whole nano-dollars, exactly.
+
+    Raises:
+        ValueError: the cost is finer than a nano-dollar (no published price makes one; it is never rounded).
+    """
+    units = cost.scaleb(NANOS_PER_USD)
+    if units != units.to_integral_value():
+        raise ValueError(f"the cost {cost} is finer than a nano-dollar")
+    return int(units)
+
+
+def cost_of_nanos(nanos: int) -> Decimal:
+    """Whole nano-dollars as USD, without trailing zeros ("0.000015")."""
+    return Decimal(nanos).scaleb(-NANOS_PER_USD).normalize()
+
+
 class FinishedElsewhereError(Exception):
     """A save found its message already finished (by another process, or a survivor instance): nothing written."""
 
@@ -85,17 +105,6 @@ class UsageRow:
     cache_read_input_tokens: int = 0
     cost: Decimal = field(default_factory=Decimal)
     unpriced: int = 0  # answers of a model without a price: counted, not costed
-
-    def add(self, input_tokens: int, output_tokens: int, cache_write: int, cache_read: int, cost: str | None) -> None:
-        self.messages += 1
-        self.input_tokens += input_tokens
-        self.output_tokens += output_tokens
-        self.cache_creation_input_tokens += cache_write
-        self.cache_read_input_tokens += cache_read
-        if cost is None:
-            self.unpriced += 1
-        else:
-            self.cost += Decimal(cost)
 
     def merge(self, other: UsageRow) -> None:
         self.messages += other.messages
