@@ -13,17 +13,20 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 from databases import Database
 
 from server.errors import NotFoundError
 from server.store import (
+    ONE,
     FinishedElsewhereError,
     Query,
     Reply,
     Status,
     Store,
     Turn,
+    asyncpg_dsn,
     databases_url,
     new_id,
     schema,
@@ -628,3 +631,38 @@ async def test_db_command_upgrades_downgrades_and_reports_the_revision(url):
     assert legacy == (f"0003 (head is {head}); recorded by the old migration runner in schema_migrations:"
                       " the next upgrade stamps it")
     assert db_cli(url, "upgrade").stdout.splitlines() == [f"applied {', '.join(revisions()[3:])}", f"{head} (head)"]
+
+
+async def test_postgresql_writes_run_concurrently_each_in_its_own_transaction(url):
+    """A write waiting on a lock does not hold up the others, and rolls back alone. Fails with the single
+    writer task (the second write queues behind the first until the lock goes: the timeout), or if the two
+    shared a transaction (the failing one would undo the other)."""
+    if url.startswith("sqlite"):
+        pytest.skip("SQLite keeps its single writer thread (one transaction per batch)")
+    store = Store(url)
+    await store.connect()
+    holder = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        await holder.execute("SELECT pg_advisory_lock(15015)")
+
+        def blocked() -> Any:
+            yield Query("SELECT pg_advisory_xact_lock(15015)", {}, ONE)
+            yield Query("UPDATE write_probe SET written_at = 'blocked' WHERE id = 1")
+            raise RuntimeError("this one fails after its lock")
+
+        waiting = asyncio.ensure_future(store.write(blocked()))
+        async with asyncio.timeout(10):  # until the first write waits for the lock (a state of the server's)
+            while not await holder.fetchval(  # noqa: ASYNC110 (the waiting is PostgreSQL's)
+                    "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"):
+                await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            started = await turn(store, "not held up")  # commits while the first write waits for its lock
+        assert not waiting.done()
+        await holder.execute("SELECT pg_advisory_unlock(15015)")
+        with pytest.raises(RuntimeError, match="fails after its lock"):
+            await waiting
+        assert await store.db.fetch_val("SELECT written_at FROM write_probe") != "blocked"
+        assert [m["content"] for m in await store.list_messages(started.conversation_id)] == ["not held up", ""]
+    finally:
+        await holder.close()
+        await store.disconnect()

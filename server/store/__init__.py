@@ -1,8 +1,9 @@
 """Persistence: conversations and messages through `databases` (SQLite or PostgreSQL).
 
-Writes go through one writer that holds one connection: SQLite allows one writer
-at a time, so serialising writes here means concurrent streams never meet
-`database is locked`, and no stream opens a connection of its own. Reads go through
+SQLite writes go through one writer thread that holds one connection: SQLite allows one
+writer at a time, so serialising writes here means concurrent streams never meet
+`database is locked`, and no stream opens a connection of its own. PostgreSQL writes run
+concurrently on the pool, each operation in a transaction of its own. Reads go through
 a bounded pool: for SQLite a fixed set of connections opened at start, for PostgreSQL
 asyncpg's pool. Schema changes are Alembic revisions in migrations/versions/, applied at start.
 
@@ -24,7 +25,7 @@ One module per concern:
     users.py, usage.py  users and sessions; usage and budget sums
     reads.py            the SQLite read pool
     sqlite_writer.py    the SQLite writer thread (group commit)
-    postgres_writer.py  the PostgreSQL writer task (reconnects)
+    postgres_writer.py  PostgreSQL writes on the pool; the lease session (reconnects)
     leases.py           instance lease files beside a SQLite file
 """
 

@@ -217,10 +217,14 @@ def _sqlite_engine(url: str) -> sa.Engine:
     engine = sa.create_engine(sqlalchemy_url(url), poolclass=NullPool, connect_args={"timeout": 10})
 
     # pysqlite begins transactions lazily, and not before DDL: let SQLAlchemy say when, and take the write
-    # lock at once, so that two processes migrating one file take turns.
+    # lock at once, so that two processes migrating one file take turns. WAL first, as the writer thread
+    # sets it: changing the journal mode while another connection holds a transaction fails at once
+    # (`database is locked`, no busy wait), which two stores starting together on a new file met.
     @sa.event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, record: Any) -> None:
         dbapi_connection.isolation_level = None
+        if dbapi_connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            dbapi_connection.execute("PRAGMA journal_mode=WAL")
 
     @sa.event.listens_for(engine, "begin")
     def _begin(connection: sa.Connection) -> None:

@@ -60,7 +60,10 @@ class SQLiteWriter:
         try:
             connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
             # WAL: readers never wait for the writer. NORMAL: no fsync per commit, still crash-safe.
-            connection.execute("PRAGMA journal_mode=WAL")
+            # Set once per file: setting it again fails at once (`database is locked`, no busy wait) while
+            # another process's migration holds a transaction.
+            if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.execute("PRAGMA foreign_keys=ON")
             # A batch's savepoints journal in memory: past 64 KB SQLite would open a temporary file, which fails
