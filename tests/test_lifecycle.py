@@ -7,12 +7,14 @@ import json
 import signal
 import sqlite3
 import time
+from decimal import Decimal
 
 import httpx
 import pytest
 import websockets
 from httpx_sse import aconnect_sse
 
+from .conftest import stored_cost
 from .relay_clients import (
     expected_words,
     loads,
@@ -175,7 +177,7 @@ async def test_cancel_closes_the_upstream_request_and_saves_the_partial_answer(m
     assert cost["outputTokens"] > 1  # counted from the text received, not message_start's placeholder
     status, content, stop_reason, estimated, output_tokens, saved_cost = saved(relay, events[-1][2]["messageId"])
     assert (status, content, stop_reason, estimated) == ("cancelled", text_of(events), "cancelled", 1)
-    assert (output_tokens, saved_cost) == (cost["outputTokens"], format(cost["totalCost"], "f"))
+    assert (output_tokens, stored_cost(saved_cost)) == (cost["outputTokens"], Decimal(str(cost["totalCost"])))
 
     async def upstream_saw_the_close():
         stats = await upstream_stats(upstream)

@@ -9,6 +9,7 @@ from decimal import Decimal
 import httpx
 import pytest
 
+from .conftest import stored_cost
 from .relay_clients import (
     demo_answer,
     expected_words,
@@ -59,8 +60,9 @@ async def test_answer_is_saved_with_its_tokens_and_exact_cost(server):
         done["messageId"])
     user = server.rows("SELECT content FROM messages WHERE conversation_id = ? AND role = 'user'",
                        done["conversationId"])
-    assert row == ("assistant", demo_answer("save me"), "complete", "end_turn", cost["inputTokens"],
-                   cost["outputTokens"], format(cost["totalCost"], "f"))
+    assert (*row[:6], stored_cost(row[6])) == ("assistant", demo_answer("save me"), "complete", "end_turn",
+                                               cost["inputTokens"], cost["outputTokens"],
+                                               Decimal(str(cost["totalCost"])))
     assert user == [("save me",)]
 
 
