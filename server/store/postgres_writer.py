@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import re
 import time
+from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -86,8 +90,9 @@ class PostgresWriter:
         try:
             async with self.db.connection() as connection:
                 try:
-                    async with connection.transaction():
-                        result = await _drive_async(operation, connection)
+                    raw = connection.raw_connection
+                    async with raw.transaction():
+                        result = await _drive_async(operation, raw)
                 except BaseException as exc:
                     if not isinstance(exc, Exception) or unavailable(exc):
                         _terminate(connection)  # so that releasing it has nothing left to reset
@@ -177,17 +182,70 @@ def _terminate(connection: Connection) -> None:
         pass
 
 
-async def _drive_async(operation: Operation[T], connection: Connection) -> T:
+async def _drive_async(operation: Operation[T], connection: asyncpg.Connection) -> T:
+    """Run `operation`'s queries on an asyncpg connection, as `databases` would run them: the same
+    statements and parameters (:name becomes $n; Decimal is sent as its text, as `databases` sends it),
+    rows by position, by name and through `_mapping`; a statement without rows gives its first value."""
     try:
         query = next(operation)
         while True:
+            sql, names = positional(query.sql)
+            args = [_argument(query.params[name]) for name in names]
             if query.fetch == ONE:
-                rows: Any = await connection.fetch_one(query.sql, query.params)
+                row = await connection.fetchrow(sql, *args)
+                rows: Any = None if row is None else Row(row)
             elif query.fetch == ALL:
-                rows = await connection.fetch_all(query.sql, query.params)
+                rows = [Row(row) for row in await connection.fetch(sql, *args)]
             else:
-                rows = await connection.execute(query.sql, query.params or None)
+                rows = await connection.fetchval(sql, *args)
             query = operation.send(rows)
     except StopIteration as stop:
         result: T = stop.value
         return result
+
+
+# `:name` outside `::type` casts; the statements of queries.py name their parameters this way.
+_NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+
+@functools.lru_cache(maxsize=1024)
+def positional(sql: str) -> tuple[str, tuple[str, ...]]:
+    """`sql` with each :name replaced by $n (the same n for the same name), and the names in $ order.
+
+    Cached per statement: `databases` compiled every statement through SQLAlchemy on every call, which was
+    about 12% of an instance's CPU in a burst of stream starts (bench.scaleout --profile)."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    return _NAMED.sub(number, sql), tuple(names)
+
+
+def _argument(value: Any) -> Any:
+    return str(value) if isinstance(value, Decimal) else value
+
+
+class Row:
+    """An asyncpg record read as `databases` gives rows: by position or name, and `_mapping`."""
+
+    __slots__ = ("_record",)
+
+    def __init__(self, record: asyncpg.Record) -> None:
+        self._record = record
+
+    def __getitem__(self, key: int | str) -> Any:
+        return self._record[key]
+
+    def __len__(self) -> int:
+        return len(self._record)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._record.values())
+
+    @property
+    def _mapping(self) -> dict[str, Any]:
+        return dict(self._record.items())
