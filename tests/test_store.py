@@ -666,3 +666,14 @@ async def test_postgresql_writes_run_concurrently_each_in_its_own_transaction(ur
     finally:
         await holder.close()
         await store.disconnect()
+
+
+def test_postgresql_statements_get_positional_parameters_numbered_once_per_name():
+    """What the PostgreSQL writer sends asyncpg: fails when a cast (::NUMERIC) or a colon inside a string
+    literal is taken for a parameter, or when a repeated name gets a second number."""
+    from server.store.postgres_writer import positional
+
+    sql, names = positional("UPDATE m SET cost = :cost::NUMERIC, a = :t, b = :t WHERE k = 'x:y' || :id")
+    assert sql == "UPDATE m SET cost = $1::NUMERIC, a = $2, b = $2 WHERE k = 'x:y' || $3"
+    assert names == ("cost", "t", "id")
+    assert positional("SELECT 1") == ("SELECT 1", ())

@@ -204,7 +204,8 @@ async def _drive_async(operation: Operation[T], connection: asyncpg.Connection) 
         return result
 
 
-# `:name` outside `::type` casts; the statements of queries.py name their parameters this way.
+# `:name`, not the second colon of a `::type` cast: the rule of SQLAlchemy's text(), which ran these statements
+# before (a `:word` inside a string literal is a parameter for both).
 _NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
 
