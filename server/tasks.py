@@ -16,12 +16,13 @@ log = logging.getLogger("deltarelay.tasks")
 RECANCEL_SECONDS = 0.5
 
 
-async def stop_tasks(tasks: Iterable[asyncio.Task[object]], *, give_up_after: float = 30.0) -> None:
-    """Cancel `tasks` and return once each has ended, cancelling again every RECANCEL_SECONDS a task runs on.
+async def stop_tasks(given: Iterable[asyncio.Task[object]], *, give_up_after: float = 30.0) -> None:
+    """Cancel `given` and return once each has ended, cancelling again every RECANCEL_SECONDS a task runs on.
 
     A task still running after `give_up_after` seconds is logged and left behind (the caller is shutting
     down; it must not hang). What the tasks raised is not re-raised: it was theirs to log.
     """
+    tasks = list(given)  # read twice below: a generator would be empty the second time
     pending = {task for task in tasks if not task.done()}
     loop = asyncio.get_running_loop()
     deadline = loop.time() + give_up_after
