@@ -104,10 +104,11 @@ def _schema(probe: Probe) -> str:
     if not probe.applied:
         text = f"empty: the server creates the schema (migrations {_versions(probe.known)}) at start"
     elif probe.pending:
-        text = (f"migrations {_versions(probe.pending)} pending: the server applies them at start (check does"
+        at = f"at revision {max(probe.applied):04d}, " if probe.applied else ""
+        text = (f"{at}migrations {_versions(probe.pending)} pending: the server applies them at start (check does"
                 " not)")
     else:
-        text = f"schema up to date (migration {probe.known[-1]})"
+        text = f"schema up to date (revision {probe.known[-1]:04d})"
     if probe.unknown:
         text += (f"; it also has migrations {_versions(probe.unknown)}, which this version does not know (a newer"
                  " deltarelay migrated it)")

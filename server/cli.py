@@ -1,5 +1,5 @@
 """Command line: `deltarelay` (or `python -m server`) runs the server; `users` manages users, `usage` reports
-spending and `check` says whether a deployment is ready."""
+spending, `db` migrates the schema and `check` says whether a deployment is ready."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from . import logs
 from .auth import new_secret, secret_hash, valid_user_name
 from .config import ConfigError, Settings, load_settings, masked_url
 from .errors import RelayError, one_line
-from .store import Store, UsageRow
+from .store import Store, UsageRow, schema
 from .transports.http_protocol import ConnectionGuard, relay_http_protocol
 from .transports.ws_protocol import relay_websocket_protocol
 from .usage import GROUPS, parse_query, total_of, usage_rows
@@ -327,6 +327,27 @@ def _check(args: argparse.Namespace) -> int:
     return check.check_command(settings, args.timeout, args.json)
 
 
+def db_command(args: argparse.Namespace, settings: Settings) -> int:
+    """`deltarelay db upgrade [REV] | downgrade REV | current | history`: Alembic's commands on DATABASE_URL."""
+    if args.action == "history":
+        print("\n".join(schema.history()))
+        return 0
+    url = settings.database_url
+    try:
+        if args.action == "upgrade":
+            target = args.revision
+            applied = asyncio.run(schema.run_on(url, lambda connection: schema.upgrade(connection, target)))
+            print(f"applied {', '.join(applied)}" if applied else "nothing to apply")
+        elif args.action == "downgrade":
+            target = args.revision
+            asyncio.run(schema.run_on(url, lambda connection: schema.downgrade(connection, target)))
+        print(asyncio.run(schema.run_on(url, schema.describe_current)))
+    except Exception as exc:
+        print(f"deltarelay db {args.action}: {masked_url(url)}: {one_line(exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deltarelay", description="Stream model answers to browsers.")
     sub = parser.add_subparsers(dest="command")
@@ -348,6 +369,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.add_argument("--group-by", choices=GROUPS, default="day")
     report.add_argument("--user", help="one user's usage (default: everyone's)")
     report.add_argument("--csv", action="store_true", help="CSV on standard output")
+    db = sub.add_parser("db", help="migrate the database's schema (a server start upgrades it by itself)")
+    db.add_argument("--database-url", help=DATABASE_URL_HELP)
+    steps = db.add_subparsers(dest="action", required=True)
+    upgrade = steps.add_parser("upgrade", help="apply the revisions up to REV (default: head, the newest)")
+    upgrade.add_argument("revision", nargs="?", default="head", metavar="REV")
+    downgrade = steps.add_parser("downgrade", help="undo the revisions after REV (base: all of them)")
+    downgrade.add_argument("revision", metavar="REV")
+    steps.add_parser("current", help="the database's revision")
+    steps.add_parser("history", help="the revisions this version has, oldest first")
     check = sub.add_parser("check", help="check the settings, database, Redis and upstream before traffic")
     _serve_parser(check)
     check.add_argument("--timeout", type=_positive_seconds, default=5.0,
@@ -361,6 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return users_command(args, load_settings(database_url=args.database_url))
         if args.command == "usage":
             return usage_command(args, load_settings(database_url=args.database_url))
+        if args.command == "db":
+            return db_command(args, load_settings(database_url=args.database_url))
         settings = load_settings(
             host=args.host, port=args.port, database_url=args.database_url, model=args.model,
             log_level=args.log_level,

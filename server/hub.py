@@ -9,7 +9,7 @@ subscriber that falls too far behind is dropped and may resume from the log.
 
 StreamHub is the one interface the core and the transports use, and its in-process
 implementation for a single instance. server/redis_hub.py extends it across
-instances (REDIS_URL): the same local fast path, plus every event copied to Redis
+instances (REDIS_URL): the same local streams, plus every event copied to Redis
 through `LiveStream.sink`, and other instances' streams read into local mirrors.
 """
 
@@ -22,7 +22,7 @@ import uuid
 import weakref
 from array import array
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,10 +32,10 @@ from .protocol.anthropic import ReplyState
 
 log = logging.getLogger("deltarelay.hub")
 
-# One logged event: (id, name, data as JSON text). Tuples keep thousands of streams small.
-Entry = tuple[int, str, str]
+# One logged event: (id, name, data as JSON bytes). Tuples keep thousands of streams small.
+Entry = tuple[int, str, bytes]
 # Called with every event a stream logs, after numbering: (stream, id, name, data).
-Sink = Callable[["LiveStream", int, str, str], None]
+Sink = Callable[["LiveStream", int, str, bytes], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,52 +67,101 @@ class LogLostError(SubscriberDropped):
     """The log lost events this subscriber had not read yet (Redis lost them): it cannot go on, nor resume."""
 
 
-class Subscriber:
-    """One reader of one stream: a bounded queue of entries, read in batches.
+class Writer(Protocol):
+    """One client's socket as a subscriber writes to it; both transports implement it (transports/)."""
 
-    Until it has caught up, a subscriber pages its backlog from the stream's log (`paging`): live events
-    are in that log too, so none is queued twice or missed. From then on the live events are queued, at
-    most `limit` of them.
+    def can_write(self) -> bool:
+        """Open, and the peer keeps up: write_many() goes out now."""
+        ...
+
+    def write_many(self, frames: list[bytes]) -> None:
+        """Write these frames, in order, in one write."""
+        ...
+
+    async def drain(self) -> None:
+        """Return once can_write() holds again (or once what write_many() took is sent).
+
+        Raises:
+            OSError: the socket is gone.
+        """
+        ...
+
+
+# A transport's framing of one event: (id, name, data as JSON bytes) -> the bytes written for it.
+Framer = Callable[[int, str, bytes], bytes]
+
+
+def _unframed(event_id: int, name: str, data: bytes) -> bytes:
+    raise AssertionError("a subscriber frames events only while it serves")
+
+
+class Subscriber:
+    """One reader of one stream: one bounded outbox of framed events, flushed to its writer once per loop turn.
+
+    Every event reaches the writer by the same path: framed into the outbox when it is logged (or read from
+    the log in pages, for a backlog), then written, everything the outbox holds in one write, at the end of
+    the loop's turn, or by serve() once a paused socket drains. Until serve() starts, and until it has caught
+    up, the subscriber pages from the stream's log (`paging`): live events are in that log too, so none is
+    framed twice or missed. The outbox holds at most `limit` events: one more, and the subscriber is dropped
+    (serve() raises SubscriberDropped) and may resume from the log.
     """
 
-    __slots__ = ("stream", "limit", "pending", "cursor", "paging", "closed", "dropped", "active", "keepalive_due",
-                 "on_detach", "deliver", "_waiter", "__weakref__")
+    __slots__ = ("stream", "limit", "outbox", "cursor", "paging", "closed", "dropped", "active", "on_detach",
+                 "writer", "frame", "keepalive", "_loop", "_waiter", "__weakref__")
 
     def __init__(self, stream: LiveStream, after: int, limit: int) -> None:
         self.stream = stream
         self.limit = limit
-        self.pending: list[Entry] = []
-        self.cursor = after  # the id of the last entry queued or delivered
+        self.outbox: list[bytes] = []
+        self.cursor = after  # the id of the last event framed into the outbox
         self.paging = True
         self.closed = False
         self.dropped = False
         self.active = True  # got an event since the last keepalive tick
-        self.keepalive_due = False
         self.on_detach: Callable[[Subscriber], None] | None = None
-        # Hands a live entry straight to the reader's socket when its batches are all written and it waits
-        # for more; False (socket busy or gone): the entry is queued as usual. Saves a task wake-up per event.
-        self.deliver: Callable[[Entry], bool] | None = None
-        # A bare future, not an asyncio.Event: this wake-up happens for every event of every reader.
+        self.writer: Writer | None = None  # set while serve() runs
+        self.frame: Framer = _unframed
+        self.keepalive: bytes | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # A bare future, not an asyncio.Event: serve() waits on it between the stream's turns of events.
         self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def has_had_everything(self) -> bool:
+        """The stream has ended and nothing after this subscriber's cursor is left to write."""
+        return self.closed and self.cursor >= self.stream.last_id and not self.outbox
 
     def push(self, entry: Entry) -> None:
         self.active = True
         if self.dropped or self.paging:
-            return  # paging: the entry is in the log, and its page comes in turn
+            return  # paging: the event is in the log, and its page comes in turn
         self.cursor = entry[0]
-        waiter = self._waiter
-        if self.deliver is not None and waiter is not None and not waiter.done() and not self.pending \
-                and self.deliver(entry):
-            return
-        if len(self.pending) >= self.limit:
+        outbox = self.outbox
+        if len(outbox) >= self.limit:
             self.dropped = True
-            self.pending = []
-        else:
-            self.pending.append(entry)
-        self._wake()
+            self.outbox = []
+            self._wake()
+            if self._loop is not None:  # stop receiving now, even while serve() waits for a paused socket
+                self._loop.call_soon(self.detach)
+            return
+        outbox.append(self.frame(*entry))
+        if len(outbox) == 1 and self._loop is not None:
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """The end of the turn: write what the outbox holds, unless the socket is paused or the stream ended."""
+        writer = self.writer
+        if writer is None or not self.outbox or self.closed:
+            return  # closed: serve() writes the last events, so that the end can go in the same write
+        if writer.can_write():
+            frames, self.outbox = self.outbox, []
+            writer.write_many(frames)
+            if writer.can_write():
+                return
+        self._wake()  # serve() waits for the socket to drain, then writes what queued meanwhile
 
     def page(self) -> None:
-        """Queue the next page of the backlog from the log; caught up, stop paging and take live events.
+        """Frame the next page of the backlog from the log; caught up, stop paging and take live events.
 
         A cursor the log no longer holds (it dropped older events meanwhile) drops the subscriber.
         """
@@ -123,16 +172,16 @@ class Subscriber:
             self.dropped = True
             return
         count = max(1, min(BACKLOG_PAGE, self.limit // 2))
-        page: list[Entry] = []
+        frame = self.frame
+        page = self.outbox
         next_id = self.cursor + 1
         size = 0
-        for name, data in stream.log.entries(self.cursor - first_id + 1):
-            page.append((next_id, name, data))
+        for name, data in stream.log.encoded(self.cursor - first_id + 1):
+            page.append(frame(next_id, name, data))
             next_id += 1
             size += len(data)
-            if len(page) == count or size >= BACKLOG_PAGE_BYTES:
+            if len(page) >= count or size >= BACKLOG_PAGE_BYTES:
                 break
-        self.pending = page
         self.cursor = next_id - 1
         self.paging = self.cursor < stream.last_id
 
@@ -146,19 +195,20 @@ class Subscriber:
         self._wake()
 
     def abandon(self) -> None:
-        """The reader went away: stop its batches now, whatever is still pending."""
-        self.pending = []
+        """The reader went away: stop writing now, whatever is still queued."""
+        self.outbox = []
         self.paging = False
         self.close()
         self.detach()
 
     def keepalive_tick(self) -> None:
-        """Called every keepalive interval: a subscriber idle for a whole interval gets an empty batch."""
+        """Called every keepalive interval: a subscriber idle for a whole interval gets its keepalive frame."""
         if self.active:
             self.active = False
-        else:
-            self.keepalive_due = True
-            self._wake()
+        elif self.keepalive is not None and not self.closed and not self.dropped:
+            self.outbox.append(self.keepalive)
+            if len(self.outbox) == 1 and self._loop is not None:
+                self._loop.call_soon(self._flush)
 
     def detach(self) -> None:
         """Stop receiving; called when the reader goes away."""
@@ -167,41 +217,48 @@ class Subscriber:
             self.on_detach(self)
             self.on_detach = None
 
-    async def batches(self) -> AsyncGenerator[list[Entry], None]:
-        """Every entry ready at once comes as one batch, so a transport writes it in one go.
+    async def serve(self, writer: Writer, frame: Framer, keepalive: bytes | None = None) -> list[bytes]:
+        """Write every event after the cursor to `writer`, in id order, each once, until the stream ends.
 
-        An empty batch means "keepalive due": nothing happened for a keepalive interval.
+        `frame` makes each event's bytes; `keepalive` (when given) is written after an idle keepalive
+        interval. Returns the frames of the stream's last events not yet written, for the caller to write
+        with its own end of the response (one write). Detaches when it returns or raises.
 
         Raises:
             SubscriberDropped: more than `limit` events behind, or behind what the log still holds.
             LogLostError: the stream's log lost the events after the last one this subscriber got.
+            OSError: the writer's socket is gone.
         """
+        self.writer, self.frame, self.keepalive = writer, frame, keepalive
+        self._loop = loop = asyncio.get_running_loop()
         try:
             while True:
-                if self.pending:
-                    batch, self.pending = self.pending, []
-                    self.keepalive_due = False
-                    yield batch
+                if self.dropped:
+                    raise SubscriberDropped(f"more than {self.limit} events behind")
+                ending = self.closed and not self.paging
+                if ending and self.stream.lost is None:
+                    frames, self.outbox = self.outbox, []
+                    return frames
+                if not writer.can_write():
+                    await writer.drain()
                     continue
+                if self.outbox:
+                    frames, self.outbox = self.outbox, []
+                    writer.write_many(frames)
+                    continue
+                if ending:  # a lost log: every event it had is written, and there is no end to write
+                    raise LogLostError(str(self.stream.lost))
                 if self.paging:
                     self.page()
                     continue
-                if self.keepalive_due:
-                    self.keepalive_due = False
-                    yield []
-                    continue
-                if self.dropped:
-                    raise SubscriberDropped(f"more than {self.limit} events behind")
-                if self.stream.lost is not None and self.cursor >= self.stream.last_id:
-                    raise LogLostError(self.stream.lost)
-                if self.closed:
-                    return
-                self._waiter = asyncio.get_running_loop().create_future()
+                self._waiter = loop.create_future()
                 try:
                     await self._waiter
                 finally:
                     self._waiter = None
         finally:
+            self.writer = None
+            self._loop = None
             self.detach()
 
 
@@ -290,13 +347,12 @@ class EventLog:
             index = 0
 
     def entries(self, start: int = 0) -> Iterator[tuple[str, str]]:
-        """(name, data) of every event from the `start`-th held one (0: the oldest held)."""
-        for names, joined, offsets, first in self._blocks_from(start):
-            for k in range(first, len(names)):
-                yield _NAMES[names[k]], joined[offsets[k]:offsets[k + 1]].decode()
+        """(name, data as text) of every event from the `start`-th held one (0: the oldest held)."""
+        for name, data in self.encoded(start):
+            yield name, data.decode()
 
     def encoded(self, start: int = 0) -> Iterator[tuple[str, bytes]]:
-        """(name, data as UTF-8 bytes) of every event from the `start`-th held one."""
+        """(name, data as UTF-8 JSON bytes) of every event from the `start`-th held one."""
         for names, joined, offsets, first in self._blocks_from(start):
             for k in range(first, len(names)):
                 yield _NAMES[names[k]], bytes(joined[offsets[k]:offsets[k + 1]])
@@ -337,14 +393,13 @@ class LiveStream:
         if self.finished:
             return
         self.last_id += 1
-        encoded = encode_data(event)
-        data = encoded.decode()
+        data = encode_data(event)
         sink = self.sink
         if sink is not None:
             sink(self, self.last_id, event.name, data)
-        self._log(event.name, data, encoded)
+        self._log(event.name, data)
 
-    def append_entry(self, event_id: int, name: str, data: str) -> None:
+    def append_entry(self, event_id: int, name: str, data: bytes) -> None:
         """Log an event numbered elsewhere (a mirror of another instance's stream): ids are kept as they are.
 
         The caller sees to it that ids follow on (see RedisStreamHub): a jump starts the log afresh.
@@ -355,12 +410,12 @@ class LiveStream:
             # The log starts here (the first events were trimmed away): ids stay those of the owner.
             self.log.clear()
         self.last_id = event_id
-        self._log(name, data, data.encode())
+        self._log(name, data)
         if self.cursor_waiters:
             self.wake_cursor_waiters()
 
-    def _log(self, name: str, data: str, encoded: bytes) -> None:
-        self.log.append(name, encoded)
+    def _log(self, name: str, data: bytes) -> None:
+        self.log.append(name, data)
         if self.subscribers:
             entry: Entry = (self.last_id, name, data)
             for subscriber in self.subscribers:
@@ -423,7 +478,6 @@ class LiveStream:
                 f"the log of stream {self.id} no longer holds event {after + 1}", message_id=self.message_id
             )
         subscriber = Subscriber(self, after, queue_limit)
-        subscriber.page()  # the first page now: a reader with nothing pending has had every event
         if self.finished:
             subscriber.closed = True
         else:
@@ -541,7 +595,7 @@ class StreamHub:
         return stream
 
     def subscribe(self, stream_id: str, after: int = 0, keepalive: bool = False) -> Subscriber:
-        """Read a stream from after event `after`; `keepalive`: get an empty batch when idle."""
+        """Read a stream from after event `after`; `keepalive`: the keepalive sweep reaches it (see serve())."""
         subscriber = self.get(stream_id).subscribe(after, self.queue_limit)
         if keepalive and not subscriber.closed:
             self.keepalive_targets.add(subscriber)

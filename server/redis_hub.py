@@ -62,8 +62,18 @@ WRITE_RETRY_SECONDS = (0.05, 1.0)  # the first and the longest wait before sendi
 LOST_LOG_WAIT_SECONDS = 5.0  # a followed log gone from Redis this long (or two leases) is not coming back
 LOG_CHECK_SECONDS = 30.0  # followed logs are checked at least this often, and when Redis may have lost them
 
-# With decode_responses, an entry of a Redis Stream is (entry id "n-0", {"e": name, "d": data}).
-RawEntry = tuple[str, dict[str, str]]
+# Replies are bytes (no decode_responses): an entry of a Redis Stream is (b"n-0", {b"e": name, b"d": JSON data}),
+# and an event's data goes from Redis to the log, and on to the socket, as the bytes it was written as.
+RawEntry = tuple[bytes, dict[bytes, bytes]]
+
+
+def entry_number(entry_id: bytes) -> int:
+    """The relay's event id of a Redis Stream entry id (b"n-0")."""
+    return int(entry_id.partition(b"-")[0])
+
+
+def text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
 
 # KEYS: log, epoch. ARGV: epoch, maxlen, ttl (0: leave it), then id, name, data of each event, in order.
 # Appends to the copy of that epoch the events it does not hold yet (XADD refuses an id at or below the top).
@@ -154,9 +164,9 @@ class RedisStreamHub(StreamHub):
         self.heartbeat_seconds = lease_seconds / 3
         self.on_orphan = on_orphan
         self.on_instance_gone = on_instance_gone
-        self.redis: Redis = Redis.from_url(redis_url, decode_responses=True)
+        self.redis: Redis = Redis.from_url(redis_url)
         # The blocking XREAD holds its connection for up to READ_BLOCK_MS: a client of its own.
-        self.reader: Redis = Redis.from_url(redis_url, decode_responses=True)
+        self.reader: Redis = Redis.from_url(redis_url)
         self._scripts = {source: "" for source in (APPEND_SCRIPT, COPY_SCRIPT, END_SCRIPT)}  # source -> sha
         self._copies: dict[str, LogCopy] = {}  # this instance's streams whose last event Redis has not taken yet
         self._dirty: dict[str, LogCopy] = {}  # those with events to write
@@ -262,11 +272,11 @@ class RedisStreamHub(StreamHub):
         return {member for member, exists in zip(members, alive, strict=True) if exists} | {self.instance_id}
 
     async def _instances(self) -> set[str]:
-        return cast(set[str], await self.redis.smembers(self._instances_key))
+        return {member.decode() for member in cast(set[bytes], await self.redis.smembers(self._instances_key))}
 
     async def _load_scripts(self) -> None:
         for source in self._scripts:
-            self._scripts[source] = str(await self.redis.script_load(source))
+            self._scripts[source] = str(text(await self.redis.script_load(source)))
 
     async def _log(self, stream_id: str) -> tuple[str | None, list[RawEntry]]:
         """The epoch and entries of a stream's log, read in one step."""
@@ -276,7 +286,7 @@ class RedisStreamHub(StreamHub):
         pipe.get(self.epoch_key(stream_id))
         pipe.xrange(self.log_key(stream_id))
         epoch, entries = await pipe.execute()
-        return cast(str | None, epoch), cast(list[RawEntry], entries)
+        return text(epoch), cast(list[RawEntry], entries)
 
     # --- this instance's streams: copy every event to Redis ------------------------------------
 
@@ -286,7 +296,7 @@ class RedisStreamHub(StreamHub):
         self._copies[stream_id] = LogCopy(stream, new_epoch())
         return stream
 
-    def _queue(self, stream: LiveStream, event_id: int, name: str, data: str) -> None:
+    def _queue(self, stream: LiveStream, event_id: int, name: str, data: bytes) -> None:
         copy = self._copies.get(stream.id)
         if copy is not None:
             self._dirty[stream.id] = copy
@@ -430,7 +440,8 @@ class RedisStreamHub(StreamHub):
             return  # another reader mirrored it meanwhile
         if not entries:
             raise NotFoundError(f"stream {stream_id} not found or expired", code="not_resumable")
-        start: dict[str, Any] = next((orjson.loads(fields["d"]) for _, fields in entries if fields["e"] == "start"), {})
+        start: dict[str, Any] = next((orjson.loads(fields[b"d"]) for _, fields in entries if fields[b"e"] == b"start"),
+                                     {})
         mirror = LiveStream(stream_id, start.get("conversationId", ""), None, start.get("model", ""), self.log_limit)
         for entry_id, fields in entries:
             # A hole (entries deleted) starts the log afresh after it: a cursor before it is not resumable.
@@ -441,7 +452,7 @@ class RedisStreamHub(StreamHub):
             return
         key = self.log_key(stream_id)
         self._mirrors[key] = mirror
-        self._read_from[key] = entries[-1][0]
+        self._read_from[key] = entries[-1][0].decode()
         self._epoch_of[key] = epoch
         if self._check_at is None:
             self._check_at = asyncio.get_running_loop().time() + LOG_CHECK_SECONDS
@@ -450,10 +461,10 @@ class RedisStreamHub(StreamHub):
         await self.redis.xadd(self._wake_key, {"w": "1"}, maxlen=10, approximate=False)
 
     @staticmethod
-    def _append_to_mirror(mirror: LiveStream, entry_id: str, fields: dict[str, str]) -> None:
-        mirror.append_entry(int(entry_id.partition("-")[0]), fields["e"], fields["d"])
+    def _append_to_mirror(mirror: LiveStream, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        mirror.append_entry(entry_number(entry_id), fields[b"e"].decode(), fields[b"d"])
         if mirror.finished and mirror.message_id is None:
-            mirror.message_id = orjson.loads(fields["d"]).get("messageId")
+            mirror.message_id = orjson.loads(fields[b"d"]).get("messageId")
 
     async def _read_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -470,7 +481,7 @@ class RedisStreamHub(StreamHub):
                 # While a log is missing, look again each renewal interval: its owner copies it again by then.
                 block = int(self.heartbeat_seconds * 1000) if self._missing else READ_BLOCK_MS
                 # RESP2: [[key, [(id, fields), ...]], ...], or None when the block timed out.
-                replies = cast(list[tuple[str, list[RawEntry]]] | None,
+                replies = cast(list[tuple[bytes, list[RawEntry]]] | None,
                                await self.reader.xread(streams, count=1000, block=block))
                 if failing:
                     log.warning("reading streams from Redis again")
@@ -486,19 +497,20 @@ class RedisStreamHub(StreamHub):
                 self._check_at = loop.time()  # once it answers: did the logs outlive the failure?
                 await asyncio.sleep(0.5)
 
-    async def _take(self, replies: list[tuple[str, list[RawEntry]]]) -> None:
+    async def _take(self, replies: list[tuple[bytes, list[RawEntry]]]) -> None:
         """Append what one XREAD returned to the mirrors, each from the id after its last: a jump is a gap."""
-        for key, entries in replies:
+        for raw_key, entries in replies:
             if not entries:
                 continue
+            key = raw_key.decode()
             if key == self._wake_key:
-                self._wake_id = entries[-1][0]
+                self._wake_id = entries[-1][0].decode()
                 continue
             mirror = self._mirrors.get(key)
             if mirror is None:
                 continue
             for entry_id, fields in entries:
-                event_id = int(entry_id.partition("-")[0])
+                event_id = entry_number(entry_id)
                 if event_id > mirror.last_id + 1 and not await self._fill_gap(key, mirror, event_id):
                     break
                 self._append_to_mirror(mirror, entry_id, fields)
@@ -513,7 +525,7 @@ class RedisStreamHub(StreamHub):
         """Ask the log for the events between the mirror's last and `upto`; False (the mirror ended) when gone."""
         missing = cast(list[RawEntry], await self.redis.xrange(key, f"{mirror.last_id + 1}-0", f"{upto - 1}-0"))
         for entry_id, fields in missing:
-            if int(entry_id.partition("-")[0]) == mirror.last_id + 1:
+            if entry_number(entry_id) == mirror.last_id + 1:
                 self._append_to_mirror(mirror, entry_id, fields)
         if mirror.last_id + 1 == upto:
             return True
@@ -543,7 +555,7 @@ class RedisStreamHub(StreamHub):
             mirror = self._mirrors.get(key)
             if mirror is None:
                 continue
-            epoch, first = cast(str | None, results[2 * n]), cast(list[RawEntry], results[2 * n + 1])
+            epoch, first = text(results[2 * n]), cast(list[RawEntry], results[2 * n + 1])
             if not first:
                 since = self._missing.setdefault(key, now)
                 if now - since >= max(2 * self.lease_seconds, LOST_LOG_WAIT_SECONDS):
@@ -553,7 +565,7 @@ class RedisStreamHub(StreamHub):
                     self._check_at = now + self.heartbeat_seconds
                 continue
             self._missing.pop(key, None)
-            if int(first[0][0].partition("-")[0]) > mirror.last_id + 1:
+            if entry_number(first[0][0]) > mirror.last_id + 1:
                 self._lose(key, mirror, f"the Redis log of stream {mirror.id} no longer holds event"
                                         f" {mirror.last_id + 1}")
             elif epoch != self._epoch_of.get(key):
@@ -593,7 +605,7 @@ class RedisStreamHub(StreamHub):
             if len(stream_id) <= 200 else []
         if not last:
             raise NotFoundError(f"stream {stream_id} not found or expired", code="not_resumable")
-        if last[0][1]["e"] in TERMINAL_EVENTS:
+        if last[0][1][b"e"].decode() in TERMINAL_EVENTS:
             return False
         await self.redis.publish(self._cancel_channel, stream_id)
         return True
@@ -607,7 +619,7 @@ class RedisStreamHub(StreamHub):
                     async for message in pubsub.listen():
                         if message["type"] != "message":
                             continue
-                        stream = self.streams.get(message["data"])
+                        stream = self.streams.get(str(text(message["data"])))
                         if stream is not None and stream.task is not None:
                             self.cancel(stream.id)
             except (RedisError, OSError) as exc:
@@ -652,7 +664,7 @@ class RedisStreamHub(StreamHub):
             return
         # A stream idle for a while writes nothing: its lost copy is noticed here, not at its next event.
         lost = [copy for (copy, epoch), found in zip(made, results[3], strict=True)
-                if found != epoch and copy.epoch == epoch and copy.made and copy.stream.id in self._copies]
+                if text(found) != epoch and copy.epoch == epoch and copy.made and copy.stream.id in self._copies]
         if lost:
             self._copy_again(lost)
 
@@ -701,10 +713,10 @@ class RedisStreamHub(StreamHub):
                         await self.redis.hlen(running))
             cursor = 0
             while True:
-                cursor, batch = cast(tuple[int, dict[str, str]],
+                cursor, batch = cast(tuple[int, dict[bytes, bytes]],
                                      await self.redis.hscan(running, cursor, count=BURY_BATCH))
                 if batch:
-                    await asyncio.gather(*(self._end_orphan(stream_id, orjson.loads(info))
+                    await asyncio.gather(*(self._end_orphan(stream_id.decode(), orjson.loads(info))
                                            for stream_id, info in batch.items()))
                     await self.redis.hdel(running, *batch)
                 await self.redis.expire(claim, CLAIM_SECONDS)  # still at it
@@ -731,7 +743,8 @@ class RedisStreamHub(StreamHub):
         """Save a dead instance's answer from its log, then end the log with `interrupted`: save first, as the
         core does, so a client that gets the event finds the answer saved."""
         epoch, raw = await self._log(stream_id)
-        entries: list[Entry] = [(int(entry_id.partition("-")[0]), fields["e"], fields["d"]) for entry_id, fields in raw]
+        entries: list[Entry] = [(entry_number(entry_id), fields[b"e"].decode(), fields[b"d"])
+                                for entry_id, fields in raw]
         if not entries:
             # Its log is gone (Redis lost it): nothing to save from, nor to end. The database's row is
             # finished by on_instance_gone, with whatever it holds.
@@ -751,7 +764,7 @@ class RedisStreamHub(StreamHub):
         error = Error("interrupted", "the server generating this answer stopped before it was finished", True,
                       message_id=message_id)
         ended = await self.redis.evalsha(self._scripts[END_SCRIPT], 2, self.log_key(stream_id),
-                                         self.epoch_key(stream_id), entries[-1][0], encode_data(error).decode(),
+                                         self.epoch_key(stream_id), entries[-1][0], encode_data(error),
                                          max(1, math.ceil(self.retention_seconds)))
         if ended == -2:
             log.warning("stream %s was still being written by its instance; not ended", stream_id)

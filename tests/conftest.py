@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -32,8 +33,19 @@ STREAMS = DATA / "anthropic-streams"
 # outside the checkout so that `-m server` imports the installed package and nothing of the tree.
 SERVER_PYTHON = os.environ.get("DELTARELAY_SERVER_PYTHON") or sys.executable
 SERVER_CWD = Path(os.environ.get("DELTARELAY_SERVER_CWD") or ROOT)
-# Every table the migrations create, in an order that drops cleanly (referencing tables first).
-SCHEMA_TABLES = ("messages", "sessions", "conversations", "users", "write_probe", "schema_migrations")
+# Every table the migrations create (and the old runner's record), in an order that drops cleanly.
+SCHEMA_TABLES = ("messages", "sessions", "conversations", "users", "write_probe", "alembic_version",
+                 "schema_migrations")
+
+
+def stored_cost(value: Any) -> Decimal | None:
+    """A `cost` column's value read straight from the database, as USD: whole nano-dollars on SQLite (an int,
+    migration 0005), NUMERIC on PostgreSQL."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return Decimal(value).scaleb(-9)
+    return Decimal(value)
 
 
 def free_port() -> int:

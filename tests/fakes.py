@@ -12,7 +12,7 @@ import json
 import socket
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import aclosing, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from http import HTTPStatus
@@ -24,7 +24,7 @@ import orjson
 
 from server.config import load_settings
 from server.core import Relay
-from server.hub import StreamHub
+from server.hub import StreamHub, Subscriber
 from server.protocol.frames import SendMessage
 from server.store import Store
 from server.upstream.anthropic import AnthropicUpstream
@@ -306,26 +306,80 @@ def decode(data: str) -> dict[str, Any]:
     return value
 
 
+def entry_frame(event_id: int, name: str, data: bytes) -> bytes:
+    """A test's framing of an event (hub.Framer): the entry itself, as JSON."""
+    return b'[%d,"%b",%b]' % (event_id, name.encode(), orjson.dumps(data.decode()))
+
+
+class RecordingWriter:
+    """A hub.Writer that keeps each write; `paused` makes it a stalled socket until resume()."""
+
+    def __init__(self, on_write: Callable[[RecordingWriter], None] | None = None) -> None:
+        self.writes: list[list[bytes]] = []
+        self.paused = False
+        self.on_write = on_write
+        self._resumed: asyncio.Future[None] | None = None
+
+    def can_write(self) -> bool:
+        return not self.paused
+
+    def write_many(self, frames: list[bytes]) -> None:
+        self.writes.append(frames)
+        if self.on_write is not None:
+            self.on_write(self)
+
+    async def drain(self) -> None:
+        while self.paused:
+            self._resumed = asyncio.get_running_loop().create_future()
+            await self._resumed
+
+    def resume(self) -> None:
+        self.paused = False
+        if self._resumed is not None and not self._resumed.done():
+            self._resumed.set_result(None)
+
+    @property
+    def entries(self) -> list[tuple[int, str, str]]:
+        """(id, name, data as text) of every event written, in order (keepalive frames left out)."""
+        return [tuple(orjson.loads(frame)) for frames in self.writes for frame in frames  # type: ignore[misc]
+                if frame.startswith(b"[")]
+
+
+async def serve_all(subscriber: Subscriber, writer: RecordingWriter | None = None,
+                    keepalive: bytes | None = None) -> list[tuple[int, str, str]]:
+    """Serve a subscriber to its end through a RecordingWriter; its (id, name, data) entries."""
+    writer = writer if writer is not None else RecordingWriter()
+    last = await subscriber.serve(writer, entry_frame, keepalive)
+    if last:
+        writer.write_many(last)
+    return writer.entries
+
+
 async def collect(hub: StreamHub, stream_id: str, after: int = 0) -> list[RelayedEvent]:
     """Every event of a stream after `after`, to its end; the timeout only guards against hangs."""
-    events: list[RelayedEvent] = []
     async with asyncio.timeout(10):
-        subscriber = hub.subscribe(stream_id, after)
-        async for batch in subscriber.batches():
-            events.extend((event_id, name, decode(data)) for event_id, name, data in batch)
-    return events
+        entries = await serve_all(hub.subscribe(stream_id, after))
+    return [(event_id, name, decode(data)) for event_id, name, data in entries]
 
 
 async def collect_until(hub: StreamHub, stream_id: str, enough: Callable[[list[RelayedEvent]], bool]
                         ) -> list[RelayedEvent]:
     """The events of a stream from its start until enough(events) holds (then the reader lets go)."""
-    events: list[RelayedEvent] = []
+    subscriber = hub.subscribe(stream_id, 0)
+    reached = False
+
+    def check(writer: RecordingWriter) -> None:
+        nonlocal reached
+        if enough([(event_id, name, decode(data)) for event_id, name, data in writer.entries]):
+            reached = True
+            subscriber.abandon()
+
+    writer = RecordingWriter(check)
     async with asyncio.timeout(10):
-        async with aclosing(hub.subscribe(stream_id, 0).batches()) as batches:
-            async for batch in batches:
-                events.extend((event_id, name, decode(data)) for event_id, name, data in batch)
-                if enough(events):
-                    return events
+        entries = await serve_all(subscriber, writer)
+    events = [(event_id, name, decode(data)) for event_id, name, data in entries]
+    if reached:
+        return events
     raise AssertionError(f"the stream ended before the test had what it waited for: {events}")
 
 

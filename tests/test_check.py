@@ -22,7 +22,7 @@ import httpx
 import pytest
 import redis
 
-from server.store import MIGRATIONS, Store, migration_versions
+from server.store import Store, migration_versions
 
 from .conftest import SERVER_CWD, SERVER_PYTHON, _clean_env, _on_postgresql, free_port, new_postgresql_database
 from .relay_clients import sse_stream
@@ -37,6 +37,7 @@ API_KEY = "sk-ant-api03-CHECKtheKEYisRIGHT-7f3a9c"
 WRONG_KEY = "sk-ant-api03-thisKEYisWRONG-b81e2d"
 DB_PASSWORD = "dbPw-4c1d9e"
 REDIS_PASSWORD = "redisPw-93ab7f"
+LEGACY_MIGRATIONS = Path(__file__).parent / "data" / "legacy_migrations"  # the SQL files of the old runner
 CHECK_NAMES = ["settings", "database", "redis", "upstream", "access"]
 
 
@@ -158,7 +159,7 @@ def test_pending_migrations_are_reported_and_left_to_the_server(tmp_path):
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
-        db.executescript((MIGRATIONS / "0001_initial.sql").read_text())
+        db.executescript((LEGACY_MIGRATIONS / "0001_initial.sql").read_text())
         db.execute("INSERT INTO schema_migrations VALUES (1, '2026-01-01T00:00:00Z')")
     result = run_check({"DATABASE_URL": f"sqlite:///{path}"})
     assert result.returncode == 0, result.stdout

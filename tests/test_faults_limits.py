@@ -31,7 +31,7 @@ from server.pricing import Usage, cost_of
 from server.protocol.frames import SendMessage
 from server.store import Reply, Status, Store, new_id
 
-from .conftest import _on_postgresql
+from .conftest import _on_postgresql, stored_cost
 from .fakes import relay_in_process
 from .relay_clients import expected_words, sse_stream
 from .test_access import add_user, bearer, run_cli
@@ -324,7 +324,8 @@ async def spent_when_all_ended(rows: Callable[[str], list[tuple[Any, ...]]]) -> 
     async with asyncio.timeout(60):
         while rows("SELECT COUNT(*) FROM messages WHERE status = 'streaming'")[0][0]:  # noqa: ASYNC110
             await asyncio.sleep(0.05)  # the answers are other processes'
-    return sum((Decimal(row[0]) for row in rows("SELECT cost FROM messages WHERE cost IS NOT NULL")), Decimal(0))
+    return sum((stored_cost(row[0]) or Decimal(0) for row in rows("SELECT cost FROM messages WHERE cost IS NOT NULL")),
+               Decimal(0))
 
 
 def assert_within_one_worst_case(outcomes: Counter[str], spent: Decimal) -> None:

@@ -23,6 +23,8 @@ from server.errors import GoneError, NotFoundError
 from server.events import Chunk, Done, Start
 from server.hub import EventLog, LiveStream, StreamHub, Subscriber, SubscriberDropped
 
+from .fakes import RecordingWriter, entry_frame, serve_all
+
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "")
 # Without a Redis named, the Redis runs show up as skipped, never silently absent.
 HUB_KINDS = ["in-process", "redis" if REDIS_URL else pytest.param("redis", marks=pytest.mark.skip(
@@ -77,12 +79,9 @@ def make_stream(hub: StreamHub, log_limit: int = 100, stream_id: str = "s1") -> 
     return stream
 
 
-async def read_all(subscriber: Subscriber) -> list:
-    entries = []
+async def read_all(subscriber: Subscriber, writer: RecordingWriter | None = None) -> list:
     async with asyncio.timeout(5):
-        async for batch in subscriber.batches():
-            entries += batch
-    return entries
+        return await serve_all(subscriber, writer)
 
 
 async def test_a_subscriber_gets_the_backlog_then_live_events_with_no_gap_or_duplicate(hubs):
@@ -116,25 +115,79 @@ async def test_a_cursor_a_little_ahead_of_the_readers_copy_gets_exactly_the_rest
     assert [entry[0] for entry in entries] == [7, 8]
 
 
-async def test_a_reader_that_never_reads_is_dropped_at_its_bound_and_holds_no_more(hubs):
+async def test_a_reader_whose_socket_stalls_is_dropped_at_its_bound_and_holds_no_more(hubs):
+    """Fails when the outbox is not bounded (Subscriber.push without its `limit` check): the stalled reader
+    then holds all 1,000 frames and is never dropped."""
     stream = make_stream(hubs.owner, log_limit=10_000)
     await hubs.settled("s1", 1)
     stuck = await hubs.reader.resume("s1", after=1)
+    writer = RecordingWriter()
+    serving = asyncio.ensure_future(stuck.serve(writer, entry_frame))
+    await asyncio.sleep(0)  # it starts: caught up, it takes live events
+    writer.paused = True  # from now on its socket takes nothing
+    most = 0
     for n in range(1000):
         stream.append(Chunk(f"w{n}"))
-        assert len(stuck.pending) <= 10
+        most = max(most, len(stuck.outbox))
+        assert len(stuck.outbox) <= 10
     await hubs.settled("s1", 1001)
-    assert stuck.dropped and stuck.pending == []
+    if hubs.owner is hubs.reader:  # (a mirror takes the events in its own task, unseen by this loop)
+        assert most == 10  # the bound was reached, not merely respected
+    assert stuck.dropped and stuck.outbox == [] and writer.writes == []
+    await asyncio.sleep(0)
+    assert stuck not in hubs.reader.streams["s1"].subscribers  # let go at once, its socket still paused
+    writer.resume()
     with pytest.raises(SubscriberDropped):
-        await read_all(stuck)
+        await asyncio.wait_for(serving, 5)
     # It may resume from the log where it was.
     resumed = await hubs.reader.resume("s1", after=991)
     assert [entry[0] for entry in await asyncio.wait_for(_first_entries(resumed, 10), 5)] == list(range(992, 1002))
 
 
+async def test_a_slow_reader_gets_what_queued_while_paused_in_one_write_in_order():
+    """The socket pauses with events in flight, then drains: what queued meanwhile goes out in one write, after
+    what was written before, with nothing lost. Fails when a flush while paused drops the outbox or writes it
+    anyway (Subscriber._flush without its can_write check)."""
+    hub = StreamHub(100, retention_seconds=60, queue_limit=10)
+    stream = make_stream(hub)
+    subscriber = hub.subscribe("s1", after=0)
+    writer = RecordingWriter()
+    serving = asyncio.ensure_future(serve_all(subscriber, writer))
+    await asyncio.sleep(0)
+    stream.append(Chunk("a"))
+    await asyncio.sleep(0)
+    writer.paused = True
+    for text in "bcdefg":
+        stream.append(Chunk(text))
+        await asyncio.sleep(0)
+    assert len(subscriber.outbox) == 6 and len(writer.writes) == 2  # start, then a; the rest waits
+    writer.resume()
+    await asyncio.sleep(0)
+    stream.append(Done("c1", "m1", "end_turn"))
+    entries = await asyncio.wait_for(serving, 5)
+    assert [len(frames) for frames in writer.writes[:3]] == [1, 1, 6]
+    assert [entry[0] for entry in entries] == list(range(1, 10))
+
+
+async def test_a_burst_of_events_in_one_turn_is_one_write():
+    """Fails when each event is written on its own (a flush per push instead of once per loop turn)."""
+    hub = StreamHub(100, retention_seconds=60, queue_limit=10)
+    stream = make_stream(hub)
+    subscriber = hub.subscribe("s1", after=1)
+    writer = RecordingWriter()
+    serving = asyncio.ensure_future(serve_all(subscriber, writer))
+    await asyncio.sleep(0)
+    for n in range(8):
+        stream.append(Chunk(f"w{n}"))
+    await asyncio.sleep(0)
+    assert [len(frames) for frames in writer.writes] == [8]
+    subscriber.abandon()
+    await asyncio.wait_for(serving, 5)
+
+
 async def test_a_reader_resuming_from_0_of_a_long_log_pages_it_within_its_bound_and_misses_nothing(hubs):
-    """Fails when subscribe() queues the whole backlog and lifts the bound to it (the old hub: a first batch
-    of 3,001 events for a reader bounded at 10), and when a live event reaches a reader still paging (twice,
+    """Fails when the backlog is framed whole and lifts the bound to it (the old hub: a first batch of 3,001
+    events for a reader bounded at 10), and when a live event reaches a reader still paging (twice,
     in-process)."""
     stream = make_stream(hubs.owner, log_limit=10_000)
     hubs.reader.log_limit = 10_000
@@ -142,31 +195,32 @@ async def test_a_reader_resuming_from_0_of_a_long_log_pages_it_within_its_bound_
         stream.append(Chunk(f"w{n}"))
     await hubs.settled("s1", 3001)
     reader = await hubs.reader.resume("s1", after=0)
-    assert 0 < len(reader.pending) <= 10
+    written = 0
 
-    entries: list = []
+    def on_write(writer: RecordingWriter) -> None:
+        nonlocal written
+        assert len(writer.writes[-1]) <= 10  # the queue bound, whatever the backlog
+        written += len(writer.writes[-1])
+        # Live events while it pages (a few: a mirror may hand them over at once): they are in the log,
+        # and come in their turn.
+        if written % 400 < len(writer.writes[-1]) and stream.last_id < 3009:
+            stream.append(Chunk("live"))
+        elif written >= 3001 and not stream.finished:
+            stream.append(Done("c1", "m1", "end_turn"))
+
     async with asyncio.timeout(10):
-        async for batch in reader.batches():
-            assert len(batch) <= 10  # the queue bound, whatever the backlog
-            entries += batch
-            # Live events while it pages (a few: a mirror may hand them over at once): they are in the log,
-            # and come in their turn.
-            if len(entries) % 400 < len(batch) and stream.last_id < 3009:
-                stream.append(Chunk("live"))
-            elif len(entries) >= 3001 and not stream.finished:
-                stream.append(Done("c1", "m1", "end_turn"))
+        entries = await serve_all(reader, RecordingWriter(on_write))
 
     assert [entry[0] for entry in entries] == list(range(1, stream.last_id + 1))
     assert entries[-1][1] == "done"
 
 
 async def _first_entries(subscriber: Subscriber, count: int) -> list:
-    entries: list = []
-    async for batch in subscriber.batches():
-        entries += batch
-        if len(entries) >= count:
-            break
-    return entries
+    def enough(writer: RecordingWriter) -> None:
+        if len(writer.entries) >= count:
+            subscriber.abandon()
+
+    return (await serve_all(subscriber, RecordingWriter(enough)))[:count]
 
 
 async def test_cursors_outside_the_log_are_not_resumable(hubs):
@@ -180,7 +234,7 @@ async def test_cursors_outside_the_log_are_not_resumable(hubs):
         await hubs.reader.resume("s1", after=23)
     with pytest.raises(GoneError):
         await hubs.reader.resume("s1", after=3)
-    assert (await hubs.reader.resume("s1", after=18)).pending[0][0] == 19
+    assert (await read_all(await hubs.reader.resume("s1", after=18)))[0][0] == 19
 
 
 async def test_an_unknown_stream_is_not_resumable_and_cannot_be_cancelled(hubs):
@@ -217,16 +271,21 @@ async def test_a_cancel_sent_to_the_reader_reaches_the_stream_where_it_is_genera
     assert await hubs.reader.request_cancel("s1") is False  # it has ended
 
 
-async def test_an_idle_subscriber_gets_an_empty_batch_as_keepalive_after_a_whole_idle_interval(hubs):
+async def test_an_idle_subscriber_gets_its_keepalive_frame_after_a_whole_idle_interval(hubs):
     make_stream(hubs.owner)
     await hubs.settled("s1", 1)
     subscriber = await hubs.reader.resume("s1", after=1, keepalive=True)
+    writer = RecordingWriter()
+    serving = asyncio.ensure_future(subscriber.serve(writer, entry_frame, b": keepalive\n\n"))
+    await asyncio.sleep(0)
     subscriber.keepalive_tick()  # had activity (just subscribed): not yet
-    assert not subscriber.keepalive_due
+    await asyncio.sleep(0)
+    assert writer.writes == []
     subscriber.keepalive_tick()  # a whole interval with nothing
-    batches = subscriber.batches()
-    assert await asyncio.wait_for(anext(batches), 5) == []
-    await batches.aclose()
+    await asyncio.sleep(0)
+    assert writer.writes == [[b": keepalive\n\n"]]
+    subscriber.abandon()
+    await asyncio.wait_for(serving, 5)
     assert subscriber not in hubs.reader.keepalive_targets
 
 
@@ -359,7 +418,9 @@ async def test_an_sse_response_ends_in_the_same_write_as_its_last_event_and_send
 
     bodies = [m for m in messages if m["type"] == "http.response.body"]
     assert [m["more_body"] for m in bodies] == [True] * (len(bodies) - 1) + [False]
-    assert bodies[-1]["body"].startswith(b"id: 3\nevent: done\n")  # start, chunk, done
+    assert b"id: 3\nevent: done\n" in bodies[-1]["body"]  # start, chunk, done
+    whole = b"".join(m["body"] for m in bodies)
+    assert [line for line in whole.split(b"\n") if line.startswith(b"id: ")] == [b"id: 1", b"id: 2", b"id: 3"]
     assert subscriber not in hub.keepalive_targets and stream.subscribers == []
 
 

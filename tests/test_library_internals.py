@@ -2,12 +2,15 @@
 
 pyproject admits only the uvicorn and websockets releases the suite ran on (an upper bound on each). When a new
 release is tried, these tests say by name which attribute it lacks, before any end-to-end test fails obscurely.
-Each list mirrors what `server/transports/ws_protocol.py` and `server/transports/http_protocol.py` touch.
+The lists are server/transports/internals.py's own tuples, so the module and this test cannot drift apart; and
+http_protocol.py and ws_protocol.py may reach uvicorn and websockets only through internals.py.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -17,22 +20,12 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from uvicorn.server import ServerState
 from websockets.protocol import Protocol, State
 
+from server.transports import internals
 from server.transports.http_protocol import RelayHttpProtocol
 from server.transports.ws_protocol import relay_websocket_protocol
 
-# (what, attribute): read or replaced on an instance once its request head has been handled.
-WEBSOCKET_PROTOCOL_ATTRIBUTES = (
-    "conn", "logger", "queue", "writable", "scope", "loop", "transport", "close_sent", "disconnected",
-    "handshake_complete", "request", "response",
-)
-WEBSOCKET_PROTOCOL_METHODS = ("handle_connect", "connection_lost", "send")
-SANSIO_CONNECTION_ATTRIBUTES = ("reader", "parser", "logger", "state", "extensions")
-SANSIO_CONNECTION_METHODS = ("send_text", "data_to_send")
-HTTP_PROTOCOL_ATTRIBUTES = ("cycle", "scope", "loop")
-HTTP_PROTOCOL_METHODS = ("on_headers_complete",)
-REQUEST_CYCLE_ATTRIBUTES = (
-    "scope", "transport", "response_started", "response_complete", "chunked_encoding", "disconnected", "flow",
-)
+TRANSPORTS = Path(internals.__file__).parent
+LIBRARIES = ("uvicorn", "websockets", "httptools")
 
 
 class RecordingTransport(asyncio.Transport):
@@ -79,7 +72,36 @@ def loaded_config(**kwargs: Any) -> uvicorn.Config:
 
 
 def missing(obj: object, names: tuple[str, ...]) -> list[str]:
-    return [f"{type(obj).__module__}.{type(obj).__qualname__}.{name}" for name in names if not hasattr(obj, name)]
+    """The qualified names of those of `names` that `obj` lacks (a class's own name if `obj` is a class)."""
+    where = obj if isinstance(obj, type) else type(obj)
+    return [f"{where.__module__}.{where.__qualname__}.{name}" for name in names if not hasattr(obj, name)]
+
+
+def library_imports(path: Path) -> list[str]:
+    """The modules of uvicorn, websockets or httptools that the module at `path` imports."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+        found += [name for name in names if name.split(".")[0] in LIBRARIES]
+    return found
+
+
+def test_only_internals_imports_uvicorn_or_websockets_among_the_protocol_modules() -> None:
+    """Mutation: `from uvicorn.protocols.http.httptools_impl import RequestResponseCycle` in http_protocol.py
+    (or websockets' State in ws_protocol.py) fails it, naming the module and the import."""
+    assert library_imports(TRANSPORTS / "internals.py"), "the scan finds internals' own imports"
+    for name in ("http_protocol.py", "ws_protocol.py"):
+        assert library_imports(TRANSPORTS / name) == [], f"{name} imports uvicorn/websockets outside internals.py"
+
+
+def test_the_module_docstring_names_every_attribute_it_lists() -> None:
+    """Mutation: a name added to a tuple in internals.py but not to its docstring fails it, naming it."""
+    listed = [name for tuple_name in dir(internals) if tuple_name.endswith(("_ATTRIBUTES", "_METHODS"))
+              for name in getattr(internals, tuple_name)]
+    assert len(listed) > 40
+    doc = internals.__doc__ or ""
+    assert [name for name in listed if f"`{name}" not in doc] == []
 
 
 def test_the_installed_versions_are_the_ones_pyproject_admits() -> None:
@@ -100,10 +122,17 @@ async def test_uvicorn_websocket_protocol_has_every_attribute_the_relay_uses() -
                            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
     await asyncio.sleep(0)  # the app's task starts
     try:
-        assert missing(protocol, WEBSOCKET_PROTOCOL_ATTRIBUTES + WEBSOCKET_PROTOCOL_METHODS) == []
-        assert missing(protocol.conn, SANSIO_CONNECTION_ATTRIBUTES + SANSIO_CONNECTION_METHODS) == []
-        assert hasattr(protocol.conn.reader, "buffer"), "websockets StreamReader.buffer"
-        assert callable(getattr(Protocol, "parse", None)), "websockets.protocol.Protocol.parse"
+        assert missing(protocol, internals.WEBSOCKET_PROTOCOL_ATTRIBUTES) == []
+        # The methods on uvicorn's class itself: the relay's subclass defines some of them.
+        assert missing(WebSocketsSansIOProtocol, internals.WEBSOCKET_PROTOCOL_METHODS) == []
+        # What the relay replaces, on uvicorn's own instance (the relay's always has them).
+        stock = WebSocketsSansIOProtocol(config, ServerState(), {}, loop)
+        assert missing(stock, ("conn", "logger", "queue", "writable")) == []
+        conn_names = internals.SANSIO_CONNECTION_ATTRIBUTES + internals.SANSIO_CONNECTION_METHODS
+        assert missing(protocol.conn, conn_names) == []
+        assert missing(protocol.conn.reader, internals.STREAM_READER_ATTRIBUTES) == []
+        assert missing(Protocol, internals.PROTOCOL_CLASS_METHODS) == []
+        assert callable(Protocol.parse)
         assert protocol.conn.state in set(State)
         assert "extensions" in protocol.scope, "uvicorn WebSocket scope['extensions']"
     finally:
@@ -120,11 +149,14 @@ async def test_uvicorn_http_protocol_and_request_cycle_have_every_attribute_the_
     protocol.connection_made(RecordingTransport())
     protocol.data_received(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     try:
-        assert missing(protocol, HTTP_PROTOCOL_ATTRIBUTES + HTTP_PROTOCOL_METHODS) == []
+        assert missing(protocol, internals.HTTP_PROTOCOL_ATTRIBUTES) == []
+        # The methods on uvicorn's class itself: the relay's subclass defines some of them.
+        assert missing(HttpToolsProtocol, internals.HTTP_PROTOCOL_METHODS) == []
         cycle = protocol.cycle
         assert cycle is not None, "uvicorn HttpToolsProtocol.cycle is set once a request head is read"
-        assert missing(cycle, REQUEST_CYCLE_ATTRIBUTES) == []
-        assert hasattr(cycle.flow, "write_paused"), "uvicorn FlowControl.write_paused"
+        assert missing(cycle, internals.REQUEST_CYCLE_ATTRIBUTES) == []
+        assert missing(cycle.flow, internals.FLOW_CONTROL_ATTRIBUTES + internals.FLOW_CONTROL_METHODS) == []
+        assert asyncio.iscoroutinefunction(cycle.flow.drain), "uvicorn FlowControl.drain()"
     finally:
         protocol.connection_lost(None)
         for task in list(protocol.tasks):

@@ -7,12 +7,14 @@ import json
 import signal
 import sqlite3
 import time
+from decimal import Decimal
 
 import httpx
 import pytest
 import websockets
 from httpx_sse import aconnect_sse
 
+from .conftest import stored_cost
 from .relay_clients import (
     expected_words,
     loads,
@@ -175,7 +177,7 @@ async def test_cancel_closes_the_upstream_request_and_saves_the_partial_answer(m
     assert cost["outputTokens"] > 1  # counted from the text received, not message_start's placeholder
     status, content, stop_reason, estimated, output_tokens, saved_cost = saved(relay, events[-1][2]["messageId"])
     assert (status, content, stop_reason, estimated) == ("cancelled", text_of(events), "cancelled", 1)
-    assert (output_tokens, saved_cost) == (cost["outputTokens"], format(cost["totalCost"], "f"))
+    assert (output_tokens, stored_cost(saved_cost)) == (cost["outputTokens"], Decimal(str(cost["totalCost"])))
 
     async def upstream_saw_the_close():
         stats = await upstream_stats(upstream)
@@ -236,6 +238,32 @@ async def test_a_reader_that_stops_reading_is_dropped_while_others_stream_at_ful
     # Dropped at its queue bound instead of buffering the 8 MB answer: the bound itself is tested in test_hub.py.
     assert b"slow_consumer" in received
     assert len(received) < 8_000_000
+
+
+async def test_a_websocket_that_stops_reading_is_dropped_while_others_stream_at_full_speed(make_server,
+                                                                                         make_upstream):
+    """The WebSocket twin of the SSE test above: a socket that reads nothing after its start frame gets an
+    `error` frame `slow_consumer` for its stream, not the 8 MB answer, while two SSE readers get it whole.
+    Fails with an unbounded outbox (Subscriber.push without its limit check): the socket gets `done`."""
+    relay = relay_with_big_answer(make_server, make_upstream, delay_ms=1, queue_events=1000)
+    async with websockets.connect(relay.ws_url + "/api/command-center/ws", sock=unread_socket(relay.port),
+                                  max_queue=4, max_size=None) as stuck:
+        await stuck.send(json.dumps({"type": "message", "message": "I will not read"}))
+        start = json.loads(await asyncio.wait_for(stuck.recv(), 30))
+        assert start["event"] == "start"
+        fast = await asyncio.gather(*(sse_read_new(relay.url, f"fast {n}") for n in range(2)))
+        for events in fast:
+            assert text_of(events) == expected_words(8000, 150)
+        frames = 1
+        async with asyncio.timeout(60):
+            while True:
+                frame = json.loads(await stuck.recv())
+                frames += 1
+                if frame["event"] in ("done", "error"):
+                    break
+    assert (frame["event"], frame["streamId"], frame["data"]["code"]) == ("error", start["streamId"],
+                                                                           "slow_consumer")
+    assert frames < 8003
 
 
 async def sse_read_new(url: str, message: str) -> list:

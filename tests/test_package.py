@@ -184,7 +184,8 @@ def test_the_wheel_carries_only_what_the_server_needs(built):
     with zipfile.ZipFile(built["wheel"]) as wheel:
         files = set(wheel.namelist())
     assert {"server/_static/index.html", "server/_static/app.js", "server/_client/dist/deltarelay.js",
-            "server/_client/dist/deltarelay.js.map"} <= files
+            "server/_client/dist/deltarelay.js.map", "server/store/__init__.py", "server/store/migrations/env.py",
+            "server/store/migrations/versions/v0001_initial.py"} <= files  # a start migrates with them
     assert not {name for name in files if name.split("/")[0] in ("static", "client", "tests")}  # no top-level ones
     assert not {name for name in files if "/test" in name or "node_modules" in name or name.endswith(".d.ts")}
 

@@ -10,7 +10,8 @@ from decimal import Decimal
 
 import pytest
 
-from server.pricing import PRICES, PRICES_AS_OF, Usage, cost_of, resolve_model
+from server.pricing import MILLION, PRICES, PRICES_AS_OF, THOUSAND, Usage, cost_of, resolve_model
+from server.store.records import cost_nanos
 
 # The derived_cache_pricing test vector (tests/data/anthropic-streams/).
 CACHE_VECTOR = Usage(
@@ -184,3 +185,14 @@ def test_a_million_input_and_output_tokens_cost_the_published_price(
 ) -> None:
     assert cost_of(Usage(input_tokens=1_000_000), model) == Decimal(input_price)
     assert cost_of(Usage(output_tokens=1_000_000), model) == Decimal(output_price)
+
+
+def test_every_price_is_a_whole_number_of_nano_dollars_per_token():
+    """SQLite stores costs as whole nano-dollars (migration 0005) and the budget counts in them: a price with
+    a fourth decimal per million tokens (or a web search price finer than a nano-dollar) fails this, before
+    any save could refuse a cost."""
+    for model, price in PRICES.items():
+        for name in ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read"):
+            per_token = getattr(price, name) / MILLION
+            assert cost_nanos(per_token) * Decimal("1e-9") == per_token, (model, name)
+        assert cost_nanos(price.web_search / THOUSAND) > 0, model

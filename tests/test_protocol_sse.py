@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from server.errors import ProtocolError
-from server.protocol.sse import SSEDecoder, SSEEvent, encode_comment, encode_event
+from server.protocol.sse import SSEDecoder, SSEEvent, encode_comment, encode_entry, encode_event
 
 DATA = Path(__file__).parent / "data"
 VECTORS: list[dict[str, Any]] = json.loads((DATA / "sse-vectors.json").read_text("utf-8"))["vectors"]
@@ -360,3 +360,20 @@ def test_encoded_streams_decode_the_same_however_they_are_cut(events: list[tuple
     cut %= len(stream) + 1
     want = [SSEEvent(name or "message", data.replace("\r\n", "\n").replace("\r", "\n"), None) for name, data in events]
     assert decode_chunks([stream[:cut], stream[cut:]]) == want
+
+
+@given(name=no_line_breaks, data=st.text(), id=st.integers(min_value=0))
+def test_encode_entry_frames_bytes_exactly_as_encode_event_frames_text(name: str, data: str, id: int) -> None:
+    """encode_entry is what the relay's SSE responses write for every event (transports/sse.frame_event)."""
+    frame = encode_entry(id, name, data.encode())
+    assert frame == encode_event(name, data, id=id)
+    assert decode(frame) == [SSEEvent(name or "message", data.replace("\r\n", "\n").replace("\r", "\n"), str(id))]
+
+
+def test_the_sse_transport_frames_events_with_the_tested_encoder() -> None:
+    from server.transports.sse import frame_event
+
+    assert frame_event is encode_entry
+    assert frame_event(7, "chunk", b'{"text":"\xc3\xa9"}') == b'id: 7\nevent: chunk\ndata: {"text":"\xc3\xa9"}\n\n'
+    with pytest.raises(ValueError):
+        encode_entry(1, "bad\nname", b"{}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import subprocess
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -12,24 +13,27 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 from databases import Database
 
 from server.errors import NotFoundError
 from server.store import (
-    MIGRATIONS,
+    ONE,
     FinishedElsewhereError,
     Query,
     Reply,
     Status,
     Store,
     Turn,
-    _statements,
+    asyncpg_dsn,
     databases_url,
     new_id,
+    schema,
 )
+from server.store.schema import revisions
 
-from .conftest import SCHEMA_TABLES
+from .conftest import SCHEMA_TABLES, SERVER_CWD, SERVER_PYTHON, _clean_env
 
 # Comma-separated, e.g. postgresql://postgres@127.0.0.1:5432/test; the tests drop their tables at the end.
 SERVER_URLS = [url.strip() for url in os.environ.get("TEST_DATABASE_URLS", "").split(",") if url.strip()]
@@ -96,34 +100,110 @@ async def answer(store: Store, text: str, content: str, conversation_id: str | N
 # --- migrations -------------------------------------------------------------------------------------
 
 
-async def test_migrations_apply_once_and_are_recorded_one_row_per_file(url, caplog):
-    caplog.set_level(logging.INFO, logger="deltarelay.store")
-    files = sorted(MIGRATIONS.glob("*.sql"))
-    first = Store(url)
-    await first.connect()
-    applied = await first.db.fetch_all("SELECT version, applied_at FROM schema_migrations ORDER BY version")
-    await first.disconnect()
-    assert [row[0] for row in applied] == [int(path.name.split("_", 1)[0]) for path in files]
-    assert [r.getMessage() for r in caplog.records] == [f"applied migration {path.name}" for path in files]
-
-    caplog.clear()
-    second = Store(url)
-    await second.connect()
-    again = await second.db.fetch_all("SELECT version, applied_at FROM schema_migrations ORDER BY version")
-    await second.disconnect()
-    assert [tuple(row) for row in again] == [tuple(row) for row in applied]
-    assert caplog.records == []
+LEGACY_MIGRATIONS = Path(__file__).parent / "data" / "legacy_migrations"  # what the old runner applied
 
 
-async def test_an_old_database_with_only_the_first_migration_is_upgraded_at_start_without_losing_rows(url):
+def legacy_statements(sql: str) -> list[str]:
+    """The old runner's split of a migration file into statements (no semicolons inside its literals)."""
+    lines = [line for line in sql.splitlines() if not line.lstrip().startswith("--")]
+    return [statement.strip() for statement in "\n".join(lines).split(";") if statement.strip()]
+
+
+async def make_legacy_database(url: str, versions: int) -> None:
+    """A database as the hand-made runner left it with its first `versions` SQL files applied."""
     database = Database(databases_url(url))
     await database.connect()
     try:
         await database.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
-        first = MIGRATIONS / "0001_initial.sql"
-        for statement in _statements(first.read_text(encoding="utf-8")):
-            await database.execute(statement)
-        await database.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (1, 'then')")
+        for path in sorted(LEGACY_MIGRATIONS.glob("*.sql"))[:versions]:
+            for statement in legacy_statements(path.read_text(encoding="utf-8")):
+                await database.execute(statement)
+            await database.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (:v, 'then')",
+                                   {"v": int(path.name.split("_", 1)[0])})
+    finally:
+        await database.disconnect()
+
+
+async def schema_of(url: str) -> list[tuple[Any, ...]]:
+    """Every table, column (type, default, nullability), index and foreign key, but Alembic's own table."""
+    database = Database(databases_url(url))
+    await database.connect()
+    try:
+        if url.startswith("sqlite"):
+            rows = await database.fetch_all("SELECT type, name, sql FROM sqlite_master"
+                                            " WHERE tbl_name NOT IN ('alembic_version', 'schema_migrations')"
+                                            " ORDER BY name")
+        else:
+            rows = [*await database.fetch_all(
+                "SELECT table_name, column_name, ordinal_position, data_type, column_default, is_nullable"
+                " FROM information_schema.columns WHERE table_schema = current_schema()"
+                " AND table_name NOT IN ('alembic_version', 'schema_migrations') ORDER BY 1, 3"),
+                *await database.fetch_all(
+                "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = current_schema()"
+                " AND tablename NOT IN ('alembic_version', 'schema_migrations') ORDER BY 1, 2"),
+                *await database.fetch_all(
+                "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint"
+                " WHERE connamespace = current_schema()::regnamespace AND conrelid::regclass::text"
+                " NOT IN ('alembic_version', 'schema_migrations') ORDER BY 1, 2")]
+        return [tuple(row) for row in rows]
+    finally:
+        await database.disconnect()
+
+
+async def test_migrations_apply_once_and_record_the_head_revision(url, caplog):
+    """Fails if a start re-applies a revision (the second start would log it) or records another revision."""
+    caplog.set_level(logging.INFO, logger="deltarelay.store")
+    first = Store(url)
+    await first.connect()
+    applied = await first.db.fetch_all("SELECT version_num FROM alembic_version")
+    await first.disconnect()
+    assert [row[0] for row in applied] == [revisions()[-1]]
+    assert [r.getMessage() for r in caplog.records] == [f"applied migration {rev}" for rev in revisions()]
+
+    caplog.clear()
+    second = Store(url)
+    await second.connect()
+    again = await second.db.fetch_all("SELECT version_num FROM alembic_version")
+    await second.disconnect()
+    assert [row[0] for row in again] == [revisions()[-1]]
+    assert caplog.records == []
+
+
+async def test_the_revisions_make_exactly_the_schema_the_old_sql_files_made(url, tmp_path):
+    """Every table, column type, default, index and foreign key the four old SQL files made, Alembic's revisions
+    make too (0005 changes it on purpose, so this compares at 0004). Fails if a revision drops a NOT NULL, a
+    default, an index or a REFERENCES."""
+    await make_legacy_database(url, 4)
+    old = await schema_of(url)
+    await drop_tables(url)
+    await schema.run_on(url, lambda connection: schema.upgrade(connection, "0004"))
+    new = await schema_of(url)
+    assert old and new == old
+
+
+async def test_two_stores_starting_together_migrate_once(url):
+    """On PostgreSQL the migration lock makes them take turns (without it the second collides creating the
+    tables: `duplicate key value violates unique constraint "pg_type_typname_nsp_index"`); SQLite's
+    BEGIN IMMEDIATE does the same for a file. Without the lock, the PostgreSQL case fails or hangs (seen both)."""
+    stores = [Store(url), Store(url)]
+    await asyncio.gather(*(store.connect() for store in stores))
+    try:
+        assert await stores[0].db.fetch_all("SELECT version_num FROM alembic_version") != []
+        assert len(await stores[1].db.fetch_all("SELECT version_num FROM alembic_version")) == 1
+    finally:
+        for store in stores:
+            await store.disconnect()
+
+
+@pytest.mark.parametrize("versions", [1, 4])
+async def test_a_database_of_the_old_runner_is_stamped_and_upgraded_at_start_without_losing_rows(url, versions):
+    """A database the hand-made runner made (its SQL files, its schema_migrations) starts at the revision it
+    had: fails if the start re-runs 0001 (`table conversations already exists`), loses a row, or leaves
+    schema_migrations behind for an old version to trust."""
+    await make_legacy_database(url, versions)
+    database = Database(databases_url(url))
+    await database.connect()
+    try:
         await database.execute("INSERT INTO conversations (id, agent_id, title, created_at, updated_at)"
                                " VALUES ('c1', 'default', 'Old talk', 't0', 't1')")
         for seq, role, content, status, cost in [(0, "user", "Hi 🙂", "complete", None),
@@ -140,19 +220,141 @@ async def test_an_old_database_with_only_the_first_migration_is_upgraded_at_star
     store = Store(url)
     await store.connect()
     try:
-        versions = [row[0] for row in await store.db.fetch_all("SELECT version FROM schema_migrations ORDER BY 1")]
+        versions_now = [row[0] for row in await store.db.fetch_all("SELECT version_num FROM alembic_version")]
         messages = await store.list_messages("c1")
         # An answer an old (single) instance left streaming names no instance: it counts as gone.
         assert await store.interrupt_unfinished({"some-live-instance"}) == 1
         left = await store.get_message("m3")
+        legacy = await store.db.fetch_val(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'schema_migrations'" if url.startswith("sqlite") else
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = current_schema()"
+            " AND table_name = 'schema_migrations'")
     finally:
         await store.disconnect()
-    assert versions == [int(path.name.split("_", 1)[0]) for path in sorted(MIGRATIONS.glob("*.sql"))]
+    assert versions_now == [revisions()[-1]]
+    assert legacy == 0
     assert [(m["seq"], m["role"], m["content"], m["status"], m["cost"]) for m in messages] == [
         (0, "user", "Hi 🙂", "complete", None), (1, "assistant", "Hello there.", "complete", "0.00001234"),
         (2, "user", "More?", "complete", None), (3, "assistant", "Half", "streaming", None),
     ]
     assert left is not None and (left["status"], left["content"]) == ("interrupted", "Half")
+
+
+async def test_downgrade_to_base_and_upgrade_again_leave_the_head_schema(url):
+    """Every revision's downgrade undoes its upgrade: fails if one leaves a table or column behind (the upgrade
+    after it would then fail creating it again) or cannot run on this database."""
+    await schema.run_on(url, schema.upgrade)
+    head = await schema_of(url)
+    await schema.run_on(url, lambda connection: schema.downgrade(connection, "base"))
+    assert await schema_of(url) == []
+    await schema.run_on(url, schema.upgrade)
+    assert await schema_of(url) == head
+
+
+async def database_at(url: str, revision: str) -> Database:
+    await schema.run_on(url, lambda connection: schema.upgrade(connection, revision))
+    database = Database(databases_url(url))
+    await database.connect()
+    return database
+
+
+# Costs as revision 0004's code wrote them, format(cost, "f") of what pricing.py makes: the smallest (one
+# cached token of claude-3-haiku), trailing zeros, a whole number, a large one, and a sum of many.
+OLD_COSTS = ["0.00000003", "0.000015", "0.30", "1", "0", "12345678.901234567", "0.000003750", "2.50000325",
+             *(format(Decimal(i) * Decimal("0.00000375") + Decimal("0.0001"), "f") for i in range(200))]
+
+
+async def test_migration_0005_converts_every_old_text_cost_without_changing_its_value(url):
+    """Every cost the old code saved reads back equal (as Decimal) after 0005, and again after its downgrade.
+    Fails if the conversion goes through a float (0.000003750 * 1e9 is 3749.9999999999995) or drops a digit."""
+    database = await database_at(url, "0004")
+    try:
+        await database.execute("INSERT INTO conversations (id, agent_id, title, created_at, updated_at)"
+                               " VALUES ('c', 'default', 'Old', 't', 't')")
+        for seq, cost in enumerate([*OLD_COSTS, None]):
+            await database.execute(
+                "INSERT INTO messages (id, conversation_id, seq, role, content, status, cost, created_at)"
+                " VALUES (:id, 'c', :seq, 'assistant', '', 'complete', :cost, 't')",
+                {"id": f"m{seq}", "seq": seq, "cost": cost})
+    finally:
+        await database.disconnect()
+
+    store = Store(url)
+    await store.connect()
+    try:
+        messages = await store.list_messages("c")
+        total = (await store.get_conversation("c"))["total_cost"]
+        kind = await store.db.fetch_val(
+            "SELECT typeof(cost) FROM messages WHERE id = 'm0'" if url.startswith("sqlite") else
+            "SELECT data_type FROM information_schema.columns WHERE table_schema = current_schema()"
+            " AND table_name = 'messages' AND column_name = 'cost'")
+    finally:
+        await store.disconnect()
+    assert kind == ("integer" if url.startswith("sqlite") else "numeric")
+    assert [None if m["cost"] is None else Decimal(m["cost"]) for m in messages] == [
+        *(Decimal(cost) for cost in OLD_COSTS), None]
+    assert total == sum((Decimal(cost) for cost in OLD_COSTS), Decimal(0))
+
+    await schema.run_on(url, lambda connection: schema.downgrade(connection, "0004"))
+    database = Database(databases_url(url))
+    await database.connect()
+    try:
+        back = [row[0] for row in await database.fetch_all("SELECT cost FROM messages ORDER BY seq")]
+    finally:
+        await database.disconnect()
+    assert all(isinstance(cost, str) for cost in back[:-1])
+    assert [None if cost is None else Decimal(cost) for cost in back] == [*(Decimal(c) for c in OLD_COSTS), None]
+
+
+async def test_migration_0005_refuses_a_cost_finer_than_a_nano_dollar_on_sqlite(tmp_path):
+    """Rounding it would change money: fails if the migration rounds (or truncates) instead of stopping, or
+    leaves the database half converted."""
+    url = f"sqlite:///{tmp_path}/fine.db"
+    database = await database_at(url, "0004")
+    try:
+        await database.execute("INSERT INTO conversations (id, agent_id, title, created_at, updated_at)"
+                               " VALUES ('c', 'default', 'Old', 't', 't')")
+        await database.execute("INSERT INTO messages (id, conversation_id, seq, role, content, status, cost,"
+                               " created_at) VALUES ('m', 'c', 0, 'assistant', '', 'complete', '0.0000000001', 't')")
+    finally:
+        await database.disconnect()
+    with pytest.raises(RuntimeError, match="finer than a nano-dollar"):
+        await schema.run_on(url, schema.upgrade)
+    database = Database(databases_url(url))
+    await database.connect()
+    try:
+        assert await database.fetch_val("SELECT version_num FROM alembic_version") == "0004"
+        assert await database.fetch_val("SELECT cost FROM messages") == "0.0000000001"
+    finally:
+        await database.disconnect()
+
+
+async def test_a_cost_finer_than_a_nano_dollar_is_refused_and_saves_nothing(store):
+    """No price makes one (test_pricing); were one to appear, it must not be rounded into the database."""
+    started = await turn(store, "fine")
+    with pytest.raises(ValueError, match="finer than a nano-dollar"):
+        await store.save_reply(started.assistant_message_id, reply("x", cost=Decimal("0.0000000001")))
+    assert (await store.get_message(started.assistant_message_id) or {})["status"] == "streaming"
+
+
+async def test_usage_and_spend_are_summed_by_the_database_exactly(store):
+    """The report's groups and the budget's spend equal the Decimal sums of the saved costs. Fails if a sum
+    goes through floats (0.1 + 0.2 style drift over 300 costs) or a group key changes."""
+    costs = [Decimal("0.1") + i * Decimal("0.000000007") for i in range(300)]
+    for i, cost in enumerate(costs):
+        started = await store.begin_turn(conversation_id=None, agent_id=f"agent{i % 3}", user_text="q",
+                                         model=f"model{i % 2}", stream_id=new_id(), task_trace_id="t")
+        await store.save_reply(started.assistant_message_id, replace(reply("a", cost=cost), model=f"model{i % 2}"))
+    unpriced = await turn(store, "free")
+    await store.save_reply(unpriced.assistant_message_id, reply("a", cost=None))
+    rows = await store.usage("0000", "9999", "agent")
+    assert [(row.key, row.messages, row.cost, row.unpriced) for row in rows] == [
+        *((f"agent{k}", 100, sum(costs[k::3], Decimal(0)), 0) for k in range(3)), ("default", 1, Decimal(0), 1)]
+    by_model = {row.key: (row.messages, row.cost) for row in await store.usage("0000", "9999", "model")}
+    assert by_model == {"model0": (150, sum(costs[0::2], Decimal(0))), "model1": (150, sum(costs[1::2], Decimal(0))),
+                        "claude-haiku-4-5": (1, Decimal(0))}
+    assert sum(row.output_tokens for row in rows) == 3 * 301
+    assert await store.spent_since(None, "0000") == sum(costs, Decimal(0))
 
 
 # --- history ----------------------------------------------------------------------------------------
@@ -206,7 +408,8 @@ async def test_unknown_conversation_saves_nothing_and_the_writer_goes_on(store):
 
 async def test_under_load_sqlite_writes_share_a_transaction_and_a_failing_one_saves_nothing(tmp_path):
     store = Store(f"sqlite:///{tmp_path}/group.db", group_commit=1.0)  # the sleep is the test's own
-    await store.connect()  # the migrations were a batch just now: the next write counts as "under load"
+    await store.connect()
+    assert await store.writable()  # a write batch just now: the next write counts as "under load"
     writer = store._writer
     lingering, go_on = threading.Event(), threading.Event()
     sleeps: list[float] = []
@@ -345,12 +548,13 @@ async def test_a_start_spares_the_answers_of_a_process_that_holds_its_lease(url)
 
 
 async def test_smallest_and_longest_costs_survive_a_round_trip_exactly(store):
+    """The longest cost a price makes has nine decimals (whole nano-dollars: see test_pricing)."""
     tiny = await answer(store, "tiny", "a", cost=Decimal("0.00000001"))
-    long = await answer(store, "long", "b", cost=Decimal("12345.678901234567890123"))
+    long = await answer(store, "long", "b", cost=Decimal("12345678.901234567"))
     unpriced = await answer(store, "unpriced", "c", cost=None)
 
     assert (await store.list_messages(tiny.conversation_id))[1]["cost"] == "0.00000001"
-    assert (await store.list_messages(long.conversation_id))[1]["cost"] == "12345.678901234567890123"
+    assert (await store.list_messages(long.conversation_id))[1]["cost"] == "12345678.901234567"
     assert (await store.list_messages(unpriced.conversation_id))[1]["cost"] is None
     tiny_total = (await store.get_conversation(tiny.conversation_id))["total_cost"]
     assert isinstance(tiny_total, Decimal) and tiny_total == Decimal("0.00000001")
@@ -389,7 +593,7 @@ async def test_two_thousand_stored_costs_add_up_to_the_exact_sum(store):
             yield Query(
                 "INSERT INTO messages (id, conversation_id, seq, role, content, status, cost, created_at)"
                 " VALUES (:id, :conv, :seq, 'assistant', 'a', 'complete', :cost, 't')",
-                {"id": new_id(), "conv": started.conversation_id, "seq": 2 + i, "cost": format(cost, "f")},
+                {"id": new_id(), "conv": started.conversation_id, "seq": 2 + i, "cost": store._cost_param(cost)},
             )
 
     await store.write(insert())
@@ -397,3 +601,79 @@ async def test_two_thousand_stored_costs_add_up_to_the_exact_sum(store):
     total = (await store.get_conversation(started.conversation_id))["total_cost"]
     # 2000 * 0.1 + (1 + ... + 2000) * 0.00000001 = 200 + 0.02001
     assert isinstance(total, Decimal) and total == Decimal("200.02001")
+
+
+def db_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`deltarelay db ...` with DATABASE_URL set, as an operator runs it."""
+    return subprocess.run([SERVER_PYTHON, "-m", "server", "db", *args], cwd=SERVER_CWD,
+                          env=_clean_env({"DATABASE_URL": url}), capture_output=True, text=True, timeout=60)
+
+
+async def test_db_command_upgrades_downgrades_and_reports_the_revision(url):
+    """What docs/operations.md shows: fails if `db upgrade REV` goes past REV, `downgrade` leaves a table,
+    `current` names another revision than alembic_version holds, or a database of the old runner is not
+    recognised."""
+    head = revisions()[-1]
+    assert db_cli(url, "current").stdout.startswith("none: an empty database")
+    upgraded = db_cli(url, "upgrade", "0002")
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert upgraded.stdout.splitlines() == ["applied 0001, 0002", f"0002 (head is {head})"]
+    assert db_cli(url, "upgrade").stdout.splitlines()[-1] == f"{head} (head)"
+    assert await schema_of(url) != []
+    assert db_cli(url, "downgrade", "base").returncode == 0
+    assert await schema_of(url) == []
+    history = db_cli(url, "history").stdout.splitlines()
+    assert [line.split()[0] for line in history] == list(revisions())
+
+    await drop_tables(url)
+    await make_legacy_database(url, 3)
+    legacy = db_cli(url, "current").stdout.strip()
+    assert legacy == (f"0003 (head is {head}); recorded by the old migration runner in schema_migrations:"
+                      " the next upgrade stamps it")
+    assert db_cli(url, "upgrade").stdout.splitlines() == [f"applied {', '.join(revisions()[3:])}", f"{head} (head)"]
+
+
+async def test_postgresql_writes_run_concurrently_each_in_its_own_transaction(url):
+    """A write waiting on a lock does not hold up the others, and rolls back alone. Fails with the single
+    writer task (the second write queues behind the first until the lock goes: the timeout), or if the two
+    shared a transaction (the failing one would undo the other)."""
+    if url.startswith("sqlite"):
+        pytest.skip("SQLite keeps its single writer thread (one transaction per batch)")
+    store = Store(url)
+    await store.connect()
+    holder = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        await holder.execute("SELECT pg_advisory_lock(15015)")
+
+        def blocked() -> Any:
+            yield Query("SELECT pg_advisory_xact_lock(15015)", {}, ONE)
+            yield Query("UPDATE write_probe SET written_at = 'blocked' WHERE id = 1")
+            raise RuntimeError("this one fails after its lock")
+
+        waiting = asyncio.ensure_future(store.write(blocked()))
+        async with asyncio.timeout(10):  # until the first write waits for the lock (a state of the server's)
+            while not await holder.fetchval(  # noqa: ASYNC110 (the waiting is PostgreSQL's)
+                    "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"):
+                await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            started = await turn(store, "not held up")  # commits while the first write waits for its lock
+        assert not waiting.done()
+        await holder.execute("SELECT pg_advisory_unlock(15015)")
+        with pytest.raises(RuntimeError, match="fails after its lock"):
+            await waiting
+        assert await store.db.fetch_val("SELECT written_at FROM write_probe") != "blocked"
+        assert [m["content"] for m in await store.list_messages(started.conversation_id)] == ["not held up", ""]
+    finally:
+        await holder.close()
+        await store.disconnect()
+
+
+def test_postgresql_statements_get_positional_parameters_numbered_once_per_name():
+    """What the PostgreSQL writer sends asyncpg: fails when a cast (::NUMERIC) or a colon inside a string
+    literal is taken for a parameter, or when a repeated name gets a second number."""
+    from server.store.postgres_writer import positional
+
+    sql, names = positional("UPDATE m SET cost = :cost::NUMERIC, a = :t, b = :t WHERE k = 'x:y' || :id")
+    assert sql == "UPDATE m SET cost = $1::NUMERIC, a = $2, b = $2 WHERE k = 'x:y' || $3"
+    assert names == ("cost", "t", "id")
+    assert positional("SELECT 1") == ("SELECT 1", ())

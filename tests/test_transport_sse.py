@@ -9,6 +9,7 @@ from decimal import Decimal
 import httpx
 import pytest
 
+from .conftest import stored_cost
 from .relay_clients import (
     demo_answer,
     expected_words,
@@ -59,8 +60,9 @@ async def test_answer_is_saved_with_its_tokens_and_exact_cost(server):
         done["messageId"])
     user = server.rows("SELECT content FROM messages WHERE conversation_id = ? AND role = 'user'",
                        done["conversationId"])
-    assert row == ("assistant", demo_answer("save me"), "complete", "end_turn", cost["inputTokens"],
-                   cost["outputTokens"], format(cost["totalCost"], "f"))
+    assert (*row[:6], stored_cost(row[6])) == ("assistant", demo_answer("save me"), "complete", "end_turn",
+                                               cost["inputTokens"], cost["outputTokens"],
+                                               Decimal(str(cost["totalCost"])))
     assert user == [("save me",)]
 
 
@@ -175,16 +177,26 @@ async def test_readyz_checks_the_database_and_healthz_only_the_process(server):
         assert (await client.get("/healthz")).json() == {"status": "ok"}
 
 
-async def test_an_sse_reader_that_stalls_then_reads_gets_every_event_in_order(make_server, make_upstream):
-    # ~8 MB as fast as the upstream sends it, to a client with a 4 KB receive buffer that stops reading for a while:
-    # kernel buffers fill, the response pauses, events queue in the hub and go out in batches once it drains.
-    relay = relay_with_big_answer(make_server, make_upstream, delay_ms=0, queue_events=20000)
+@pytest.mark.parametrize("bound", [20000, 1000])
+async def test_an_sse_reader_whose_socket_stalls_keeps_its_outbox_up_to_the_bound_and_is_dropped_past_it(
+        make_server, make_upstream, bound):
+    """~8 MB (8,000 deltas of ~1 KB) as fast as the upstream sends it, to a client with a 4 KB receive buffer
+    that reads nothing until another reader has seen the whole answer: the kernel buffers hold a few hundred
+    events, so the server's socket pauses and the rest waits in the reader's outbox. Under a bound of 20,000 it
+    all comes, in order, once the client reads; under 1,000 the reader gets the events up to its drop, in order,
+    then `slow_consumer` without an id, and a resume from its last id gets exactly the rest. The second case
+    fails with an unbounded outbox (no error), the first with one that drops early or loses what it held."""
+    relay = relay_with_big_answer(make_server, make_upstream, delay_ms=0, queue_events=bound)
     sock = unread_socket(relay.port)
     send_message_request(sock, "stall then read")
-    await asyncio.sleep(3)
     received = bytearray()
     sock.settimeout(30)
     try:
+        while b'"streamId":"' not in received:  # the start event, then nothing more until the answer is done
+            received += await asyncio.to_thread(sock.recv, 4096)
+        stream_id = bytes(received).split(b'"streamId":"', 1)[1].split(b'"', 1)[0].decode()
+        whole = await sse_read(relay.url, stream_id)  # a reader that keeps up: the answer is generated to its end
+        assert names(whole)[-1] == "done"
         while not received.endswith(b"\r\n0\r\n\r\n"):
             chunk = await asyncio.to_thread(sock.recv, 1 << 20)
             if not chunk:
@@ -198,10 +210,18 @@ async def test_an_sse_reader_that_stalls_then_reads_gets_every_event_in_order(ma
     for block in dechunk(chunked).decode().split("\n\n"):
         fields = dict(line.split(": ", 1) for line in block.split("\n") if line and not line.startswith(":"))
         if fields:
-            events.append((int(fields["id"]), fields["event"], json.loads(fields["data"])))
-    assert [event_id for event_id, _, _ in events] == list(range(1, len(events) + 1))
-    assert names(events) == ["start"] + ["chunk"] * 8000 + ["cost", "done"]
-    assert text_of(events) == expected_words(8000, 150)
+            events.append((int(fields["id"]) if "id" in fields else None, fields["event"], json.loads(fields["data"])))
+    if bound > 8002:
+        assert [event_id for event_id, _, _ in events] == list(range(1, len(events) + 1))
+        assert names(events) == ["start"] + ["chunk"] * 8000 + ["cost", "done"]
+        assert text_of(events) == expected_words(8000, 150)
+        return
+    *delivered, dropped = events
+    assert (dropped[0], dropped[1], dropped[2]["code"]) == (None, "error", "slow_consumer")
+    assert [event_id for event_id, _, _ in delivered] == list(range(1, len(delivered) + 1))
+    assert len(delivered) < 8002
+    rest = await sse_read(relay.url, stream_id, last_event_id=len(delivered))
+    assert delivered + rest == whole
 
 
 def dechunk(data: bytes) -> bytes:

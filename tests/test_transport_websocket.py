@@ -18,6 +18,7 @@ from .relay_clients import (
     expected_words,
     names,
     relay_with_big_answer,
+    sse_read,
     sse_stream,
     text_of,
     unread_socket,
@@ -134,31 +135,48 @@ async def test_a_websocket_logs_no_line_of_its_own_unless_the_access_log_is_on(m
     assert '"WebSocket /api/command-center/ws" [accepted]' in loud.log() and "connection open" in loud.log()
 
 
-@pytest.mark.parametrize("streams", [1, 2])
-async def test_a_websocket_reader_that_stalls_then_reads_gets_every_event_in_order(make_server, make_upstream,
-                                                                                    streams):
-    # ~8 MB an answer as fast as the upstream sends it, to a client with a 4 KB receive buffer that stops reading
-    # for a while: kernel buffers fill, the server's socket pauses, events queue in the hub and go out in batches
-    # once it drains. Two answers on one socket: two readers wait for the same paused socket.
-    relay = relay_with_big_answer(make_server, make_upstream, delay_ms=0, queue_events=20000)
+@pytest.mark.parametrize(("streams", "bound"), [(1, 20000), (2, 20000), (1, 1000), (2, 1000)])
+async def test_a_websocket_whose_socket_stalls_keeps_each_outbox_up_to_the_bound_and_drops_past_it(
+        make_server, make_upstream, streams, bound):
+    """~8 MB an answer as fast as the upstream sends it, to a client with a 4 KB receive buffer that reads
+    nothing after the start frames until SSE readers have seen every answer whole: the socket pauses and the
+    rest waits in each reader's outbox (two answers: two outboxes behind one paused socket). Under a bound of
+    20,000 everything comes, in order; under 1,000 each stream's reader gets its events up to its drop, in
+    order, then an `error` frame `slow_consumer` for that stream, and a `resume` from its last id gets exactly
+    the rest. The 1,000 cases fail with an unbounded outbox (Subscriber.push without its limit check)."""
+    relay = relay_with_big_answer(make_server, make_upstream, delay_ms=0, queue_events=bound)
     sock = unread_socket(relay.port)
     by_stream: dict[str, list] = {}
     async with websockets.connect(relay.ws_url + "/api/command-center/ws", sock=sock, max_queue=4,
                                   max_size=None) as ws:
         for n in range(streams):
             await ws.send(json.dumps({"type": "message", "message": f"stall then read {n}", "requestId": f"r{n}"}))
-        await asyncio.sleep(3)
-        done = 0
-        async with asyncio.timeout(120):
-            while done < streams:
+        async with asyncio.timeout(30):
+            while sum(1 for events in by_stream.values() if events and events[0][1] == "start") < streams:
                 frame = json.loads(await ws.recv())
                 by_stream.setdefault(frame["streamId"], []).append((frame["id"], frame["event"], frame["data"]))
-                done += frame["event"] == "done"
-    assert len(by_stream) == streams
-    for events in by_stream.values():
-        assert [event_id for event_id, _, _ in events] == list(range(1, len(events) + 1))
-        assert names(events) == ["start"] + ["chunk"] * 8000 + ["cost", "done"]
-        assert text_of(events) == expected_words(8000, 150)
+        # Readers that keep up: every answer is generated to its end while this socket reads nothing.
+        whole = {stream_id: await sse_read(relay.url, stream_id) for stream_id in by_stream}
+        ended = 0
+        async with asyncio.timeout(120):
+            while ended < streams:
+                frame = json.loads(await ws.recv())
+                by_stream[frame["streamId"]].append((frame["id"], frame["event"], frame["data"]))
+                ended += frame["event"] in ("done", "error")
+        for stream_id, events in by_stream.items():
+            if bound > 8002:
+                assert [event_id for event_id, _, _ in events] == list(range(1, len(events) + 1))
+                assert names(events) == ["start"] + ["chunk"] * 8000 + ["cost", "done"]
+                assert text_of(events) == expected_words(8000, 150)
+                continue
+            *delivered, dropped = events
+            assert (dropped[0], dropped[1], dropped[2]["code"]) == (None, "error", "slow_consumer")
+            assert [event_id for event_id, _, _ in delivered] == list(range(1, len(delivered) + 1))
+            await ws.send(json.dumps({"type": "resume", "streamId": stream_id, "lastEventId": len(delivered)}))
+            rest = await ws_read_until_end(ws, stream_id)
+            joined = delivered + rest
+            assert [(event_id, name) for event_id, name, _ in joined] == [(i, n) for i, n, _ in whole[stream_id]]
+            assert text_of(joined) == text_of(whole[stream_id]) == expected_words(8000, 150)
 
 
 async def test_the_websocket_endpoint_works_under_plain_uvicorn_without_the_relays_protocol(tmp_path):

@@ -1,11 +1,9 @@
 """The relay's HTTP/1.1 server protocol: uvicorn's httptools one, with a body writer and limits for strangers.
 
-The ASGI extension BODY_WRITER, whose value is {"writer": BodyWriter}: once a chunked response has started,
-`writer.send_soon(body)` (when `writer.can_write()`) queues body bytes from any task, and every body queued
-in one turn of the event loop goes out as one chunk in one write. An SSE stream's events then reach the
-socket from the task that reads the upstream, with no wake-up of the response's task per event and no pass
-through uvicorn's `send` coroutine; the response's task still writes what queued while the client was slow,
-and the end. Without the extension (another server) an app sends everything through `send`.
+The ASGI extension writers.WRITER, whose value is {"writer": BodyWriter}: once a chunked response has started,
+the BodyWriter is the response's hub.Writer, and a subscriber's events go from its outbox straight to the
+transport, one chunk per write, with no pass through uvicorn's `send` coroutine (the response's start and end
+still go through `send`). Without the extension (another server) writers.SendWriter uses `send`.
 Only for responses no middleware rewrites: the bytes bypass every `send` wrapper.
 
 What a connection may do before it is anyone's (ConnectionGuard; issue 14). uvicorn bounds none of it under
@@ -23,12 +21,8 @@ timeout_keep_alive only covers the wait between requests, which it keeps doing):
   stays paused) is cut off, which ends the response and gives back the user's connection slot.
 Each refusal is one WARNING line per peer per minute at most (logs.PeerLog), naming no header or token.
 
-uvicorn internals this module relies on (uvicorn 0.54, HttpToolsProtocol and RequestResponseCycle):
-`parser`, `transport`, `client`, `loop`, `cycle`, `scope`, `_unset_keepalive_if_required()`,
-`_should_upgrade()`, `_unsupported_upgrade_warning()`, `handle_websocket_upgrade()`, the parser callbacks
-`on_message_begin`, `on_url`, `on_header`, `on_headers_complete`, the flow-control hooks `pause_writing` and
-`resume_writing`, and the cycle's `response_started`, `response_complete`, `chunked_encoding`, `disconnected`,
-`flow.write_paused` and `transport`. data_received is uvicorn's own, plus the head's accounting.
+The uvicorn internals it relies on are reached through internals.py (UvicornHttpProtocol, the cycle_*
+functions), which lists them.
 """
 
 from __future__ import annotations
@@ -40,60 +34,62 @@ import weakref
 from collections import OrderedDict
 from typing import Any, Protocol
 
-import httptools
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from ..logs import PeerLog
+from .internals import (
+    RequestCycle,
+    UvicornHttpProtocol,
+    cycle_can_write,
+    cycle_drain,
+    cycle_open,
+    cycle_streaming,
+    cycle_write,
+)
+from .writers import WRITER
 
 log = logging.getLogger("deltarelay.connections")
 
-BODY_WRITER = "deltarelay.http.body_writer"
 
 
 class BodyWriter:
-    """Writes body chunks of one started, chunked response: at the end of this turn of the loop, or on take()."""
+    """The Writer (hub.Writer) of one chunked response's body: each write_many() is one chunk in one write."""
 
-    __slots__ = ("_cycle", "_loop", "_outbox")
+    __slots__ = ("_cycle",)
 
-    def __init__(self, cycle: RequestResponseCycle, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, cycle: RequestCycle) -> None:
         # Weak: the cycle's scope holds this writer, and a reference cycle per request would wait for the GC.
-        self._cycle: weakref.ref[RequestResponseCycle] | None = weakref.ref(cycle)
-        self._loop = loop
-        self._outbox: list[bytes] = []
+        self._cycle: weakref.ref[RequestCycle] | None = weakref.ref(cycle)
 
     @property
-    def cycle(self) -> RequestResponseCycle | None:
+    def cycle(self) -> RequestCycle | None:
         return self._cycle() if self._cycle is not None else None
 
-    def can_write(self) -> bool:
-        """The response is streaming its body and the client keeps up (the transport is not paused)."""
+    def streaming(self) -> bool:
+        """The response is streaming a chunked body, and the client has not gone."""
         cycle = self.cycle
-        return (cycle is not None and cycle.response_started and not cycle.response_complete
-                and cycle.chunked_encoding is True and not cycle.disconnected and not cycle.flow.write_paused
-                and cycle.scope["method"] != "HEAD")
+        return cycle is not None and cycle_streaming(cycle)
 
-    def send_soon(self, body: bytes) -> None:
-        if not self._outbox:
-            self._loop.call_soon(self._flush)
-        self._outbox.append(body)
+    def can_write(self) -> bool:
+        """Streaming, and the client keeps up (the transport is not paused)."""
+        cycle = self.cycle
+        return cycle is not None and cycle_can_write(cycle) and self.streaming()
 
-    def take(self) -> bytes:
-        """What is queued and not yet written, for the caller to send first (in order) through `send`."""
-        body = b"".join(self._outbox)
-        self._outbox.clear()
-        return body
+    def write_many(self, frames: list[bytes]) -> None:
+        cycle = self.cycle
+        if cycle is not None and cycle_open(cycle):
+            cycle_write(cycle, [b"%x\r\n" % sum(map(len, frames)), *frames, b"\r\n"])
+
+    async def drain(self) -> None:
+        cycle = self.cycle
+        if cycle is not None:
+            await cycle_drain(cycle)
+        if not self.streaming():
+            raise ConnectionResetError("the response is over or its client went away")
 
     def close(self) -> None:
-        """The response is over: nothing more is written, and the cycle is let go."""
-        self._outbox.clear()
+        """The response is over: the cycle is let go."""
         self._cycle = None
-
-    def _flush(self) -> None:
-        body = self.take()
-        cycle = self.cycle
-        if body and cycle is not None and not cycle.disconnected and not cycle.response_complete:
-            cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
 
 
 # A refused peer may still be sending (a 10 MB header): its bytes are read and dropped this long, so that
@@ -190,8 +186,48 @@ class _HeadRefused(Exception):
     """Raised in a parser callback to stop parsing a head that was just refused."""
 
 
-class RelayHttpProtocol(HttpToolsProtocol):
+class WriteDeadline:
+    """A protocol mixin: a peer that reads nothing for `write_deadline_guard().write_timeout` seconds while
+    writes wait (the transport stays paused) is cut off. Mixed in before internals' protocol classes."""
+
+    write_timer: asyncio.TimerHandle | None = None
+    stalled_peer = "connection"  # how the refusal's log line names the peer
+
+    # Provided by internals' protocol classes (uvicorn's).
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    client: tuple[str, int] | None
+
+    def write_deadline_guard(self) -> ConnectionGuard:
+        raise NotImplementedError
+
+    # The transport pauses writes while its buffer is over the high-water mark, and resumes them when it drains.
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        if self.write_timer is None:
+            self.write_timer = self.loop.call_later(self.write_deadline_guard().write_timeout, self._write_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[misc]
+        self.cancel_write_deadline()
+
+    def cancel_write_deadline(self) -> None:
+        if self.write_timer is not None:
+            self.write_timer.cancel()
+            self.write_timer = None
+
+    def _write_timed_out(self) -> None:
+        self.write_timer = None
+        guard = self.write_deadline_guard()
+        guard.refused(self.client, f"cut off a {self.stalled_peer} that read nothing for {guard.write_timeout:g} s")
+        self.transport.abort()  # close() would wait for a flush that never comes
+
+
+class RelayHttpProtocol(WriteDeadline, UvicornHttpProtocol):
     guard = ConnectionGuard()  # relay_http_protocol() gives each server its own
+
+    def write_deadline_guard(self) -> ConnectionGuard:
+        return self.guard
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -201,7 +237,6 @@ class RelayHttpProtocol(HttpToolsProtocol):
         self.head_size = 0  # exact: the request line and the header lines parsed so far
         self.header_count = 0
         self.refused = False  # answered and closing: whatever else comes is dropped
-        self.write_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -209,9 +244,7 @@ class RelayHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard.got_head(self)
-        if self.write_timer is not None:
-            self.write_timer.cancel()
-            self.write_timer = None
+        self.cancel_write_deadline()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -219,18 +252,7 @@ class RelayHttpProtocol(HttpToolsProtocol):
             return
         if self.reading_head:
             self.head_bytes += len(data)
-        self._unset_keepalive_if_required()
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            if self._should_upgrade():
-                self.handle_websocket_upgrade()
-            else:
-                self._unsupported_upgrade_warning()
-            return
-        except httptools.HttpParserError:
-            if not self.refused:  # uvicorn answers 400 too, with a warning line per request
-                self.refuse(400, "invalid_request", "invalid HTTP request")
+        if not self.feed(data):  # upgraded, or not HTTP
             return
         if self.reading_head:
             if self.head_bytes > self.guard.max_header_bytes:
@@ -266,9 +288,13 @@ class RelayHttpProtocol(HttpToolsProtocol):
         self.head_bytes = 0
         self.guard.got_head(self)
         super().on_headers_complete()
-        cycle: Any = self.cycle
-        if cycle is not None and cycle.scope is self.scope:  # a new request (not a WebSocket upgrade)
-            self.scope.setdefault("extensions", {})[BODY_WRITER] = {"writer": BodyWriter(cycle, self.loop)}
+        cycle = self.new_request_cycle()
+        if cycle is not None:  # a new request (not a WebSocket upgrade)
+            self.set_extension(WRITER, {"writer": BodyWriter(cycle)})
+
+    def invalid_request(self) -> None:
+        if not self.refused:  # uvicorn answers 400 too, with a warning line per request
+            self.refuse(400, "invalid_request", "invalid HTTP request")
 
     def refuse(self, status: int, code: str, message: str) -> None:
         """Answer `status` with a JSON error, log it (rate-limited), and close once the peer has read it."""
@@ -279,7 +305,7 @@ class RelayHttpProtocol(HttpToolsProtocol):
         transport = self.transport
         if transport.is_closing():
             return
-        if self.cycle is not None and not self.cycle.response_complete:
+        if self.responding():
             transport.abort()  # a pipelined head while a response is going out: no answer can go in between
             return
         transport.write(error_response(status, code, message))
@@ -304,22 +330,6 @@ class RelayHttpProtocol(HttpToolsProtocol):
         self.guard.refused(self.client, reason)
         self.transport.close()
 
-    # The transport pauses writes while its buffer is over the high-water mark, and resumes them when it drains.
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        if self.write_timer is None:
-            self.write_timer = self.loop.call_later(self.guard.write_timeout, self._write_timed_out)
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        if self.write_timer is not None:
-            self.write_timer.cancel()
-            self.write_timer = None
-
-    def _write_timed_out(self) -> None:
-        self.write_timer = None
-        self.guard.refused(self.client, f"cut off a connection that read nothing for {self.guard.write_timeout:g} s")
-        self.transport.abort()  # close() would wait for a flush that never comes
 
 
 def relay_http_protocol(guard: ConnectionGuard) -> type[RelayHttpProtocol]:

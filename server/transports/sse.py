@@ -14,12 +14,13 @@ from starlette.types import Receive, Scope, Send
 
 from ..core import Relay, resume
 from ..errors import TooLargeError
-from ..events import TERMINAL_EVENTS, Error, encode_data
-from ..hub import Entry, LogLostError, StreamHub, Subscriber, SubscriberDropped
+from ..events import Error, encode_data
+from ..hub import LogLostError, StreamHub, Subscriber, SubscriberDropped
 from ..metrics import Metrics
 from ..protocol.frames import parse_event_id, parse_json_object, parse_send_message
-from ..protocol.sse import encode_comment
-from .http_protocol import BODY_WRITER, BodyWriter
+from ..protocol.sse import encode_comment, encode_entry, encode_event
+from .http_protocol import BodyWriter
+from .writers import SendWriter, socket_writer
 
 SSE_HEADERS = {
     "cache-control": "no-store",
@@ -30,15 +31,8 @@ SSE_HEADERS = {
 SSE_MEDIA_TYPE = "text/event-stream; charset=utf-8"
 
 
-def frame_entry(entry: Entry) -> str:
-    """One log entry as an SSE event; data is one line of compact JSON."""
-    event_id, name, data = entry
-    return f"id: {event_id}\nevent: {name}\ndata: {data}\n\n"
-
-
-def frame_entries(batch: list[Entry]) -> bytes:
-    """The SSE bytes of a batch of log entries."""
-    return "".join(map(frame_entry, batch)).encode()
+# One logged event as an SSE event; data is one line of compact JSON.
+frame_event = encode_entry
 
 
 KEEPALIVE = encode_comment("keepalive")
@@ -46,10 +40,11 @@ _HEADERS = [(b"content-type", SSE_MEDIA_TYPE.encode())] + [(k.encode(), v.encode
 
 
 class EventStreamResponse:
-    """A stream's events as text/event-stream: every batch of ready events is one write.
+    """A stream's events as text/event-stream, written through the subscriber's one path (Subscriber.serve).
 
-    Bare ASGI rather than StreamingResponse: no task group per stream, and the client's
-    disconnect detaches the reader at once instead of when the next event fails to send.
+    The stream's last event and the response's end go out in one write. Bare ASGI rather than
+    StreamingResponse: no task group per stream, and the client's disconnect detaches the reader at once
+    instead of when the next event fails to send.
     """
 
     def __init__(self, subscriber: Subscriber, cancel_on_disconnect: StreamHub | None = None,
@@ -66,23 +61,17 @@ class EventStreamResponse:
         gone.add_done_callback(lambda _: subscriber.abandon())
         if self.metrics is not None:
             self.metrics.readers["sse"].inc()
-        writer: BodyWriter | None = scope.get("extensions", {}).get(BODY_WRITER, {}).get("writer")
-        # Everything sent through `send` first takes what the writer still holds, so the bytes stay in order.
-        take = writer.take if writer is not None else bytes
+        body_writer = socket_writer(scope)
+
+        async def send_body(frames: list[bytes]) -> None:
+            await send({"type": "http.response.body", "body": b"".join(frames), "more_body": True})
+
+        fallback = SendWriter(send_body)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
-            if writer is not None:
-                subscriber.deliver = _deliverer(writer)
-            ended = False
-            batches = subscriber.batches()
+            writer = body_writer if body_writer is not None and body_writer.can_write() else fallback
             try:
-                async for batch in batches:
-                    # The batch with the stream's last event also ends the response: one write, not two.
-                    ended = bool(batch) and batch[-1][1] in TERMINAL_EVENTS
-                    await send({"type": "http.response.body", "more_body": not ended,
-                                "body": take() + (frame_entries(batch) if batch else KEEPALIVE)})
-                    if ended:
-                        break
+                last = await subscriber.serve(writer, frame_event, KEEPALIVE)
             except SubscriberDropped as exc:
                 if isinstance(exc, LogLostError):
                     error = Error("not_resumable", str(exc), False)
@@ -92,39 +81,23 @@ class EventStreamResponse:
                     error = Error("slow_consumer", f"this connection fell behind ({exc}); resume with"
                                   " Last-Event-ID", True)
                 # No id: the client's Last-Event-ID stays at the last event it really got.
-                await send({"type": "http.response.body", "more_body": True,
-                            "body": take() + f"event: error\ndata: {encode_data(error).decode()}\n\n".encode()})
-            finally:
-                subscriber.deliver = None
-                await batches.aclose()  # detach now, not when the generator is collected
-            if ended:
-                return
+                last = [encode_event("error", encode_data(error))]
+            except OSError:
+                return  # the client went away
             if gone.done():
                 # The client went away. The answer goes on and is saved, unless configured to stop with it.
                 if self.cancel_on_disconnect is not None and not stream.finished:
                     self.cancel_on_disconnect.cancel(stream.id)
                 return
-            await send({"type": "http.response.body", "body": take(), "more_body": False})
+            await send({"type": "http.response.body", "body": b"".join(fallback.take() + last), "more_body": False})
         finally:
-            if writer is not None:
-                writer.close()
+            if isinstance(body_writer, BodyWriter):
+                body_writer.close()
             gone.cancel()
             if self.release is not None:
                 self.release()
             if self.metrics is not None:
                 self.metrics.readers["sse"].dec()
-
-
-def _deliverer(writer: BodyWriter) -> Callable[[Entry], bool]:
-    """Hands a live event to the socket at once (see Subscriber.deliver); the last one goes through `send`."""
-
-    def deliver(entry: Entry) -> bool:
-        if entry[1] in TERMINAL_EVENTS or not writer.can_write():
-            return False  # the end (one write with the response's end), or the client is behind: queued
-        writer.send_soon(frame_entry(entry).encode())
-        return True
-
-    return deliver
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
@@ -203,7 +176,7 @@ async def get_stream(request: Request) -> Response | EventStreamResponse:
         if held is not None:
             limits.give_connection(held)
         raise
-    if subscriber.closed and not subscriber.pending:
+    if subscriber.has_had_everything:
         # The stream has ended and the client has had its every event. A 200, even empty, would have an
         # EventSource reconnect every few seconds for as long as the page is open; 204 tells it to stop.
         subscriber.detach()

@@ -19,11 +19,14 @@ from ..auth import ANONYMOUS
 from ..core import Relay, resume
 from ..errors import GoneError, LimitError, RelayError
 from ..events import encode_data, error_event
-from ..hub import Entry, LogLostError, Subscriber, SubscriberDropped
+from ..hub import LogLostError, Subscriber, SubscriberDropped
 from ..protocol.frames import Cancel, Ping, Resume, SendMessage, parse_frame, request_id_of
-from .ws_protocol import SEND_BATCH
+from .writers import SendWriter, socket_writer
 
 log = logging.getLogger("deltarelay.ws")
+
+# The relay's event names as bytes (names are JSON-safe: they come from events.py, never from input).
+EVENT_NAMES = {name: name.encode() for name in ("start", "chunk", "thinking", "cost", "done", "error")}
 
 # The close code for a socket whose credentials stopped working (4000-4999 are the application's; 401 is HTTP's).
 CREDENTIAL_ENDED = 4401
@@ -196,35 +199,32 @@ class Connection:
 
     async def _pump(self, subscriber: Subscriber, request_id: str | None) -> None:
         stream_id = subscriber.stream.id
-        head = f'{{"event":"%s","streamId":"{stream_id}","id":%d,"data":'
-        start_tail = f',"requestId":{orjson.dumps(request_id).decode()}}}' if request_id else "}"
+        sid = orjson.dumps(stream_id)
+        start_tail = b',"requestId":%b}' % orjson.dumps(request_id) if request_id else b"}"
 
-        def frame(event_id: int, name: str, data: str) -> str:
-            return head % (name, event_id) + data + (start_tail if name == "start" else "}")
+        def frame(event_id: int, name: str, data: bytes) -> bytes:
+            self.active = True
+            raw = EVENT_NAMES.get(name) or name.encode()
+            return b'{"event":"%b","streamId":%b,"id":%d,"data":%b%b' % (
+                raw, sid, event_id, data, start_tail if name == "start" else b"}")
 
-        writer = self.scope.get("extensions", {}).get(SEND_BATCH, {}).get("writer")
-        if writer is not None:
-            def deliver(entry: Entry) -> bool:
-                if not writer.can_write():
-                    return False
-                writer.send_soon(frame(*entry))
-                self.active = True
-                return True
-            subscriber.deliver = deliver
+        async def send_frames(frames: list[bytes]) -> None:
+            for payload in frames:
+                await self._send({"type": "websocket.send", "text": payload.decode()})
+
+        writer = socket_writer(self.scope) or SendWriter(send_frames)
         metrics = self.relay.metrics
         metrics.readers["websocket"].inc()
         try:
-            async for batch in subscriber.batches():
-                frames = [frame(event_id, name, data) for event_id, name, data in batch]
-                if not frames:
-                    continue
-                if writer is not None:
-                    # Every event ready at once in one write; a lone event is never held back.
-                    self.active = True
-                    await self._send({"type": SEND_BATCH, "texts": frames})
-                else:
-                    for text in frames:
-                        await self.send(text)
+            last = await subscriber.serve(writer, frame)
+            if isinstance(writer, SendWriter):
+                last = writer.take() + last
+            if last:
+                if not writer.can_write():
+                    await writer.drain()
+                writer.write_many(last)
+                if isinstance(writer, SendWriter):
+                    await writer.drain()
         except LogLostError as exc:
             await self.send(error_frame(GoneError(str(exc)), stream_id=stream_id))
         except SubscriberDropped as exc:
@@ -235,7 +235,6 @@ class Connection:
         except (RuntimeError, OSError):
             pass  # the socket closed; the reader loop ends the connection
         finally:
-            subscriber.deliver = None
             metrics.readers["websocket"].dec()
 
 
