@@ -72,6 +72,23 @@ async def sse_read(base_url: str, stream_id: str, last_event_id: int | None = No
             return [(int(e.id) if e.id else None, e.event, loads(e.data)) async for e in source.aiter_sse()]
 
 
+async def sse_read_whole(base_url: str, stream_id: str) -> list[Event]:
+    """Every event of a stream, in order, however far behind this reader falls: where the server drops it as a
+    slow consumer (a reader sharing a small bound with an unpaced upstream, on a loaded machine), it resumes
+    from its last id, as the JS client does; the `slow_consumer` errors are not in the result."""
+    events: list[Event] = []
+    while True:
+        last_id = events[-1][0] if events else None
+        batch = await sse_read(base_url, stream_id, last_event_id=last_id)
+        if batch and batch[-1][1] == "error" and batch[-1][0] is None and batch[-1][2].get("code") == "slow_consumer":
+            batch.pop()
+            if not batch:
+                raise AssertionError(f"dropped as a slow consumer with no event read, after id {last_id}")
+            events += batch
+            continue
+        return events + batch
+
+
 async def sse_resume(base_url: str, stream_id: str, last_event_id: int | None = None) -> httpx.Response:
     """GET a stream as an EventSource would (Accept: text/event-stream), body read whole: status, headers, body."""
     headers = {"Accept": "text/event-stream"}

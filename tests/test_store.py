@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import subprocess
 import threading
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from server.store import (
     schema,
 )
 from server.store.schema import revisions
+from server.store.sqlite_writer import use_wal
 
 from .conftest import SCHEMA_TABLES, SERVER_CWD, SERVER_PYTHON, _clean_env
 
@@ -193,6 +195,28 @@ async def test_two_stores_starting_together_migrate_once(url):
     finally:
         for store in stores:
             await store.disconnect()
+
+
+def test_a_new_file_goes_to_wal_once_another_connections_write_ends(tmp_path):
+    """Changing the journal mode takes no busy wait (sqlite3 says `database is locked` at once while another
+    connection holds a write): the second of two stores starting on one new file met that in its writer."""
+    path = str(tmp_path / "new.db")
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("CREATE TABLE first_migration (id INTEGER)")
+    starting = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        starting.execute("PRAGMA journal_mode=WAL")
+    released = threading.Timer(0.3, holder.execute, ("COMMIT",))
+    released.start()
+    try:
+        use_wal(starting)
+        assert starting.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert starting.execute("SELECT count(*) FROM first_migration").fetchone()[0] == 0
+    finally:
+        released.join()
+        starting.close()
+        holder.close()
 
 
 @pytest.mark.parametrize("versions", [1, 4])

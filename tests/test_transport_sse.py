@@ -17,6 +17,7 @@ from .relay_clients import (
     relay_with_big_answer,
     send_message_request,
     sse_read,
+    sse_read_whole,
     sse_resume,
     sse_stream,
     text_of,
@@ -195,7 +196,7 @@ async def test_an_sse_reader_whose_socket_stalls_keeps_its_outbox_up_to_the_boun
         while b'"streamId":"' not in received:  # the start event, then nothing more until the answer is done
             received += await asyncio.to_thread(sock.recv, 4096)
         stream_id = bytes(received).split(b'"streamId":"', 1)[1].split(b'"', 1)[0].decode()
-        whole = await sse_read(relay.url, stream_id)  # a reader that keeps up: the answer is generated to its end
+        whole = await sse_read_whole(relay.url, stream_id)  # the answer is generated to its end
         assert names(whole)[-1] == "done"
         while not received.endswith(b"\r\n0\r\n\r\n"):
             chunk = await asyncio.to_thread(sock.recv, 1 << 20)

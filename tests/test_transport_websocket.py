@@ -18,7 +18,7 @@ from .relay_clients import (
     expected_words,
     names,
     relay_with_big_answer,
-    sse_read,
+    sse_read_whole,
     sse_stream,
     text_of,
     unread_socket,
@@ -156,7 +156,7 @@ async def test_a_websocket_whose_socket_stalls_keeps_each_outbox_up_to_the_bound
                 frame = json.loads(await ws.recv())
                 by_stream.setdefault(frame["streamId"], []).append((frame["id"], frame["event"], frame["data"]))
         # Readers that keep up: every answer is generated to its end while this socket reads nothing.
-        whole = {stream_id: await sse_read(relay.url, stream_id) for stream_id in by_stream}
+        whole = {stream_id: await sse_read_whole(relay.url, stream_id) for stream_id in by_stream}
         ended = 0
         async with asyncio.timeout(120):
             while ended < streams:

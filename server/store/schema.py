@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from .queries import ALL, ONE, Query
+from .sqlite_writer import use_wal
 from .urls import asyncpg_dsn, sqlite_path
 
 log = logging.getLogger("deltarelay.store")
@@ -218,13 +219,11 @@ def _sqlite_engine(url: str) -> sa.Engine:
 
     # pysqlite begins transactions lazily, and not before DDL: let SQLAlchemy say when, and take the write
     # lock at once, so that two processes migrating one file take turns. WAL first, as the writer thread
-    # sets it: changing the journal mode while another connection holds a transaction fails at once
-    # (`database is locked`, no busy wait), which two stores starting together on a new file met.
+    # sets it (waiting out another store's migration: two stores starting together on a new file).
     @sa.event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, record: Any) -> None:
         dbapi_connection.isolation_level = None
-        if dbapi_connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        use_wal(dbapi_connection)
 
     @sa.event.listens_for(engine, "begin")
     def _begin(connection: sa.Connection) -> None:

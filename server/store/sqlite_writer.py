@@ -16,6 +16,27 @@ from .queries import ALL, ONE, Operation, Query, T, drive
 log = logging.getLogger("deltarelay.store")
 
 
+def use_wal(connection: sqlite3.Connection, timeout: float = 10.0) -> None:
+    """Put the file in WAL mode (it stays so), waiting up to `timeout` seconds for other connections' writes.
+
+    Changing the journal mode takes no busy wait: while another connection holds a transaction (a second
+    store's migration on the same new file) it fails at once with `database is locked`, so this retries.
+
+    Raises:
+        sqlite3.OperationalError: still locked after `timeout` seconds, or any other error at once.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
+
+
 class SQLiteWriter:
     """A thread with one sqlite3 connection: each batch of queued operations is one transaction.
 
@@ -60,10 +81,7 @@ class SQLiteWriter:
         try:
             connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
             # WAL: readers never wait for the writer. NORMAL: no fsync per commit, still crash-safe.
-            # Set once per file: setting it again fails at once (`database is locked`, no busy wait) while
-            # another process's migration holds a transaction.
-            if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                connection.execute("PRAGMA journal_mode=WAL")
+            use_wal(connection)
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.execute("PRAGMA foreign_keys=ON")
             # A batch's savepoints journal in memory: past 64 KB SQLite would open a temporary file, which fails
