@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -20,7 +20,7 @@ import pytest
 import websockets
 from httpx_sse import aconnect_sse
 
-from .conftest import SCHEMA_TABLES, _on_postgresql
+from .conftest import _on_postgresql, new_postgresql_database
 from .relay_clients import Event, loads, names, sse_read, text_of, ws_read_until_end
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "")
@@ -40,12 +40,17 @@ def expected_words(n: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def database_url() -> str:
-    """The PostgreSQL database, emptied once for this module (the servers create the tables)."""
-    url = POSTGRES_URLS[0] if POSTGRES_URLS else ""
-    if url:
-        _on_postgresql(url, f"DROP TABLE IF EXISTS {', '.join(SCHEMA_TABLES)}")
-    return url
+def database_url() -> Iterator[str]:
+    """A new PostgreSQL database for this module (the servers create the tables), dropped after: other runs
+    on the same server (CI's passes, a developer's) never see it."""
+    if not POSTGRES_URLS:
+        yield ""
+        return
+    url, drop = new_postgresql_database(POSTGRES_URLS[0])
+    try:
+        yield url
+    finally:
+        _on_postgresql(POSTGRES_URLS[0], drop)
 
 
 @pytest.fixture

@@ -35,7 +35,14 @@ from server.store import (
 from server.store.schema import revisions
 from server.store.sqlite_writer import use_wal
 
-from .conftest import SCHEMA_TABLES, SERVER_CWD, SERVER_PYTHON, _clean_env
+from .conftest import (
+    SCHEMA_TABLES,
+    SERVER_CWD,
+    SERVER_PYTHON,
+    _clean_env,
+    _on_postgresql,
+    new_postgresql_database,
+)
 
 # Comma-separated, e.g. postgresql://postgres@127.0.0.1:5432/test; the tests drop their tables at the end.
 SERVER_URLS = [url.strip() for url in os.environ.get("TEST_DATABASE_URLS", "").split(",") if url.strip()]
@@ -49,6 +56,7 @@ DATABASE_PARAMS = ["sqlite", *SERVER_URLS] if SERVER_URLS else [
 
 
 async def drop_tables(url: str) -> None:
+    """Empty the test's own database (a test that builds two schemas in it, one after the other)."""
     database = Database(databases_url(url))
     await database.connect()
     try:
@@ -60,13 +68,16 @@ async def drop_tables(url: str) -> None:
 
 @pytest.fixture(params=DATABASE_PARAMS, ids=lambda url: url.split(":")[0])
 async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A database URL with no tables in it yet."""
+    """A database URL with no tables in it yet: a new SQLite file, or a new PostgreSQL database dropped after
+    (so that runs sharing the server never meet each other's tables)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/store.db"
         return
-    await drop_tables(request.param)  # what an interrupted earlier run may have left
-    yield request.param
-    await drop_tables(request.param)
+    url, drop = await asyncio.to_thread(new_postgresql_database, request.param)
+    try:
+        yield url
+    finally:
+        await asyncio.to_thread(_on_postgresql, request.param, drop)
 
 
 @pytest.fixture
@@ -169,6 +180,32 @@ async def test_migrations_apply_once_and_record_the_head_revision(url, caplog):
     await second.disconnect()
     assert [row[0] for row in again] == [revisions()[-1]]
     assert caplog.records == []
+
+
+def test_the_revisions_read_from_file_names_are_the_line_alembic_walks():
+    """revisions() reads migrations/versions/ without Alembic: fails when a file's number and its revision id
+    differ, or a revision's down_revision is not the one before it."""
+    from alembic.script import ScriptDirectory
+
+    from server.store.schema import alembic_config
+
+    walked = ScriptDirectory.from_config(alembic_config()).walk_revisions()
+    assert tuple(reversed([script.revision for script in walked])) == revisions()
+
+
+async def test_a_start_at_the_head_revision_never_imports_alembic(url):
+    """Importing Alembic (with Mako and SQLAlchemy's ORM) adds about 18 MB to a process: a server whose
+    database is at the head revision does without it. Fails when Store.connect runs Alembic every start."""
+    first = Store(url)
+    await first.connect()
+    await first.disconnect()
+    probe = ("import asyncio, sys; from server.store import Store\n"
+             "async def main():\n"
+             f"    store = Store({url!r}); await store.connect(); await store.disconnect()\n"
+             "asyncio.run(main()); print(sorted(m for m in sys.modules if m.split('.')[0] in ('alembic', 'mako')))")
+    out = (await asyncio.to_thread(subprocess.run, [SERVER_PYTHON, "-c", probe], cwd=SERVER_CWD,
+                                   env=_clean_env({}), capture_output=True, text=True, timeout=60, check=True)).stdout
+    assert out.strip() == "[]"
 
 
 async def test_the_revisions_make_exactly_the_schema_the_old_sql_files_made(url, tmp_path):

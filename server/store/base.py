@@ -62,7 +62,8 @@ class StoreBase:
         await self._writer.start()
         if migrate:
             with as_storage_errors():
-                await schema.run_on(self.url, schema.upgrade)
+                if not await self._writer.run(schema.at_head(self.is_sqlite)):
+                    await schema.run_on(self.url, schema.upgrade)
         if isinstance(self.reads, SQLiteReaders):
             await self.reads.connect()  # after the writer made the file and its WAL
 
