@@ -181,7 +181,8 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = Store(settings.database_url, group_commit=settings.sqlite_group_commit_ms / 1000,
-                      pool_size=settings.database_pool_size)
+                      pool_size=settings.database_pool_size,
+                      synchronous_answers=settings.postgres_synchronous_commit)
         await store.connect()
         hub = make_hub(settings, store)
         try:

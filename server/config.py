@@ -55,6 +55,9 @@ class Settings:
     upstream_max_connections: int = 4096
     sqlite_group_commit_ms: float = 5.0  # under load, SQLite writes wait this long to share a transaction
     database_pool_size: int = 10  # connections for reads (SQLite: opened at start; PostgreSQL: the pool, + 1)
+    # PostgreSQL only: the answers' own writes (a turn's start, progress, the final save) wait for their WAL
+    # flush when True. False: SQLite's promise under synchronous=NORMAL (docs/deployment.md, "Durability").
+    postgres_synchronous_commit: bool = False
     upstream_transport: str = "http1"  # "http1" (built in, least CPU), "aiohttp" (httpx-aiohttp) or "httpx"
     connect_timeout: float = 10.0
     first_event_timeout: float = 60.0
@@ -169,6 +172,7 @@ ENV_NAMES: dict[str, str] = {
     "upstream_transport": "RELAY_UPSTREAM_TRANSPORT",
     "sqlite_group_commit_ms": "RELAY_SQLITE_GROUP_COMMIT_MS",
     "database_pool_size": "RELAY_DATABASE_POOL_SIZE",
+    "postgres_synchronous_commit": "RELAY_POSTGRES_SYNCHRONOUS_COMMIT",
     "connect_timeout": "RELAY_CONNECT_TIMEOUT",
     "first_event_timeout": "RELAY_FIRST_EVENT_TIMEOUT",
     "idle_timeout": "RELAY_IDLE_TIMEOUT",

@@ -738,3 +738,36 @@ def test_postgresql_statements_get_positional_parameters_numbered_once_per_name(
     assert sql == "UPDATE m SET cost = $1::NUMERIC, a = $2, b = $2 WHERE k = 'x:y' || $3"
     assert names == ("cost", "t", "id")
     assert positional("SELECT 1") == ("SELECT 1", ())
+
+
+@pytest.mark.parametrize("synchronous_answers", [False, True])
+async def test_only_an_answers_own_writes_skip_the_wal_flush_on_postgresql(url, synchronous_answers):
+    """A turn's start, its progress and its final save commit with `synchronous_commit = off` (unless the
+    setting asks for the flush); a user, like every other write, always waits for it. Fails when begin_turn,
+    save_progress or save_reply goes through write(), when add_user goes through answer_write(), or when the
+    setting is ignored."""
+    if url.startswith("sqlite"):
+        pytest.skip("SQLite's writer commits with synchronous=NORMAL whatever the write")
+    store = Store(url, synchronous_answers=synchronous_answers)
+    await store.connect()
+    seen: list[str] = []
+    run = store._writer.run  # type: ignore[union-attr]
+
+    def observed(operation: Any, **options: Any) -> Any:
+        def with_setting() -> Any:
+            row = yield Query("SHOW synchronous_commit", {}, ONE)
+            seen.append(row[0])
+            return (yield from operation)
+
+        return run(with_setting(), **options)
+
+    store._writer.run = observed  # type: ignore[union-attr,method-assign]
+    try:
+        started = await turn(store, "durable?")
+        await store.save_progress([(started.assistant_message_id, reply("half", Status.STREAMING, None))])
+        await store.save_reply(started.assistant_message_id, reply("whole"))
+        await store.add_user("ada", "0" * 64)
+    finally:
+        await store.disconnect()
+    answers = "on" if synchronous_answers else "off"
+    assert seen == [answers, answers, answers, "on"]

@@ -99,7 +99,7 @@ class ConversationQueries(StoreBase):
             return Turn(conv_id, user_id, assistant_id, _history([(m["role"], m["content"]) for m in history]),
                         trace_session)
 
-        return await self.write(operation())
+        return await self.answer_write(operation())
 
     async def save_reply(self, message_id: str, reply: Reply) -> None:
         """Write an assistant message's final state; a message is finished exactly once.
@@ -134,7 +134,7 @@ class ConversationQueries(StoreBase):
             )
             return bool(rows)
 
-        if not await self.write(operation()):
+        if not await self.answer_write(operation()):
             raise FinishedElsewhereError(f"message {message_id} was already finished")
 
     async def save_progress(self, replies: Collection[tuple[str, Reply]]) -> None:
@@ -163,7 +163,7 @@ class ConversationQueries(StoreBase):
                     },
                 )
 
-        await self.write(operation())
+        await self.answer_write(operation())
 
     async def interrupt_unfinished(self, live_instances: Collection[str] = ()) -> int:
         """Mark messages left `streaming` by instances that are gone as `interrupted`, keeping their text.

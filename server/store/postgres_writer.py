@@ -70,15 +70,17 @@ class PostgresWriter:
             if not done.done():
                 done.set_exception(StorageUnavailableError("the store is closed"))
 
-    def run(self, operation: Operation[T]) -> asyncio.Future[T]:
+    def run(self, operation: Operation[T], synchronous_commit: bool = True) -> asyncio.Future[T]:
         """Start `operation` now; its future is settled when it has committed (or failed, having written
-        nothing). Cancelling the future does not stop an operation that has started."""
+        nothing). Cancelling the future does not stop an operation that has started. With
+        `synchronous_commit` False its commit does not wait for the WAL to reach the disk (see
+        Store.answer_write for what that gives up)."""
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         if not self.healthy:
             done.set_exception(StorageUnavailableError("the database is not reachable; try again shortly",
                                                        retry_after=1.0))
             return done
-        task = asyncio.create_task(self._run(operation, done), name="store-write")
+        task = asyncio.create_task(self._run(operation, done, synchronous_commit), name="store-write")
         self._running[task] = done
         task.add_done_callback(self._finished)
         return done
@@ -86,12 +88,14 @@ class PostgresWriter:
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.pop(task, None)
 
-    async def _run(self, operation: Operation[T], done: asyncio.Future[T]) -> None:
+    async def _run(self, operation: Operation[T], done: asyncio.Future[T], synchronous_commit: bool) -> None:
         try:
             async with self.db.connection() as connection:
                 try:
                     raw = connection.raw_connection
                     async with raw.transaction():
+                        if not synchronous_commit:
+                            await raw.execute("SET LOCAL synchronous_commit = off")
                         result = await _drive_async(operation, raw)
                 except BaseException as exc:
                     if not isinstance(exc, Exception) or unavailable(exc):
