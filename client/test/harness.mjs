@@ -410,10 +410,11 @@ export function collect(stream) {
 
 /**
  * Every event of a stream as the server logged it, read straight from the server (no proxy) once the
- * stream has ended: what a client that lost no connection sees. [{ event, id, data }]
+ * stream has ended: what a client that lost no connection sees. [{ event, id, data }]. `headers`: a
+ * credential, for a server that needs one.
  */
-export async function logOf(url, streamId) {
-  const res = await fetch(url + STREAMS_PATH + encodeURIComponent(streamId), { headers: { Accept: 'text/event-stream' } })
+export async function logOf(url, streamId, headers = {}) {
+  const res = await fetch(url + STREAMS_PATH + encodeURIComponent(streamId), { headers: { Accept: 'text/event-stream', ...headers } })
   if (res.status !== 200) throw new Error(`GET ${streamId}: HTTP ${res.status}`)
   const events = []
   const parser = createSSEParser((e) => events.push({ event: e.event, id: Number(e.id), data: JSON.parse(e.data) }))
