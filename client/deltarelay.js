@@ -261,7 +261,7 @@ export function createClient(options = {}) {
 
   /** The server refused `c` (a 401, an error frame, a 4401 close; the same refusal may come twice). True when
    * `c` was already a replacement: the caller gets unauthorized, and the next request starts afresh. */
-  function refused(c) {
+  function turnedDown(c) {
     if (!c.refused) {
       c.refused = true
       c.fatal = c.replacement
@@ -276,7 +276,7 @@ export function createClient(options = {}) {
       const c = await credential()
       const res = await fetchImpl(url, { ...init, headers: { ...init.headers, Authorization: 'Bearer ' + c.token } })
       if (res.status !== 401) return accepted(c), res
-      if (refused(c)) return (res.refusedAgain = true), res
+      if (turnedDown(c)) return (res.refusedAgain = true), res
       res.body?.cancel().catch(() => {})
     }
   }
@@ -292,10 +292,11 @@ export function createClient(options = {}) {
       const c = await credential()
       if (c === sessionCred) return null
       const res = await post('/api/session', { token: c.token }, 'application/json', undefined, fetchImpl)
+      if (res.ok) accepted(c), (sessionCred = c)
+      else if (res.status !== 401) return res
+      else if (turnedDown(c)) return (res.refusedAgain = true), res
       res.body?.cancel().catch(() => {})
-      if (res.ok) return accepted(c), (sessionCred = c), null
-      if (res.status !== 401) return res
-      if (refused(c)) return (res.refusedAgain = true), res
+      if (res.ok) return null
     }
   }
 
@@ -491,7 +492,7 @@ export function createClient(options = {}) {
       const c = answered ? held : sent
       answered = true
       if (!c) return
-      if (refused(c)) {
+      if (turnedDown(c)) {
         fatal = { ...data, code: 'unauthorized', retryable: false }
         return fail()
       }
@@ -540,7 +541,7 @@ export function createClient(options = {}) {
       // the streams go on at once: started again (nothing of theirs went out) or resumed.
       const forToken = !!getToken && e?.code === UNAUTHORIZED
       const last = held || sent
-      if (forToken && !fatal && last && refused(last)) fatal = { code: 'unauthorized', message: 'The token was refused', retryable: false }
+      if (forToken && !fatal && last && turnedDown(last)) fatal = { code: 'unauthorized', message: 'The token was refused', retryable: false }
       // A socket that never carried a frame: WebSockets do not get through here.
       if (auto && !socketWorked && !tokenless) mode = 'sse'
       const streams = new Set([...conn.byRequest.values(), ...conn.byStream.values()])
@@ -646,6 +647,7 @@ export function createClient(options = {}) {
         if (res.status === 204) return stream._push('error', ended())
         if (res.status >= 400 && res.status < 500 && res.status !== 429) return stream._push('error', await httpError(res))
       }
+      if (res.ok) sessionCred = null // taken with the bearer token: the next try makes a new session cookie
       res.body?.cancel()
     } catch {}
     lost(stream, conn)

@@ -9,7 +9,7 @@ import { after, before, beforeEach, test as nodeTest } from 'node:test'
 import { WebSocket as UndiciWebSocket } from 'undici'
 
 import { createClient } from '../deltarelay.js'
-import { MESSAGE_PATH, collect, logOf, startProxy, startServer } from './harness.mjs'
+import { FetchEventSource, MESSAGE_PATH, collect, logOf, startProxy, startServer } from './harness.mjs'
 
 const test = (name, fn) => nodeTest(name, { timeout: 30_000 }, fn)
 
@@ -255,4 +255,50 @@ test('sse: a body cut after the token expired resumes with a new token, exactly'
   assert.ok(get, 'resumed')
   assert.equal(get.headers.authorization, 'Bearer ' + getToken.tokens[1])
   assert.equal(getToken.calls, 2)
+})
+
+/** A fetch with one cookie jar, as a browser has for one origin, and an EventSource that uses it. */
+function browserLike() {
+  const jar = new Map()
+  const jarFetch = async (url, init = {}) => {
+    const headers = new Headers(init.headers)
+    if (jar.size) headers.set('Cookie', [...jar].map(([name, value]) => `${name}=${value}`).join('; '))
+    const res = await fetch(url, { ...init, headers })
+    for (const line of res.headers.getSetCookie()) {
+      const [pair] = line.split(';')
+      jar.set(pair.slice(0, pair.indexOf('=')).trim(), pair.slice(pair.indexOf('=') + 1))
+    }
+    return res
+  }
+  return { fetch: jarFetch, EventSource: class extends FetchEventSource { static fetch = jarFetch } }
+}
+
+test('eventsource: the token goes as a session cookie (POST /api/session), then EventSource streams', async () => {
+  const start = relay.requests.length
+  const getToken = tokenSource()
+  const browser = browserLike()
+  const client = createClient({ baseUrl: relay.url, transport: 'eventsource', getToken, reconnect: FAST, ...browser })
+  const stream = client.send('hello over eventsource')
+  await assertExact(stream, collect(stream))
+  const requests = relay.requests.slice(start)
+  const [post] = requests.filter(isPost)
+  const signIn = requests.find((r) => r.path === '/api/session')
+  const get = requests.find((r) => r.method === 'GET' && r.path.includes(stream.streamId))
+  assert.equal(getToken.calls, 1)
+  assert.equal(post.headers.authorization, 'Bearer ' + getToken.tokens[0])
+  assert.deepEqual(JSON.parse(signIn.body), { token: getToken.tokens[0] })
+  assert.equal(get.headers.authorization, undefined) // an EventSource cannot send one: the cookie carries it
+  assert.match(get.headers.cookie, /=/)
+})
+
+test('auto: a socket a proxy refuses falls back to SSE, with the same token as a bearer', async () => {
+  const start = relay.requests.length
+  relay.plan(isUpgrade, { refuse: true })
+  const getToken = tokenSource()
+  const stream = createClient({ baseUrl: relay.url, WebSocket: Socket, getToken, reconnect: FAST }).send('no sockets')
+  await assertExact(stream, collect(stream))
+  assert.equal(stream.transport, 'sse')
+  const [post] = relay.requests.slice(start).filter(isPost)
+  assert.equal(post.headers.authorization, 'Bearer ' + getToken.tokens[0])
+  assert.equal(getToken.calls, 1) // a refused upgrade is not a refused token
 })
