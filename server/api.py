@@ -96,7 +96,8 @@ async def get_session(request: Request) -> Response:
 
 
 async def create_session(request: Request) -> Response:
-    """POST /api/session {"token"}: trade an API token for an HttpOnly session cookie (browsers).
+    """POST /api/session {"token"}: trade an API token or a JWT for an HttpOnly session cookie (browsers); a
+    JWT's session (the cookie and its row) ends no later than the token's exp.
 
     The token travels in the body, never in a URL; the cookie is SameSite=Strict, so other
     sites' pages cannot send it.
@@ -106,7 +107,7 @@ async def create_session(request: Request) -> Response:
     body = parse_json_object(await read_body(request, 4096))
     token = body.get("token")
     if not isinstance(token, str) or not token:
-        raise BadRequestError("token is required: the API token `deltarelay users add` printed")
+        raise BadRequestError("token is required: the API token `deltarelay users add` printed, or your app's JWT")
     user, secret, max_age = await relay.auth.sign_in(token)
     relay.limits.request(user)
     response = JSONResponse({"user": user_json(user)})

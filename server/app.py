@@ -205,6 +205,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         app.state.hub = hub
         relay = Relay(settings, store, upstream, hub, Limits(settings, store, make_ledger(settings, hub)))
         app.state.relay = relay
+        await relay.auth.start()  # the JWKS's first fetch (a JWKS that is down is a warning, not a stop)
         if await relay.auth.open_mode():
             log.warning("open mode: no users exist, so anyone who can reach %s:%d may use this server and spend;"
                         " add one with `deltarelay users add NAME`", settings.host, settings.port)
@@ -222,6 +223,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
             await relay.limits.aclose()  # the budget entries of the answers just saved, before Redis goes
             await hub.close()
             await upstream.aclose()
+            await relay.auth.close()
             await store.disconnect()
 
     routes = [

@@ -217,6 +217,9 @@ def check_access(settings: Settings, users: int | None) -> Check:
     where = f"{settings.host}:{settings.port}"
     if users:
         return Check("access", True, f"{users} active user{'s' if users > 1 else ''}: every request signs in")
+    if settings.host_identity:
+        return Check("access", True, "the app's users (a JWT secret, a JWKS or a trusted proxy header): every"
+                                     " request signs in")
     if settings.loopback:
         return Check("access", True, f"open mode: no users, so {where} (loopback only) serves without sign-in")
     if settings.allow_anonymous:
@@ -251,6 +254,8 @@ def configuration(settings: Settings) -> dict[str, str | None]:
             text = "(empty)"
         elif f.name == "system_prompt":
             text = f"set ({len(value)} characters, not shown)"  # an operator's text, not ours to print
+        elif f.name == "jwt_secret":
+            text = f"set ({len(value.encode())} bytes, not shown)"
         else:
             text = str(value)
         shown[name] = text
@@ -266,7 +271,7 @@ def changed(settings: Settings) -> list[str]:
 
 def secrets_of(settings: Settings) -> list[str]:
     """The secrets the settings hold (API key, passwords in URLs), as written and percent-decoded."""
-    found = [settings.anthropic_api_key or ""]
+    found = [settings.anthropic_api_key or "", settings.jwt_secret or ""]
     for url in (settings.database_url, settings.redis_url or ""):
         if "://" not in url:
             continue

@@ -67,7 +67,7 @@ def preflight(settings: Settings) -> str | None:
                 return f"cannot reach Redis at {masked_url(settings.redis_url)}: {one_line(exc)}"
             finally:
                 await client.aclose()
-        if users or settings.loopback or settings.allow_anonymous:
+        if users or settings.host_identity or settings.loopback or settings.allow_anonymous:
             return None
         return (f"no users exist and {settings.host} is reachable from other machines: add one with"
                 " `deltarelay users add NAME`, bind to 127.0.0.1, or set RELAY_ALLOW_ANONYMOUS=1 to serve"

@@ -84,6 +84,19 @@ class Settings:
     allowed_origins: str = ""  # comma-separated extra origins for WebSocket and cookie-authenticated requests
     session_hours: float = 720.0
     auth_cache_seconds: float = 5.0  # how long a checked token or session is trusted before asking the database
+    # The embedding app's users (issue 16): JWTs it signs, or a header an identity-aware proxy sets.
+    jwt_secret: str | None = None  # HS256/384/512
+    jwks_url: str | None = None  # RS256/384/512, ES256/384, EdDSA
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway_seconds: float = 30.0
+    jwt_admin_claim: str = "admin"
+    jwt_name_claim: str = "name"
+    jwks_refetch_seconds: float = 30.0  # an unknown kid fetches the JWKS again at most this often
+    trusted_user_header: str | None = None
+    trusted_proxies: str = ""  # comma-separated CIDRs whose requests may carry trusted_user_header
+    trusted_admin_header: str | None = None
+    ws_auth_timeout_seconds: float = 10.0  # a socket without credentials must send `auth` this soon
     ws_max_frame_bytes: int = 256 * 1024
     ws_max_streams: int = 16  # streams one socket may follow at once
     # Connections before they are anyone's (issue 14): what a request head may hold and how long it may take.
@@ -118,6 +131,17 @@ class Settings:
     @property
     def origins(self) -> frozenset[str]:
         return frozenset(o.strip().rstrip("/").lower() for o in self.allowed_origins.split(",") if o.strip())
+
+    @property
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """RELAY_TRUSTED_PROXIES as networks (validated at start)."""
+        return tuple(ipaddress.ip_network(c.strip(), strict=False) for c in self.trusted_proxies.split(",")
+                     if c.strip())
+
+    @property
+    def host_identity(self) -> bool:
+        """The embedding app's users are configured (a JWT secret, a JWKS or a trusted header): never open."""
+        return bool(self.jwt_secret or self.jwks_url or self.trusted_user_header)
 
     @property
     def daily_budget(self) -> Decimal | None:
@@ -194,6 +218,18 @@ ENV_NAMES: dict[str, str] = {
     "allowed_origins": "RELAY_ALLOWED_ORIGINS",
     "session_hours": "RELAY_SESSION_HOURS",
     "auth_cache_seconds": "RELAY_AUTH_CACHE_SECONDS",
+    "jwt_secret": "RELAY_JWT_SECRET",
+    "jwks_url": "RELAY_JWKS_URL",
+    "jwt_issuer": "RELAY_JWT_ISSUER",
+    "jwt_audience": "RELAY_JWT_AUDIENCE",
+    "jwt_leeway_seconds": "RELAY_JWT_LEEWAY_SECONDS",
+    "jwt_admin_claim": "RELAY_JWT_ADMIN_CLAIM",
+    "jwt_name_claim": "RELAY_JWT_NAME_CLAIM",
+    "jwks_refetch_seconds": "RELAY_JWKS_REFETCH_SECONDS",
+    "trusted_user_header": "RELAY_TRUSTED_USER_HEADER",
+    "trusted_proxies": "RELAY_TRUSTED_PROXIES",
+    "trusted_admin_header": "RELAY_TRUSTED_ADMIN_HEADER",
+    "ws_auth_timeout_seconds": "RELAY_WS_AUTH_TIMEOUT_SECONDS",
     "ws_max_frame_bytes": "RELAY_WS_MAX_FRAME_BYTES",
     "ws_max_streams": "RELAY_WS_MAX_STREAMS",
     "max_header_bytes": "RELAY_MAX_HEADER_BYTES",
@@ -217,13 +253,14 @@ _POSITIVE = {
     "stream_retention_max", "session_hours", "ws_max_frame_bytes", "ws_max_streams", "max_history_messages",
     "instance_lease_seconds", "database_pool_size",
     "max_header_bytes", "max_headers", "header_timeout_seconds", "write_timeout_seconds",
+    "ws_auth_timeout_seconds",
 }
 _NON_NEGATIVE = {
     "offline_delay_ms", "offline_words", "stream_retention_seconds", "retry_attempts", "retry_base_delay",
     "retry_max_wait", "shutdown_grace_seconds", "auth_cache_seconds", "save_wait_seconds", "save_retry_seconds",
     "partial_save_seconds", "limit_requests_per_minute",
     "limit_concurrent_streams", "limit_connections", "sqlite_group_commit_ms",
-    "max_unauthenticated_connections",
+    "max_unauthenticated_connections", "jwt_leeway_seconds", "jwks_refetch_seconds",
 }
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -409,8 +446,40 @@ def _validate(settings: Settings) -> None:
         )
     if not settings.redis_prefix or any(c.isspace() for c in settings.redis_prefix):
         raise ConfigError("RELAY_REDIS_PREFIX must be a non-empty word without spaces")
+    _validate_identity(settings)
     if settings.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
         raise ConfigError("RELAY_LOG_LEVEL must be one of critical, error, warning, info, debug")
+
+
+JWT_SECRET_BYTES = 32  # HS256's output size: a shorter secret is weaker than the signature it makes
+
+
+def _validate_identity(settings: Settings) -> None:
+    if settings.jwt_secret is not None and len(settings.jwt_secret.encode()) < JWT_SECRET_BYTES:
+        raise ConfigError(f"RELAY_JWT_SECRET must be at least {JWT_SECRET_BYTES} bytes (it signs HS256/384/512"
+                          f" tokens), got {len(settings.jwt_secret.encode())}")
+    if settings.jwks_url is not None and not settings.jwks_url.startswith(("http://", "https://")):
+        raise ConfigError("RELAY_JWKS_URL must be an http:// or https:// URL")
+    for env, claim in (("RELAY_JWT_ADMIN_CLAIM", settings.jwt_admin_claim),
+                       ("RELAY_JWT_NAME_CLAIM", settings.jwt_name_claim)):
+        if not claim.strip():
+            raise ConfigError(f"{env} must name a claim")
+    for env, name in (("RELAY_TRUSTED_USER_HEADER", settings.trusted_user_header),
+                      ("RELAY_TRUSTED_ADMIN_HEADER", settings.trusted_admin_header)):
+        if name is not None and not (name.isascii() and all(c.isalnum() or c in "-_" for c in name)):
+            raise ConfigError(f"{env} must be a header name such as X-Forwarded-User, got {name!r}")
+    if settings.trusted_admin_header and not settings.trusted_user_header:
+        raise ConfigError("RELAY_TRUSTED_ADMIN_HEADER needs RELAY_TRUSTED_USER_HEADER")
+    if settings.trusted_user_header and not settings.trusted_proxies.strip():
+        raise ConfigError("RELAY_TRUSTED_USER_HEADER needs RELAY_TRUSTED_PROXIES: the CIDRs of the proxies that"
+                          " set it (e.g. 10.0.0.5/32)")
+    for cidr in settings.trusted_proxies.split(","):
+        if cidr.strip():
+            try:
+                ipaddress.ip_network(cidr.strip(), strict=False)
+            except ValueError:
+                raise ConfigError(f"RELAY_TRUSTED_PROXIES entries must be CIDRs such as 10.0.0.0/8, got"
+                                  f" {cidr.strip()!r}") from None
 
 
 def _read_agents_file(path: str, default_model: str, default_max_tokens: int) -> list[Agent]:

@@ -4,6 +4,7 @@
       BadRequestError          400, invalid input
         TooLargeError          413, message over the size limit
       UnauthorizedError        401, no or an invalid token or session
+        TokenExpiredError      401, a JWT whose `exp` has passed (retryable: get a new token)
       BudgetError              402, the user's daily spending budget is used up
       ForbiddenError           403, a cross-site request (Origin not allowed)
       NotFoundError            404, unknown conversation, agent or stream, or another user's
@@ -78,6 +79,11 @@ class TooLargeError(BadRequestError):
 class UnauthorizedError(RelayError):
     code = "unauthorized"
     status = 401
+
+
+class TokenExpiredError(UnauthorizedError):
+    code = "token_expired"
+    retryable = True
 
 
 class BudgetError(RelayError):

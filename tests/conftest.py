@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -203,6 +204,17 @@ def assert_no_traceback(server: Process) -> None:
     assert "Traceback" not in log, log
 
 
+# A JWT's header and payload are base64url JSON objects: both start with "eyJ" ('{"').
+JWT_SHAPE = re.compile(r"eyJ[A-Za-z0-9_-]*\.eyJ[A-Za-z0-9_-]*\.")
+
+
+def assert_no_secret_in_log(server: Process) -> None:
+    """No API token, session secret or JWT reached the server's log."""
+    log = server.log()
+    assert "drt_" not in log and "drs_" not in log, "a token or session secret reached the log"
+    assert JWT_SHAPE.search(log) is None, "a JWT reached the log"
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayServer]:
     """One offline-model server for a test module; its log must end without a traceback."""
@@ -210,6 +222,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayServer]:
     yield relay
     relay.stop()
     assert_no_traceback(relay)
+    assert JWT_SHAPE.search(relay.log()) is None, "a JWT reached the log"
 
 
 @pytest.fixture
@@ -228,6 +241,7 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         process.stop()
     for process in started:
         assert_no_traceback(process)
+        assert JWT_SHAPE.search(process.log()) is None, "a JWT reached the log"
 
 
 @pytest.fixture

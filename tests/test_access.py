@@ -23,7 +23,15 @@ from websockets.exceptions import InvalidStatus
 
 from server.upstream.offline import demo_words
 
-from .conftest import SERVER_CWD, SERVER_PYTHON, RelayServer, _clean_env, assert_no_traceback, free_port
+from .conftest import (
+    SERVER_CWD,
+    SERVER_PYTHON,
+    RelayServer,
+    _clean_env,
+    assert_no_secret_in_log,
+    assert_no_traceback,
+    free_port,
+)
 from .relay_clients import demo_answer, loads, names, sse_read, sse_resume, sse_stream, text_of, ws_read_until_end
 
 WS_PATH = "/api/command-center/ws"
@@ -76,8 +84,7 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
     yield Team(server)
     server.stop()
     assert_no_traceback(server)
-    log = server.log()
-    assert "drt_" not in log and "drs_" not in log, "a token or session secret reached the log"
+    assert_no_secret_in_log(server)
 
 
 async def start_json(url: str, token: str, **body: Any) -> dict[str, Any]:

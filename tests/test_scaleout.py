@@ -10,17 +10,20 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 import httpx
+import jwt
 import pytest
 import websockets
 from httpx_sse import aconnect_sse
 
-from .conftest import SCHEMA_TABLES, _on_postgresql
+from .conftest import SCHEMA_TABLES, SERVER_CWD, SERVER_PYTHON, _clean_env, _on_postgresql
 from .relay_clients import Event, loads, names, sse_read, text_of, ws_read_until_end
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "")
@@ -215,3 +218,43 @@ async def test_fifty_concurrent_streams_over_two_instances_have_exact_texts_and_
     finally:
         await connection.close()
     assert sorted((row["status"], row["content"]) for row in rows) == [("complete", expected_words(40))] * 50
+
+
+async def test_a_jwt_users_conversation_is_theirs_on_both_instances_and_a_404_to_other_users(start_instances,
+                                                                                           database_url):
+    """Both instances make the same (issuer, sub) user at once: one row; its conversation and stream are readable
+    on the other instance with a JWT, and a 404 there to another JWT user and to a CLI user."""
+    secret = "scale-out-shared-secret-0123456789abcdef"
+    a, b = start_instances(RELAY_JWT_SECRET=secret, RELAY_AUTH_CACHE_SECONDS="0")
+
+    def token(sub: str) -> dict[str, str]:
+        claims = {"sub": sub, "name": sub, "iss": "https://app.example", "exp": int(time.time()) + 300}
+        return {"Authorization": "Bearer " + jwt.encode(claims, secret, algorithm="HS256")}
+
+    owner = token("scale-owner")
+    async with httpx.AsyncClient(timeout=30) as client:
+        first = await asyncio.gather(*(client.get(server.url + "/api/session", headers=owner) for server in (a, b)))
+        assert [res.status_code for res in first] == [200, 200]
+        rows = _on_postgresql(database_url, "SELECT COUNT(*) FROM users WHERE subject = 'scale-owner'")
+        assert rows == [(1,)]
+        started = await client.post(a.url + "/api/command-center/message", json={"message": "mine"},
+                                    headers={**owner, "Accept": "application/json"})
+        assert started.status_code == 202
+        stream_id, conversation_id = started.json()["streamId"], started.json()["conversationId"]
+        async with aconnect_sse(client, "GET", f"{b.url}/api/command-center/streams/{stream_id}",
+                                headers=owner) as source:
+            events = [(int(e.id) if e.id else None, e.event, loads(e.data)) async for e in source.aiter_sse()]
+        assert names(events)[-1] == "done" and text_of(events) == expected_words(80)
+        await wait_for_status(database_url, stream_id, "complete")
+        # A short CLI run between requests:
+        cli = subprocess.run(  # noqa: ASYNC221
+            [SERVER_PYTHON, "-m", "server", "users", "--database-url", database_url, "add", "scale-cli"],
+            cwd=SERVER_CWD, env=_clean_env({}), capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0, cli.stderr
+        path = f"/api/conversations/{conversation_id}/messages"
+        assert (await client.get(b.url + path, headers=owner)).status_code == 200
+        for other in (token("scale-other"), {"Authorization": "Bearer " + cli.stdout.strip()}):
+            for server in (a, b):
+                assert (await client.get(server.url + path, headers=other)).status_code == 404
+                res = await client.get(f"{server.url}/api/command-center/streams/{stream_id}", headers=other)
+                assert res.status_code in (404, 410)

@@ -701,3 +701,55 @@ def test_postgresql_statements_get_positional_parameters_numbered_once_per_name(
     assert sql == "UPDATE m SET cost = $1::NUMERIC, a = $2, b = $2 WHERE k = 'x:y' || $3"
     assert names == ("cost", "t", "id")
     assert positional("SELECT 1") == ("SELECT 1", ())
+
+
+async def test_migration_0006_keeps_cli_users_adds_the_apps_users_and_its_downgrade_restores_0005(url):
+    """0006 keeps every CLI user, token and session; (issuer, subject) is unique, a CLI name is unique among CLI
+    users only, and an app user needs no token. Its downgrade refuses while app users exist (nothing changed),
+    and without them gives back exactly 0005's schema."""
+    database = await database_at(url, "0005")
+    try:
+        await database.execute("INSERT INTO users (id, name, is_admin, token_hash, created_at)"
+                               " VALUES ('u1', 'alice', 0, 'h1', 't')")
+        await database.execute("INSERT INTO sessions (secret_hash, user_id, created_at, expires_at)"
+                               " VALUES ('s1', 'u1', 't', 'z')")
+    finally:
+        await database.disconnect()
+    at_0005 = await schema_of(url)
+    await schema.run_on(url, lambda connection: schema.upgrade(connection, "0006"))
+    store = Store(url)
+    await store.connect()
+    try:
+        assert (await store.user_by_token_hash("h1") or {}).get("name") == "alice"
+        first = await store.identity_user("https://app.example", "42", "alice", False)  # a CLI name: allowed
+        again = await store.identity_user("https://app.example", "42", "Alice B", True)
+        other = await store.identity_user("https://other.example", "42", "alice", False)
+        assert first["id"] == again["id"] != other["id"]
+        assert (again["name"], bool(again["is_admin"])) == ("Alice B", True)
+        with pytest.raises(ValueError):
+            await store.add_user("alice", "h2")  # still unique among CLI users
+        assert await store.user_id_by_name("alice") == "u1"  # the CLI user first
+        with pytest.raises(Exception):  # noqa: B017 - the driver's integrity error, whichever driver
+            await store.db.execute("INSERT INTO users (id, name, is_admin, token_hash, created_at, issuer, subject)"
+                                   " VALUES ('dup', 'x', 0, NULL, 't', 'https://app.example', '42')")
+    finally:
+        await store.disconnect()
+    with pytest.raises(RuntimeError, match="nothing changed"):
+        await schema.run_on(url, lambda connection: schema.downgrade(connection, "0005"))
+    database = Database(databases_url(url))
+    await database.connect()
+    try:
+        assert await database.fetch_val("SELECT COUNT(*) FROM users WHERE issuer IS NOT NULL") == 2
+        await database.execute("DELETE FROM users WHERE issuer IS NOT NULL")
+    finally:
+        await database.disconnect()
+    await schema.run_on(url, lambda connection: schema.downgrade(connection, "0005"))
+    assert await schema_of(url) == at_0005
+    database = Database(databases_url(url))
+    await database.connect()
+    try:
+        assert [tuple(r) for r in await database.fetch_all("SELECT id, name, token_hash FROM users")] == [
+            ("u1", "alice", "h1")]
+        assert await database.fetch_val("SELECT user_id FROM sessions WHERE secret_hash = 's1'") == "u1"
+    finally:
+        await database.disconnect()

@@ -5,7 +5,7 @@ Pure: no I/O. Both transports validate here, so the same input gets the same err
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -41,7 +41,15 @@ class Ping:
     pass
 
 
-Command = SendMessage | Cancel | Resume | Ping
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """Authenticate (or extend) the socket with a JWT or an API token: browsers cannot set its headers."""
+
+    token: str = field(repr=False)
+
+
+Command = SendMessage | Cancel | Resume | Ping | Auth
+_TOKEN_LIMIT = 16 * 1024
 
 
 def parse_json_object(raw: bytes | str) -> dict[str, Any]:
@@ -121,9 +129,24 @@ def parse_frame(raw: bytes | str, max_message_bytes: int) -> Command:
         return Resume(_required_id(body, "streamId"), parse_event_id(body.get("lastEventId", 0)))
     if kind == "ping":
         return Ping()
+    if kind == "auth":
+        token = body.get("token")
+        if not isinstance(token, str) or not token or len(token) > _TOKEN_LIMIT:
+            raise BadRequestError(f"token must be a non-empty string of at most {_TOKEN_LIMIT} characters")
+        return Auth(token)
     if kind is None:
-        raise BadRequestError("the frame needs a type: message, resume, cancel or ping")
-    raise BadRequestError("unknown frame type; expected message, resume, cancel or ping")
+        raise BadRequestError("the frame needs a type: message, resume, cancel, ping or auth")
+    raise BadRequestError("unknown frame type; expected message, resume, cancel, ping or auth")
+
+
+def frame_type(raw: bytes | str) -> str | None:
+    """The `type` of a frame, or None when it has none or is not a JSON object."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    kind = body.get("type") if isinstance(body, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def request_id_of(raw: bytes | str) -> str | None:

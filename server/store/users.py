@@ -22,7 +22,7 @@ class UserQueries(StoreBase):
         """
 
         def operation() -> Operation[str]:
-            taken = yield Query("SELECT id FROM users WHERE name = :name", {"name": name}, ONE)
+            taken = yield Query("SELECT id FROM users WHERE name = :name AND issuer IS NULL", {"name": name}, ONE)
             if taken is not None:
                 raise ValueError(f"a user named {name!r} already exists")
             user_id = new_id()
@@ -43,7 +43,8 @@ class UserQueries(StoreBase):
         """Revoke a user's token and end their sessions; False if there is no such active user."""
 
         def operation() -> Operation[bool]:
-            row = yield Query("SELECT id FROM users WHERE name = :name AND revoked_at IS NULL", {"name": name}, ONE)
+            row = yield Query("SELECT id FROM users WHERE name = :name AND revoked_at IS NULL"
+                              " ORDER BY issuer IS NOT NULL, created_at LIMIT 1", {"name": name}, ONE)
             if row is None:
                 return False
             yield Query("UPDATE users SET revoked_at = :t WHERE id = :id", {"t": now(), "id": row[0]})
@@ -55,11 +56,35 @@ class UserQueries(StoreBase):
     async def user_id_by_name(self, name: str) -> str | None:
         if not storable_id(name):
             return None
-        row = await self._fetch_one("SELECT id FROM users WHERE name = :name", {"name": name})
+        # A CLI user first: the app's users' names are labels, and two of them may share one.
+        row = await self._fetch_one("SELECT id FROM users WHERE name = :name ORDER BY issuer IS NOT NULL, created_at"
+                                    " LIMIT 1", {"name": name})
         return None if row is None else str(row[0])
 
     async def active_user_count(self) -> int:
         return int(await self._fetch_val("SELECT COUNT(*) FROM users WHERE revoked_at IS NULL") or 0)
+
+    async def identity_user(self, issuer: str, subject: str, name: str, admin: bool) -> dict[str, Any]:
+        """The app's user (issuer, subject), created on first sight, with this name and admin flag from now on:
+        {id, name, is_admin, revoked_at} (a revoked user stays revoked; the caller refuses them)."""
+
+        def operation() -> Operation[dict[str, Any]]:
+            key = {"iss": issuer, "sub": subject}
+            row = yield Query("SELECT id, name, is_admin, revoked_at FROM users WHERE issuer = :iss AND subject = :sub",
+                              key, ONE)
+            if row is None:
+                user_id = new_id()
+                yield Query("INSERT INTO users (id, name, is_admin, token_hash, created_at, issuer, subject)"
+                            " VALUES (:id, :name, :admin, NULL, :t, :iss, :sub)",
+                            {"id": user_id, "name": name, "admin": 1 if admin else 0, "t": now(), **key})
+                return {"id": user_id, "name": name, "is_admin": admin, "revoked_at": None}
+            found = {"id": row[0], "name": row[1], "is_admin": row[2], "revoked_at": row[3]}
+            if found["name"] != name or bool(found["is_admin"]) != admin:
+                yield Query("UPDATE users SET name = :name, is_admin = :admin WHERE id = :id",
+                            {"name": name, "admin": 1 if admin else 0, "id": found["id"]})
+            return {**found, "name": name, "is_admin": admin}
+
+        return await self.write(operation())
 
     async def user_by_token_hash(self, token_hash: str) -> dict[str, Any] | None:
         row = await self._fetch_one(

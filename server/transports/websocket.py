@@ -1,9 +1,14 @@
 """WebSocket transport: many streams over one socket, each frame one event.
 
-Client frames: {"type": "message" | "resume" | "cancel" | "ping", ...}.
+Client frames: {"type": "message" | "resume" | "cancel" | "ping" | "auth", ...}.
 Server frames: {"event", "streamId", "id", "data"} (+ "requestId" on the start of a
 stream the client asked for with one). Thin: parsing is in protocol/frames.py.
 A socket whose token or session stops working while it is open is closed with 4401.
+
+A handshake without credentials on a server that needs them opens a socket that must
+send `{"type": "auth", "token"}` within ws_auth_timeout_seconds; a socket of a JWT lives
+until its `exp` (a later `auth` frame of the same user extends it), then gets a
+`token_expired` error and 4401. Its running answers go on and are saved either way.
 """
 
 from __future__ import annotations
@@ -11,16 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from ..auth import ANONYMOUS
+from ..auth import ANONYMOUS, User, header, session_secret
 from ..core import Relay, resume
-from ..errors import GoneError, LimitError, RelayError
+from ..errors import GoneError, LimitError, RelayError, TokenExpiredError, UnauthorizedError
 from ..events import encode_data, error_event
 from ..hub import LogLostError, Subscriber, SubscriberDropped
-from ..protocol.frames import Cancel, Ping, Resume, SendMessage, parse_frame, request_id_of
+from ..protocol.frames import Auth, Cancel, Ping, Resume, SendMessage, frame_type, parse_frame, request_id_of
 from .writers import SendWriter, socket_writer
 
 log = logging.getLogger("deltarelay.ws")
@@ -39,6 +45,12 @@ def error_frame(exc: RelayError, stream_id: str | None = None, request_id: str |
     return f'{{"event":"error","streamId":{sid},"id":null,"data":{data}{tail}}}'
 
 
+def authenticated_frame(user: User, expires_at: int | None) -> str:
+    """The answer to a good `auth` frame, which a client waits for before it sends anything else."""
+    data = orjson.dumps({"userId": user.id, "name": user.name, "expiresAt": expires_at}).decode()
+    return f'{{"event":"authenticated","streamId":null,"id":null,"data":{data}}}'
+
+
 class Connection:
     """One client socket: reads commands, pumps each subscribed stream's events into it."""
 
@@ -52,6 +64,11 @@ class Connection:
         self.following = 0  # streams this socket is reading now
         self.started: list[str] = []  # streams this socket asked for, not yet finished
         self.active = True
+        self.authenticated = False
+        self.holds_connection = False  # counted against the user's connections (once authenticated)
+        self.expires_at: int | None = None  # the `exp` of the JWT this socket lives on
+        self.expired = False  # closed for its token's expiry: its answers must go on whatever the settings say
+        self._timer: asyncio.Task[None] | None = None  # the auth deadline, then the token's expiry
 
     async def send(self, text: str) -> None:
         # No lock: the server writes each frame whole, so concurrent pumps cannot interleave bytes.
@@ -96,13 +113,30 @@ class Connection:
         await self._send({"type": "websocket.http.response.start", "status": exc.status, "headers": headers})
         await self._send({"type": "websocket.http.response.body", "body": orjson.dumps(exc.to_json())})
 
+    def _without_credentials(self) -> bool:
+        """The handshake carried no token, cookie or proxy header, on a server that takes JWTs: the socket may
+        still send `auth` (browsers cannot set a socket's headers). Elsewhere such a handshake stays a 401."""
+        if not self.relay.auth.tokens.configured:
+            return False
+        headers = self.scope["headers"]
+        proxy = self.relay.auth.proxy
+        return (header(headers, b"authorization") is None and session_secret(headers) is None
+                and (proxy is None or header(headers, proxy.user_header) is None))
+
     async def run(self) -> None:
         if (await self._receive())["type"] != "websocket.connect":
             return
         limits = self.relay.limits
         try:
-            self.user = await self.relay.admit(self.scope)
-            limits.take_connection(self.user)
+            try:
+                self.user, self.expires_at = await self.relay.auth.credential(self.scope)
+            except UnauthorizedError:
+                if not self._without_credentials():
+                    raise
+            else:
+                limits.request(self.user)
+                limits.take_connection(self.user)
+                self.authenticated = self.holds_connection = True
         except RelayError as exc:
             await self.refuse(exc)
             return
@@ -113,14 +147,80 @@ class Connection:
         try:
             await self._serve()
         finally:
-            limits.give_connection(self.user)
+            if self.holds_connection:
+                limits.give_connection(self.user)
+
+    # --- authentication on the socket: the `auth` frame, its deadline and the token's expiry ---
+
+    def _set_timer(self, delay: float, then: str) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.create_task(self._at(delay, then))
+
+    async def _at(self, delay: float, then: str) -> None:
+        await asyncio.sleep(max(delay, 0.0))
+        if then == "deadline":
+            if not self.authenticated:
+                await self._close(CREDENTIAL_ENDED, "authenticate with an auth frame first")
+            return
+        self.expired = True
+        with contextlib.suppress(RuntimeError, OSError):
+            await self.send(error_frame(TokenExpiredError("your token has expired; send a new one in an auth"
+                                                          " frame on a new socket, then resume")))
+        await self._close(CREDENTIAL_ENDED, "token expired")
+
+    def _live_until(self, expires_at: int | None) -> None:
+        """This socket's credential: a JWT lives until its exp; anything else is checked again while open."""
+        self.expires_at = expires_at
+        auth = self.relay.auth
+        if expires_at is None:
+            if self._timer is not None:
+                self._timer.cancel()
+            auth.watch(self)  # a revoke, a sign-out or an expired session closes the socket (credential_ended)
+        else:
+            auth.unwatch(self)
+            self._set_timer(expires_at - time.time(), "expiry")
+
+    async def authenticate(self, command: Auth) -> None:
+        """An `auth` frame: the first authenticates the socket; a later one of the same user extends it."""
+        try:
+            user, expires_at = await self.relay.auth.token_user(command.token)
+        except UnauthorizedError as exc:
+            await self.send(error_frame(exc))
+            if not self.authenticated:
+                await self._close(CREDENTIAL_ENDED, "that token is not valid")
+            return  # an open socket keeps its current token until that one's exp
+        if self.authenticated and user.id != self.user.id:
+            log.info("WebSocket auth frame of another user: closing the socket")
+            await self.send(error_frame(UnauthorizedError("this socket belongs to another user")))
+            await self._close(CREDENTIAL_ENDED, "another user")
+            return
+        if not self.authenticated:
+            try:
+                self.relay.limits.take_connection(user)
+            except LimitError as exc:
+                await self.send(error_frame(exc))
+                await self._close(1008, "too many connections")
+                return
+            self.holds_connection = True
+            self.authenticated = True
+        self.user = user
+        if expires_at is None:
+            # An API token: rechecked while open like a handshake's, through the headers it would have come in.
+            headers = [(k, v) for k, v in self.scope["headers"] if k != b"authorization"]
+            self.scope = {**self.scope, "headers": [*headers, (b"authorization", f"Bearer {command.token}".encode())]}
+        self._live_until(expires_at)
+        await self.send(authenticated_frame(user, expires_at))
 
     async def _serve(self) -> None:
         await self._send({"type": "websocket.accept"})
         hub = self.relay.hub
         hub.keepalive_targets.add(self)
         auth = self.relay.auth
-        auth.watch(self)  # a revoke, a sign-out or an expired session closes the socket (credential_ended)
+        if self.authenticated:
+            self._live_until(self.expires_at)
+        else:
+            self._set_timer(self.relay.settings.ws_auth_timeout_seconds, "deadline")
         try:
             while True:
                 message = await self._receive()
@@ -141,10 +241,12 @@ class Connection:
         finally:
             hub.keepalive_targets.discard(self)
             auth.unwatch(self)
+            if self._timer is not None:
+                self._timer.cancel()
             # The generation goes on in the hub; only this socket's readers stop.
             for pump in list(self.pumps):
                 pump.cancel()
-            if self.relay.settings.cancel_on_disconnect:
+            if self.relay.settings.cancel_on_disconnect and not self.expired:
                 for stream_id in self.started:
                     if stream_id in hub.streams and not hub.streams[stream_id].finished:
                         hub.cancel(stream_id)
@@ -152,7 +254,12 @@ class Connection:
     async def handle(self, raw: str) -> None:
         request_id: str | None = None
         try:
+            if not self.authenticated and frame_type(raw) != "auth":
+                raise UnauthorizedError('authenticate first: send {"type": "auth", "token": "<jwt>"}')
             command = parse_frame(raw, self.relay.settings.max_message_bytes)
+            if isinstance(command, Auth):
+                await self.authenticate(command)
+                return
             if isinstance(command, Ping):
                 await self.send('{"event":"pong"}')
                 return
