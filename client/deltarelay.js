@@ -241,10 +241,11 @@ export function createClient(options = {}) {
   let cred = null
   let pending = null
 
-  /** The credential to send: the current one, or a new one from getToken when there is none, it was refused
-   * or its refresh is due. Callers at the same time share one getToken call. Rejects when getToken does. */
-  function credential() {
-    if (cred && !cred.refused && cred.refreshAt > Date.now()) return Promise.resolve(cred)
+  /** The credential to send: the current one, or a new one from getToken when there is none, it was refused,
+   * its refresh is due or it is `replace` (a refresh's: a timer may fire a moment before the due time).
+   * Callers at the same time share one getToken call. Rejects when getToken does. */
+  function credential(replace) {
+    if (cred && cred !== replace && !cred.refused && cred.refreshAt > Date.now()) return Promise.resolve(cred)
     return (pending ||= (async () => {
       try {
         const replacement = !!cred?.refused && !cred.fatal
@@ -461,15 +462,20 @@ export function createClient(options = {}) {
     // The token, first or refreshed. No token (getToken failed): the first makes a lost connection; a
     // refresh is tried again after 1 s or half the time left, whichever is sooner, until 100 ms before
     // exp; then the server closes the socket at exp, and its streams resume on a new one.
+    let asking = false // a getToken call of this socket's is under way: one at a time
     async function authenticate(refresh) {
+      if (asking) return
+      asking = true
       let c
       try {
-        c = await credential()
+        c = await credential(refresh && held)
       } catch {
         if (!refresh) return (tokenless = true), fail()
         const left = held.exp - Date.now()
         if (left > 100) refreshTimer = later(() => authenticate(true), Math.min(1000, left / 2))
         return
+      } finally {
+        asking = false
       }
       if (closed) return
       sent = c

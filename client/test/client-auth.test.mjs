@@ -4,11 +4,11 @@
 
 import assert from 'node:assert/strict'
 import { createHmac } from 'node:crypto'
-import { after, before, beforeEach, test as nodeTest } from 'node:test'
+import { after, afterEach, before, beforeEach, test as nodeTest } from 'node:test'
 
 import { WebSocket as UndiciWebSocket } from 'undici'
 
-import { createClient } from '../deltarelay.js'
+import { createClient as create } from '../deltarelay.js'
 import { FetchEventSource, MESSAGE_PATH, collect, logOf, startProxy, startServer } from './harness.mjs'
 
 const test = (name, fn) => nodeTest(name, { timeout: 30_000 }, fn)
@@ -59,6 +59,17 @@ after(async () => {
   await Promise.all([server?.close(), slow?.close()])
 })
 beforeEach(() => (Socket.instances.length = 0))
+// Every client is closed after its test: an open socket goes on refreshing its token, and its frames would
+// count in the next test's.
+const clients = []
+const createClient = (options) => {
+  const client = create(options)
+  clients.push(client)
+  return client
+}
+afterEach(() => {
+  for (const client of clients.splice(0)) client.close()
+})
 
 const FAST = { baseMs: 20, maxMs: 100 }
 const wsClient = (getToken, proxy = relay, options = {}) =>
