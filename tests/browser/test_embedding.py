@@ -13,11 +13,13 @@ import pytest
 from playwright.sync_api import Page, WebSocketRoute, expect
 
 from ..conftest import ROOT, SERVER_PYTHON, Process, RelayServer, _clean_env, assert_no_traceback, free_port
-from ..relay_clients import demo_answer
+from ..relay_clients import expected_words
 
 SECRET = "browser-embedding-tests-secret-of-32-bytes-or-more"
 ANSWER = "[data-testid=answer]"
 EXAMPLE = ROOT / "examples" / "embedding" / "app.py"
+WORDS = 60  # at 100 ms a word: about 6 s of answer
+ANSWER_TEXT = expected_words(WORDS)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def embedding(tmp_path_factory) -> Iterator[tuple[RelayServer, Process]]:
     app_port = free_port()
     relay = RelayServer(tmp, {
         "RELAY_JWT_SECRET": SECRET, "RELAY_JWT_LEEWAY_SECONDS": "0", "RELAY_OFFLINE_DELAY_MS": "100",
-        "RELAY_OFFLINE_WORDS": "60", "RELAY_ALLOWED_ORIGINS": f"http://127.0.0.1:{app_port}",
+        "RELAY_OFFLINE_WORDS": str(WORDS), "RELAY_ALLOWED_ORIGINS": f"http://127.0.0.1:{app_port}",
     })
     try:
         app = Process([SERVER_PYTHON, str(EXAMPLE)], _clean_env({
@@ -78,7 +80,7 @@ def test_the_example_page_streams_with_its_backends_tokens_refreshed_on_the_open
 
     page.on("websocket", watch)
     shown = ask(page, app, "Stream past my token")
-    assert shown == demo_answer("Stream past my token")
+    assert shown == ANSWER_TEXT
     assert saved_answer(relay) == shown
     # About 6 s of answer on 3-second tokens: refreshed on the one socket, ahead of each exp.
     assert len(tokens) >= 3, tokens
@@ -114,7 +116,7 @@ def test_a_socket_cut_during_a_refresh_resumes_with_the_new_token_and_the_same_a
 
     page.route_web_socket("**/api/command-center/ws", cut_at_the_first_refresh)
     shown = ask(page, app, "Cut my refresh")
-    assert shown == demo_answer("Cut my refresh")
+    assert shown == ANSWER_TEXT
     assert saved_answer(relay) == shown
     assert len(sockets) == 2
     assert len(resumed) == 1
@@ -135,7 +137,7 @@ def test_a_token_endpoint_failing_during_a_refresh_is_tried_again_on_the_same_so
     page.route("**/token", fail_the_second)
     page.on("websocket", lambda ws: sockets.append(ws.url))
     shown = ask(page, app, "Retry my refresh")
-    assert shown == demo_answer("Retry my refresh")
+    assert shown == ANSWER_TEXT
     assert saved_answer(relay) == shown
     assert len(asked) >= 3
     assert len(sockets) == 1
