@@ -178,8 +178,8 @@ export interface ClientOptions {
    * Your app's token for this user: an async function returning a JWT the relay takes (RELAY_JWT_SECRET or
    * RELAY_JWKS_URL). Called before the first request or socket, again when the server refuses the token
    * (a 401, `token_expired`: once per refusal; a new token refused too ends the stream with `unauthorized`),
-   * and before the token's `exp` while a socket is open: at exp − min(30 s, 10% of its lifetime), read from
-   * the token's own claims (not verified client-side). It goes as `Authorization: Bearer` on fetch requests,
+   * and before the token's `exp` while a socket is open: at exp − min(30 s, max(1 s, 10% of its lifetime), half its
+   * lifetime), read from the token's own exp and iat claims (not verified client-side). It goes as `Authorization: Bearer` on fetch requests,
    * as the WebSocket's first frame (`{"type": "auth"}`; nothing else is sent before `authenticated`), and
    * for EventSource as a session cookie (`POST /api/session`) first. A rejection counts as a lost
    * connection (resumed with backoff; a refresh is tried again). Without it: the cookie or open mode.

@@ -19,8 +19,9 @@ const UNAUTHORIZED = 4401 // the close code of a socket whose credential was ref
 
 /**
  * What the client reads of a JWT: its `exp` (and `iat`) claims, from the payload (base64url JSON), not
- * verified (the server does that). A refresh is due at exp - min(30 s, 10% of the lifetime), the lifetime
- * being exp - iat (exp - now without iat); a token without a readable exp is never refreshed ahead.
+ * verified (the server does that). A refresh is due at exp - min(30 s, max(1 s, 10% of the lifetime), half
+ * the lifetime): a second at least for the round trip, never more than half the token's life; the lifetime is
+ * exp - iat (exp - now without iat). A token without a readable exp is never refreshed ahead.
  */
 function claimsOf(token) {
   let exp = null
@@ -32,7 +33,7 @@ function claimsOf(token) {
     if (Number.isFinite(payload.iat)) iat = payload.iat * 1000
   } catch {}
   const lifetime = exp === null ? 0 : exp - Math.min(iat ?? Date.now(), Date.now())
-  return { exp, refreshAt: exp === null ? Infinity : exp - Math.min(30000, lifetime / 10) }
+  return { exp, refreshAt: exp === null ? Infinity : exp - Math.min(30000, Math.max(1000, lifetime / 10), lifetime / 2) }
 }
 
 /**

@@ -181,12 +181,19 @@ test('websocket: a getToken that keeps returning bad tokens ends in one unauthor
 
 test('websocket: a short-lived token is refreshed ahead of exp on the open socket', async () => {
   const start = slowRelay.frames.length
-  const getToken = tokenSource(() => mint({ life: 3 }))
+  const asked = []
+  const getToken = tokenSource(() => (asked.push(Date.now()), mint({ life: 3 })))
   const stream = wsClient(getToken, slowRelay).send('outlive my token')
   const heard = collect(stream)
   await assertExact(stream, heard, slow)
+  // The rule: exp - min(30 s, max(1 s, 10% of 3 s), 1.5 s) = a second before each exp (a timer's lateness allowed).
+  const exps = getToken.tokens.map((t) => JSON.parse(Buffer.from(t.split('.')[1], 'base64url')).exp * 1000)
+  for (let n = 1; n < asked.length; n++) {
+    const early = exps[n - 1] - asked[n]
+    assert.ok(early > 600 && early < 1050, `token ${n + 1} asked for ${early} ms before the previous one's exp`)
+  }
   const auth = authFrames(framesSince(slowRelay, start))
-  // About 6 s of answer on 2-3 s tokens, refreshed 10% of their lifetime before exp: one socket throughout.
+  // About 6 s of answer on 2-3 s tokens, each refreshed a second before its exp: one socket throughout.
   assert.ok(getToken.calls >= 3, `getToken called ${getToken.calls} times`)
   assert.deepEqual(auth.map((f) => f.token), getToken.tokens)
   assert.equal(Socket.instances.length, 1)
@@ -312,4 +319,16 @@ test('auto: a socket a proxy refuses falls back to SSE, with the same token as a
   const [post] = relay.requests.slice(start).filter(isPost)
   assert.equal(post.headers.authorization, 'Bearer ' + getToken.tokens[0])
   assert.equal(getToken.calls, 1) // a refused upgrade is not a refused token
+})
+
+test('sse: a cancel posts to the cancel endpoint with the bearer token, and the answer ends cancelled', async () => {
+  const start = slowRelay.requests.length
+  const getToken = tokenSource()
+  const stream = sseClient(getToken, slowRelay).send('cancel me')
+  stream.on('chunk', () => stream.cancel())
+  const result = await stream.done
+  assert.equal(result.stopReason, 'cancelled')
+  const cancel = slowRelay.requests.slice(start).find((r) => r.path.endsWith('/cancel'))
+  assert.equal(cancel.headers.authorization, 'Bearer ' + getToken.tokens[0])
+  assert.equal(getToken.calls, 1)
 })
