@@ -350,6 +350,8 @@ async def test_a_jwt_users_conversation_is_a_404_to_another_jwt_user_and_to_a_cl
             assert res.status_code == 404
             res = await client.get(f"/api/command-center/streams/{stream_id}", headers=bearer(other))
             assert res.status_code in (404, 410)
+            res = await client.post(f"/api/command-center/streams/{stream_id}/cancel", headers=bearer(other))
+            assert res.status_code == 404
         # The CLI user keeps working beside the JWT users.
         assert (await client.get("/api/session", headers=bearer(cli))).json()["user"]["name"] == "cli-user"
 
@@ -538,9 +540,18 @@ async def test_a_rotated_jwks_is_fetched_for_a_new_kid_at_most_once_per_interval
         for key in ("a", "b"):
             assert (await session_of(server, keys[key].sign(claims(f"sub-{key}")))).status_code == 200
         await asyncio.sleep(1.1)  # past RELAY_JWKS_REFETCH_SECONDS: the unknown kid makes a fetch, which fails
-        assert (await session_of(server, Key("key-c").sign(claims()))).status_code == 401
+        key_c = Key("key-c")
+        assert (await session_of(server, key_c.sign(claims()))).status_code == 401
         for key in ("a", "b"):
             assert (await session_of(server, keys[key].sign(claims(f"sub-{key}")))).status_code == 200
+        # The JWKS comes back rotated once more: a is gone, c is new. c's first token fetches it; a's kid is then
+        # unknown, and refused.
+        jwks = JwksServer([keys["b"], key_c], port=int(jwks.url.split(":")[2].split("/")[0]))
+        await asyncio.sleep(1.1)
+        assert (await session_of(server, key_c.sign(claims("sub-c")))).status_code == 200
+        res = await session_of(server, keys["a"].sign(claims("sub-a")))
+        assert res.status_code == 401 and error_code(res) == "unauthorized"
+        assert (await session_of(server, keys["b"].sign(claims("sub-b")))).status_code == 200
     finally:
         server.stop()
         jwks.stop()

@@ -748,7 +748,7 @@ async def test_migration_0006_keeps_cli_users_adds_the_apps_users_and_its_downgr
     database = Database(databases_url(url))
     await database.connect()
     try:
-        assert [tuple(r) for r in await database.fetch_all("SELECT id, name, token_hash FROM users")] == [
+        assert [(r[0], r[1], r[2]) for r in await database.fetch_all("SELECT id, name, token_hash FROM users")] == [
             ("u1", "alice", "h1")]
         assert await database.fetch_val("SELECT user_id FROM sessions WHERE secret_hash = 's1'") == "u1"
     finally:
