@@ -14,6 +14,7 @@ from playwright.sync_api import Page, WebSocketRoute, expect
 
 from ..conftest import ROOT, SERVER_PYTHON, Process, RelayServer, _clean_env, assert_no_traceback, free_port
 from ..relay_clients import expected_words
+from .conftest import save_screenshot
 
 SECRET = "browser-embedding-tests-secret-of-32-bytes-or-more"
 ANSWER = "[data-testid=answer]"
@@ -86,6 +87,7 @@ def test_the_example_page_streams_with_its_backends_tokens_refreshed_on_the_open
     assert len(tokens) >= 3, tokens
     assert len(sockets) == 1
     assert len(auth_frames) == len(tokens)
+    save_screenshot(page, "embedding-example")
 
 
 def test_a_socket_cut_during_a_refresh_resumes_with_the_new_token_and_the_same_answer(page, embedding):
