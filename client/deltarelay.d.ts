@@ -31,7 +31,10 @@ export interface DoneData {
 }
 
 export interface ErrorData {
-  /** The server's code, or "network_error" when the connection was lost. */
+  /**
+   * The server's code, or "network_error" when the connection was lost; "unauthorized" when, with
+   * getToken, a new token was refused too.
+   */
   code: string
   message: string
   retryable: boolean
@@ -171,6 +174,17 @@ export interface ClientOptions {
    * A page coming back into view, or the browser coming back online, retries at once.
    */
   reconnect?: { baseMs?: number; maxMs?: number; maxAttempts?: number; giveUpMs?: number }
+  /**
+   * Your app's token for this user: an async function returning a JWT the relay takes (RELAY_JWT_SECRET or
+   * RELAY_JWKS_URL). Called before the first request or socket, again when the server refuses the token
+   * (a 401, `token_expired`: once per refusal; a new token refused too ends the stream with `unauthorized`),
+   * and before the token's `exp` while a socket is open: at exp − min(30 s, max(1 s, 10% of its lifetime), half its
+   * lifetime), read from the token's own exp and iat claims (not verified client-side). It goes as `Authorization: Bearer` on fetch requests,
+   * as the WebSocket's first frame (`{"type": "auth"}`; nothing else is sent before `authenticated`), and
+   * for EventSource as a session cookie (`POST /api/session`) first. A rejection counts as a lost
+   * connection (resumed with backoff; a refresh is tried again). Without it: the cookie or open mode.
+   */
+  getToken?: () => Promise<string>
   /** Implementations to use instead of the globals (tests, Node). */
   WebSocket?: typeof WebSocket
   EventSource?: typeof EventSource

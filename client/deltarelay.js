@@ -13,6 +13,28 @@ const EVENTS = ['start', 'chunk', 'thinking', 'cost', 'done', 'error']
 const ended = () => ({ code: 'not_resumable', message: 'The stream has ended', retryable: false })
 
 const networkError = (message) => ({ code: 'network_error', message, retryable: true })
+// What the server says of a credential it does not take (an HTTP 401's code, or an error frame's).
+const REFUSALS = ['unauthorized', 'token_expired']
+const UNAUTHORIZED = 4401 // the close code of a socket whose credential was refused or expired
+
+/**
+ * What the client reads of a JWT: its `exp` (and `iat`) claims, from the payload (base64url JSON), not
+ * verified (the server does that). A refresh is due at exp - min(30 s, max(1 s, 10% of the lifetime), half
+ * the lifetime): a second at least for the round trip, never more than half the token's life; the lifetime is
+ * exp - iat (exp - now without iat). A token without a readable exp is never refreshed ahead.
+ */
+function claimsOf(token) {
+  let exp = null
+  let iat = null
+  try {
+    const part = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/')
+    const payload = JSON.parse(new TextDecoder().decode(Uint8Array.from(atob(part), (c) => c.charCodeAt(0))))
+    if (Number.isFinite(payload.exp)) exp = payload.exp * 1000
+    if (Number.isFinite(payload.iat)) iat = payload.iat * 1000
+  } catch {}
+  const lifetime = exp === null ? 0 : exp - Math.min(iat ?? Date.now(), Date.now())
+  return { exp, refreshAt: exp === null ? Infinity : exp - Math.min(30000, Math.max(1000, lifetime / 10), lifetime / 2) }
+}
 
 /**
  * A WHATWG-conforming incremental SSE parser: text in, events out.
@@ -195,6 +217,7 @@ export function createClient(options = {}) {
     stallTimeoutMs = keepaliveMs * 2.5,
     wsOpenTimeoutMs = 5000,
     reconnect: { baseMs = 500, maxMs = 10000, maxAttempts = Infinity, giveUpMs = 120000 } = {},
+    getToken = null,
   } = options
   const base = baseUrl.replace(/\/+$/, '')
   const auto = !options.transport || options.transport === 'auto'
@@ -212,6 +235,72 @@ export function createClient(options = {}) {
   }
   doc?.addEventListener('visibilitychange', retryAll)
   win?.addEventListener('online', retryAll)
+
+  // The bearer token (with getToken): { token, exp, refreshAt, replacement, refused, fatal }. `replacement`:
+  // got because the one before was refused, so a refusal of this one too reaches the caller as unauthorized
+  // (one new token per failure, never a loop); it stops being one once the server takes it.
+  let cred = null
+  let pending = null
+
+  /** The credential to send: the current one, or a new one from getToken when there is none, it was refused,
+   * its refresh is due or it is `replace` (a refresh's: a timer may fire a moment before the due time).
+   * Callers at the same time share one getToken call. Rejects when getToken does. */
+  function credential(replace) {
+    if (cred && cred !== replace && !cred.refused && cred.refreshAt > Date.now()) return Promise.resolve(cred)
+    return (pending ||= (async () => {
+      try {
+        const replacement = !!cred?.refused && !cred.fatal
+        const token = await getToken()
+        if (typeof token !== 'string' || !token) throw new TypeError('getToken returned no token')
+        return (cred = { token, ...claimsOf(token), replacement, refused: false, fatal: false })
+      } finally {
+        pending = null
+      }
+    })())
+  }
+
+  const accepted = (c) => (c.replacement = false)
+
+  /** The server refused `c` (a 401, an error frame, a 4401 close; the same refusal may come twice). True when
+   * `c` was already a replacement: the caller gets unauthorized, and the next request starts afresh. */
+  function turnedDown(c) {
+    if (!c.refused) {
+      c.refused = true
+      c.fatal = c.replacement
+    }
+    return c.fatal
+  }
+
+  /** fetch, with the bearer token when getToken is set; a 401 gets one new token and one retry. */
+  async function request(url, init = {}) {
+    if (!getToken) return fetchImpl(url, init)
+    for (;;) {
+      const c = await credential()
+      const res = await fetchImpl(url, { ...init, headers: { ...init.headers, Authorization: 'Bearer ' + c.token } })
+      if (res.status !== 401) return accepted(c), res
+      if (turnedDown(c)) return (res.refusedAgain = true), res
+      res.body?.cancel().catch(() => {})
+    }
+  }
+
+  // The token an EventSource's session cookie was made from (an EventSource cannot send a header).
+  let sessionCred = null
+
+  /** With getToken: a session cookie from the current token (POST /api/session), unless there is one.
+   * Resolves to null, or to the server's refusal (a Response) after one new token. */
+  async function session() {
+    if (!getToken) return null
+    for (;;) {
+      const c = await credential()
+      if (c === sessionCred) return null
+      const res = await post('/api/session', { token: c.token }, 'application/json', undefined, fetchImpl)
+      if (res.ok) accepted(c), (sessionCred = c)
+      else if (res.status !== 401) return res
+      else if (turnedDown(c)) return (res.refusedAgain = true), res
+      res.body?.cancel().catch(() => {})
+      if (res.ok) return null
+    }
+  }
 
   const client = {
     transport: null,
@@ -293,7 +382,7 @@ export function createClient(options = {}) {
     } else {
       // No socket open (SSE, or reconnecting): the HTTP endpoint.
       const path = STREAMS_PATH + encodeURIComponent(stream.streamId) + '/cancel'
-      fetchImpl(base + path, { method: 'POST' }).then((res) => (stream._cancelSent = res.ok), () => {})
+      request(base + path, { method: 'POST' }).then((res) => (stream._cancelSent = res.ok), () => {})
     }
     if (stream._timer) retry(stream) // reconnect now, so the cancelled done arrives
   }
@@ -313,8 +402,8 @@ export function createClient(options = {}) {
 
   // A socket that never opened carried no frame, so in auto mode SSE can take
   // over: a new stream is posted there, a known one resumed there.
-  function socketFailed(stream, conn) {
-    if (!auto || conn?.open) return lost(stream, conn)
+  function socketFailed(stream, conn, now) {
+    if (!auto || conn?.open) return lost(stream, conn, now)
     if (!stream.streamId) stream._home = client.transport = 'sse'
     stream._conn = null
     viaFetch(stream, !!stream.streamId)
@@ -329,27 +418,93 @@ export function createClient(options = {}) {
     if (resume) conn.byStream.set(stream.streamId, stream)
     const { streamId, lastEventId } = stream
     conn.send(resume ? { type: 'resume', streamId, lastEventId, requestId } : { type: 'message', ...stream._body, requestId })
-    if (conn.open) connected(stream)
+    if (conn.ready) connected(stream)
   }
 
+  /**
+   * The client's socket. With getToken its first frame is `auth` with the token, and nothing else is sent
+   * until the server answers `authenticated`; before the token's refresh is due another `auth` frame extends
+   * the socket. A refused first token closes the socket (4401): its streams, whose frames never went out,
+   * start again at once on a new socket with a new token. A socket closed at its token's expiry resumes its
+   * streams at once on a new socket. A new token refused too ends them with unauthorized.
+   */
   function connect() {
     const url = new URL(base + '/api/command-center/ws', globalThis.location?.href)
     url.protocol = url.protocol.replace('http', 'ws')
     const ws = new WS(url.href)
     const queue = []
     let dog
+    let closed = false
+    let refreshTimer = null
+    let sent = null // the credential of the last auth frame
+    let answered = true // ...and the server has answered it
+    let held = null // the credential the server last took on this socket
+    let tokenless = false // getToken failed: not a sign that WebSockets do not get through
+    let fatal = null // the refusal of a new token: what the streams end with
     const conn = {
-      open: false,
+      open: false, // the socket is open
+      ready: false, // ...and, with getToken, authenticated: frames go out
       byRequest: new Map(),
       byStream: new Map(),
       send(frame) {
         frame = JSON.stringify(frame)
-        conn.open ? ws.send(frame) : queue.push(frame)
+        conn.ready ? ws.send(frame) : queue.push(frame)
       },
       drop(stream) {
         for (const map of [conn.byRequest, conn.byStream]) for (const [key, s] of map) if (s === stream) map.delete(key)
       },
       close: () => fail(),
+    }
+    const ready = () => {
+      conn.ready = true
+      for (const frame of queue.splice(0)) ws.send(frame)
+      for (const stream of conn.byRequest.values()) connected(stream)
+    }
+    // The token, first or refreshed. No token (getToken failed): the first makes a lost connection; a
+    // refresh is tried again after 1 s or half the time left, whichever is sooner, until 100 ms before
+    // exp; then the server closes the socket at exp, and its streams resume on a new one.
+    let asking = false // a getToken call of this socket's is under way: one at a time
+    async function authenticate(refresh) {
+      if (asking) return
+      asking = true
+      let c
+      try {
+        c = await credential(refresh && held)
+      } catch {
+        if (!refresh) return (tokenless = true), fail()
+        const left = held.exp - Date.now()
+        if (left > 100) refreshTimer = later(() => authenticate(true), Math.min(1000, left / 2))
+        return
+      } finally {
+        asking = false
+      }
+      if (closed) return
+      sent = c
+      answered = false
+      ws.send(JSON.stringify({ type: 'auth', token: c.token }))
+    }
+    function authenticated() {
+      held = sent
+      answered = true
+      accepted(held)
+      if (!conn.ready) ready()
+      clearTimeout(refreshTimer)
+      const wait = held.refreshAt - Date.now()
+      // At least a second apart, should getToken hand out a token already due (a cached one).
+      if (wait < Infinity) refreshTimer = later(() => authenticate(true), Math.max(1000, wait))
+    }
+    // An unauthorized or token_expired error frame: the answer to the auth frame just sent, or (none
+    // outstanding) the notice that the socket's token has expired, before the server closes it.
+    function authRefused(data) {
+      const c = answered ? held : sent
+      answered = true
+      if (!c) return
+      if (turnedDown(c)) {
+        fatal = { ...data, code: 'unauthorized', retryable: false }
+        return fail()
+      }
+      // A refused first token: the server closes the socket, and the streams start again on a new one.
+      if (conn.ready) authenticate(true)
     }
     // A hanging upgrade counts as a failed one.
     const opening = later(() => fail(), wsOpenTimeoutMs)
@@ -357,8 +512,8 @@ export function createClient(options = {}) {
       clearTimeout(opening)
       conn.open = true
       dog = watchdog(fail)
-      for (const frame of queue.splice(0)) ws.send(frame)
-      for (const stream of conn.byRequest.values()) connected(stream)
+      if (getToken) authenticate()
+      else ready()
     }
     ws.onmessage = (e) => {
       dog?.kick() // a keepalive frame is life too
@@ -370,25 +525,40 @@ export function createClient(options = {}) {
         return
       }
       const { event, streamId, requestId, id, data } = frame
+      if (getToken && event === 'authenticated') return sent && authenticated()
+      if (getToken && event === 'error' && streamId == null && requestId == null && REFUSALS.includes(data?.code)) {
+        return authRefused(data)
+      }
       const stream = conn.byStream.get(streamId) || conn.byRequest.get(requestId)
       if (!stream) return // a keepalive, a pong, or an error about a frame no stream owns
       if (event === 'start') conn.byStream.set(streamId ?? data.streamId, stream)
       deliver(stream, conn, event, data, id)
     }
-    const fail = (ws.onerror = ws.onclose = () => {
+    const fail = (ws.onerror = ws.onclose = (e) => {
       ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null
+      closed = true
       clearTimeout(opening)
+      clearTimeout(refreshTimer)
       dog?.stop()
       if (socket === conn) socket = null
       try {
         ws.close()
       } catch {}
+      // Closed for its token (4401): refused before the socket was ready, or expired; with a new token
+      // the streams go on at once: started again (nothing of theirs went out) or resumed.
+      const forToken = !!getToken && e?.code === UNAUTHORIZED
+      const last = held || sent
+      if (forToken && !fatal && last && turnedDown(last)) fatal = { code: 'unauthorized', message: 'The token was refused', retryable: false }
       // A socket that never carried a frame: WebSockets do not get through here.
-      if (auto && !socketWorked) mode = 'sse'
+      if (auto && !socketWorked && !tokenless) mode = 'sse'
       const streams = new Set([...conn.byRequest.values(), ...conn.byStream.values()])
       conn.byRequest.clear()
       conn.byStream.clear()
-      for (const stream of streams) socketFailed(stream, conn)
+      for (const stream of streams) {
+        if (fatal) stream._push('error', fatal)
+        else if (forToken && !conn.ready) (stream._conn = null), start(stream, !!stream.streamId)
+        else socketFailed(stream, conn, forToken)
+      }
     })
     return conn
   }
@@ -402,7 +572,7 @@ export function createClient(options = {}) {
     try {
       const signal = abort.signal
       const res = await (resume
-        ? fetchImpl(base + STREAMS_PATH + encodeURIComponent(stream.streamId), {
+        ? request(base + STREAMS_PATH + encodeURIComponent(stream.streamId), {
             headers: { Accept: 'text/event-stream', 'Last-Event-ID': '' + stream.lastEventId },
             signal,
           })
@@ -447,6 +617,13 @@ export function createClient(options = {}) {
       }
       if (stream.finished) return
     }
+    try {
+      const refusal = await session()
+      if (refusal) return stream._push('error', await httpError(refusal))
+    } catch {
+      return lost(stream, null)
+    }
+    if (stream.finished) return
     const cursor = stream.lastEventId ? '?lastEventId=' + stream.lastEventId : ''
     const url = base + STREAMS_PATH + encodeURIComponent(stream.streamId) + cursor
     let source
@@ -472,18 +649,19 @@ export function createClient(options = {}) {
   // ask again with fetch, and end with the server's answer rather than retrying what it refused.
   async function refused(stream, conn, url) {
     try {
-      const res = await fetchImpl(url, { headers: { Accept: 'application/json' } })
+      const res = await request(url, { headers: { Accept: 'application/json' } })
       if (stream._conn === conn) {
         if (res.status === 204) return stream._push('error', ended())
         if (res.status >= 400 && res.status < 500 && res.status !== 429) return stream._push('error', await httpError(res))
       }
+      if (res.ok) sessionCred = null // taken with the bearer token: the next try makes a new session cookie
       res.body?.cancel()
     } catch {}
     lost(stream, conn)
   }
 
-  function post(path, body, accept, signal) {
-    return fetchImpl(base + path, {
+  function post(path, body, accept, signal, send = request) {
+    return send(base + path, {
       method: 'POST',
       headers: { 'Content-Type': 'application/json', Accept: accept },
       body: JSON.stringify(body),
@@ -499,10 +677,8 @@ async function httpError(res) {
   try {
     body = (await res.json()).error
   } catch {}
-  return {
-    code: 'http_error',
-    message: 'HTTP ' + res.status,
-    retryable: res.status === 429 || res.status >= 500,
-    ...body,
-  }
+  const error = { code: 'http_error', message: 'HTTP ' + res.status, retryable: res.status === 429 || res.status >= 500, ...body }
+  // getToken's new token was refused too (token_expired again, say): the caller is not authorized.
+  if (res.refusedAgain) Object.assign(error, { code: 'unauthorized', retryable: false })
+  return error
 }

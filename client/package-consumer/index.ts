@@ -2,6 +2,10 @@
 import { createClient, createSSEParser, type Client, type SSEEvent, type StreamResult } from 'deltarelay'
 
 const client: Client = createClient({ baseUrl: 'https://relay.example', transport: 'sse' })
+// An app's own users: a JWT from its backend, for every request and the socket.
+createClient({ getToken: async () => (await (await fetch('/token')).json()).token as string })
+// @ts-expect-error: getToken returns a promise of the token, not the token
+createClient({ getToken: () => 'a.jwt.token' })
 // @ts-expect-error: a transport the types do not know (this line fails tsc if the types resolve to `any`)
 createClient({ transport: 'carrier-pigeon' })
 

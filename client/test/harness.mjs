@@ -410,10 +410,11 @@ export function collect(stream) {
 
 /**
  * Every event of a stream as the server logged it, read straight from the server (no proxy) once the
- * stream has ended: what a client that lost no connection sees. [{ event, id, data }]
+ * stream has ended: what a client that lost no connection sees. [{ event, id, data }]. `headers`: a
+ * credential, for a server that needs one.
  */
-export async function logOf(url, streamId) {
-  const res = await fetch(url + STREAMS_PATH + encodeURIComponent(streamId), { headers: { Accept: 'text/event-stream' } })
+export async function logOf(url, streamId, headers = {}) {
+  const res = await fetch(url + STREAMS_PATH + encodeURIComponent(streamId), { headers: { Accept: 'text/event-stream', ...headers } })
   if (res.status !== 200) throw new Error(`GET ${streamId}: HTTP ${res.status}`)
   const events = []
   const parser = createSSEParser((e) => events.push({ event: e.event, id: Number(e.id), data: JSON.parse(e.data) }))
@@ -431,7 +432,8 @@ export async function savedAnswer(url, conversationId) {
 /**
  * A minimal EventSource over fetch (Node has none): named MessageEvents with lastEventId, a plain "error"
  * Event on connection loss, reconnection with Last-Event-ID after a dropped body, and CLOSED (2) after a
- * non-200 answer or a failed connect.
+ * non-200 answer or a failed connect. A subclass's static `fetch` is used instead of the global one (one with
+ * a cookie jar, say).
  */
 export class FetchEventSource extends EventTarget {
   static instances = []
@@ -450,7 +452,7 @@ export class FetchEventSource extends EventTarget {
     const headers = { Accept: 'text/event-stream' }
     if (this.lastEventId) headers['Last-Event-ID'] = this.lastEventId
     try {
-      const res = await fetch(this.url, { headers, signal: this.controller.signal })
+      const res = await (this.constructor.fetch ?? fetch)(this.url, { headers, signal: this.controller.signal })
       if (res.status !== 200) {
         this.readyState = 2
         return this.dispatchEvent(new Event('error'))
