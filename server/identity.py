@@ -17,13 +17,15 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
-import jwt
 
 from .config import Settings
 from .errors import TokenExpiredError, UnauthorizedError
+
+if TYPE_CHECKING:
+    import jwt
 
 log = logging.getLogger("deltarelay.identity")
 
@@ -87,6 +89,8 @@ class Jwks:
         await asyncio.shield(self._fetching)
 
     async def _fetch(self) -> None:
+        import jwt  # imported only where tokens are configured: PyJWT brings cryptography, about 9 MB of RSS
+
         self._fetched_at = time.monotonic()
         try:
             response = await self._client.get(self.url)
@@ -135,6 +139,8 @@ class TokenVerifier:
         """
         if not self.configured:
             raise _refused("no RELAY_JWT_SECRET or RELAY_JWKS_URL is set")
+        import jwt  # as in Jwks._fetch: a server without JWT settings never loads PyJWT and cryptography
+
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:

@@ -633,3 +633,25 @@ def test_the_log_check_catches_a_jwt(tmp_path):
     """The check every server fixture here ends with would see a token that reached a log."""
     assert JWT_SHAPE.search("refused " + hs(claims())) is not None
     assert JWT_SHAPE.search("JWT refused: Signature verification failed") is None
+
+
+def test_a_server_without_jwt_settings_never_loads_pyjwt(tmp_path):
+    """PyJWT loads cryptography's backends (about 9 MB of RSS): the module, the app and a request with a token
+    that looks like a JWT do without it until a JWT setting exists. Fails when server/identity.py imports jwt
+    at its top."""
+    probe = (
+        "import asyncio, sys, httpx\n"
+        "from server.app import create_app\n"
+        "from server.config import load_settings\n"
+        "async def main():\n"
+        f"    app = create_app(load_settings(database_url='sqlite:///{tmp_path / 'r.db'}'))\n"
+        "    async with app.router.lifespan_context(app):\n"
+        "        transport = httpx.ASGITransport(app=app)\n"
+        "        async with httpx.AsyncClient(transport=transport, base_url='http://localhost') as client:\n"
+        "            response = await client.get('/api/conversations', headers={'authorization': 'Bearer a.b.c'})\n"
+        "    print(response.status_code, 'jwt' in sys.modules)\n"
+        "asyncio.run(main())\n")
+    out = subprocess.run([SERVER_PYTHON, "-c", probe], cwd=SERVER_CWD, env=_clean_env({}), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["401", "False"]
