@@ -197,7 +197,7 @@ async def test_an_sse_reader_whose_socket_stalls_keeps_its_outbox_up_to_the_boun
             received += await asyncio.to_thread(sock.recv, 4096)
         stream_id = bytes(received).split(b'"streamId":"', 1)[1].split(b'"', 1)[0].decode()
         whole = await sse_read_whole(relay.url, stream_id)  # the answer is generated to its end
-        assert names(whole)[-1] == "done"
+        assert names(whole)[-1] == "done", whole[-1]
         while not received.endswith(b"\r\n0\r\n\r\n"):
             chunk = await asyncio.to_thread(sock.recv, 1 << 20)
             if not chunk:
@@ -236,3 +236,20 @@ def dechunk(data: bytes) -> bytes:
         out += data[end + 2:end + 2 + size]
         assert data[end + 2 + size:end + 4 + size] == b"\r\n"
         position = end + 4 + size
+
+
+async def test_a_reader_dropped_as_slow_again_and_again_gets_the_whole_answer_by_resuming(make_server,
+                                                                                           make_upstream):
+    """8,000 unpaced deltas behind a bound of 50 events: a reader that resumes from the last id it got after each
+    `slow_consumer` (as the JS client does, and as sse_read_whole does) ends with every event once, in order.
+    Fails when the error is taken for the answer's end: an SSE parser gives the id-less error the last id it
+    saw, so telling it by its id (as sse_read_whole first did) ends the read early."""
+    relay = relay_with_big_answer(make_server, make_upstream, delay_ms=0, queue_events=50)
+    async with httpx.AsyncClient(base_url=relay.url, timeout=30) as client:
+        started = await client.post("/api/command-center/message", json={"message": "drop me often"},
+                                    headers={"accept": "application/json"})
+    assert started.status_code == 202
+    events = await sse_read_whole(relay.url, started.json()["streamId"])
+    assert [event_id for event_id, _, _ in events] == list(range(1, len(events) + 1))
+    assert names(events) == ["start"] + ["chunk"] * 8000 + ["cost", "done"]
+    assert text_of(events) == expected_words(8000, 150)
