@@ -492,6 +492,9 @@ async def save_orphan(store: Store, orphan: Orphan) -> bool:
 
     The output tokens are estimated from the text, as for a cancel; input and cache tokens are the
     last usage the dead instance copied to Redis. False when the answer was already finished.
+    The log holds only what this stream generated: for a continue (issue 17) that is the continuation alone,
+    so such an answer is saved with the continuation's text and usage, without the part it continued (a gap
+    that instance deaths mid-continue hit; the ledger keeps the earlier part's cost).
     """
     text, thinking = TextParts(), TextParts()
     model = orphan.model
