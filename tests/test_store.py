@@ -773,6 +773,45 @@ async def test_only_an_answers_own_writes_skip_the_wal_flush_on_postgresql(url, 
     assert seen == [answers, answers, answers, "on"]
 
 
+async def test_an_answers_start_and_final_save_are_one_statement_each_on_postgresql(url, monkeypatch):
+    """What the pool's connections are sent (asyncpg's query logger): a new conversation's turn start is one
+    statement and its final save another, with no BEGIN, SET or COMMIT around them; a follow-up turn reads in
+    a transaction; a user's write turns the WAL flush back on for its own. Fails when begin_turn sends its
+    inserts apart, when a statement marked `alone` is wrapped in a transaction, when the writer sets
+    synchronous_commit for an answer's write although its session has it already, or when a released
+    connection gets asyncpg's default reset statement again."""
+    if url.startswith("sqlite"):
+        pytest.skip("SQLite's writer thread runs every write in its batch's transaction")
+    from server.store import base
+
+    sent: list[str] = []
+
+    def logging_database(database_url: str, **options: Any) -> Database:
+        async def init(connection: asyncpg.Connection) -> None:
+            connection.add_query_logger(lambda logged: sent.append(logged.query.split()[0].rstrip(";").upper()))
+
+        return Database(database_url, init=init, **options)
+
+    monkeypatch.setattr(base, "Database", logging_database)
+    store = Store(url, synchronous_answers=False)
+    await store.connect()
+    try:
+        sent.clear()
+        started = await turn(store, "one round trip?")
+        assert sent == ["WITH"]
+        sent.clear()
+        await store.save_reply(started.assistant_message_id, reply("yes"))
+        assert sent == ["UPDATE"]
+        sent.clear()
+        await turn(store, "and again?", started.conversation_id)
+        assert sent == ["BEGIN", "SELECT", "SELECT", "WITH", "COMMIT"]
+        sent.clear()
+        await store.add_user("ada", "0" * 64)
+        assert sent[:2] == ["BEGIN", "SET"] and sent[-1] == "COMMIT"
+    finally:
+        await store.disconnect()
+
+
 async def test_migration_0006_keeps_cli_users_adds_the_apps_users_and_its_downgrade_restores_0005(url):
     """0006 keeps every CLI user, token and session; (issuer, subject) is unique, a CLI name is unique among CLI
     users only, and an app user needs no token. Its downgrade refuses while app users exist (nothing changed),

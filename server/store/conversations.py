@@ -46,17 +46,19 @@ class ConversationQueries(StoreBase):
             TooLargeError: the conversation already holds max_history messages; nothing is saved.
         """
 
+        # PostgreSQL takes the conversation's write and both messages as one statement (data-modifying CTE),
+        # a new conversation's whole start in one round trip; SQLite's writer batches statements anyway.
+        one_statement = not self.is_sqlite
+
         def operation() -> Operation[Turn]:
             stamp = now()
             history: list[dict[str, str]] = []
             if conversation_id is None:
                 conv_id = new_id()
                 title = " ".join(user_text.split())[:80] or "New conversation"
-                yield Query(
-                    "INSERT INTO conversations (id, agent_id, title, created_at, updated_at, owner_id)"
-                    " VALUES (:id, :agent, :title, :t, :t, :owner)",
-                    {"id": conv_id, "agent": agent_id, "title": title, "t": stamp, "owner": owner_id},
-                )
+                conversation_sql = ("INSERT INTO conversations (id, agent_id, title, created_at, updated_at, owner_id)"
+                                    " VALUES (:conv, :agent, :title, :t, :t, :owner)")
+                conversation_params: dict[str, Any] = {"agent": agent_id, "title": title, "owner": owner_id}
                 seq = 0
             else:
                 conv_id = conversation_id
@@ -74,27 +76,29 @@ class ConversationQueries(StoreBase):
                         " start a new conversation", code="history_too_long")
                 history = _history([(row[0], row[1]) for row in rows])
                 seq = (rows[-1][2] + 1) if rows else 0
-                yield Query("UPDATE conversations SET updated_at = :t WHERE id = :id", {"t": stamp, "id": conv_id})
+                conversation_sql = "UPDATE conversations SET updated_at = :t WHERE id = :conv"
+                conversation_params = {}
             user_id, assistant_id = new_id(), new_id()
-            insert = (
-                "INSERT INTO messages (id, conversation_id, seq, role, content, model, status, stream_id,"
-                " trace_session_id, task_trace_id, created_at, completed_at, instance_id)"
-                " VALUES (:id, :conv, :seq, :role, :content, :model, :status, :stream, :ts, :tt, :t, :done, :instance)"
-            )
             # One trace session per conversation unless the caller names one.
             trace_session = trace_session_id or conv_id
-            common = {"conv": conv_id, "stream": stream_id, "ts": trace_session, "tt": task_trace_id,
-                      "t": stamp, "instance": instance_id}
-            yield Query(
-                insert,
-                {**common, "id": user_id, "seq": seq, "role": "user", "content": user_text, "model": None,
-                 "status": Status.COMPLETE.value, "done": stamp},
+            messages_sql = (
+                "INSERT INTO messages (id, conversation_id, seq, role, content, model, status, stream_id,"
+                " trace_session_id, task_trace_id, created_at, completed_at, instance_id)"
+                " VALUES (:uid, :conv, :useq, :urole, :content, NULL, :complete, :stream, :ts, :tt, :t, :t, :instance),"
+                " (:aid, :conv, :aseq, :arole, '', :model, :streaming, :stream, :ts, :tt, :t, NULL, :instance)"
             )
-            yield Query(
-                insert,
-                {**common, "id": assistant_id, "seq": seq + 1, "role": "assistant", "content": "", "model": model,
-                 "status": Status.STREAMING.value, "done": None},
-            )
+            messages_params = {
+                "conv": conv_id, "t": stamp, "stream": stream_id, "ts": trace_session, "tt": task_trace_id,
+                "instance": instance_id, "uid": user_id, "useq": seq, "urole": "user", "content": user_text,
+                "complete": Status.COMPLETE.value, "aid": assistant_id, "aseq": seq + 1, "arole": "assistant",
+                "model": model, "streaming": Status.STREAMING.value,
+            }
+            if one_statement:
+                yield Query(f"WITH conversation AS ({conversation_sql}) {messages_sql}",
+                            {**conversation_params, **messages_params}, alone=conversation_id is None)
+            else:
+                yield Query(conversation_sql, {"conv": conv_id, "t": stamp, **conversation_params})
+                yield Query(messages_sql, messages_params)
             history.append({"role": "user", "content": user_text})
             return Turn(conv_id, user_id, assistant_id, _history([(m["role"], m["content"]) for m in history]),
                         trace_session)
@@ -131,6 +135,7 @@ class ConversationQueries(StoreBase):
                     "id": message_id, "streaming": Status.STREAMING.value,
                 },
                 ALL,
+                alone=True,
             )
             return bool(rows)
 
@@ -161,6 +166,7 @@ class ConversationQueries(StoreBase):
                         "cost": cost, "est": 1 if reply.cost_estimated else 0, "id": message_id,
                         "streaming": Status.STREAMING.value,
                     },
+                    alone=len(replies) == 1,
                 )
 
         await self.answer_write(operation())
