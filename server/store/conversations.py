@@ -151,6 +151,35 @@ class ConversationQueries(StoreBase):
         """
 
         costs = [self._cost_param(reply.cost) for _, reply in replies]
+        if not self.is_sqlite and len(replies) > 1:
+            # PostgreSQL: the whole batch in one statement, one round trip, its rows given as arrays.
+            def batched() -> Operation[None]:
+                yield Query(
+                    "UPDATE messages AS m SET content = v.content, thinking = v.thinking, model = v.model,"
+                    " input_tokens = v.inp, output_tokens = v.out, cache_creation_input_tokens = v.cw,"
+                    " cache_read_input_tokens = v.cr, cost = v.cost, cost_estimated = v.est"
+                    " FROM unnest(:ids::text[], :contents::text[], :thinkings::text[], :models::text[],"
+                    " :inps::bigint[], :outs::bigint[], :cws::bigint[], :crs::bigint[], :costs::numeric[],"
+                    " :ests::int[]) AS v(id, content, thinking, model, inp, out, cw, cr, cost, est)"
+                    " WHERE m.id = v.id AND m.status = :streaming",
+                    {
+                        "ids": [message_id for message_id, _ in replies],
+                        "contents": [reply.content for _, reply in replies],
+                        "thinkings": [reply.thinking for _, reply in replies],
+                        "models": [reply.model for _, reply in replies],
+                        "inps": [reply.input_tokens for _, reply in replies],
+                        "outs": [reply.output_tokens for _, reply in replies],
+                        "cws": [reply.cache_creation_input_tokens for _, reply in replies],
+                        "crs": [reply.cache_read_input_tokens for _, reply in replies],
+                        "costs": costs,
+                        "ests": [1 if reply.cost_estimated else 0 for _, reply in replies],
+                        "streaming": Status.STREAMING.value,
+                    },
+                    alone=True,
+                )
+
+            await self.answer_write(batched())
+            return
 
         def operation() -> Operation[None]:
             for (message_id, reply), cost in zip(replies, costs, strict=True):
