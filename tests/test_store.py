@@ -796,9 +796,10 @@ async def test_an_answers_start_and_final_save_are_one_statement_each_on_postgre
     """What the pool's connections are sent (asyncpg's query logger): a new conversation's turn start is one
     statement and its final save another, with no BEGIN, SET or COMMIT around them; a follow-up turn reads in
     a transaction; a batch of progress saves is one statement too; a user's write turns the WAL flush back
-    on for its own. Fails when begin_turn sends its inserts apart, when save_progress sends a row at a time, when a statement marked `alone` is wrapped in a transaction, when the writer sets
-    synchronous_commit for an answer's write although its session has it already, or when a released
-    connection gets asyncpg's default reset statement again."""
+    on for its own. Fails when begin_turn sends its inserts apart, when save_progress sends a row at a time,
+    when a statement marked `alone` is wrapped in a transaction, when the writer sets synchronous_commit for
+    an answer's write although its session has it already, or when a released connection gets asyncpg's
+    default reset statement again."""
     if url.startswith("sqlite"):
         pytest.skip("SQLite's writer thread runs every write in its batch's transaction")
     from server.store import base
