@@ -95,6 +95,39 @@ def _unframed(event_id: int, name: str, data: bytes) -> bytes:
     raise AssertionError("a subscriber frames events only while it serves")
 
 
+class TurnFlush:
+    """The end of a loop's turn for every subscriber at once: each one whose outbox got its first event in
+    this turn is flushed once, in the order they got it, by one callback per turn (not one per subscriber)."""
+
+    __slots__ = ("loop", "pending", "__weakref__")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: list[Subscriber] = []
+
+    def add(self, subscriber: Subscriber) -> None:
+        pending = self.pending
+        pending.append(subscriber)
+        if len(pending) == 1:
+            self.loop.call_soon(self.run)
+
+    def run(self) -> None:
+        pending, self.pending = self.pending, []
+        for subscriber in pending:
+            subscriber.flush()
+
+
+_turn_flushes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TurnFlush] = weakref.WeakKeyDictionary()
+
+
+def turn_flush(loop: asyncio.AbstractEventLoop) -> TurnFlush:
+    """The loop's one TurnFlush."""
+    flush = _turn_flushes.get(loop)
+    if flush is None:
+        flush = _turn_flushes[loop] = TurnFlush(loop)
+    return flush
+
+
 class Subscriber:
     """One reader of one stream: one bounded outbox of framed events, flushed to its writer once per loop turn.
 
@@ -107,7 +140,7 @@ class Subscriber:
     """
 
     __slots__ = ("stream", "limit", "outbox", "cursor", "paging", "closed", "dropped", "active", "on_detach",
-                 "writer", "frame", "keepalive", "_loop", "_waiter", "__weakref__")
+                 "writer", "frame", "keepalive", "_loop", "_turn", "_waiter", "__weakref__")
 
     def __init__(self, stream: LiveStream, after: int, limit: int) -> None:
         self.stream = stream
@@ -123,6 +156,7 @@ class Subscriber:
         self.frame: Framer = _unframed
         self.keepalive: bytes | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._turn: TurnFlush | None = None  # set while serve() runs
         # A bare future, not an asyncio.Event: serve() waits on it between the stream's turns of events.
         self._waiter: asyncio.Future[None] | None = None
 
@@ -145,10 +179,10 @@ class Subscriber:
                 self._loop.call_soon(self.detach)
             return
         outbox.append(self.frame(*entry))
-        if len(outbox) == 1 and self._loop is not None:
-            self._loop.call_soon(self._flush)
+        if len(outbox) == 1 and self._turn is not None:
+            self._turn.add(self)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         """The end of the turn: write what the outbox holds, unless the socket is paused or the stream ended."""
         writer = self.writer
         if writer is None or not self.outbox or self.closed:
@@ -207,8 +241,8 @@ class Subscriber:
             self.active = False
         elif self.keepalive is not None and not self.closed and not self.dropped:
             self.outbox.append(self.keepalive)
-            if len(self.outbox) == 1 and self._loop is not None:
-                self._loop.call_soon(self._flush)
+            if len(self.outbox) == 1 and self._turn is not None:
+                self._turn.add(self)
 
     def detach(self) -> None:
         """Stop receiving; called when the reader goes away."""
@@ -231,6 +265,7 @@ class Subscriber:
         """
         self.writer, self.frame, self.keepalive = writer, frame, keepalive
         self._loop = loop = asyncio.get_running_loop()
+        self._turn = turn_flush(loop)
         try:
             while True:
                 if self.dropped:
@@ -259,6 +294,7 @@ class Subscriber:
         finally:
             self.writer = None
             self._loop = None
+            self._turn = None
             self.detach()
 
 

@@ -5,7 +5,8 @@ readers here never wait for Redis). On top of it:
 
 - every numbered event is copied to the stream's Redis Stream `{prefix}:log:{id}` with
   the relay's own id as the entry id (`<n>-0`), by one writer task that sends what every
-  stream logged since its last write in one pipeline, read from the stream's own log; so
+  stream logged since its last write in one script call, read from the stream's own log
+  (sent at once: what a client was sent, Redis has within a round trip); so
   a resume on any instance is exact. Each copy has an epoch (`{prefix}:epoch:{id}`, a
   random token made with it): the owner appends only to the copy it made (a script checks
   the epoch and skips events the copy holds, so a write may be sent twice), and when Redis
@@ -75,38 +76,53 @@ def entry_number(entry_id: bytes) -> int:
 def text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
-# KEYS: log, epoch. ARGV: epoch, maxlen, ttl (0: leave it), then id, name, data of each event, in order.
-# Appends to the copy of that epoch the events it does not hold yet (XADD refuses an id at or below the top).
-# The number added; -1: the copy is not this epoch's (Redis lost it); -2: another instance ended it.
-APPEND_SCRIPT = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] or redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
-if last and tonumber(ARGV[#ARGV - 2]) > tonumber(string.match(last[1], '^%d+')) then
-  for i = 1, #last[2], 2 do
-    if last[2][i] == 'e' and (last[2][i + 1] == 'done' or last[2][i + 1] == 'error') then return -2 end
+# One call for every stream a write carries. KEYS: each stream's log and epoch, in pairs. ARGV: maxlen, then per
+# stream: its mode, its epoch, ttl (0: leave it), the number of events, then id, name, data of each, in order.
+# Mode "a" appends to the copy of that epoch the events it does not hold yet (XADD refuses an id at or below the
+# top); mode "c" makes a new copy of the log, of this epoch, holding exactly these events.
+# Per stream, the number added; -1: the copy is not this epoch's (Redis lost it); -2: another instance ended it.
+WRITE_SCRIPT = """
+local results = {}
+local a = 2
+for k = 1, #KEYS, 2 do
+  local log, epoch = KEYS[k], KEYS[k + 1]
+  local mode, token, ttl, count = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+  local first, last = a + 4, a + 1 + 3 * count
+  a = last + 3
+  local result = nil
+  if mode == 'c' then
+    redis.call('DEL', log)
+    for i = first, last, 3 do
+      redis.call('XADD', log, 'MAXLEN', '~', ARGV[1], ARGV[i] .. '-0', 'e', ARGV[i + 1], 'd', ARGV[i + 2])
+    end
+    redis.call('SET', epoch, token, 'EX', ttl)
+    redis.call('EXPIRE', log, ttl)
+    result = count
+  elseif redis.call('GET', epoch) ~= token or redis.call('EXISTS', log) == 0 then
+    result = -1
+  else
+    local top = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)[1]
+    if top and tonumber(ARGV[last]) > tonumber(string.match(top[1], '^%d+')) then
+      for i = 1, #top[2], 2 do
+        if top[2][i] == 'e' and (top[2][i + 1] == 'done' or top[2][i + 1] == 'error') then result = -2 end
+      end
+    end
+    if result == nil then
+      local added = 0
+      for i = first, last, 3 do
+        local id = redis.pcall('XADD', log, 'MAXLEN', '~', ARGV[1], ARGV[i] .. '-0', 'e', ARGV[i + 1], 'd', ARGV[i + 2])
+        if type(id) == 'string' then added = added + 1 end
+      end
+      if ttl ~= '0' then
+        redis.call('EXPIRE', log, ttl)
+        redis.call('EXPIRE', epoch, ttl)
+      end
+      result = added
+    end
   end
+  results[#results + 1] = result
 end
-local added = 0
-for i = 4, #ARGV, 3 do
-  local id = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], ARGV[i] .. '-0', 'e', ARGV[i + 1], 'd', ARGV[i + 2])
-  if type(id) == 'string' then added = added + 1 end
-end
-if ARGV[3] ~= '0' then
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-  redis.call('EXPIRE', KEYS[2], ARGV[3])
-end
-return added
-"""
-
-# The same arguments: a new copy of the log, of this epoch, holding exactly these events.
-COPY_SCRIPT = """
-redis.call('DEL', KEYS[1])
-for i = 4, #ARGV, 3 do
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], ARGV[i] .. '-0', 'e', ARGV[i + 1], 'd', ARGV[i + 2])
-end
-redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return (#ARGV - 3) / 3
+return results
 """
 
 # KEYS: log, epoch. ARGV: the last id read, the `error` event's data, ttl. Ends a dead instance's log with
@@ -167,7 +183,7 @@ class RedisStreamHub(StreamHub):
         self.redis: Redis = Redis.from_url(redis_url)
         # The blocking XREAD holds its connection for up to READ_BLOCK_MS: a client of its own.
         self.reader: Redis = Redis.from_url(redis_url)
-        self._scripts = {source: "" for source in (APPEND_SCRIPT, COPY_SCRIPT, END_SCRIPT)}  # source -> sha
+        self._scripts = {source: "" for source in (WRITE_SCRIPT, END_SCRIPT)}  # source -> sha
         self._copies: dict[str, LogCopy] = {}  # this instance's streams whose last event Redis has not taken yet
         self._dirty: dict[str, LogCopy] = {}  # those with events to write
         self._dirty_ready = asyncio.Event()
@@ -335,15 +351,20 @@ class RedisStreamHub(StreamHub):
                 return
 
     async def _write(self, copies: list[LogCopy]) -> None:
-        """One pipeline: for each stream, the events Redis does not have yet from its log, and its usage copy.
+        """One pipeline: one script call with, for each stream, the events Redis does not have yet from its log
+        (so its commands and replies cost once per write, not once per stream), then the running list's changes
+        (usage copies; finished streams off it, after their last events).
 
         Raises:
             RedisError, OSError: Redis did not take them all (those not taken are marked to be sent again).
         """
-        pipe = self.redis.pipeline(transaction=False)
         running = self._running_key(self.instance_id)
         retention = max(1, math.ceil(self.retention_seconds))
-        sent: list[tuple[int, LogCopy, int]] = []  # (index of its script, copy, last id sent)
+        sent: list[tuple[LogCopy, int]] = []  # (copy, last id sent), in the script's order
+        ended: list[str] = []  # streams to take off the running list once their last events are in
+        usages: dict[str, str] = {}  # running streams whose usage copy changed
+        keys: list[str] = []
+        args: list[Any] = [self.log_limit]
         for copy in copies:
             stream = copy.stream
             if stream.last_id <= copy.written:
@@ -353,38 +374,44 @@ class RedisStreamHub(StreamHub):
             anew = not copy.made or copy.written + 1 < first_held
             start = first_held if anew else copy.written + 1
             ttl = retention if stream.finished else LOG_TTL_SECONDS if anew else 0
-            args: list[Any] = [copy.epoch, self.log_limit, ttl]
+            args += ("c" if anew else "a", copy.epoch, ttl, stream.last_id - start + 1)
             for event_id, (name, data) in enumerate(stream.log.encoded(start - first_held), start):
                 args += (event_id, name, data)
-            sent.append((len(pipe.command_stack), copy, stream.last_id))
-            keys = (self.log_key(stream.id), self.epoch_key(stream.id))
-            pipe.evalsha(self._scripts[COPY_SCRIPT if anew else APPEND_SCRIPT], 2, *keys, *args)
+            sent.append((copy, stream.last_id))
+            keys += (self.log_key(stream.id), self.epoch_key(stream.id))
             if stream.finished:
-                pipe.hdel(running, stream.id)
+                ended.append(stream.id)
                 self._copied_usage.pop(stream.id, None)
                 continue
             # What a survivor needs to save this answer if this instance dies: its message and last usage.
             usage = stream.reply.usage if stream.reply is not None else Usage()
             if anew or self._copied_usage.get(stream.id) != usage:
                 self._copied_usage[stream.id] = usage
-                pipe.hset(running, stream.id, orjson.dumps(
-                    {"messageId": stream.message_id, "model": stream.model, "usage": asdict(usage)}).decode())
+                usages[stream.id] = orjson.dumps(
+                    {"messageId": stream.message_id, "model": stream.model, "usage": asdict(usage)}).decode()
         if not sent:
             return
-        results = await pipe.execute(raise_on_error=False)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.evalsha(self._scripts[WRITE_SCRIPT], len(keys), *keys, *args)
+        if ended:
+            pipe.hdel(running, *ended)
+        if usages:
+            pipe.hset(running, mapping=usages)  # type: ignore[arg-type]
+        written = (await pipe.execute(raise_on_error=False))[0]
         refused: Exception | None = None
         scripts_lost = False
         lost: list[LogCopy] = []
-        for index, copy, last_id in sent:
-            result = results[index]
+        if isinstance(written, Exception):
+            for copy, _ in sent:
+                self._dirty.setdefault(copy.stream.id, copy)
+            if isinstance(written, NoScriptError):
+                scripts_lost = True  # a Redis that restarted has no scripts: load them, send again at once
+            else:
+                refused = written
+            written = []
+        for (copy, last_id), result in zip(sent, written, strict=False):
             stream = copy.stream
-            if isinstance(result, Exception):
-                self._dirty.setdefault(stream.id, copy)
-                if isinstance(result, NoScriptError):
-                    scripts_lost = True  # a Redis that restarted has no scripts: load them, send again at once
-                else:
-                    refused = result
-            elif result == -1:
+            if result == -1:
                 lost.append(copy)
             elif result == -2:
                 # Another instance took this stream for dead and ended its log: stop, as a shutdown would.

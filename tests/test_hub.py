@@ -147,7 +147,7 @@ async def test_a_reader_whose_socket_stalls_is_dropped_at_its_bound_and_holds_no
 async def test_a_slow_reader_gets_what_queued_while_paused_in_one_write_in_order():
     """The socket pauses with events in flight, then drains: what queued meanwhile goes out in one write, after
     what was written before, with nothing lost. Fails when a flush while paused drops the outbox or writes it
-    anyway (Subscriber._flush without its can_write check)."""
+    anyway (Subscriber.flush without its can_write check)."""
     hub = StreamHub(100, retention_seconds=60, queue_limit=10)
     stream = make_stream(hub)
     subscriber = hub.subscribe("s1", after=0)

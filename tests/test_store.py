@@ -580,6 +580,25 @@ async def test_progress_is_saved_while_streaming_and_never_over_a_finished_answe
     assert (left["status"], left["content"], left["cost"]) == ("interrupted", "The wh", "0.00001")
 
 
+async def test_a_batch_of_progress_saves_gives_each_answer_its_own_values(store):
+    """Each row of a batch gets its own text, tokens and cost (None stays NULL), whatever the batch's order;
+    a finished answer in the batch is left alone. Fails when PostgreSQL's one-statement batch pairs the
+    arrays wrongly (a column's array out of step with the ids) or drops its `status` check."""
+    turns = [await turn(store, f"answer {n}") for n in range(3)]
+    await store.save_reply(turns[2].assistant_message_id, reply("Finished."))
+    partials = [
+        replace(reply("Ça va — 第一", Status.STREAMING, Decimal("0.000123")), output_tokens=7),
+        replace(reply("second", Status.STREAMING, None), output_tokens=3, cost_estimated=True),
+        reply("over a finished one", Status.STREAMING, Decimal("1")),
+    ]
+    await store.save_progress([(t.assistant_message_id, p) for t, p in zip(reversed(turns), reversed(partials),
+                                                                           strict=True)])
+    rows = [await store.get_message(t.assistant_message_id) or {} for t in turns]
+    assert [(r["content"], r["output_tokens"], r["cost"], r["cost_estimated"]) for r in rows[:2]] == [
+        ("Ça va — 第一", 7, "0.000123", 0), ("second", 3, None, 1)]
+    assert (rows[2]["status"], rows[2]["content"]) == ("complete", "Finished.")
+
+
 async def test_a_start_spares_the_answers_of_a_process_that_holds_its_lease(url):
     """A second Store on the same database stands for a second process. Making _lease_held answer False
     fails this: the other process's running answer would be marked interrupted."""
@@ -773,6 +792,57 @@ async def test_only_an_answers_own_writes_skip_the_wal_flush_on_postgresql(url, 
         await store.disconnect()
     answers = "on" if synchronous_answers else "off"
     assert seen == [answers, answers, answers, "on"]
+
+
+async def test_an_answers_start_and_final_save_are_one_statement_each_on_postgresql(url, monkeypatch):
+    """What the pool's connections are sent (asyncpg's query logger): a new conversation's turn start is one
+    statement and its final save another, with no BEGIN, SET or COMMIT around them; a follow-up turn reads in
+    a transaction; a batch of progress saves is one statement too; a user's write turns the WAL flush back
+    on for its own. Fails when begin_turn sends its inserts apart, when save_progress sends a row at a time,
+    when a statement marked `alone` is wrapped in a transaction, when the writer sets synchronous_commit for
+    an answer's write although its session has it already, or when a released connection gets asyncpg's
+    default reset statement again."""
+    if url.startswith("sqlite"):
+        pytest.skip("SQLite's writer thread runs every write in its batch's transaction")
+    from server.store import base
+
+    sent: list[str] = []
+
+    def logging_database(database_url: str, **options: Any) -> Database:
+        async def init(connection: asyncpg.Connection) -> None:
+            connection.add_query_logger(lambda logged: sent.append(logged.query.split()[0].rstrip(";").upper()))
+
+        return Database(database_url, init=init, **options)
+
+    monkeypatch.setattr(base, "Database", logging_database)
+    store = Store(url, synchronous_answers=False)
+
+    async def statements(write: Any) -> list[str]:
+        """What `write` sends (asyncpg calls its query loggers soon after each query, not at once)."""
+        await asyncio.sleep(0.01)
+        sent.clear()
+        await write
+        await asyncio.sleep(0.01)
+        return list(sent)
+
+    await store.connect()
+    try:
+        started = await turn(store, "one round trip?")
+        other = await turn(store, "and a second answer?")
+        assert await statements(turn(store, "one round trip?")) == ["WITH"]
+        progress = [(started.assistant_message_id, reply("y", Status.STREAMING, None)),
+                    (other.assistant_message_id, reply("m", Status.STREAMING, None))]
+        # Warm: asyncpg looks up the array types on a connection's first use of them, once.
+        for _ in range(12):
+            await store.save_progress(progress)
+        assert await statements(store.save_progress(progress)) == ["UPDATE"]
+        assert await statements(store.save_reply(started.assistant_message_id, reply("yes"))) == ["WITH"]
+        assert await statements(turn(store, "and again?", started.conversation_id)) == [
+            "BEGIN", "SELECT", "SELECT", "WITH", "COMMIT"]
+        user = await statements(store.add_user("ada", "0" * 64))
+        assert user[:2] == ["BEGIN", "SET"] and user[-1] == "COMMIT"
+    finally:
+        await store.disconnect()
 
 
 async def test_migration_0006_keeps_cli_users_adds_the_apps_users_and_its_downgrade_restores_0005(url):

@@ -45,9 +45,15 @@ class StoreBase:
         self.synchronous_answers = synchronous_answers  # PostgreSQL: answer_write() waits for the WAL flush
         self.is_sqlite = self.url.startswith("sqlite:")
         # PostgreSQL: asyncpg's pool holds pool_size connections for reads and one more, the writer's.
-        sizes: dict[str, Any] = {} if self.is_sqlite else {"min_size": min(pool_size + 1, 10),
-                                                            "max_size": pool_size + 1}
-        self.db = Database(databases_url(self.url), **sizes)
+        options: dict[str, Any] = {} if self.is_sqlite else {"min_size": min(pool_size + 1, 10),
+                                                              "max_size": pool_size + 1}
+        if not self.is_sqlite:
+            options["reset"] = _keep_session
+        if not self.is_sqlite and not synchronous_answers:
+            # Sessions start with the answers' setting: their writes, nearly all of them, need no SET (see
+            # answer_write); every other write turns the flush back on for its own transaction.
+            options["server_settings"] = {"synchronous_commit": "off"}
+        self.db = Database(databases_url(self.url), **options)
         # SQLite: `databases` would open a connection, with a thread of its own, for every task that reads.
         self.reads: Reads = SQLiteReaders(sqlite_path(self.url), pool_size) if self.is_sqlite else self.db
         self._writer: SQLiteWriter | PostgresWriter | None = None
@@ -60,7 +66,8 @@ class StoreBase:
         if self.is_sqlite:
             self._writer = SQLiteWriter(sqlite_path(self.url), self.group_commit)
         else:
-            self._writer = PostgresWriter(self.db)
+            self._writer = PostgresWriter(self.db,
+                                          sessions_commit_synchronously=self.synchronous_answers)
         await self._writer.start()
         if migrate:
             with as_storage_errors():
@@ -230,4 +237,12 @@ class StoreBase:
         except RolledBack as done:
             return done.probe
         raise AssertionError("the probe always rolls back")
+
+
+async def _keep_session(connection: Any) -> None:
+    """What a pooled PostgreSQL connection needs on release beyond asyncpg's own rollback of an open
+    transaction: nothing. No statement of the store SETs a session setting, LISTENs, keeps a cursor past its
+    transaction or takes a session advisory lock, but the writer's own session, which is terminated, never
+    released. asyncpg's default reset (advisory unlock, CLOSE ALL, UNLISTEN, RESET ALL) is one more round
+    trip for every operation, a stream's start and its save among them."""
 

@@ -33,15 +33,16 @@ _EARLIER = ("COALESCE((SELECT SUM(u.{column}) FROM usage u WHERE u.message_id = 
             " AND u.id <> COALESCE(m.stream_id, m.id)), 0)")
 
 
-def _usage_insert(where: str) -> str:
-    """One usage row for each answer matched by `where` (on messages m), finished in this transaction: what its
-    latest generation spent, the message's totals less its earlier generations' rows (a continue adds to the
-    message). Exact: integer and NUMERIC arithmetic in the database. Idempotent: a row has its stream's id."""
+def _usage_insert(where: str, source: str = "messages") -> str:
+    """One usage row for each answer matched by `where` (on `source` m: messages, or a CTE of the rows an
+    UPDATE just returned), finished in this transaction: what its latest generation spent, the message's totals
+    less its earlier generations' rows (a continue adds to the message). Exact: integer and NUMERIC arithmetic
+    in the database. Idempotent: a row has its stream's id."""
     spent = ", ".join(f"m.{column} - {_EARLIER.format(column=column)}" for column in (
         "input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "cost"))
     return (f"INSERT INTO usage ({_USAGE_COLUMNS}) SELECT COALESCE(m.stream_id, m.id), m.id, m.conversation_id,"
             f" c.owner_id, c.agent_id, m.model, m.created_at, m.completed_at, {spent}, m.cost_estimated"
-            f" FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.role = 'assistant'"
+            f" FROM {source} m JOIN conversations c ON c.id = m.conversation_id WHERE m.role = 'assistant'"
             f" AND m.completed_at IS NOT NULL AND ({where}) ON CONFLICT (id) DO NOTHING")
 
 
@@ -156,6 +157,10 @@ class ConversationQueries(StoreBase):
             TooLargeError: the path already holds max_history messages; nothing is saved.
         """
 
+        # PostgreSQL takes the conversation's write and both messages as one statement (data-modifying CTE),
+        # a new conversation's whole start in one round trip; SQLite's writer batches statements anyway.
+        one_statement = not self.is_sqlite
+
         def operation() -> Operation[Turn]:
             stamp = now()
             path: list[dict[str, Any]] = []
@@ -172,11 +177,10 @@ class ConversationQueries(StoreBase):
                 conv_id = found[0]
             if conv_id is None:
                 conv_id = new_id()
-                yield Query(
-                    "INSERT INTO conversations (id, agent_id, title, created_at, updated_at, owner_id)"
-                    " VALUES (:id, :agent, :title, :t, :t, :owner)",
-                    {"id": conv_id, "agent": agent_id, "title": title_of(user_text), "t": stamp, "owner": owner_id},
-                )
+                conversation_sql = ("INSERT INTO conversations (id, agent_id, title, created_at, updated_at, owner_id,"
+                                    " active_leaf_id) VALUES (:conv, :agent, :title, :t, :t, :owner, :aid)")
+                conversation_params: dict[str, Any] = {"agent": agent_id, "title": title_of(user_text),
+                                                       "owner": owner_id}
                 seq = 0
             else:
                 leaf = yield from self._owned(conv_id, owner_id, parent_message_id or "")
@@ -191,24 +195,32 @@ class ConversationQueries(StoreBase):
                         f"this conversation has {len(path)} messages and the limit is {max_history};"
                         " start a new conversation", code="history_too_long")
                 seq = (rows[-1]["seq"] + 1) if rows else 0
-                yield Query("UPDATE conversations SET updated_at = :t WHERE id = :id", {"t": stamp, "id": conv_id})
+                conversation_sql = "UPDATE conversations SET updated_at = :t, active_leaf_id = :aid WHERE id = :conv"
+                conversation_params = {}
             user_id, assistant_id = new_id(), new_id()
             # One trace session per conversation unless the caller names one.
             trace_session = trace_session_id or conv_id
-            common = {"conv": conv_id, "stream": stream_id, "ts": trace_session, "tt": task_trace_id,
-                      "t": stamp, "instance": instance_id}
-            yield Query(
-                _INSERT_MESSAGE,
-                {**common, "id": user_id, "parent": parent_id, "seq": seq, "role": "user", "content": user_text,
-                 "model": None, "status": Status.COMPLETE.value, "done": stamp},
+            messages_sql = (
+                "INSERT INTO messages (id, conversation_id, parent_id, seq, role, content, model, status, stream_id,"
+                " trace_session_id, task_trace_id, created_at, completed_at, instance_id)"
+                " VALUES (:uid, :conv, :parent, :useq, :urole, :content, NULL, :complete, :stream, :ts, :tt, :t, :t,"
+                " :instance), (:aid, :conv, :uid, :aseq, :arole, '', :model, :streaming, :stream, :ts, :tt, :t, NULL,"
+                " :instance)"
             )
-            yield Query(
-                _INSERT_MESSAGE,
-                {**common, "id": assistant_id, "parent": user_id, "seq": seq + 1, "role": "assistant",
-                 "content": "", "model": model, "status": Status.STREAMING.value, "done": None},
-            )
-            yield Query("UPDATE conversations SET active_leaf_id = :leaf WHERE id = :id",
-                        {"leaf": assistant_id, "id": conv_id})
+            messages_params = {
+                "conv": conv_id, "t": stamp, "stream": stream_id, "ts": trace_session, "tt": task_trace_id,
+                "instance": instance_id, "uid": user_id, "parent": parent_id, "useq": seq, "urole": "user",
+                "content": user_text, "complete": Status.COMPLETE.value, "aid": assistant_id, "aseq": seq + 1,
+                "arole": "assistant", "model": model, "streaming": Status.STREAMING.value,
+            }
+            if one_statement:
+                # Alone (no transaction around it) only when nothing was read before it.
+                yield Query(f"WITH conversation AS ({conversation_sql}) {messages_sql}",
+                            {**conversation_params, **messages_params}, alone=conversation_id is None and not
+                            (parent_given and parent_message_id is not None))
+            else:
+                yield Query(conversation_sql, {"conv": conv_id, "t": stamp, "aid": assistant_id, **conversation_params})
+                yield Query(messages_sql, messages_params)
             history = [(m["role"], m["content"]) for m in path] + [("user", user_text)]
             return Turn(conv_id, user_id, assistant_id, _history(history), trace_session, parent_id=user_id)
 
@@ -352,13 +364,23 @@ class ConversationQueries(StoreBase):
         finished_at = reply.finished_at or now()
         cost = self._cost_param(reply.cost)
 
+        update = (
+            "UPDATE messages SET content = :content, thinking = :thinking, model = :model, status = :status,"
+            " stop_reason = :stop, input_tokens = :inp, output_tokens = :out,"
+            " cache_creation_input_tokens = :cw, cache_read_input_tokens = :cr, cost = :cost,"
+            " cost_estimated = :est, error_code = :err, completed_at = :t"
+            " WHERE id = :id AND (status = :streaming OR (status = :status AND completed_at = :t))")
+        one_statement = not self.is_sqlite
+
         def operation() -> Operation[bool]:
+            # The ledger's row goes in the same transaction: reports and budgets sum it, whatever is deleted
+            # later. PostgreSQL: one statement (the UPDATE's new row feeds the INSERT; a CTE cannot read it back).
+            sql = (f"WITH saved AS ({update} RETURNING id, stream_id, conversation_id, role, model, created_at,"
+                   " completed_at, input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens,"
+                   f" cost, cost_estimated), ledger AS ({_usage_insert('TRUE', 'saved')}) SELECT id FROM saved"
+                   ) if one_statement else update + " RETURNING id"
             rows = yield Query(
-                "UPDATE messages SET content = :content, thinking = :thinking, model = :model, status = :status,"
-                " stop_reason = :stop, input_tokens = :inp, output_tokens = :out,"
-                " cache_creation_input_tokens = :cw, cache_read_input_tokens = :cr, cost = :cost,"
-                " cost_estimated = :est, error_code = :err, completed_at = :t"
-                " WHERE id = :id AND (status = :streaming OR (status = :status AND completed_at = :t)) RETURNING id",
+                sql,
                 {
                     "content": reply.content, "thinking": reply.thinking, "model": reply.model,
                     "status": reply.status.value, "stop": reply.stop_reason, "inp": reply.input_tokens,
@@ -368,9 +390,9 @@ class ConversationQueries(StoreBase):
                     "id": message_id, "streaming": Status.STREAMING.value,
                 },
                 ALL,
+                alone=one_statement,
             )
-            if rows:
-                # The ledger's row, in the same transaction: reports and budgets sum it, whatever is deleted later.
+            if rows and not one_statement:
                 yield Query(_usage_insert("m.id = :id"), {"id": message_id})
             return bool(rows)
 
@@ -386,6 +408,35 @@ class ConversationQueries(StoreBase):
         """
 
         costs = [self._cost_param(reply.cost) for _, reply in replies]
+        if not self.is_sqlite and len(replies) > 1:
+            # PostgreSQL: the whole batch in one statement, one round trip, its rows given as arrays.
+            def batched() -> Operation[None]:
+                yield Query(
+                    "UPDATE messages AS m SET content = v.content, thinking = v.thinking, model = v.model,"
+                    " input_tokens = v.inp, output_tokens = v.out, cache_creation_input_tokens = v.cw,"
+                    " cache_read_input_tokens = v.cr, cost = v.cost, cost_estimated = v.est"
+                    " FROM unnest(:ids::text[], :contents::text[], :thinkings::text[], :models::text[],"
+                    " :inps::bigint[], :outs::bigint[], :cws::bigint[], :crs::bigint[], :costs::numeric[],"
+                    " :ests::int[]) AS v(id, content, thinking, model, inp, out, cw, cr, cost, est)"
+                    " WHERE m.id = v.id AND m.status = :streaming",
+                    {
+                        "ids": [message_id for message_id, _ in replies],
+                        "contents": [reply.content for _, reply in replies],
+                        "thinkings": [reply.thinking for _, reply in replies],
+                        "models": [reply.model for _, reply in replies],
+                        "inps": [reply.input_tokens for _, reply in replies],
+                        "outs": [reply.output_tokens for _, reply in replies],
+                        "cws": [reply.cache_creation_input_tokens for _, reply in replies],
+                        "crs": [reply.cache_read_input_tokens for _, reply in replies],
+                        "costs": costs,
+                        "ests": [1 if reply.cost_estimated else 0 for _, reply in replies],
+                        "streaming": Status.STREAMING.value,
+                    },
+                    alone=True,
+                )
+
+            await self.answer_write(batched())
+            return
 
         def operation() -> Operation[None]:
             for (message_id, reply), cost in zip(replies, costs, strict=True):
@@ -401,6 +452,7 @@ class ConversationQueries(StoreBase):
                         "cost": cost, "est": 1 if reply.cost_estimated else 0, "id": message_id,
                         "streaming": Status.STREAMING.value,
                     },
+                    alone=len(replies) == 1,
                 )
 
         await self.answer_write(operation())

@@ -19,7 +19,7 @@ from databases.core import Connection
 from ..errors import StorageUnavailableError
 from .faults import one_line, unavailable
 from .leases import LEASE_KEY
-from .queries import ALL, ONE, Operation, T
+from .queries import ALL, ONE, Operation, Query, T
 
 log = logging.getLogger("deltarelay.store")
 
@@ -39,8 +39,11 @@ class PostgresWriter:
     RECONNECT_FIRST_DELAY = 0.05
     RECONNECT_MAX_DELAY = 1.0
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, sessions_commit_synchronously: bool = True) -> None:
         self.db = db
+        # The pool's sessions start with this synchronous_commit (Store sets it in the connection's settings);
+        # an operation that asks for the other one sets it for its own transaction.
+        self.sessions_commit_synchronously = sessions_commit_synchronously
         self.healthy = False  # the session is open (False: every operation fails at once until it is again)
         self.last_ok = 0.0  # time.monotonic() of the last operation written
         self.instance_id: str | None = None
@@ -93,10 +96,21 @@ class PostgresWriter:
             async with self.db.connection() as connection:
                 try:
                     raw = connection.raw_connection
-                    async with raw.transaction():
-                        if not synchronous_commit:
-                            await raw.execute("SET LOCAL synchronous_commit = off")
-                        result = await _drive_async(operation, raw)
+                    setting = None if synchronous_commit == self.sessions_commit_synchronously else (
+                        "SET LOCAL synchronous_commit = " + ("on" if synchronous_commit else "off"))
+                    try:
+                        query = next(operation)
+                    except StopIteration as stop:
+                        result = stop.value  # nothing to write
+                    else:
+                        if query.alone and setting is None:
+                            # One statement commits by itself: no BEGIN and COMMIT round trips.
+                            result = await _drive_async(operation, query, raw)
+                        else:
+                            async with raw.transaction():
+                                if setting is not None:
+                                    await raw.execute(setting)
+                                result = await _drive_async(operation, query, raw)
                 except BaseException as exc:
                     if not isinstance(exc, Exception) or unavailable(exc):
                         _terminate(connection)  # so that releasing it has nothing left to reset
@@ -186,12 +200,16 @@ def _terminate(connection: Connection) -> None:
         pass
 
 
-async def _drive_async(operation: Operation[T], connection: asyncpg.Connection) -> T:
-    """Run `operation`'s queries on an asyncpg connection, as `databases` would run them: the same
-    statements and parameters (:name becomes $n; Decimal is sent as its text, as `databases` sends it),
-    rows by position, by name and through `_mapping`; a statement without rows gives its first value."""
+async def _drive_async(operation: Operation[T], query: Query, connection: asyncpg.Connection) -> T:
+    """Run `operation`'s queries, from its first one `query` on, on an asyncpg connection, as `databases`
+    would run them: the same statements and parameters (:name becomes $n; Decimal is sent as its text, as
+    `databases` sends it), rows by position, by name and through `_mapping`; a statement without rows gives
+    its first value.
+
+    Raises:
+        RuntimeError: a statement marked `alone` was followed by another (which is not run).
+    """
     try:
-        query = next(operation)
         while True:
             sql, names = positional(query.sql)
             args = [_argument(query.params[name]) for name in names]
@@ -202,7 +220,10 @@ async def _drive_async(operation: Operation[T], connection: asyncpg.Connection) 
                 rows = [Row(row) for row in await connection.fetch(sql, *args)]
             else:
                 rows = await connection.fetchval(sql, *args)
+            alone = query.alone
             query = operation.send(rows)
+            if alone:
+                raise RuntimeError(f"a statement marked alone was followed by another: {query.sql[:60]}")
     except StopIteration as stop:
         result: T = stop.value
         return result

@@ -16,11 +16,16 @@ ONE, ALL, NONE = "one", "all", "none"
 
 @dataclass(frozen=True, slots=True)
 class Query:
-    """One statement of an operation, with :named parameters; `fetch` says what comes back."""
+    """One statement of an operation, with :named parameters; `fetch` says what comes back.
+
+    `alone`: the operation promises this is its first and only statement, so a driver may run it without an
+    explicit transaction (one statement is atomic by itself): on PostgreSQL one round trip instead of three.
+    """
 
     sql: str
     params: dict[str, Any] = field(default_factory=dict)
     fetch: str = NONE
+    alone: bool = False
 
 
 # An operation yields Queries, receives each one's rows (a row, a list of rows, or None), returns its result.
