@@ -1,7 +1,9 @@
-// The demo chat page: conversations from the REST API, answers streamed by
-// the deltarelay client. Model text is only ever inserted as text, never as HTML.
+// The demo chat page: conversations from the REST API, answers streamed by the deltarelay client. A user's
+// text is only ever inserted as text; an answer is rendered as Markdown by markdown.js, which never lets
+// the model's text become markup of its own (no HTML, no script, no javascript: link).
 
 import { createClient } from '/client/deltarelay.js'
+import { markdownView } from '/static/markdown.js'
 
 const $ = (id) => document.getElementById(id)
 const app = $('app')
@@ -186,8 +188,13 @@ function addMessage(role, state) {
 function showStoredMessage(message) {
   const shown = addMessage(message.role, message.status)
   shown.article.dataset.messageId = message.id
-  shown.text.textContent = message.content
-  if (message.role !== 'assistant') return
+  if (message.role !== 'assistant') {
+    shown.text.textContent = message.content
+    return
+  }
+  const view = markdownView(shown.text)
+  view.set(message.content)
+  view.flush()
   if (message.status === 'error') setStatus(shown, 'error', 'This answer failed.')
   if (message.status === 'cancelled') setStatus(shown, 'note', 'Stopped.')
   if (message.status === 'interrupted') setStatus(shown, 'note', 'Interrupted before it finished.')
@@ -218,11 +225,14 @@ function addToTotal(cost) {
   total.value = formatMoney(spent)
 }
 
-function keepScrolledDown(wasAtBottom) {
-  if (wasAtBottom) messages.scrollTop = messages.scrollHeight
-}
-
+// The pane follows a growing answer while the reader is at its end; scrolling up stops that.
+let pinned = true
 const atBottom = () => messages.scrollHeight - messages.scrollTop - messages.clientHeight < 40
+messages.addEventListener('scroll', () => (pinned = atBottom()), { passive: true })
+
+function keepScrolledDown() {
+  if (pinned) messages.scrollTop = messages.scrollHeight
+}
 
 // ---- Sending ----------------------------------------------------------------
 
@@ -232,9 +242,10 @@ async function send(text) {
   user.text.textContent = text
   const answer = addMessage('assistant', 'streaming')
   answer.article.setAttribute('aria-busy', 'true')
-  const answerText = answer.text.appendChild(document.createTextNode(''))
+  const answerText = markdownView(answer.text, keepScrolledDown)
   const thinkingText = answer.thinkingText.appendChild(document.createTextNode(''))
   messages.scrollTop = messages.scrollHeight
+  pinned = true
 
   const stream = clientFor(forceSSE.checked ? 'sse' : 'auto').send(text, { conversationId: conversationId ?? undefined })
   let stopping = false
@@ -272,9 +283,7 @@ async function send(text) {
   })
   stream.on('chunk', ({ text }) => {
     firstToken()
-    const wasAtBottom = atBottom()
-    answerText.appendData(text)
-    keepScrolledDown(wasAtBottom)
+    answerText.set(stream.text)
   })
   // The client resumes a lost connection by itself; the answer goes on where it stopped.
   stream.on('reconnecting', ({ attempt }) => {
@@ -297,6 +306,7 @@ async function send(text) {
 
   const result = await stream.done
   const doneAt = performance.now()
+  answerText.flush()
   answer.status.hidden = true
   const state = result.error ? 'error' : result.stopReason === 'cancelled' ? 'cancelled' : 'complete'
   answer.article.dataset.state = state
@@ -345,6 +355,24 @@ input.addEventListener('keydown', (event) => {
 })
 
 stopButton.addEventListener('click', () => active?.stop())
+
+// A code block's copy button (markdown.js makes it): its code, as text, to the clipboard.
+messages.addEventListener('click', (event) => {
+  const button = event.target.closest('.copy-code')
+  // marked ends a code block with a line end that is not part of the code.
+  if (button) copyText(button.parentElement.querySelector('code').textContent.replace(/\n$/, ''), button)
+})
+
+async function copyText(text, button) {
+  const label = button.textContent
+  try {
+    await navigator.clipboard.writeText(text)
+    button.textContent = 'Copied'
+  } catch {
+    button.textContent = 'Copy failed'
+  }
+  setTimeout(() => (button.textContent = label), 1500)
+}
 
 $('new-conversation').addEventListener('click', () => {
   if (location.hash) history.pushState(null, '', location.pathname + location.search)
