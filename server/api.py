@@ -14,6 +14,7 @@ from .errors import BadRequestError, NotFoundError
 from .metrics import CONTENT_TYPE
 from .protocol.frames import parse_json_object
 from .redis_hub import RedisStreamHub
+from .store.conversations import encode_cursor
 from .transports.sse import read_body
 from .usage import parse_query, report_json, usage_rows
 
@@ -35,6 +36,7 @@ def conversation_json(row: dict[str, Any]) -> dict[str, Any]:
         "messageCount": row["message_count"],
         "ownerId": row["owner_id"],
         "totalCost": _money(row["total_cost"]),
+        "activeLeafId": row["active_leaf_id"],
     }
 
 
@@ -42,6 +44,9 @@ def message_json(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": row["id"],
         "conversationId": row["conversation_id"],
+        "parentId": row["parent_id"],
+        "siblingIndex": row.get("sibling_index", 0),
+        "siblingCount": row.get("sibling_count", 1),
         "role": row["role"],
         "content": row["content"],
         "thinking": row["thinking"],
@@ -63,25 +68,109 @@ def message_json(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+LIST_LIMIT, LIST_MAX = 50, 200
+TITLE_MAX = 200
+
+
+def _limit(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return LIST_LIMIT
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= LIST_MAX:
+        raise BadRequestError(f"limit must be a whole number from 1 to {LIST_MAX}")
+    return int(raw)
+
+
 async def list_conversations(request: Request) -> Response:
-    """The caller's conversations; an admin's `?all=1` lists everyone's."""
+    """GET /api/conversations?limit=&before=&q=: the caller's conversations, newest updated first, a page at a
+    time (`nextBefore` is the cursor of the next page, null on the last), titles holding `q` (any case);
+    an admin's `?all=1` lists everyone's."""
     relay: Relay = request.app.state.relay
     user = await relay.admit(request.scope)
-    every_owner = user.admin and request.query_params.get("all") in ("1", "true")
-    rows = await relay.store.list_conversations(user.id, every_owner=every_owner)
-    return JSONResponse({"conversations": [conversation_json(row) for row in rows]})
+    params = request.query_params
+    every_owner = user.admin and params.get("all") in ("1", "true")
+    limit = _limit(params.get("limit"))
+    query = params.get("q") or None
+    if query is not None and len(query) > TITLE_MAX:
+        raise BadRequestError(f"q must be at most {TITLE_MAX} characters")
+    rows = await relay.store.list_conversations(user.id, limit + 1, every_owner, params.get("before") or None,
+                                                query)
+    page = rows[:limit]
+    return JSONResponse({"conversations": [conversation_json(row) for row in page],
+                         "nextBefore": encode_cursor(page[-1]) if len(rows) > limit else None})
 
 
-async def list_messages(request: Request) -> Response:
-    relay: Relay = request.app.state.relay
-    user = await relay.admit(request.scope)
-    conversation_id = request.path_params["conversation_id"]
+async def _visible(relay: Relay, user: User, conversation_id: str) -> dict[str, Any]:
+    """A conversation this user may see.
+
+    Raises:
+        NotFoundError: none by that id, or another user's.
+    """
     conversation = await relay.store.get_conversation(conversation_id)
     if not user.can_see(conversation["owner_id"]):
         raise NotFoundError(f"conversation {conversation_id} not found")
-    rows = await relay.store.list_messages(conversation_id)
-    return JSONResponse({"conversation": conversation_json(conversation),
-                         "messages": [message_json(row) for row in rows]})
+    return conversation
+
+
+async def _messages_body(relay: Relay, conversation_id: str, path: bool) -> dict[str, Any]:
+    conversation = await relay.store.get_conversation(conversation_id)
+    rows = await relay.store.list_messages(conversation_id, path=path)
+    return {"conversation": conversation_json(conversation), "activeLeafId": conversation["active_leaf_id"],
+            "messages": [message_json(row) for row in rows]}
+
+
+async def list_messages(request: Request) -> Response:
+    """GET /api/conversations/{id}/messages[?path=active]: every message (parents before children), or only
+    the path from the root to the active leaf."""
+    relay: Relay = request.app.state.relay
+    user = await relay.admit(request.scope)
+    conversation_id = request.path_params["conversation_id"]
+    await _visible(relay, user, conversation_id)
+    path = request.query_params.get("path")
+    if path not in (None, "", "active", "all"):
+        raise BadRequestError("path must be active (or left out, for every message)")
+    return JSONResponse(await _messages_body(relay, conversation_id, path == "active"))
+
+
+async def set_active_leaf(request: Request) -> Response:
+    """PUT /api/conversations/{id}/active-leaf {"messageId"}: switch branch (to the newest leaf under it)."""
+    relay: Relay = request.app.state.relay
+    user = await relay.admit(request.scope)
+    relay.auth.check_origin(request.scope)
+    conversation_id = request.path_params["conversation_id"]
+    body = parse_json_object(await read_body(request, 4096))
+    message_id = body.get("messageId")
+    if not isinstance(message_id, str) or not message_id:
+        raise BadRequestError("messageId is required")
+    await _visible(relay, user, conversation_id)
+    await relay.store.set_active_leaf(conversation_id, message_id)
+    return JSONResponse(await _messages_body(relay, conversation_id, True))
+
+
+async def update_conversation(request: Request) -> Response:
+    """PATCH /api/conversations/{id} {"title"}: rename (1 to 200 characters once trimmed)."""
+    relay: Relay = request.app.state.relay
+    user = await relay.admit(request.scope)
+    relay.auth.check_origin(request.scope)
+    conversation_id = request.path_params["conversation_id"]
+    body = parse_json_object(await read_body(request, 8192))
+    title = body.get("title")
+    if not isinstance(title, str) or not 1 <= len(title.strip()) <= TITLE_MAX or "\x00" in title:
+        raise BadRequestError(f"title must be text of 1 to {TITLE_MAX} characters once trimmed")
+    await _visible(relay, user, conversation_id)
+    await relay.store.rename_conversation(conversation_id, title.strip())
+    return JSONResponse(conversation_json(await relay.store.get_conversation(conversation_id)))
+
+
+async def delete_conversation(request: Request) -> Response:
+    """DELETE /api/conversations/{id}: cancel its running answers (on any instance), then delete it and its
+    messages; what it spent stays in usage."""
+    relay: Relay = request.app.state.relay
+    user = await relay.admit(request.scope)
+    relay.auth.check_origin(request.scope)
+    conversation_id = request.path_params["conversation_id"]
+    await _visible(relay, user, conversation_id)
+    cancelled = await relay.delete_conversation(conversation_id)
+    return JSONResponse({"id": conversation_id, "deleted": True, "cancelledStreamIds": cancelled})
 
 
 def user_json(user: User) -> dict[str, Any]:

@@ -239,7 +239,10 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         Route("/api/session", api.create_session, methods=["POST"]),
         Route("/api/session", api.delete_session, methods=["DELETE"]),
         Route("/api/conversations", api.list_conversations),
+        Route("/api/conversations/{conversation_id}", api.update_conversation, methods=["PATCH"]),
+        Route("/api/conversations/{conversation_id}", api.delete_conversation, methods=["DELETE"]),
         Route("/api/conversations/{conversation_id}/messages", api.list_messages),
+        Route("/api/conversations/{conversation_id}/active-leaf", api.set_active_leaf, methods=["PUT"]),
         Route(MESSAGE_PATH, sse.post_message, methods=["POST"]),  # taken by RelayApp first; here for 405s
         Route("/api/command-center/streams/{stream_id}", sse.get_stream),
         Route("/api/command-center/streams/{stream_id}/cancel", sse.cancel_stream, methods=["POST"]),

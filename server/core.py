@@ -29,9 +29,9 @@ from .logs import fields
 from .metrics import Metrics
 from .pricing import Usage, cost_of
 from .protocol.anthropic import ReplyState, TextParts, estimate_tokens, redact
-from .protocol.frames import SendMessage
+from .protocol.frames import AnswerCommand, Regenerate, SendMessage
 from .protocol.sse import SSEEvent
-from .store import FinishedElsewhereError, Reply, Status, Store, new_id, now
+from .store import FinishedElsewhereError, Reply, Status, Store, Turn, new_id, now
 from .upstream.anthropic import UpstreamRequest
 
 log = logging.getLogger("deltarelay.core")
@@ -55,6 +55,9 @@ class Job:
     request: UpstreamRequest
     trace_session_id: str | None = None
     agent_id: str = "default"
+    user_message_id: str | None = None
+    parent_id: str | None = None  # the answer's parent (its user message)
+    base: Reply | None = None  # a continued answer as it was: what is saved adds the new text and usage to it
 
 
 @dataclass(slots=True)
@@ -89,6 +92,7 @@ class Relay:
         self.limits.on_refusal = lambda limit: self.metrics.refused.labels(limit).inc()
         self.retry = RetryPolicy(settings.retry_attempts, settings.retry_base_delay, settings.retry_max_wait)
         self.save = SavePolicy(settings.save_wait_seconds, settings.save_retry_seconds)
+        self._bases: dict[str, Reply] = {}  # stream id -> the answer it continues, as it was (see Job.base)
 
     async def admit(self, scope: Scope) -> User:
         """The user behind a request, counted against their requests per minute.
@@ -100,38 +104,38 @@ class Relay:
         self.limits.request(user)
         return user
 
-    async def start(self, command: SendMessage, user: User = ANONYMOUS) -> LiveStream:
-        """Save the user's message and start generating the answer.
+    async def start(self, command: AnswerCommand, user: User = ANONYMOUS) -> LiveStream:
+        """Save the user's message (or, to regenerate or continue, take the answer named) and start generating
+        the answer.
 
         Raises:
-            NotFoundError: unknown agent, or no conversation of this user's by that id (nothing is saved).
-            LimitError / BudgetError: one of the user's limits is reached (nothing is saved).
-            TooLargeError: the conversation's history is at its limit (nothing is saved).
+            NotFoundError: unknown agent, or no conversation (or answer) of this user's by that id.
+            ConflictError: busy (the conversation has an answer generating), or not_continuable.
+            LimitError / BudgetError: one of the user's limits is reached.
+            TooLargeError: the conversation's history is at its limit.
             RelayError: the server is shutting down (503, retryable).
+            Nothing is saved when any of these is raised.
         """
         if not self.hub.accepting:
             raise RelayError("the server is shutting down; try again", code="shutting_down", status=503,
                              retryable=True)
-        agent = self.settings.agent(command.agent_id)
-        if agent is None:
-            raise NotFoundError(f"agent {command.agent_id} not found")
+        if isinstance(command, SendMessage):
+            agent = self.settings.agent(command.agent_id)
+            if agent is None:
+                raise NotFoundError(f"agent {command.agent_id} not found")
+        else:
+            # The conversation's own agent (the default one when that agent is no longer configured).
+            agent_id = await self.store.agent_of_answer(command.message_id, user.id)
+            agent = self.settings.agent(agent_id) or self.settings.agent(None)
+            if agent is None:
+                raise NotFoundError(f"agent {agent_id} not found")
         self.limits.take_stream(user)
         reservation: Reservation | None = None
         try:
             stream_id = new_id()
             if self.limits.budgeted:
                 reservation = await self.limits.reserve(user, stream_id, await self._worst_case(agent, command, user))
-            turn = await self.store.begin_turn(
-                conversation_id=command.conversation_id,
-                agent_id=agent.id,
-                user_text=command.message,
-                model=agent.model,
-                stream_id=stream_id,
-                task_trace_id=stream_id,
-                owner_id=user.id,
-                max_history=self.settings.max_history_messages,
-                instance_id=self.hub.instance_id,
-            )
+            turn = await self._begin(command, agent, stream_id, user)
         except BaseException:
             self.limits.give_stream(user)
             self.limits.release(reservation)
@@ -139,8 +143,10 @@ class Relay:
         request = UpstreamRequest(model=agent.model, max_tokens=agent.max_tokens, messages=turn.history,
                                   system=agent.system)
         job = Job(stream_id, turn.conversation_id, turn.assistant_message_id, request, turn.trace_session_id,
-                  agent.id)
+                  agent.id, turn.user_message_id, turn.parent_id, turn.base)
         stream = self.hub.create(stream_id, turn.conversation_id, turn.assistant_message_id, agent.model)
+        if turn.base is not None:
+            self._bases[stream_id] = turn.base
         outcome = Outcome()
         self.hub.run(stream, self._observed(user, job, outcome,
                                             run_stream(job, self.upstream, self.store, stream, self.retry, outcome,
@@ -153,14 +159,64 @@ class Relay:
             agent=agent.id, model=agent.model, traceSessionId=job.trace_session_id, taskTraceId=stream_id))
         return stream
 
-    async def _worst_case(self, agent: Agent, command: SendMessage, user: User) -> Decimal | None:
+    async def _begin(self, command: AnswerCommand, agent: Agent, stream_id: str, user: User) -> Turn:
+        """The command's first write: the user's message and an empty answer, a new answer beside one, or an
+        answer reopened."""
+        if isinstance(command, SendMessage):
+            return await self.store.begin_turn(
+                conversation_id=command.conversation_id, agent_id=agent.id, user_text=command.message,
+                model=agent.model, stream_id=stream_id, task_trace_id=stream_id, owner_id=user.id,
+                max_history=self.settings.max_history_messages, instance_id=self.hub.instance_id,
+                parent_message_id=command.parent_message_id, parent_given=command.parent_given)
+        if isinstance(command, Regenerate):
+            return await self.store.begin_regenerate(
+                answer_id=command.message_id, model=agent.model, stream_id=stream_id, task_trace_id=stream_id,
+                owner_id=user.id, max_history=self.settings.max_history_messages, instance_id=self.hub.instance_id)
+        return await self.store.begin_continue(answer_id=command.message_id, stream_id=stream_id,
+                                               task_trace_id=stream_id, owner_id=user.id,
+                                               instance_id=self.hub.instance_id)
+
+    async def _worst_case(self, agent: Agent, command: AnswerCommand, user: User) -> Decimal | None:
         """The most an answer can cost: max_tokens at the output price, and its input (the system prompt, the
         conversation so far and the message) at one token per 4 UTF-8 bytes, as for a cancelled answer's
         output. None: the model has no price."""
-        size = len(agent.system.encode()) + len(command.message.encode())
-        if command.conversation_id is not None:
-            size += await self.store.history_bytes(command.conversation_id, user.id)
+        size = len(agent.system.encode())
+        conversation_id: str | None
+        if isinstance(command, SendMessage):
+            size += len(command.message.encode())
+            conversation_id = command.conversation_id
+        else:
+            conversation_id = await self.store.conversation_of_message(command.message_id)
+        if conversation_id is not None:
+            size += await self.store.history_bytes(conversation_id, user.id)
         return cost_of(Usage(input_tokens=estimate_tokens(size), output_tokens=agent.max_tokens), agent.model)
+
+    async def delete_conversation(self, conversation_id: str) -> list[str]:
+        """Cancel every answer of the conversation still generating, on any instance, wait (a bounded while)
+        for them to be saved, then delete it and its messages; the streams cancelled.
+
+        Its usage rows stay: reports and budgets count what it spent. Its streams are not resumable after.
+
+        Raises:
+            NotFoundError: no such conversation (the caller checks that the user may see it).
+        """
+        running = await self.store.running_streams(conversation_id)
+        cancelled: list[str] = []
+        for stream_id in running:
+            try:
+                if await self.hub.request_cancel(stream_id):
+                    cancelled.append(stream_id)
+            except NotFoundError:
+                pass  # its instance is gone: the delete below records what its row holds
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.save_wait_seconds + DELETE_WAIT_SECONDS
+        while running and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+            running = await self.store.running_streams(conversation_id)
+        await self.store.delete_conversation(conversation_id)
+        log.info("conversation deleted", extra=fields(event="conversation_deleted", conversationId=conversation_id,
+                                                      cancelledStreams=cancelled))
+        return cancelled
 
     async def _observed(self, user: User, job: Job, outcome: Outcome, work: Coroutine[Any, Any, Outcome],
                         reservation: Reservation | None = None) -> None:
@@ -169,6 +225,7 @@ class Relay:
         try:
             await work
         finally:
+            self._bases.pop(job.stream_id, None)
             self.limits.give_stream(user)
             self.limits.settle(reservation, outcome.cost.total_cost if outcome.cost is not None else None)
             self.metrics.generating.dec()
@@ -231,7 +288,8 @@ class Relay:
                 part: list[tuple[str, str, Reply]] = []
                 for stream in due[first:first + PROGRESS_BATCH]:
                     if stream.reply is not None and stream.message_id is not None and not stream.finalizing:
-                        part.append((stream.id, stream.message_id, _partial(stream.reply)))
+                        partial = _added(self._bases.get(stream.id), _partial(stream.reply))
+                        part.append((stream.id, stream.message_id, partial))
                 try:
                     await self.store.save_progress([(message_id, reply) for _, message_id, reply in part])
                 except StorageUnavailableError:
@@ -245,13 +303,14 @@ class Relay:
         return sum(stream.reply.chunk_count for stream in self.hub.active() if stream.reply is not None)
 
     async def check_access(self, stream_id: str, user: User, code: str = "not_resumable") -> None:
-        """Another user's stream is reported exactly as an unknown one.
+        """Another user's stream is reported exactly as an unknown one, and so is a stream whose answer the
+        database no longer has (its conversation was deleted) or that a continue of its answer replaced.
 
         Raises:
-            NotFoundError: the stream answers a conversation this user may not see.
+            NotFoundError: the stream answers no conversation this user may see.
         """
         known, owner_id = await self.store.owner_of_stream(stream_id)
-        if known and not user.can_see(owner_id):
+        if not known or not user.can_see(owner_id):
             raise NotFoundError(f"stream {stream_id} not found or expired", code=code)
 
     async def cancel(self, stream_id: str, user: User = ANONYMOUS) -> bool:
@@ -270,6 +329,8 @@ class Relay:
 
 # Partial saves are written this many answers to a transaction, so other writes (stream starts) pass between.
 PROGRESS_BATCH = 50
+# A delete waits this long (past the save wait) for the answers it cancelled to be saved.
+DELETE_WAIT_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,7 +398,8 @@ async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStr
     outcome = outcome or Outcome()
     save = save or SavePolicy()
     stream.running = True
-    stream.append(Start(job.stream_id, job.conversation_id, job.request.model))
+    stream.append(Start(job.stream_id, job.conversation_id, job.request.model, job.message_id, job.parent_id,
+                        job.user_message_id))
     stream.reply = ReplyState(job.request.model)
     status = Status.COMPLETE
     failure: RelayError | None = None
@@ -384,7 +446,8 @@ async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStr
     if not finished and reply.has_content:
         stream.append(cost)
     failing: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # set at its first failure
-    saving = asyncio.ensure_future(_save(store, job, _record(reply, status, cost, failure), save, failing))
+    record = _added(job.base, _record(reply, status, cost, failure))
+    saving = asyncio.ensure_future(_save(store, job, record, save, failing))
     await _wait(saving, None, failing)
     told = False
     if not await _wait(saving, save.wait_seconds):
@@ -501,6 +564,19 @@ def _record(reply: ReplyState, status: Status, cost: Cost, failure: RelayError |
         error_code=failure.code if failure is not None else None,
         finished_at=now(),
     )
+
+
+def _added(base: Reply | None, reply: Reply) -> Reply:
+    """`reply` appended to the answer it continues (`base`): text joined, tokens and exact costs summed."""
+    if base is None:
+        return reply
+    costs = [cost for cost in (base.cost, reply.cost) if cost is not None]
+    return replace(
+        reply, content=base.content + reply.content, thinking=base.thinking + reply.thinking,
+        input_tokens=base.input_tokens + reply.input_tokens, output_tokens=base.output_tokens + reply.output_tokens,
+        cache_creation_input_tokens=base.cache_creation_input_tokens + reply.cache_creation_input_tokens,
+        cache_read_input_tokens=base.cache_read_input_tokens + reply.cache_read_input_tokens,
+        cost=sum(costs, Decimal(0)) if costs else None, cost_estimated=base.cost_estimated or reply.cost_estimated)
 
 
 def _partial(reply: ReplyState) -> Reply:

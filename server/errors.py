@@ -8,6 +8,7 @@
       BudgetError              402, the user's daily spending budget is used up
       ForbiddenError           403, a cross-site request (Origin not allowed)
       NotFoundError            404, unknown conversation, agent or stream, or another user's
+      ConflictError            409, busy (an answer is generating) or not_continuable
       GoneError                410, a stream whose log has expired
       LimitError               429, a limit was reached (`limit` names it, retry_after tells when)
       UpstreamError            the model's API failed (auth, rate_limited, overloaded...)
@@ -100,6 +101,11 @@ class ForbiddenError(RelayError):
 class NotFoundError(RelayError):
     code = "not_found"
     status = 404
+
+
+class ConflictError(RelayError):
+    code = "conflict"
+    status = 409
 
 
 class GoneError(RelayError):

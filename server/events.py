@@ -29,9 +29,13 @@ class Start:
     stream_id: str
     conversation_id: str
     model: str
+    message_id: str | None = None  # the answer being written (for a continue, the answer continued)
+    parent_id: str | None = None  # its parent: the user message
+    user_message_id: str | None = None  # the user message: new for a send, existing for regenerate/continue
 
     def to_wire(self) -> dict[str, Any]:
-        return {"streamId": self.stream_id, "conversationId": self.conversation_id, "model": self.model}
+        return {"streamId": self.stream_id, "conversationId": self.conversation_id, "model": self.model,
+                "messageId": self.message_id, "parentId": self.parent_id, "userMessageId": self.user_message_id}
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,17 +107,23 @@ class SSEAnswer:
     - "cut": the connection is closed with the body unfinished (no last chunk).
 
     A "hang" answer sets `closed` once the fake upstream saw the client close the connection (EOF or reset).
+    With `gate`, the chunks from index `gate_after` on wait until the test sets it.
     """
 
-    def __init__(self, chunks: Iterable[bytes], then: str = "end") -> None:
+    def __init__(self, chunks: Iterable[bytes], then: str = "end", gate: asyncio.Event | None = None,
+                 gate_after: int = 0) -> None:
         assert then in ("end", "hang", "cut"), then
         self.chunks = list(chunks)
         self.then = then
         self.closed = asyncio.Event()
+        self.gate = gate
+        self.gate_after = gate_after
 
     async def write(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader) -> bool:
         writer.write(STREAM_HEAD)
-        for part in self.chunks:
+        for index, part in enumerate(self.chunks):
+            if self.gate is not None and index == self.gate_after:
+                await self.gate.wait()
             writer.write(chunk(part))
             await writer.drain()
         if self.then == "end":

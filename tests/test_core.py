@@ -98,7 +98,11 @@ async def test_scripted_answer_gives_start_chunks_cost_done_and_is_saved_complet
     assert [event_id for event_id, _, _ in events] == list(range(1, 8))
     assert [data["text"] for _, name, data in events if name == "chunk"] == texts
     start, cost, done = events[0][2], events[-2][2], events[-1][2]
-    assert start == {"streamId": stream.id, "conversationId": stream.conversation_id, "model": "claude-sonnet-4-5"}
+    user_message, answer_message = await relay.store.list_messages(stream.conversation_id)
+    assert start == {"streamId": stream.id, "conversationId": stream.conversation_id, "model": "claude-sonnet-4-5",
+                     "messageId": answer_message["id"], "parentId": user_message["id"],
+                     "userMessageId": user_message["id"]}
+    assert answer_message["parent_id"] == user_message["id"] and user_message["parent_id"] is None
     assert cost == {
         "inputTokens": 10, "outputTokens": 7, "cacheCreationInputTokens": 0, "cacheReadInputTokens": 4,
         "totalCost": Decimal("0.0000454"), "model": "claude-haiku-4-5",

@@ -18,7 +18,7 @@ import asyncpg  # type: ignore[import-untyped]
 import pytest
 from databases import Database
 
-from server.errors import NotFoundError
+from server.errors import BadRequestError, ConflictError, NotFoundError
 from server.store import (
     ONE,
     FinishedElsewhereError,
@@ -27,11 +27,13 @@ from server.store import (
     Status,
     Store,
     Turn,
+    UsageRow,
     asyncpg_dsn,
     databases_url,
     new_id,
     schema,
 )
+from server.store.conversations import encode_cursor
 from server.store.schema import revisions
 from server.store.sqlite_writer import use_wal
 
@@ -823,3 +825,257 @@ async def test_migration_0006_keeps_cli_users_adds_the_apps_users_and_its_downgr
         assert await database.fetch_val("SELECT user_id FROM sessions WHERE secret_hash = 's1'") == "u1"
     finally:
         await database.disconnect()
+
+
+# --- conversations as trees (issue 17) -----------------------------------------------------------------------
+
+
+async def usage_totals(store: Store) -> tuple[int, int, int, Decimal, int]:
+    """(answers, input tokens, output tokens, cost, unpriced answers) of every user, over all time."""
+    rows = await store.usage("0000", "9999", "user", every_owner=True)
+    total = UsageRow("total")
+    for row in rows:
+        total.merge(row)
+    return total.messages, total.input_tokens, total.output_tokens, total.cost, total.unpriced
+
+
+async def test_migration_0007_makes_each_linear_conversation_one_chain_and_keeps_every_cost_in_the_ledger(url):
+    """A database made at 0006 (two conversations, an unpriced answer, one left streaming): after 0007 no message
+    is lost, each message's parent is the one before it by seq, the active leaf is the last message, and the
+    usage report and budget sums read exactly what the old queries over messages read. Its downgrade gives back
+    0006's messages. Fails if the chain is built by created_at or id, or a cost goes through a float."""
+    database = await database_at(url, "0006")
+    sqlite = url.startswith("sqlite")
+    costs = ["0.000003750", "12345678.901234567", None, "0.30", "0.00000003"]
+
+    def stored(cost: str | None) -> Any:
+        return None if cost is None else (int(Decimal(cost).scaleb(9)) if sqlite else Decimal(cost))
+
+    try:
+        await database.execute("INSERT INTO users (id, name, is_admin, token_hash, created_at)"
+                               " VALUES ('u1', 'alice', 0, 'h1', 't')")
+        for conv, owner in (("c1", "u1"), ("c2", None)):
+            await database.execute("INSERT INTO conversations (id, agent_id, title, created_at, updated_at, owner_id)"
+                                   " VALUES (:id, 'default', 't', 't', 't', :owner)", {"id": conv, "owner": owner})
+        # Ids in no order of their own: the chain follows seq.
+        rows = [("c1", n, f"m{9 - n}") for n in range(6)] + [("c2", n, f"x{n}") for n in range(4)]
+        for index, (conv, seq, message_id) in enumerate(rows):
+            assistant = seq % 2 == 1
+            streaming = (conv, seq) == ("c2", 3)
+            await database.execute(
+                "INSERT INTO messages (id, conversation_id, seq, role, content, model, status, input_tokens,"
+                " output_tokens, cost, created_at, completed_at) VALUES (:id, :c, :seq, :role, :content, 'm',"
+                " :status, :inp, :out, :cost, :t, :done)",
+                {"id": message_id, "c": conv, "seq": seq, "role": "assistant" if assistant else "user",
+                 "content": f"text {index}", "status": "streaming" if streaming else "complete",
+                 "inp": 10 * index if assistant else 0, "out": index if assistant else 0,
+                 "cost": stored(costs[index % len(costs)]) if assistant and not streaming else None,
+                 "t": f"2026-11-{10 + index}T00:00:00.000000Z",
+                 "done": None if streaming else f"2026-11-{10 + index}T00:00:01.000000Z"})
+        before = [tuple(row._mapping.values()) for row in await database.fetch_all(
+            "SELECT id, conversation_id, seq, role, content FROM messages ORDER BY conversation_id, seq")]
+        old_cost = await database.fetch_val("SELECT SUM(cost) FROM messages WHERE role = 'assistant'"
+                                            " AND completed_at IS NOT NULL")
+        old_alice = await database.fetch_val(
+            "SELECT SUM(m.cost) FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+            " WHERE c.owner_id = 'u1' AND m.completed_at >= '2026-11-12'")
+        old_tokens = await database.fetch_val("SELECT SUM(input_tokens) FROM messages WHERE completed_at IS NOT NULL"
+                                              " AND role = 'assistant'")
+        old_answers = await database.fetch_val("SELECT COUNT(*) FROM messages WHERE role = 'assistant'"
+                                               " AND completed_at IS NOT NULL")
+    finally:
+        await database.disconnect()
+    await schema.run_on(url, schema.upgrade)
+    store = Store(url)
+    await store.connect()
+    try:
+        after = [(m["id"], m["conversation_id"], m["seq"], m["role"], m["content"])
+                 for conv in ("c1", "c2") for m in await store.list_messages(conv)]
+        assert after == before
+        for conv in ("c1", "c2"):
+            messages = await store.list_messages(conv)
+            assert [m["parent_id"] for m in messages] == [None, *(m["id"] for m in messages[:-1])]
+            assert all((m["sibling_index"], m["sibling_count"]) == (0, 1) for m in messages)
+            assert (await store.get_conversation(conv))["active_leaf_id"] == messages[-1]["id"]
+            assert await store.list_messages(conv, path=True) == messages
+        answers, tokens, _, cost, unpriced = await usage_totals(store)
+        assert (answers, tokens) == (old_answers, old_tokens)
+        assert cost == store._cost_value(old_cost)
+        assert unpriced == 1
+        assert await store.spent_since("u1", "2026-11-12") == store._cost_value(old_alice)
+        # The answer left streaming gets its ledger row when it is finished.
+        await store.save_reply("x3", reply("late", cost=Decimal("0.000001")))
+        assert (await usage_totals(store))[3] == cost + Decimal("0.000001")
+    finally:
+        await store.disconnect()
+    await schema.run_on(url, lambda connection: schema.downgrade(connection, "0006"))
+    database = Database(databases_url(url))
+    await database.connect()
+    try:
+        assert [tuple(row._mapping.values()) for row in await database.fetch_all(
+            "SELECT id, conversation_id, seq, role, content FROM messages ORDER BY conversation_id, seq"
+        )][:6] == before[:6]
+        assert await database.fetch_val("SELECT COUNT(*) FROM messages") == len(before)
+    finally:
+        await database.disconnect()
+
+
+async def test_migration_0007_downgrade_refuses_a_conversation_with_branches(store, url):
+    first = await answer(store, "q", "a")
+    await store.save_reply((await store.begin_regenerate(
+        answer_id=first.assistant_message_id, model="m", stream_id=new_id(), task_trace_id="t")).assistant_message_id,
+        reply("b"))
+    await store.disconnect()
+    with pytest.raises(RuntimeError, match="nothing changed"):
+        await schema.run_on(url, lambda connection: schema.downgrade(connection, "0006"))
+    await store.connect()
+
+
+def check_tree(messages: list[dict[str, Any]], conversation_id: str) -> None:
+    """Every parent is an earlier message of the same conversation; sibling numbers count each parent's children."""
+    seen: dict[str, dict[str, Any]] = {}
+    children: dict[str | None, int] = {}
+    for message in messages:
+        assert message["conversation_id"] == conversation_id
+        assert message["parent_id"] is None or message["parent_id"] in seen
+        assert message["sibling_index"] == children.get(message["parent_id"], 0)
+        children[message["parent_id"]] = children.get(message["parent_id"], 0) + 1
+        seen[message["id"]] = message
+    for message in messages:
+        assert message["sibling_count"] == children[message["parent_id"]]
+
+
+async def test_edit_regenerate_and_switch_keep_one_tree_and_send_only_the_active_path(store):
+    """Fails if the history of a turn is the whole conversation (by seq) rather than the path to its parent, if
+    a regenerated answer is not a sibling, or if choosing a message does not select the newest leaf under it."""
+    one = await answer(store, "one", "A1")
+    conv = one.conversation_id
+    two = await answer(store, "two", "A2", conv)
+    assert two.history == [{"role": "user", "content": "one"}, {"role": "assistant", "content": "A1"},
+                           {"role": "user", "content": "two"}]
+    edited_stream = new_id()
+    edited = await store.begin_turn(conversation_id=conv, agent_id="default", user_text="two bis", model="m",
+                                    stream_id=edited_stream, task_trace_id="t",
+                                    parent_message_id=one.assistant_message_id, parent_given=True)
+    assert edited.history == [{"role": "user", "content": "one"}, {"role": "assistant", "content": "A1"},
+                              {"role": "user", "content": "two bis"}]
+    with pytest.raises(ConflictError) as busy:
+        await store.begin_regenerate(answer_id=two.assistant_message_id, model="m", stream_id=new_id(),
+                                     task_trace_id="t")
+    assert (busy.value.code, busy.value.details) == ("busy", {"streamId": edited_stream})
+    await store.save_reply(edited.assistant_message_id, reply("A3"))
+    again = await store.begin_regenerate(answer_id=edited.assistant_message_id, model="m", stream_id=new_id(),
+                                         task_trace_id="t")
+    assert again.history == edited.history and again.parent_id == edited.user_message_id
+    await store.save_reply(again.assistant_message_id, reply("A4"))
+    messages = await store.list_messages(conv)
+    check_tree(messages, conv)
+    by_id = {m["id"]: m for m in messages}
+    assert (by_id[again.assistant_message_id]["sibling_index"], by_id[again.assistant_message_id]["sibling_count"]) \
+        == (1, 2)
+    assert (by_id[edited.user_message_id]["sibling_index"], by_id[two.user_message_id]["sibling_count"]) == (1, 2)
+    assert (await store.get_conversation(conv))["active_leaf_id"] == again.assistant_message_id
+    assert [m["content"] for m in await store.list_messages(conv, path=True)] == ["one", "A1", "two bis", "A4"]
+    # Choosing the first "two" selects the newest leaf under it: its answer.
+    assert await store.set_active_leaf(conv, two.user_message_id) == two.assistant_message_id
+    three = await store.begin_turn(conversation_id=conv, agent_id="default", user_text="three", model="m",
+                                   stream_id=new_id(), task_trace_id="t")
+    assert [m["content"] for m in three.history] == ["one", "A1", "two", "A2", "three"]
+    await store.save_reply(three.assistant_message_id, reply("A5"))
+    # Choosing the edited message selects its newest answer; a root message, the newest leaf of all below it.
+    assert await store.set_active_leaf(conv, edited.user_message_id) == again.assistant_message_id
+    assert await store.set_active_leaf(conv, one.user_message_id) == again.assistant_message_id
+    with pytest.raises(NotFoundError):
+        await store.set_active_leaf(conv, (await answer(store, "elsewhere", "x")).assistant_message_id)
+    # A new first message is a root sibling.
+    root = await store.begin_turn(conversation_id=conv, agent_id="default", user_text="restart", model="m",
+                                  stream_id=new_id(), task_trace_id="t", parent_given=True)
+    assert root.history == [{"role": "user", "content": "restart"}]
+    await store.save_reply(root.assistant_message_id, reply("R"))
+    check_tree(await store.list_messages(conv), conv)
+    with pytest.raises(BadRequestError):  # a user message is no parent
+        await store.begin_turn(conversation_id=conv, agent_id="default", user_text="x", model="m",
+                               stream_id=new_id(), task_trace_id="t", parent_message_id=one.user_message_id,
+                               parent_given=True)
+    with pytest.raises(NotFoundError):  # another user's answer
+        await store.begin_regenerate(answer_id=one.assistant_message_id, model="m", stream_id=new_id(),
+                                     task_trace_id="t", owner_id="someone")
+
+
+async def test_continue_adds_tokens_and_cost_exactly_and_the_ledger_keeps_each_generation(store):
+    """The continued answer's history ends with the partial answer; its saved text, tokens and cost are the sums,
+    the ledger has one row per generation whose sum is the message's own, and the report counts one answer.
+    Fails if a continue's row holds the message's totals (the first generation counted twice)."""
+    first = await turn(store, "write")
+    cut = replace(reply("Once upon ", cost=Decimal("0.000000125")), stop_reason="max_tokens")
+    await store.save_reply(first.assistant_message_id, cut)
+    with pytest.raises(ConflictError) as refused:
+        await store.begin_continue(answer_id=(await answer(store, "q", "done")).assistant_message_id,
+                                   stream_id=new_id(), task_trace_id="t")
+    assert refused.value.code == "not_continuable"
+    more = await store.begin_continue(answer_id=first.assistant_message_id, stream_id=new_id(), task_trace_id="t")
+    assert more.history == [{"role": "user", "content": "write"}, {"role": "assistant", "content": "Once upon"}]
+    assert more.base is not None and (more.base.content, more.base.cost) == ("Once upon ", Decimal("0.000000125"))
+    with pytest.raises(ConflictError):
+        await store.begin_continue(answer_id=first.assistant_message_id, stream_id=new_id(), task_trace_id="t")
+    total = replace(reply("Once upon a time", cost=Decimal("0.000000125") + Decimal("12345678.000000001")),
+                    input_tokens=20, output_tokens=6)
+    await store.save_reply(first.assistant_message_id, total)
+    saved = await store.get_message(first.assistant_message_id)
+    assert saved is not None and (saved["content"], saved["cost"], saved["input_tokens"]) == (
+        "Once upon a time", "12345678.000000126", 20)
+    rows = await store._fetch_all("SELECT input_tokens, output_tokens, cost FROM usage WHERE message_id = :m"
+                                  " ORDER BY completed_at", {"m": first.assistant_message_id})
+    assert [(int(r[0]), int(r[1]), store._cost_value(r[2])) for r in rows] == [
+        (10, 3, Decimal("0.000000125")), (10, 3, Decimal("12345678.000000001"))]
+    answers, _, _, cost, _ = await usage_totals(store)
+    assert answers == 2 and cost == Decimal("12345678.000000126") + Decimal("0.000025")
+
+
+async def test_deleting_a_conversation_leaves_nothing_of_it_but_its_usage(store):
+    """Fails if usage is summed over messages (the delete would lower it) or if a message is left behind; an
+    answer still streaming at the delete is counted as last saved."""
+    kept = await answer(store, "keep", "k")
+    gone = await answer(store, "go", "g1")
+    await answer(store, "again", "g2", gone.conversation_id)
+    running = await turn(store, "more", gone.conversation_id)
+    partial = replace(reply("half", status=Status.STREAMING, cost=Decimal("0.000000007")), stop_reason=None)
+    await store.save_progress([(running.assistant_message_id, partial)])
+    assert await store.running_streams(gone.conversation_id) != []
+    before = await usage_totals(store)
+    assert await store.delete_conversation(gone.conversation_id) == 6
+    assert await usage_totals(store) == (before[0] + 1, before[1] + 10, before[2] + 3,
+                                         before[3] + Decimal("0.000000007"), before[4])
+    with pytest.raises(NotFoundError):
+        await store.get_conversation(gone.conversation_id)
+    assert await store._fetch_val("SELECT COUNT(*) FROM messages WHERE conversation_id = :c",
+                                  {"c": gone.conversation_id}) == 0
+    with pytest.raises(FinishedElsewhereError):  # the cancelled answer's late save finds nothing to finish
+        await store.save_reply(running.assistant_message_id, reply("late"))
+    assert await usage_totals(store) == (before[0] + 1, before[1] + 10, before[2] + 3,
+                                         before[3] + Decimal("0.000000007"), before[4])
+    assert [c["id"] for c in await store.list_conversations(None)] == [kept.conversation_id]
+    with pytest.raises(NotFoundError):
+        await store.delete_conversation(gone.conversation_id)
+
+
+async def test_conversations_page_by_cursor_and_search_titles_in_any_case(store):
+    made = [await answer(store, f"Topic {n} {'PYTHON' if n % 3 == 0 else 'rust'} 100%_", "a") for n in range(7)]
+    newest_first = [t.conversation_id for t in reversed(made)]
+    pages, before = [], None
+    while True:
+        page = await store.list_conversations(None, 3, before=before)
+        pages += [c["id"] for c in page]
+        if len(page) < 3:
+            break
+        before = encode_cursor(page[-1])
+    assert pages == newest_first
+    found = await store.list_conversations(None, 50, query="python")
+    assert [c["id"] for c in found] == [made[n].conversation_id for n in (6, 3, 0)]
+    assert await store.list_conversations(None, 50, query="1%0") == []  # % and _ are literal
+    assert len(await store.list_conversations(None, 50, query="100%_")) == 7
+    long = await answer(store, "word " * 40, "a")
+    title = (await store.get_conversation(long.conversation_id))["title"]
+    assert title.endswith("word…") and len(title) <= 80
+    await store.rename_conversation(long.conversation_id, "Renamed")
+    assert (await store.get_conversation(long.conversation_id))["title"] == "Renamed"

@@ -23,6 +23,30 @@ class SendMessage:
     agent_id: str | None = None
     conversation_id: str | None = None
     request_id: str | None = None
+    # With parent_given, the new message follows the answer parent_message_id (None: a new first message);
+    # without, the conversation's active leaf.
+    parent_message_id: str | None = None
+    parent_given: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Regenerate:
+    """A new answer beside the answer `message_id`: the same user message, the same history."""
+
+    message_id: str
+    request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Continue:
+    """More of the answer `message_id` (stopped at max_tokens, or cancelled), appended to it."""
+
+    message_id: str
+    request_id: str | None = None
+
+
+# The commands that start an answer.
+AnswerCommand = SendMessage | Regenerate | Continue
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +72,7 @@ class Auth:
     token: str = field(repr=False)
 
 
-Command = SendMessage | Cancel | Resume | Ping | Auth
+Command = SendMessage | Regenerate | Continue | Cancel | Resume | Ping | Auth
 _TOKEN_LIMIT = 16 * 1024
 
 
@@ -80,7 +104,7 @@ def _required_id(body: dict[str, Any], key: str) -> str:
 
 
 def parse_send_message(body: dict[str, Any], max_message_bytes: int) -> SendMessage:
-    """The `{message, agentId?, conversationId?, requestId?}` of a new answer."""
+    """The `{message, agentId?, conversationId?, parentMessageId?, requestId?}` of a new answer."""
     message = body.get("message")
     if message is None:
         raise BadRequestError("message is required")
@@ -99,7 +123,18 @@ def parse_send_message(body: dict[str, Any], max_message_bytes: int) -> SendMess
         agent_id=_optional_id(body, "agentId"),
         conversation_id=_optional_id(body, "conversationId"),
         request_id=_optional_id(body, "requestId"),
+        parent_message_id=_optional_id(body, "parentMessageId"),
+        parent_given="parentMessageId" in body,
     )
+
+
+def parse_answer_body(body: dict[str, Any], max_message_bytes: int) -> AnswerCommand:
+    """The SSE POST body: `{"regenerate": id}`, `{"continue": id}`, or a message (see parse_send_message)."""
+    if "regenerate" in body:
+        return Regenerate(_required_id(body, "regenerate"), _optional_id(body, "requestId"))
+    if "continue" in body:
+        return Continue(_required_id(body, "continue"), _optional_id(body, "requestId"))
+    return parse_send_message(body, max_message_bytes)
 
 
 def parse_event_id(raw: Any) -> int:
@@ -123,6 +158,10 @@ def parse_frame(raw: bytes | str, max_message_bytes: int) -> Command:
     kind = body.get("type")
     if kind == "message":
         return parse_send_message(body, max_message_bytes)
+    if kind == "regenerate":
+        return Regenerate(_required_id(body, "messageId"), _optional_id(body, "requestId"))
+    if kind == "continue":
+        return Continue(_required_id(body, "messageId"), _optional_id(body, "requestId"))
     if kind == "cancel":
         return Cancel(_required_id(body, "streamId"))
     if kind == "resume":
@@ -135,8 +174,8 @@ def parse_frame(raw: bytes | str, max_message_bytes: int) -> Command:
             raise BadRequestError(f"token must be a non-empty string of at most {_TOKEN_LIMIT} characters")
         return Auth(token)
     if kind is None:
-        raise BadRequestError("the frame needs a type: message, resume, cancel, ping or auth")
-    raise BadRequestError("unknown frame type; expected message, resume, cancel, ping or auth")
+        raise BadRequestError("the frame needs a type: message, regenerate, continue, resume, cancel, ping or auth")
+    raise BadRequestError("unknown frame type; expected message, regenerate, continue, resume, cancel, ping or auth")
 
 
 def frame_type(raw: bytes | str) -> str | None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import base64
+import binascii
+from collections.abc import Collection, Generator
 from typing import Any
 
-from ..errors import NotFoundError, TooLargeError
+import orjson
+
+from ..errors import BadRequestError, ConflictError, NotFoundError, TooLargeError
 from .base import StoreBase
 from .queries import ALL, ONE, Operation, Query
 from .records import FinishedElsewhereError, Reply, Status, Turn, new_id, now, storable_id
@@ -13,10 +17,109 @@ from .records import FinishedElsewhereError, Reply, Status, Turn, new_id, now, s
 # A conversation with its message count and the exact sum of its costs (NULL: none priced), summed by the
 # database: NUMERIC on PostgreSQL, whole nano-dollars on SQLite (see migration 0005).
 _CONVERSATION = (
-    "SELECT c.id, c.agent_id, c.title, c.created_at, c.updated_at, c.owner_id,"
+    "SELECT c.id, c.agent_id, c.title, c.created_at, c.updated_at, c.owner_id, c.active_leaf_id,"
     " (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count,"
     " (SELECT SUM(m.cost) FROM messages m WHERE m.conversation_id = c.id) AS total_cost"
     " FROM conversations c"
+)
+
+# The stop reasons of an answer that may be continued (see begin_continue).
+CONTINUABLE = frozenset({"max_tokens", "cancelled"})
+TITLE_LIMIT = 80  # a new conversation's title: its first message, cut at a word boundary
+_USAGE_COLUMNS = ("id, message_id, conversation_id, owner_id, agent_id, model, created_at, completed_at,"
+                  " input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens, cost,"
+                  " cost_estimated")
+_EARLIER = ("COALESCE((SELECT SUM(u.{column}) FROM usage u WHERE u.message_id = m.id"
+            " AND u.id <> COALESCE(m.stream_id, m.id)), 0)")
+
+
+def _usage_insert(where: str) -> str:
+    """One usage row for each answer matched by `where` (on messages m), finished in this transaction: what its
+    latest generation spent, the message's totals less its earlier generations' rows (a continue adds to the
+    message). Exact: integer and NUMERIC arithmetic in the database. Idempotent: a row has its stream's id."""
+    spent = ", ".join(f"m.{column} - {_EARLIER.format(column=column)}" for column in (
+        "input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "cost"))
+    return (f"INSERT INTO usage ({_USAGE_COLUMNS}) SELECT COALESCE(m.stream_id, m.id), m.id, m.conversation_id,"
+            f" c.owner_id, c.agent_id, m.model, m.created_at, m.completed_at, {spent}, m.cost_estimated"
+            f" FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.role = 'assistant'"
+            f" AND m.completed_at IS NOT NULL AND ({where}) ON CONFLICT (id) DO NOTHING")
+
+
+def _record_usage(message_ids: list[str]) -> Generator[Query, Any, None]:
+    """The ledger's rows of answers just finished (a step of an operation), a few hundred at a time."""
+    for first in range(0, len(message_ids), 500):
+        part = {f"m{n}": message_id for n, message_id in enumerate(message_ids[first:first + 500])}
+        if part:
+            yield Query(_usage_insert(f"m.id IN ({', '.join(':' + key for key in part)})"), part)
+
+
+def title_of(text: str) -> str:
+    """A conversation's title from its first message: whitespace folded, cut at a word boundary to at most
+    TITLE_LIMIT characters with "…" when cut."""
+    folded = " ".join(text.split())
+    if len(folded) <= TITLE_LIMIT:
+        return folded or "New conversation"
+    head = folded[:TITLE_LIMIT - 1]
+    cut = head.rfind(" ")
+    return (head[:cut] if cut > 0 else head).rstrip() + "…"
+
+
+def encode_cursor(row: dict[str, Any]) -> str:
+    """The listing cursor after `row`: its (updated_at, id), opaque to clients."""
+    return base64.urlsafe_b64encode(orjson.dumps([row["updated_at"], row["id"]])).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[str, str]:
+    """Raises: BadRequestError: not a cursor this server made."""
+    try:
+        value = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, binascii.Error, orjson.JSONDecodeError):
+        raise BadRequestError("before must be a nextBefore cursor from an earlier listing") from None
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+        raise BadRequestError("before must be a nextBefore cursor from an earlier listing")
+    return value[0], value[1]
+
+
+def active_path(rows: list[Any], leaf_id: str | None) -> list[Any]:
+    """The chain of rows (each with `id` and `parent_id`) from the root to `leaf_id`, in order; without a leaf
+    that the rows hold, the chain to the last row (by their order)."""
+    by_id = {row["id"]: row for row in rows}
+    if leaf_id not in by_id:
+        if not rows:
+            return []
+        leaf_id = rows[-1]["id"]
+    path: list[Any] = []
+    current: str | None = leaf_id
+    while current is not None and current in by_id and len(path) <= len(rows):
+        path.append(by_id[current])
+        current = by_id[current]["parent_id"]
+    path.reverse()
+    return path
+
+
+def newest_leaf(rows: list[Any], message_id: str) -> str:
+    """The leaf reached from `message_id` by following each message's newest child (rows in creation order)."""
+    newest_child: dict[str, str] = {}
+    for row in rows:
+        if row["parent_id"] is not None:
+            newest_child[row["parent_id"]] = row["id"]  # later rows are newer
+    current = message_id
+    for _ in range(len(rows)):
+        if current not in newest_child:
+            break
+        current = newest_child[current]
+    return current
+
+
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (id, conversation_id, parent_id, seq, role, content, model, status, stream_id,"
+    " trace_session_id, task_trace_id, created_at, completed_at, instance_id)"
+    " VALUES (:id, :conv, :parent, :seq, :role, :content, :model, :status, :stream, :ts, :tt, :t, :done, :instance)"
+)
+_MESSAGE_COLUMNS = (
+    "id, conversation_id, parent_id, seq, role, content, thinking, model, status, stop_reason, input_tokens,"
+    " output_tokens, cache_creation_input_tokens, cache_read_input_tokens, cost, cost_estimated, error_code,"
+    " stream_id, trace_session_id, task_trace_id, created_at, completed_at"
 )
 
 
@@ -36,70 +139,204 @@ class ConversationQueries(StoreBase):
         owner_id: str | None = None,
         max_history: int | None = None,
         instance_id: str | None = None,
+        parent_message_id: str | None = None,
+        parent_given: bool = False,
     ) -> Turn:
         """Save the user's message and an empty assistant message; return the history to send.
 
-        `instance_id` names the server instance that generates the answer (see interrupt_unfinished).
+        The user message follows the conversation's active leaf, or with `parent_given` the answer
+        `parent_message_id` (None: a new first message); the new answer becomes the active leaf, and the
+        history is the path from the root to it. `instance_id` names the server instance that generates
+        the answer (see interrupt_unfinished).
 
         Raises:
-            NotFoundError: conversation_id names no conversation of owner_id; nothing is saved.
-            TooLargeError: the conversation already holds max_history messages; nothing is saved.
+            NotFoundError: conversation_id (or the parent) names no conversation of owner_id; nothing is saved.
+            BadRequestError: the parent is not an answer.
+            ConflictError (busy): with `parent_given`, an answer of the conversation is still generating.
+            TooLargeError: the path already holds max_history messages; nothing is saved.
         """
 
         def operation() -> Operation[Turn]:
             stamp = now()
-            history: list[dict[str, str]] = []
-            if conversation_id is None:
+            path: list[dict[str, Any]] = []
+            parent_id: str | None = None
+            conv_id = conversation_id
+            if parent_given and parent_message_id is not None:
+                found = yield Query("SELECT conversation_id, role FROM messages WHERE id = :id",
+                                    {"id": parent_message_id}, ONE)
+                if found is None or (conv_id is not None and found[0] != conv_id):
+                    raise NotFoundError(f"message {parent_message_id} not found")
+                if found[1] != "assistant":
+                    raise BadRequestError("parentMessageId must be an answer (an assistant message): the new"
+                                          " message follows it")
+                conv_id = found[0]
+            if conv_id is None:
                 conv_id = new_id()
-                title = " ".join(user_text.split())[:80] or "New conversation"
                 yield Query(
                     "INSERT INTO conversations (id, agent_id, title, created_at, updated_at, owner_id)"
                     " VALUES (:id, :agent, :title, :t, :t, :owner)",
-                    {"id": conv_id, "agent": agent_id, "title": title, "t": stamp, "owner": owner_id},
+                    {"id": conv_id, "agent": agent_id, "title": title_of(user_text), "t": stamp, "owner": owner_id},
                 )
                 seq = 0
             else:
-                conv_id = conversation_id
-                found = yield Query("SELECT owner_id FROM conversations WHERE id = :id", {"id": conv_id}, ONE)
-                # Another user's conversation is "not found": its existence is not theirs to learn.
-                if found is None or found[0] != owner_id:
-                    raise NotFoundError(f"conversation {conv_id} not found")
-                rows = yield Query(
-                    "SELECT role, content, seq FROM messages WHERE conversation_id = :id ORDER BY seq",
-                    {"id": conv_id}, ALL,
-                )
-                if max_history is not None and len(rows) + 2 > max_history:
+                leaf = yield from self._owned(conv_id, owner_id, parent_message_id or "")
+                if parent_given:
+                    yield from self._not_busy(conv_id)
+                rows = yield from self._tree(conv_id)
+                parent_id = parent_message_id if parent_given else (
+                    active_path(rows, leaf)[-1]["id"] if rows else None)
+                path = active_path(rows, parent_id) if parent_id is not None else []
+                if max_history is not None and len(path) + 2 > max_history:
                     raise TooLargeError(
-                        f"this conversation has {len(rows)} messages and the limit is {max_history};"
+                        f"this conversation has {len(path)} messages and the limit is {max_history};"
                         " start a new conversation", code="history_too_long")
-                history = _history([(row[0], row[1]) for row in rows])
-                seq = (rows[-1][2] + 1) if rows else 0
+                seq = (rows[-1]["seq"] + 1) if rows else 0
                 yield Query("UPDATE conversations SET updated_at = :t WHERE id = :id", {"t": stamp, "id": conv_id})
             user_id, assistant_id = new_id(), new_id()
-            insert = (
-                "INSERT INTO messages (id, conversation_id, seq, role, content, model, status, stream_id,"
-                " trace_session_id, task_trace_id, created_at, completed_at, instance_id)"
-                " VALUES (:id, :conv, :seq, :role, :content, :model, :status, :stream, :ts, :tt, :t, :done, :instance)"
-            )
             # One trace session per conversation unless the caller names one.
             trace_session = trace_session_id or conv_id
             common = {"conv": conv_id, "stream": stream_id, "ts": trace_session, "tt": task_trace_id,
                       "t": stamp, "instance": instance_id}
             yield Query(
-                insert,
-                {**common, "id": user_id, "seq": seq, "role": "user", "content": user_text, "model": None,
-                 "status": Status.COMPLETE.value, "done": stamp},
+                _INSERT_MESSAGE,
+                {**common, "id": user_id, "parent": parent_id, "seq": seq, "role": "user", "content": user_text,
+                 "model": None, "status": Status.COMPLETE.value, "done": stamp},
             )
             yield Query(
-                insert,
-                {**common, "id": assistant_id, "seq": seq + 1, "role": "assistant", "content": "", "model": model,
-                 "status": Status.STREAMING.value, "done": None},
+                _INSERT_MESSAGE,
+                {**common, "id": assistant_id, "parent": user_id, "seq": seq + 1, "role": "assistant",
+                 "content": "", "model": model, "status": Status.STREAMING.value, "done": None},
             )
-            history.append({"role": "user", "content": user_text})
-            return Turn(conv_id, user_id, assistant_id, _history([(m["role"], m["content"]) for m in history]),
-                        trace_session)
+            yield Query("UPDATE conversations SET active_leaf_id = :leaf WHERE id = :id",
+                        {"leaf": assistant_id, "id": conv_id})
+            history = [(m["role"], m["content"]) for m in path] + [("user", user_text)]
+            return Turn(conv_id, user_id, assistant_id, _history(history), trace_session, parent_id=user_id)
 
         return await self.answer_write(operation())
+
+    async def begin_regenerate(self, *, answer_id: str, model: str, stream_id: str, task_trace_id: str,
+                               owner_id: str | None = None, max_history: int | None = None,
+                               instance_id: str | None = None) -> Turn:
+        """Save a new empty answer beside `answer_id` (the same user message's child), made the active leaf;
+        the history is the path from the root to that user message.
+
+        Raises:
+            NotFoundError: no answer of owner_id's by that id. ConflictError (busy): an answer of the
+                conversation is still generating. TooLargeError: as begin_turn. Nothing is saved.
+        """
+
+        def operation() -> Operation[Turn]:
+            found = yield from self._answer(answer_id, owner_id)
+            conv_id, user_id = found["conversation_id"], found["parent_id"]
+            yield from self._not_busy(conv_id)
+            rows = yield from self._tree(conv_id)
+            path = active_path(rows, user_id) if user_id is not None else []
+            if max_history is not None and len(path) + 1 > max_history:
+                raise TooLargeError(f"this conversation has {len(path)} messages and the limit is {max_history};"
+                                    " start a new conversation", code="history_too_long")
+            stamp, assistant_id = now(), new_id()
+            trace_session = found["trace_session_id"] or conv_id
+            yield Query(_INSERT_MESSAGE, {
+                "conv": conv_id, "stream": stream_id, "ts": trace_session, "tt": task_trace_id, "t": stamp,
+                "instance": instance_id, "id": assistant_id, "parent": user_id, "seq": rows[-1]["seq"] + 1,
+                "role": "assistant", "content": "", "model": model, "status": Status.STREAMING.value, "done": None})
+            yield Query("UPDATE conversations SET active_leaf_id = :leaf, updated_at = :t WHERE id = :id",
+                        {"leaf": assistant_id, "t": stamp, "id": conv_id})
+            history = _history([(m["role"], m["content"]) for m in path])
+            return Turn(conv_id, user_id or "", assistant_id, history, trace_session, parent_id=user_id)
+
+        return await self.answer_write(operation())
+
+    async def begin_continue(self, *, answer_id: str, stream_id: str, task_trace_id: str,
+                             owner_id: str | None = None, instance_id: str | None = None) -> Turn:
+        """Reopen the answer `answer_id` (stopped at max_tokens, or cancelled) for more text: it is `streaming`
+        again under `stream_id`, keeps its text and usage (returned as Turn.base, to which the new text and
+        usage are added), and the history ends with it as the assistant's turn. The active leaf becomes the
+        newest leaf under it.
+
+        Raises:
+            NotFoundError: no answer of owner_id's by that id. ConflictError (busy, not_continuable): an answer
+                of the conversation is still generating, or this one did not stop so. Nothing is saved.
+        """
+
+        def operation() -> Operation[Turn]:
+            found = yield from self._answer(answer_id, owner_id)
+            conv_id = found["conversation_id"]
+            yield from self._not_busy(conv_id)
+            if found["stop_reason"] not in CONTINUABLE:
+                raise ConflictError(f"only an answer stopped at max_tokens or cancelled can be continued; this"
+                                    f" one's stop reason is {found['stop_reason']}", code="not_continuable")
+            rows = yield from self._tree(conv_id)
+            path = active_path(rows, answer_id)
+            history = _history([(m["role"], m["content"]) for m in path])
+            if history and history[-1]["role"] == "assistant":
+                # The API refuses a final assistant turn that ends with whitespace.
+                history[-1] = {"role": "assistant", "content": history[-1]["content"].rstrip()}
+                if not history[-1]["content"]:
+                    history.pop()
+            stamp = now()
+            yield Query("UPDATE messages SET status = :s, stream_id = :stream, task_trace_id = :tt,"
+                        " stop_reason = NULL, error_code = NULL, completed_at = NULL, instance_id = :instance"
+                        " WHERE id = :id", {"s": Status.STREAMING.value, "stream": stream_id, "tt": task_trace_id,
+                                            "instance": instance_id, "id": answer_id})
+            yield Query("UPDATE conversations SET active_leaf_id = :leaf, updated_at = :t WHERE id = :id",
+                        {"leaf": newest_leaf(rows, answer_id), "t": stamp, "id": conv_id})
+            base = Reply(
+                content=found["content"], thinking=found["thinking"], model=found["model"] or "",
+                status=Status.STREAMING, stop_reason=None, input_tokens=int(found["input_tokens"]),
+                output_tokens=int(found["output_tokens"]),
+                cache_creation_input_tokens=int(found["cache_creation_input_tokens"]),
+                cache_read_input_tokens=int(found["cache_read_input_tokens"]),
+                cost=self._cost_value(found["cost"]), cost_estimated=bool(found["cost_estimated"]))
+            trace_session = found["trace_session_id"] or conv_id
+            return Turn(conv_id, found["parent_id"] or "", answer_id, history, trace_session,
+                        parent_id=found["parent_id"], base=base)
+
+        return await self.answer_write(operation())
+
+    def _owned(self, conversation_id: str, owner_id: str | None, message_id: str = ""
+               ) -> Generator[Query, Any, str | None]:
+        """The active leaf of owner_id's conversation (a step of an operation).
+
+        Raises:
+            NotFoundError: no conversation of owner_id's by that id; another user's is "not found" too:
+                its existence is not theirs to learn.
+        """
+        found = yield Query("SELECT owner_id, active_leaf_id FROM conversations WHERE id = :id",
+                            {"id": conversation_id}, ONE)
+        if found is None or found[0] != owner_id:
+            raise NotFoundError(f"message {message_id} not found" if message_id else
+                                f"conversation {conversation_id} not found")
+        return None if found[1] is None else str(found[1])
+
+    def _answer(self, answer_id: str, owner_id: str | None) -> Generator[Query, Any, dict[str, Any]]:
+        """An answer of owner_id's, every column (a step of an operation).
+
+        Raises:
+            NotFoundError: no answer by that id in a conversation of owner_id's.
+        """
+        row = yield Query(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = :id AND role = 'assistant'",
+                          {"id": answer_id}, ONE)
+        if row is None:
+            raise NotFoundError(f"message {answer_id} not found")
+        found = dict(zip(_MESSAGE_COLUMNS.split(", "), row, strict=True))
+        yield from self._owned(found["conversation_id"], owner_id, answer_id)
+        return found
+
+    def _not_busy(self, conversation_id: str) -> Generator[Query, Any, None]:
+        """Raises: ConflictError (busy, with the running streamId): an answer of the conversation is generating."""
+        running = yield Query("SELECT stream_id FROM messages WHERE conversation_id = :id AND status = :s"
+                              " AND role = 'assistant' ORDER BY seq DESC LIMIT 1",
+                              {"id": conversation_id, "s": Status.STREAMING.value}, ONE)
+        if running is not None:
+            raise ConflictError("an answer of this conversation is still being generated; wait for it or cancel"
+                                " it", code="busy", details={"streamId": running[0]})
+
+    def _tree(self, conversation_id: str) -> Generator[Query, Any, list[dict[str, Any]]]:
+        """A conversation's messages, oldest first: id, parent_id, role, content, seq (a step of an operation)."""
+        rows = yield Query("SELECT id, parent_id, role, content, seq FROM messages WHERE conversation_id = :id"
+                           " ORDER BY seq", {"id": conversation_id}, ALL)
+        return [{"id": r[0], "parent_id": r[1], "role": r[2], "content": r[3], "seq": r[4]} for r in rows]
 
     async def save_reply(self, message_id: str, reply: Reply) -> None:
         """Write an assistant message's final state; a message is finished exactly once.
@@ -132,6 +369,9 @@ class ConversationQueries(StoreBase):
                 },
                 ALL,
             )
+            if rows:
+                # The ledger's row, in the same transaction: reports and budgets sum it, whatever is deleted later.
+                yield Query(_usage_insert("m.id = :id"), {"id": message_id})
             return bool(rows)
 
         if not await self.answer_write(operation()):
@@ -188,11 +428,12 @@ class ConversationQueries(StoreBase):
             clause = "instance_id IS NULL" + (f" OR instance_id IN ({', '.join(f':{k}' for k in named)})"
                                               if named else "")
             params.update(named)
-            found = yield Query(f"SELECT COUNT(*) FROM messages WHERE status = :s AND ({clause})", params, ONE)
-            if found[0]:
+            found = yield Query(f"SELECT id FROM messages WHERE status = :s AND ({clause})", params, ALL)
+            if found:
                 yield Query(f"UPDATE messages SET status = :i, completed_at = :t WHERE status = :s AND ({clause})",
                             {"i": Status.INTERRUPTED.value, "t": now(), **params})
-            return int(found[0])
+                yield from _record_usage([str(row[0]) for row in found])
+            return len(found)
 
         return await self.write(operation())
 
@@ -213,22 +454,31 @@ class ConversationQueries(StoreBase):
                 " WHERE status = :s AND instance_id = :instance",
                 {"i": Status.INTERRUPTED.value, "t": now(), **params},
             )
+            yield from _record_usage([str(row[0]) for row in rows])
             return len(rows)
 
         return await self.write(operation())
 
     async def list_conversations(self, owner_id: str | None = None, limit: int = 100,
-                                 every_owner: bool = False) -> list[dict[str, Any]]:
-        """The most recent conversations of owner_id (None: made in open mode), or of everyone."""
-        select = _CONVERSATION
-        order = " ORDER BY c.updated_at DESC, c.id LIMIT :limit"
-        if every_owner:
-            rows = await self._fetch_all(select + order, {"limit": limit})
-        elif owner_id is None:
-            rows = await self._fetch_all(select + " WHERE c.owner_id IS NULL" + order, {"limit": limit})
-        else:
-            rows = await self._fetch_all(select + " WHERE c.owner_id = :owner" + order,
-                                           {"limit": limit, "owner": owner_id})
+                                 every_owner: bool = False, before: str | None = None,
+                                 query: str | None = None) -> list[dict[str, Any]]:
+        """The most recent conversations of owner_id (None: made in open mode), or of everyone: newest updated
+        first, after the cursor `before` (see encode_cursor), whose title holds `query` (any case)."""
+        clauses: list[str] = []
+        params: dict[str, Any] = {"limit": limit}
+        if not every_owner:
+            clauses.append("c.owner_id IS NULL" if owner_id is None else "c.owner_id = :owner")
+            if owner_id is not None:
+                params["owner"] = owner_id
+        if before is not None:
+            params["bu"], params["bid"] = decode_cursor(before)
+            clauses.append("(c.updated_at < :bu OR (c.updated_at = :bu AND c.id > :bid))")
+        if query:
+            escaped = query.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            params["q"] = f"%{escaped}%"
+            clauses.append("LOWER(c.title) LIKE :q ESCAPE '\\'")
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = await self._fetch_all(_CONVERSATION + where + " ORDER BY c.updated_at DESC, c.id LIMIT :limit", params)
         return [self._conversation(row) for row in rows]
 
     def _conversation(self, row: Any) -> dict[str, Any]:
@@ -251,16 +501,118 @@ class ConversationQueries(StoreBase):
         message["cost"] = None if cost is None else format(cost, "f")
         return message
 
-    async def list_messages(self, conversation_id: str) -> list[dict[str, Any]]:
-        await self.get_conversation(conversation_id)
-        rows = await self._fetch_all(
-            "SELECT id, conversation_id, seq, role, content, thinking, model, status, stop_reason, input_tokens,"
-            " output_tokens, cache_creation_input_tokens, cache_read_input_tokens, cost, cost_estimated,"
-            " error_code, stream_id, trace_session_id, task_trace_id, created_at, completed_at"
-            " FROM messages WHERE conversation_id = :id ORDER BY seq",
-            {"id": conversation_id},
-        )
-        return [self._message(row) for row in rows]
+    async def list_messages(self, conversation_id: str, path: bool = False) -> list[dict[str, Any]]:
+        """Every message of a conversation, parents before children (or, with `path`, the chain from the root
+        to its active leaf), each with its `parent_id` and its `sibling_index` and `sibling_count` among the
+        messages of the same parent, by creation order.
+
+        Raises:
+            NotFoundError: no such conversation.
+        """
+        conversation = await self.get_conversation(conversation_id)
+        rows = await self._fetch_all(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = :id"
+                                     " ORDER BY seq", {"id": conversation_id})
+        messages = [self._message(row) for row in rows]
+        siblings: dict[str | None, list[dict[str, Any]]] = {}
+        for message in messages:
+            siblings.setdefault(message["parent_id"], []).append(message)
+        for group in siblings.values():
+            for index, message in enumerate(group):
+                message["sibling_index"], message["sibling_count"] = index, len(group)
+        return active_path(messages, conversation["active_leaf_id"]) if path else messages
+
+    async def set_active_leaf(self, conversation_id: str, message_id: str) -> str:
+        """Make the newest leaf under `message_id` the conversation's active leaf (following each message's
+        newest child); that leaf's id.
+
+        Raises:
+            NotFoundError: the message is not one of this conversation's.
+        """
+
+        def operation() -> Operation[str]:
+            rows = yield from self._tree(conversation_id)
+            if not any(row["id"] == message_id for row in rows):
+                raise NotFoundError(f"message {message_id} not found in this conversation")
+            leaf = newest_leaf(rows, message_id)
+            yield Query("UPDATE conversations SET active_leaf_id = :leaf WHERE id = :id",
+                        {"leaf": leaf, "id": conversation_id})
+            return leaf
+
+        if not (storable_id(conversation_id) and storable_id(message_id)):
+            raise NotFoundError(f"message {message_id[:64]} not found in this conversation")
+        return await self.write(operation())
+
+    async def rename_conversation(self, conversation_id: str, title: str) -> None:
+        """Set a conversation's title (the caller checks its length).
+
+        Raises:
+            NotFoundError: no such conversation.
+        """
+
+        def operation() -> Operation[bool]:
+            rows = yield Query("UPDATE conversations SET title = :title WHERE id = :id RETURNING id",
+                               {"title": title, "id": conversation_id}, ALL)
+            return bool(rows)
+
+        if not storable_id(conversation_id) or not await self.write(operation()):
+            raise NotFoundError(f"conversation {conversation_id[:64]} not found")
+
+    async def agent_of_answer(self, answer_id: str, owner_id: str | None) -> str:
+        """The agent of the conversation of an answer of owner_id's.
+
+        Raises:
+            NotFoundError: no answer of owner_id's by that id (another user's is not found either).
+        """
+        row = None
+        if storable_id(answer_id):
+            row = await self._fetch_one(
+                "SELECT c.agent_id, c.owner_id FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+                " WHERE m.id = :id AND m.role = 'assistant'", {"id": answer_id})
+        if row is None or row[1] != owner_id:
+            raise NotFoundError(f"message {answer_id[:64]} not found")
+        return str(row[0])
+
+    async def conversation_of_message(self, message_id: str) -> str | None:
+        if not storable_id(message_id):
+            return None
+        row = await self._fetch_one("SELECT conversation_id FROM messages WHERE id = :id", {"id": message_id})
+        return None if row is None else str(row[0])
+
+    async def running_streams(self, conversation_id: str) -> list[str]:
+        """The streams of a conversation's answers still `streaming` (on any instance)."""
+        rows = await self._fetch_all("SELECT stream_id FROM messages WHERE conversation_id = :id AND status = :s"
+                                     " AND role = 'assistant' AND stream_id IS NOT NULL",
+                                     {"id": conversation_id, "s": Status.STREAMING.value})
+        return [str(row[0]) for row in rows]
+
+    async def delete_conversation(self, conversation_id: str) -> int:
+        """Delete a conversation and all its messages in one transaction; the usage rows of its answers stay.
+
+        An answer still `streaming` (one that a cancel did not end in time) is written to the ledger as it was
+        last saved, so what it spent stays counted; its own later save then finds nothing to finish. The
+        number of messages deleted.
+
+        Raises:
+            NotFoundError: no such conversation.
+        """
+
+        def operation() -> Operation[int]:
+            found = yield Query("SELECT id FROM conversations WHERE id = :id", {"id": conversation_id}, ONE)
+            if found is None:
+                raise NotFoundError(f"conversation {conversation_id[:64]} not found")
+            stamp = now()
+            yield Query("UPDATE messages SET completed_at = :t WHERE conversation_id = :id AND status = :s"
+                        " AND role = 'assistant'", {"t": stamp, "id": conversation_id, "s": Status.STREAMING.value})
+            yield Query(_usage_insert("m.conversation_id = :id AND m.status = :s"),
+                        {"id": conversation_id, "s": Status.STREAMING.value})
+            rows = yield Query("DELETE FROM messages WHERE conversation_id = :id RETURNING id",
+                               {"id": conversation_id}, ALL)
+            yield Query("DELETE FROM conversations WHERE id = :id", {"id": conversation_id})
+            return len(rows)
+
+        if not storable_id(conversation_id):
+            raise NotFoundError("conversation not found")
+        return await self.write(operation())
 
     async def answer_of_stream(self, stream_id: str) -> str | None:
         """The id of the assistant message a stream produced, if any."""

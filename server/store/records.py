@@ -70,6 +70,8 @@ class Turn:
     assistant_message_id: str
     history: list[dict[str, str]]
     trace_session_id: str = ""
+    parent_id: str | None = None  # the answer's parent: its user message
+    base: Reply | None = None  # a continued answer as it was: the new text and usage are added to it
 
 
 @dataclass(frozen=True, slots=True)

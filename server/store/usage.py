@@ -13,37 +13,37 @@ class UsageQueries(StoreBase):
     """Sums of tokens and costs."""
 
     async def spent_since(self, owner_id: str | None, since: str) -> Decimal:
-        """The exact sum of the costs of owner_id's answers finished at or after `since` (one SQL SUM)."""
-        owner_clause = "c.owner_id IS NULL" if owner_id is None else "c.owner_id = :owner"
+        """The exact sum of the costs of owner_id's answers finished at or after `since` (one SQL SUM over the
+        ledger: a deleted conversation's answers count)."""
+        owner_clause = "u.owner_id IS NULL" if owner_id is None else "u.owner_id = :owner"
         params: dict[str, Any] = {"since": since}
         if owner_id is not None:
             params["owner"] = owner_id
         total = await self._fetch_val(
-            "SELECT SUM(m.cost) FROM messages m JOIN conversations c ON c.id = m.conversation_id"
-            f" WHERE {owner_clause} AND m.completed_at >= :since", params)
+            f"SELECT SUM(u.cost) FROM usage u WHERE {owner_clause} AND u.completed_at >= :since", params)
         return self._cost_value(total) or Decimal(0)
 
     async def usage(self, start: str, end: str, group_by: str, owner_id: str | None = None,
                     every_owner: bool = False) -> list[UsageRow]:
         """Token and cost sums of the answers finished in [start, end), grouped by day, model, agent or user.
 
-        One aggregate query: the database sums the costs exactly (NUMERIC, or whole nano-dollars on SQLite).
+        One aggregate query over the ledger (one row per generation: a continued answer has two, and counts
+        once): the database sums the costs exactly (NUMERIC, or whole nano-dollars on SQLite).
         """
         params: dict[str, Any] = {"start": start, "end": end}
-        where = "m.role = 'assistant' AND m.completed_at >= :start AND m.completed_at < :end"
+        where = "u.completed_at >= :start AND u.completed_at < :end"
         if not every_owner:
             if owner_id is None:
-                where += " AND c.owner_id IS NULL"
+                where += " AND u.owner_id IS NULL"
             else:
-                where += " AND c.owner_id = :owner"
+                where += " AND u.owner_id = :owner"
                 params["owner"] = owner_id
         key = _GROUP_KEYS[group_by]
         rows = await self._fetch_all(
-            f"SELECT {key} AS k, COUNT(*), SUM(m.input_tokens), SUM(m.output_tokens),"
-            " SUM(m.cache_creation_input_tokens), SUM(m.cache_read_input_tokens), SUM(m.cost),"
-            " COUNT(*) - COUNT(m.cost)"
-            " FROM messages m JOIN conversations c ON c.id = m.conversation_id"
-            f" LEFT JOIN users u ON u.id = c.owner_id WHERE {where} GROUP BY k", params)
+            f"SELECT {key} AS k, COUNT(DISTINCT u.message_id), SUM(u.input_tokens), SUM(u.output_tokens),"
+            " SUM(u.cache_creation_input_tokens), SUM(u.cache_read_input_tokens), SUM(u.cost),"
+            " COUNT(DISTINCT CASE WHEN u.cost IS NULL THEN u.message_id END)"
+            f" FROM usage u LEFT JOIN users o ON o.id = u.owner_id WHERE {where} GROUP BY k", params)
         # Sorted here, by code point: PostgreSQL would order text by the database's collation.
         return sorted((UsageRow(str(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4]), int(row[5]),
                          self._cost_value(row[6]) or Decimal(0), int(row[7])) for row in rows),
@@ -53,8 +53,8 @@ class UsageQueries(StoreBase):
 # What each grouping groups by; a missing or empty model or agent is "unknown", a conversation without an
 # owner "anonymous". Days are the first ten characters of the ISO 8601 completion time.
 _GROUP_KEYS = {
-    "day": "SUBSTR(m.completed_at, 1, 10)",
-    "model": "COALESCE(NULLIF(m.model, ''), 'unknown')",
-    "agent": "COALESCE(NULLIF(c.agent_id, ''), 'unknown')",
-    "user": "COALESCE(NULLIF(u.name, ''), 'anonymous')",
+    "day": "SUBSTR(u.completed_at, 1, 10)",
+    "model": "COALESCE(NULLIF(u.model, ''), 'unknown')",
+    "agent": "COALESCE(NULLIF(u.agent_id, ''), 'unknown')",
+    "user": "COALESCE(NULLIF(o.name, ''), 'anonymous')",
 }

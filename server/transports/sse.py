@@ -17,7 +17,7 @@ from ..errors import TooLargeError
 from ..events import Error, encode_data
 from ..hub import LogLostError, StreamHub, Subscriber, SubscriberDropped
 from ..metrics import Metrics
-from ..protocol.frames import parse_event_id, parse_json_object, parse_send_message
+from ..protocol.frames import parse_answer_body, parse_event_id, parse_json_object
 from ..protocol.sse import encode_comment, encode_entry, encode_event
 from .http_protocol import BodyWriter
 from .writers import SendWriter, socket_writer
@@ -131,13 +131,14 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def post_message(request: Request) -> Response | EventStreamResponse:
-    """POST /api/command-center/message: start an answer and stream it (or 202 with its id)."""
+    """POST /api/command-center/message: start an answer (to a message, or `regenerate` / `continue` one) and
+    stream it (or 202 with its id)."""
     relay: Relay = request.app.state.relay
     user = await relay.admit(request.scope)
     max_bytes = relay.settings.max_message_bytes
     # JSON escapes can take 6 bytes per character of the message, plus room for the other fields.
     body = await read_body(request, max_bytes * 6 + 4096)
-    command = parse_send_message(parse_json_object(body), max_bytes)
+    command = parse_answer_body(parse_json_object(body), max_bytes)
     if _wants_json(request):
         stream = await relay.start(command, user)
         return JSONResponse({"streamId": stream.id, "conversationId": stream.conversation_id}, status_code=202)

@@ -1,6 +1,6 @@
 """WebSocket transport: many streams over one socket, each frame one event.
 
-Client frames: {"type": "message" | "resume" | "cancel" | "ping" | "auth", ...}.
+Client frames: {"type": "message" | "regenerate" | "continue" | "resume" | "cancel" | "ping" | "auth", ...}.
 Server frames: {"event", "streamId", "id", "data"} (+ "requestId" on the start of a
 stream the client asked for with one). Thin: parsing is in protocol/frames.py.
 A socket whose token or session stops working while it is open is closed with 4401.
@@ -26,7 +26,18 @@ from ..core import Relay, resume
 from ..errors import GoneError, LimitError, RelayError, TokenExpiredError, UnauthorizedError
 from ..events import encode_data, error_event
 from ..hub import LogLostError, Subscriber, SubscriberDropped
-from ..protocol.frames import Auth, Cancel, Ping, Resume, SendMessage, frame_type, parse_frame, request_id_of
+from ..protocol.frames import (
+    Auth,
+    Cancel,
+    Continue,
+    Ping,
+    Regenerate,
+    Resume,
+    SendMessage,
+    frame_type,
+    parse_frame,
+    request_id_of,
+)
 from .writers import SendWriter, socket_writer
 
 log = logging.getLogger("deltarelay.ws")
@@ -264,7 +275,7 @@ class Connection:
                 await self.send('{"event":"pong"}')
                 return
             self.relay.limits.request(self.user)
-            if isinstance(command, SendMessage):
+            if isinstance(command, SendMessage | Regenerate | Continue):
                 request_id = command.request_id
                 self.check_room()
                 stream = await self.relay.start(command, self.user)
