@@ -12,6 +12,7 @@ import re
 import httpx
 from playwright.sync_api import Page, expect
 
+from ..conftest import RelayServer, assert_no_traceback
 from .conftest import save_screenshot
 from .scripted_model import CONTINUATION, Scripted, text_of
 
@@ -41,7 +42,7 @@ def shown_texts(page: Page) -> list[str]:
     return page.locator(f"{MESSAGE} [data-testid=message-text]").all_text_contents()
 
 
-def answer_to(scripted_model, prompt: str) -> re.Pattern[str]:
+def answer_to(prompt: str) -> re.Pattern[str]:
     return re.compile(rf"^Answer \d+ to: {re.escape(prompt)}$")
 
 
@@ -55,13 +56,13 @@ def test_regenerate_makes_a_second_answer_and_the_arrows_move_between_them(page,
     send(page, "Tell me a story")
     answered(page, 1)
     first = page.locator(f"{ANSWER} [data-testid=message-text]").text_content()
-    assert answer_to(scripted_model, "Tell me a story").match(first)
+    assert answer_to("Tell me a story").match(first)
     expect(page.locator(f"{ANSWER} [data-testid=sibling-position]")).to_have_count(0)  # one answer: no arrows
 
     page.locator(ANSWER).locator("[data-testid=regenerate]").click()
     answered(page, 1)
     second = page.locator(f"{ANSWER} [data-testid=message-text]").text_content()
-    assert answer_to(scripted_model, "Tell me a story").match(second) and second != first
+    assert answer_to("Tell me a story").match(second) and second != first
     position = page.locator(f"{ANSWER} [data-testid=sibling-position]")
     expect(position).to_have_text("2/2")
     expect(page.locator(f"{ANSWER} [data-testid=sibling-next]")).to_be_disabled()
@@ -103,9 +104,10 @@ def test_an_edit_is_a_new_branch_with_its_own_answer_and_the_old_one_stays(page,
     answered(page, 2)
     texts = shown_texts(page)
     assert texts[:3] == [*before_edit[:2], "Second question, put better"]
-    assert answer_to(scripted_model, "Second question, put better").match(texts[3])
+    assert answer_to("Second question, put better").match(texts[3])
     # The model saw the path to the edited message: the first exchange, then the edit; not the old question.
-    assert [text_of(m) for m in scripted_model.requests[-1]["messages"]] == [*before_edit[:2], "Second question, put better"]
+    sent = [text_of(m) for m in scripted_model.requests[-1]["messages"]]
+    assert sent == [*before_edit[:2], "Second question, put better"]
     expect(page.locator(USER).nth(1).locator("[data-testid=sibling-position]")).to_have_text("2/2")
     save_screenshot(page, "branches-edited")
 
@@ -161,8 +163,6 @@ def make_conversation(server, text: str) -> str:
 
 
 def test_the_list_renames_deletes_after_a_confirmation_pages_and_searches(page, tmp_path_factory, scripted_model):
-    from ..conftest import RelayServer, assert_no_traceback
-
     own = RelayServer(tmp_path_factory.mktemp("list"), {
         "ANTHROPIC_API_KEY": "sk-browser-tests", "ANTHROPIC_BASE_URL": scripted_model.url})
     try:
