@@ -14,6 +14,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -24,7 +25,7 @@ import websockets
 from httpx_sse import aconnect_sse
 
 from .conftest import SERVER_CWD, SERVER_PYTHON, _clean_env, _on_postgresql, new_postgresql_database
-from .relay_clients import Event, loads, names, sse_read, text_of, ws_read_until_end
+from .relay_clients import Event, loads, names, sse_read, sse_stream, text_of, ws_read_until_end
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "")
 POSTGRES_URLS = [url.strip() for url in os.environ.get("TEST_DATABASE_URLS", "").split(",")
@@ -263,3 +264,135 @@ async def test_a_jwt_users_conversation_is_theirs_on_both_instances_and_a_404_to
                 assert (await client.get(server.url + path, headers=other)).status_code == 404
                 res = await client.get(f"{server.url}/api/command-center/streams/{stream_id}", headers=other)
                 assert res.status_code in (404, 410)
+
+
+# --- conversations as trees across instances (issue 17) ----------------------------------------------------------
+
+
+async def call(url: str, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        return await client.request(method, path, json=body)
+
+
+async def usage_total(url: str) -> dict[str, Any]:
+    response = await call(url, "GET", "/api/usage?groupBy=day")
+    total: dict[str, Any] = loads(response.text)["total"]
+    return total
+
+
+async def read_first(url: str, body: dict[str, Any], count: int) -> list[Event]:
+    """POST a command, read `count` events, drop the connection (the answer goes on)."""
+    events: list[Event] = []
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        async with aconnect_sse(client, "POST", "/api/command-center/message", json=body) as source:
+            async for event in source.aiter_sse():
+                events.append((int(event.id), event.event, loads(event.data)))
+                if len(events) == count:
+                    break
+    return events
+
+
+async def read_until(url: str, body: dict[str, Any], enough: asyncio.Event, chunks: int) -> list[Event]:
+    """POST a command and read its whole stream, setting `enough` once `chunks` chunks came."""
+    events: list[Event] = []
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        async with aconnect_sse(client, "POST", "/api/command-center/message", json=body) as source:
+            async for event in source.aiter_sse():
+                events.append((int(event.id) if event.id else None, event.event, loads(event.data)))
+                if names(events).count("chunk") >= chunks:
+                    enough.set()
+    return events
+
+
+async def active_answer_stream(url: str, conversation_id: str) -> str:
+    """The stream of the answer at the conversation's active leaf."""
+    listing = (await call(url, "GET", f"/api/conversations/{conversation_id}/messages?path=active")).json()
+    stream_id: str = listing["messages"][-1]["streamId"]
+    return stream_id
+
+
+def offline_answer(*turns: tuple[str, str]) -> str:
+    """The offline model's answer to a history of (role, text): it quotes the last turn and counts user turns."""
+    from server.upstream.offline import demo_words
+
+    return "".join(demo_words([{"role": role, "content": text} for role, text in turns]))
+
+
+async def test_edit_regenerate_switch_and_continue_across_instances_send_the_active_path(start_instances):
+    """Each step on the other instance than the one before; the offline model's answer quotes the last turn it
+    got and counts the user turns, so each text proves the history was the active path (a continue's ends with
+    the partial answer). A regenerated answer read on one instance and resumed on the other is exact."""
+    a, b = start_instances(RELAY_OFFLINE_WORDS="0")
+    first = await sse_stream(a.url, {"message": "one"})
+    conv, a1, a1_text = first[0][2]["conversationId"], first[0][2]["messageId"], text_of(first)
+    second = await sse_stream(b.url, {"message": "two", "conversationId": conv})
+    u2, a2_text = second[0][2]["userMessageId"], text_of(second)
+    assert a2_text == offline_answer(("user", "one"), ("assistant", a1_text), ("user", "two"))
+    edited = await sse_stream(a.url, {"message": "two bis", "conversationId": conv, "parentMessageId": a1})
+    assert text_of(edited) == offline_answer(("user", "one"), ("assistant", a1_text), ("user", "two bis"))
+
+    head = await read_first(b.url, {"regenerate": edited[0][2]["messageId"]}, 5)
+    stream_id = head[0][2]["streamId"]
+    tail = await sse_read(a.url, stream_id, last_event_id=head[-1][0])
+    whole = await sse_read(b.url, stream_id)
+    assert head + tail == whole
+    assert [event_id for event_id, _, _ in whole] == list(range(1, len(whole) + 1))
+    assert text_of(whole) == text_of(edited)
+
+    switched = await call(b.url, "PUT", f"/api/conversations/{conv}/active-leaf", {"messageId": u2})
+    assert switched.status_code == 200
+    third = await sse_stream(a.url, {"message": "three", "conversationId": conv})
+    path = [("user", "one"), ("assistant", a1_text), ("user", "two"), ("assistant", a2_text), ("user", "three")]
+    assert text_of(third) == offline_answer(*path)
+
+    enough = asyncio.Event()
+    cut = asyncio.create_task(read_until(a.url, {"message": "four", "conversationId": conv}, enough, 3))
+    async with asyncio.timeout(30):
+        await enough.wait()
+    cancel = await call(b.url, "POST", f"/api/command-center/streams/{await active_answer_stream(a.url, conv)}/cancel")
+    assert cancel.status_code == 202
+    cut_events = await cut
+    assert cut_events[-1][2]["stopReason"] == "cancelled"
+    partial = text_of(cut_events)
+    path += [("assistant", text_of(third)), ("user", "four")]
+    more = await sse_stream(b.url, {"continue": cut_events[0][2]["messageId"]})
+    assert more[0][2]["messageId"] == cut_events[0][2]["messageId"]
+    assert text_of(more) == offline_answer(*path, ("assistant", partial.rstrip()))
+    messages = (await call(a.url, "GET", f"/api/conversations/{conv}/messages?path=active")).json()["messages"]
+    assert len(messages) == 8 and messages[-1]["content"] == partial + text_of(more)
+
+
+async def test_deleting_a_conversation_on_the_other_instance_stops_its_answer_and_keeps_its_costs(start_instances,
+                                                                                                   database_url):
+    """The answer runs on `a`, the DELETE goes to `b`: the cancel reaches `a` through Redis, `a`'s reader gets
+    `done` cancelled, nothing of the conversation is left, its streams are not resumable on either instance,
+    and both instances' usage totals count what it spent (summed over messages, they would drop)."""
+    a, b = start_instances(RELAY_OFFLINE_WORDS="2000")  # 40 s: it only ends by the delete
+    before = await usage_total(b.url)
+    enough = asyncio.Event()
+    reading = asyncio.create_task(read_until(a.url, {"message": "doomed"}, enough, 2))
+    async with asyncio.timeout(30):
+        await enough.wait()
+    conversation_id = (await call(a.url, "GET", "/api/conversations")).json()["conversations"][0]["id"]
+    stream_id = await active_answer_stream(b.url, conversation_id)
+    deleted = await call(b.url, "DELETE", f"/api/conversations/{conversation_id}")
+    assert deleted.status_code == 200
+    assert deleted.json() == {"id": conversation_id, "deleted": True, "cancelledStreamIds": [stream_id]}
+    async with asyncio.timeout(30):
+        events = await reading
+    assert events[-1][1] == "done" and events[-1][2]["stopReason"] == "cancelled"
+    assert len(text_of(events)) < len(expected_words(2000))
+    cost = next(data["totalCost"] for _, name, data in events if name == "cost")
+    connection = await asyncpg.connect(database_url)
+    try:
+        assert await connection.fetchval("SELECT COUNT(*) FROM messages WHERE conversation_id = $1",
+                                         conversation_id) == 0
+    finally:
+        await connection.close()
+    for instance in (a, b):
+        assert (await call(instance.url, "GET", f"/api/conversations/{conversation_id}/messages")).status_code == 404
+        resumed = await call(instance.url, "GET", f"/api/command-center/streams/{stream_id}")
+        assert (resumed.status_code, resumed.json()["error"]["code"]) == (404, "not_resumable")
+        after = await usage_total(instance.url)
+        assert after["messages"] == before["messages"] + 1
+        assert Decimal(after["cost"]) == Decimal(before["cost"]) + Decimal(str(cost))

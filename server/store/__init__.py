@@ -21,8 +21,9 @@ One module per concern:
     faults.py, urls.py  errors that mean "unavailable"; DATABASE_URL per driver (pure)
     schema.py           Alembic revisions (migrations/), the old runner's databases, the check's Probe
     base.py             StoreBase: connect, write, read, readiness, leases, probe
-    conversations.py    turns, saves, interrupted answers, conversation reads
-    users.py, usage.py  users and sessions; usage and budget sums
+    conversations.py    turns (send, regenerate, continue) on a tree of messages, saves, interrupted answers,
+                        conversation reads, branches, rename, delete
+    users.py, usage.py  users and sessions; usage and budget sums over the usage ledger
     reads.py            the SQLite read pool
     sqlite_writer.py    the SQLite writer thread (group commit)
     postgres_writer.py  PostgreSQL writes on the pool; the lease session (reconnects)
