@@ -189,6 +189,8 @@ def assert_nothing_ran(page: Page, dialogs: list[str], elsewhere: list[str]) -> 
 def test_model_output_that_attacks_the_page_never_runs(page, scripted_server, scripted_model):
     scripted_model.scripts["Attack the page"] = Scripted(XSS)
     dialogs, elsewhere = open_watched(page, scripted_server)
+    expect(page.locator("[data-testid=composer]")).to_be_visible()
+    globals_before = set(page.evaluate("Object.getOwnPropertyNames(window)"))
     send(page, "Attack the page")
     expect(page.locator(ANSWER)).to_have_attribute("data-state", "complete", timeout=20_000)
     # Hover and click everything the answer shows: a handler that survived would fire now.
@@ -198,6 +200,7 @@ def test_model_output_that_attacks_the_page_never_runs(page, scripted_server, sc
         page.get_by_text(word, exact=False).first.click()
     assert_nothing_ran(page, dialogs, elsewhere)
     assert len(page.context.pages) == 1, "a click opened a window"
+    assert set(page.evaluate("Object.getOwnPropertyNames(window)")) == globals_before, "something changed window"
     save_screenshot(page, "markdown-xss-corpus")
 
     # The stored answer takes the other path into the page (a whole text, not deltas): the same again.
