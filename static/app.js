@@ -626,7 +626,9 @@ async function answer({ kind, text, parentMessageId, messageId }) {
   }
   status.textContent = state === 'complete' ? 'Answer complete.' : state === 'cancelled' ? 'Answer stopped.' : 'Answer failed.'
   setActive(null)
-  if (shownIn === view && conversationId !== null) await reloadTree()
+  // A command refused before it started (busy, not_continuable, a limit) made no message: its error stays on
+  // screen rather than the tree, which has nothing of it.
+  if (shownIn === view && conversationId !== null && stream.streamId) await reloadTree()
   refreshList()
 }
 
