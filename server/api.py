@@ -135,7 +135,6 @@ async def set_active_leaf(request: Request) -> Response:
     """PUT /api/conversations/{id}/active-leaf {"messageId"}: switch branch (to the newest leaf under it)."""
     relay: Relay = request.app.state.relay
     user = await relay.admit(request.scope)
-    relay.auth.check_origin(request.scope)
     conversation_id = request.path_params["conversation_id"]
     body = parse_json_object(await read_body(request, 4096))
     message_id = body.get("messageId")
@@ -150,7 +149,6 @@ async def update_conversation(request: Request) -> Response:
     """PATCH /api/conversations/{id} {"title"}: rename (1 to 200 characters once trimmed)."""
     relay: Relay = request.app.state.relay
     user = await relay.admit(request.scope)
-    relay.auth.check_origin(request.scope)
     conversation_id = request.path_params["conversation_id"]
     body = parse_json_object(await read_body(request, 8192))
     title = body.get("title")
@@ -166,7 +164,6 @@ async def delete_conversation(request: Request) -> Response:
     messages; what it spent stays in usage."""
     relay: Relay = request.app.state.relay
     user = await relay.admit(request.scope)
-    relay.auth.check_origin(request.scope)
     conversation_id = request.path_params["conversation_id"]
     await _visible(relay, user, conversation_id)
     cancelled = await relay.delete_conversation(conversation_id)

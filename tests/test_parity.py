@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .relay_clients import sse_stream, ws_stream
 
-_IDS = {"streamId", "conversationId", "messageId"}
+_IDS = {"streamId", "conversationId", "messageId", "parentId", "userMessageId"}
 
 
 def _normalised(events):
