@@ -22,7 +22,7 @@ from databases import Database
 from server.store import Store, databases_url, schema
 
 GROUPS = ("day", "model", "agent", "user")
-TABLES = ("messages", "sessions", "conversations", "users", "write_probe", "alembic_version")
+TABLES = ("usage", "messages", "sessions", "conversations", "users", "write_probe", "alembic_version")
 
 
 async def fill(url: str, messages: int) -> None:

@@ -492,6 +492,8 @@ async def save_orphan(store: Store, orphan: Orphan) -> bool:
 
     The output tokens are estimated from the text, as for a cancel; input and cache tokens are the
     last usage the dead instance copied to Redis. False when the answer was already finished.
+    The log holds only what this stream generated: for a continue (issue 17) the part it continued is added
+    back from the database (see Store.continued_part).
     """
     text, thinking = TextParts(), TextParts()
     model = orphan.model
@@ -511,6 +513,7 @@ async def save_orphan(store: Store, orphan: Orphan) -> bool:
         cache_creation_input_tokens=usage.cache_creation_input_tokens,
         cache_read_input_tokens=usage.cache_read_input_tokens, cost=cost_of(usage, model), cost_estimated=True,
     )
+    record = _added(await store.continued_part(orphan.message_id, orphan.stream_id, content, thought), record)
     try:
         await store.save_reply(orphan.message_id, record)
     except FinishedElsewhereError:

@@ -207,6 +207,35 @@ async def test_another_users_conversation_and_stream_are_not_found_on_both_trans
     assert body["messages"][1]["status"] == "complete"
 
 
+async def test_another_users_answers_cannot_be_regenerated_continued_branched_renamed_or_deleted(team):
+    """Every tree command and REST write (issue 17) names alice's ids to bob as unknown ones: 404 `not_found`,
+    nothing changed, nothing sent upstream."""
+    server = team.server
+    started = await start_json(server.url, team.alice, message="alice's plan")
+    async with websockets.connect(server.ws_url + WS_PATH, additional_headers=bearer(team.alice)) as socket:
+        await socket.send(json.dumps({"type": "resume", "streamId": started["streamId"], "lastEventId": 0}))
+        await ws_read_until_end(socket, started["streamId"])
+    conversation_id = started["conversationId"]
+    path = f"/api/conversations/{conversation_id}"
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        before = (await client.get(path + "/messages", headers=bearer(team.alice))).json()
+        answer_id = before["messages"][1]["id"]
+        as_bob = bearer(team.bob)
+        for body in ({"regenerate": answer_id}, {"continue": answer_id},
+                     {"message": "x", "parentMessageId": answer_id}):
+            res = await client.post("/api/command-center/message", json=body, headers=as_bob)
+            assert (res.status_code, res.json()["error"]["code"]) == (404, "not_found"), body
+        for method, url, body in (("PUT", path + "/active-leaf", {"messageId": answer_id}),
+                                  ("PATCH", path, {"title": "bob's now"}), ("DELETE", path, None)):
+            res = await client.request(method, url, json=body, headers=as_bob)
+            assert (res.status_code, res.json()["error"]["code"]) == (404, "not_found"), method
+        after = (await client.get(path + "/messages", headers=bearer(team.alice))).json()
+    for kind in ("regenerate", "continue"):
+        frame = await ws_call(server.ws_url, team.bob, {"type": kind, "messageId": answer_id})
+        assert frame["event"] == "error" and frame["data"]["code"] == "not_found"
+    assert after == before
+
+
 async def test_an_admin_sees_every_users_conversations_and_streams(team):
     server = team.server
     started = await start_json(server.url, team.alice, message="admins may look")

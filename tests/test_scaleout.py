@@ -269,6 +269,30 @@ async def test_a_jwt_users_conversation_is_theirs_on_both_instances_and_a_404_to
 # --- conversations as trees across instances (issue 17) ----------------------------------------------------------
 
 
+@pytest.fixture
+def open_instances(make_server: Callable[..., Any]) -> Iterator[tuple[Callable[..., list[Any]], str]]:
+    """Like start_instances, on a database of this test's own: in open mode whatever users earlier tests made
+    (their usage totals would mix too). Yields the starter and the database's URL."""
+    if not POSTGRES_URLS:
+        pytest.skip("needs PostgreSQL")
+    url, drop = new_postgresql_database(POSTGRES_URLS[0])
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    started: list[Any] = []
+
+    def start(count: int = 2, **env: str) -> list[Any]:
+        shared = {"DATABASE_URL": url, "REDIS_URL": REDIS_URL, "RELAY_REDIS_PREFIX": prefix,
+                  "RELAY_INSTANCE_LEASE_SECONDS": "1", **PACED, **env}
+        started.extend(make_server(shared) for _ in range(count))
+        return started[-count:]
+
+    try:
+        yield start, url
+    finally:
+        for process in started:  # before the database goes (make_server checks their logs after)
+            process.stop()
+        _on_postgresql(POSTGRES_URLS[0], drop)
+
+
 async def call(url: str, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         return await client.request(method, path, json=body)
@@ -318,11 +342,11 @@ def offline_answer(*turns: tuple[str, str]) -> str:
     return "".join(demo_words([{"role": role, "content": text} for role, text in turns]))
 
 
-async def test_edit_regenerate_switch_and_continue_across_instances_send_the_active_path(start_instances):
+async def test_edit_regenerate_switch_and_continue_across_instances_send_the_active_path(open_instances):
     """Each step on the other instance than the one before; the offline model's answer quotes the last turn it
     got and counts the user turns, so each text proves the history was the active path (a continue's ends with
     the partial answer). A regenerated answer read on one instance and resumed on the other is exact."""
-    a, b = start_instances(RELAY_OFFLINE_WORDS="0")
+    a, b = open_instances[0](RELAY_OFFLINE_WORDS="0")
     first = await sse_stream(a.url, {"message": "one"})
     conv, a1, a1_text = first[0][2]["conversationId"], first[0][2]["messageId"], text_of(first)
     second = await sse_stream(b.url, {"message": "two", "conversationId": conv})
@@ -362,12 +386,12 @@ async def test_edit_regenerate_switch_and_continue_across_instances_send_the_act
     assert len(messages) == 8 and messages[-1]["content"] == partial + text_of(more)
 
 
-async def test_deleting_a_conversation_on_the_other_instance_stops_its_answer_and_keeps_its_costs(start_instances,
-                                                                                                   database_url):
+async def test_deleting_a_conversation_on_the_other_instance_stops_its_answer_and_keeps_its_costs(open_instances):
     """The answer runs on `a`, the DELETE goes to `b`: the cancel reaches `a` through Redis, `a`'s reader gets
     `done` cancelled, nothing of the conversation is left, its streams are not resumable on either instance,
     and both instances' usage totals count what it spent (summed over messages, they would drop)."""
-    a, b = start_instances(RELAY_OFFLINE_WORDS="2000")  # 40 s: it only ends by the delete
+    start, database_url = open_instances
+    a, b = start(RELAY_OFFLINE_WORDS="2000")  # 40 s: it only ends by the delete
     before = await usage_total(b.url)
     enough = asyncio.Event()
     reading = asyncio.create_task(read_until(a.url, {"message": "doomed"}, enough, 2))

@@ -1079,3 +1079,31 @@ async def test_conversations_page_by_cursor_and_search_titles_in_any_case(store)
     assert title.endswith("word…") and len(title) <= 80
     await store.rename_conversation(long.conversation_id, "Renamed")
     assert (await store.get_conversation(long.conversation_id))["title"] == "Renamed"
+
+
+async def test_a_continue_saved_from_a_dead_instances_log_keeps_the_part_it_continued(store):
+    """The burying instance has only the continuation's events: the saved answer is the earlier text plus all
+    of the continuation (not the partial save's prefix twice), its usage the earlier part's plus the
+    continuation's estimate, and the ledger's new row only the continuation's. Fails without continued_part
+    (the first part would be lost and the ledger's row negative)."""
+    from server.core import save_orphan
+    from server.hub import Orphan
+
+    first = await turn(store, "write")
+    await store.save_reply(first.assistant_message_id,
+                           replace(reply("Once upon", cost=Decimal("0.000001")), stop_reason="max_tokens"))
+    stream_id = new_id()
+    await store.begin_continue(answer_id=first.assistant_message_id, stream_id=stream_id, task_trace_id="t")
+    partial = replace(reply("Once upon a ti", status=Status.STREAMING), stop_reason=None)
+    await store.save_progress([(first.assistant_message_id, partial)])
+    entries = [(1, "start", b'{"model": "claude-haiku-4-5"}'), (2, "chunk", b'{"text": " a ti"}'),
+               (3, "chunk", b'{"text": "me"}')]
+    orphan = Orphan(stream_id, first.assistant_message_id, "claude-haiku-4-5", entries, {"input_tokens": 7})
+    assert await save_orphan(store, orphan)
+    saved = await store.get_message(first.assistant_message_id)
+    assert saved is not None
+    assert (saved["content"], saved["status"], saved["input_tokens"]) == ("Once upon a time", "interrupted", 17)
+    rows = await store._fetch_all("SELECT input_tokens, cost FROM usage WHERE message_id = :m ORDER BY completed_at",
+                                  {"m": first.assistant_message_id})
+    assert [int(row[0]) for row in rows] == [10, 7]
+    assert store._cost_value(rows[1][1]) is not None and store._cost_value(rows[1][1]) > 0

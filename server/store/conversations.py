@@ -557,6 +557,29 @@ class ConversationQueries(StoreBase):
         if not storable_id(conversation_id) or not await self.write(operation()):
             raise NotFoundError(f"conversation {conversation_id[:64]} not found")
 
+    async def continued_part(self, message_id: str, stream_id: str, text: str, thinking: str) -> Reply | None:
+        """What an answer held before the continue that `stream_id` generates, for a survivor that saves the
+        continue from its log alone (`text`, `thinking`): None when the stream is no continue.
+
+        Its usage is the ledger's rows of the earlier generations. Its text is the row's text without the
+        longest end that starts the continuation's `text` (what a partial save of it wrote): exact unless the
+        earlier part itself ends with a start of the continuation longer than what was saved.
+        """
+        if not (storable_id(message_id) and storable_id(stream_id)):
+            return None
+        earlier = await self._fetch_one(
+            "SELECT COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0),"
+            " COALESCE(SUM(cache_creation_input_tokens), 0), COALESCE(SUM(cache_read_input_tokens), 0), SUM(cost)"
+            " FROM usage WHERE message_id = :m AND id <> :s", {"m": message_id, "s": stream_id})
+        row = await self._fetch_one("SELECT content, thinking, model FROM messages WHERE id = :m", {"m": message_id})
+        if earlier is None or not earlier[0] or row is None:
+            return None
+        return Reply(content=_without_start_of(str(row[0]), text), thinking=_without_start_of(str(row[1]), thinking),
+                     model=str(row[2] or ""), status=Status.STREAMING, stop_reason=None,
+                     input_tokens=int(earlier[1]), output_tokens=int(earlier[2]),
+                     cache_creation_input_tokens=int(earlier[3]), cache_read_input_tokens=int(earlier[4]),
+                     cost=self._cost_value(earlier[5]))
+
     async def agent_of_answer(self, answer_id: str, owner_id: str | None) -> str:
         """The agent of the conversation of an answer of owner_id's.
 
@@ -651,6 +674,14 @@ class ConversationQueries(StoreBase):
             f"SELECT COALESCE(SUM({size}), 0) FROM messages m JOIN conversations c ON c.id = m.conversation_id"
             f" WHERE m.conversation_id = :id AND {owner_clause}", params)
         return int(total or 0)
+
+
+def _without_start_of(saved: str, continuation: str) -> str:
+    """`saved` without its longest end that is a start of `continuation`."""
+    for size in range(min(len(saved), len(continuation)), 0, -1):
+        if saved.endswith(continuation[:size]):
+            return saved[:-size]
+    return saved
 
 
 def _history(messages: list[tuple[str, str]]) -> list[dict[str, str]]:
