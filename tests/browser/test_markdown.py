@@ -111,6 +111,8 @@ def open_watched(page: Page, server) -> tuple[list[str], list[str]]:
 
 def test_an_answer_renders_as_markdown_while_it_streams_and_a_code_block_copies(page, context, scripted_server,
                                                                                 scripted_model):
+    """Mutation: markdownView.set rendering at once instead of on the next animation frame fails the
+    once-per-frame check (renders come in runs within one frame)."""
     scripted_model.scripts["Show me Markdown"] = Scripted(MARKDOWN)
     context.grant_permissions(["clipboard-read", "clipboard-write"], origin=scripted_server.url)
     open_watched(page, scripted_server)
@@ -187,6 +189,8 @@ def assert_nothing_ran(page: Page, dialogs: list[str], elsewhere: list[str]) -> 
 
 
 def test_model_output_that_attacks_the_page_never_runs(page, scripted_server, scripted_model):
+    """Mutation: marked's html renderer passing raw HTML through (with or without DOMPurify after it) fails
+    this with CSP violations from inline handlers and scripts."""
     scripted_model.scripts["Attack the page"] = Scripted(XSS)
     dialogs, elsewhere = open_watched(page, scripted_server)
     expect(page.locator("[data-testid=composer]")).to_be_visible()
