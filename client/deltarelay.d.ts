@@ -6,6 +6,11 @@ export interface StartData {
   streamId: string
   conversationId: string
   model: string
+  /** The answer being written: a new one, or for a continue the answer continued. */
+  messageId: string
+  /** The user message the answer answers (its parent): new for a send, existing for a regenerate or continue. */
+  userMessageId: string
+  parentId: string
 }
 
 export interface TextData {
@@ -66,6 +71,7 @@ export interface StreamResult {
   cost: CostData | null
   stopReason: string | null
   messageId: string | null
+  userMessageId: string | null
   conversationId: string | null
   /**
    * Set when the stream ended with an error event: the server's, or "network_error" when the
@@ -114,9 +120,13 @@ export interface RelayStream extends EventTarget, AsyncIterable<StreamMessage> {
   /** Known from the start event (or, for EventSource, from the POST's answer). */
   readonly streamId: string | null
   readonly conversationId: string | null
+  /** The answer's id: from the start event (a continue's: the continued answer's, from the outset). */
   readonly messageId: string | null
+  /** The user message answered, and the answer's parent (the same id): from the start event. */
+  readonly userMessageId: string | null
+  readonly parentId: string | null
   readonly model: string | null
-  /** The answer's text so far. */
+  /** The answer's text so far; for a continue, only the text added. */
   readonly text: string
   readonly thinking: string
   readonly cost: CostData | null
@@ -148,6 +158,85 @@ export interface RelayStream extends EventTarget, AsyncIterable<StreamMessage> {
 export interface SendOptions {
   conversationId?: string
   agentId?: string
+  /**
+   * The answer the new message follows, in that conversation: a message beside the one that followed it
+   * (an edit is a send with the edited message's parentId); null: a new first message. Omitted: after the
+   * conversation's active leaf.
+   */
+  parentMessageId?: string | null
+}
+
+/** A conversation as the REST API gives it. */
+export interface Conversation {
+  id: string
+  title: string | null
+  agentId: string | null
+  createdAt: string
+  updatedAt: string
+  messageCount: number
+  ownerId: string
+  /** Dollars, an exact decimal string; null when a price is unknown. */
+  totalCost: string | null
+  /** The last message of the active path (the branch shown). */
+  activeLeafId: string | null
+}
+
+/** A message of a conversation's tree. */
+export interface Message {
+  id: string
+  conversationId: string
+  role: 'user' | 'assistant'
+  content: string
+  thinking: string | null
+  model: string | null
+  /** "complete", "streaming", "error", "cancelled", "interrupted". */
+  status: string
+  stopReason: string | null
+  inputTokens: number | null
+  outputTokens: number | null
+  cacheCreationInputTokens: number | null
+  cacheReadInputTokens: number | null
+  totalCost: string | null
+  costEstimated: boolean
+  errorCode: string | null
+  streamId: string | null
+  createdAt: string
+  completedAt: string | null
+  /** null for a first user message. */
+  parentId: string | null
+  /** 0-based place among the messages with the same parent, oldest first; of siblingCount. */
+  siblingIndex: number
+  siblingCount: number
+}
+
+export interface MessagesPage {
+  conversation: Conversation
+  activeLeafId: string | null
+  /** Every message, parents before children; with path "active", the root..active leaf chain in order. */
+  messages: Message[]
+}
+
+export interface ConversationList {
+  /** Newest updated first. */
+  conversations: Conversation[]
+  /** The `before` of the next (older) page; null on the last. */
+  nextBefore: string | null
+}
+
+export interface DeletedConversation {
+  id: string
+  deleted: true
+  /** The answers still generating that the delete cancelled. */
+  cancelledStreamIds: string[]
+}
+
+/** What a REST helper throws for an answer that is not a 2xx: the server's error, with the HTTP status. */
+export interface RelayError extends Error {
+  /** The HTTP status; 0 when no answer came (code "network_error"). */
+  status: number
+  /** "not_found", "invalid_request", "busy", "unauthorized"... */
+  code: string
+  retryable: boolean
 }
 
 export interface ClientOptions {
@@ -195,6 +284,24 @@ export interface Client {
   /** The transport of the latest stream; null before the first. */
   readonly transport: Transport | null
   send(message: string, options?: SendOptions): RelayStream
+  /** A new answer beside `messageId` (an answer), to the same user message with the same history. */
+  regenerate(messageId: string): RelayStream
+  /**
+   * More of the answer `messageId`, appended to it: only for one that stopped at max_tokens or was cancelled
+   * (else the stream ends with the error `not_continuable`). Its chunks carry only the new text.
+   */
+  continue(messageId: string): RelayStream
+  // The REST helpers: each resolves to the parsed JSON of a 2xx answer and rejects with a RelayError otherwise.
+  /** GET /api/conversations: limit (default 50, at most 200), before (a page's nextBefore), q (in titles). */
+  listConversations(options?: { limit?: number; before?: string; q?: string }): Promise<ConversationList>
+  /** GET /api/conversations/{id}/messages: every message, or (path "active") the active path. */
+  getMessages(conversationId: string, options?: { path?: 'active' }): Promise<MessagesPage>
+  /** PUT .../active-leaf: the branch through `messageId` (down its newest children) becomes the active path. */
+  setActiveLeaf(conversationId: string, messageId: string): Promise<MessagesPage>
+  /** PATCH /api/conversations/{id}: the title, trimmed, 1 to 200 characters (else invalid_request). */
+  renameConversation(conversationId: string, title: string): Promise<Conversation>
+  /** DELETE /api/conversations/{id}: cancels its running answers, then deletes it and its messages. */
+  deleteConversation(conversationId: string): Promise<DeletedConversation>
   /** Ends every open stream with a network_error, closes the socket and stops listening to the page. */
   close(): void
 }

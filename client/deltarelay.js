@@ -4,10 +4,14 @@
 // whose body is parsed incrementally) or EventSource when the socket is not an
 // option. Whatever the transport, a stream gives the same events with the same
 // data, and a dropped connection is resumed from the last event id it saw.
+// An answer is asked for by a send, a regenerate or a continue: one command with
+// the same fields in a WebSocket frame and in the POST body. The conversations'
+// REST calls are methods of the client too.
 // Public surface: createClient and createSSEParser, nothing else.
 
 const MESSAGE_PATH = '/api/command-center/message'
 const STREAMS_PATH = '/api/command-center/streams/'
+const CONVERSATIONS_PATH = '/api/conversations'
 const EVENTS = ['start', 'chunk', 'thinking', 'cost', 'done', 'error']
 // A 204 to a resume: the stream has ended, and there is nothing after the last event seen.
 const ended = () => ({ code: 'not_resumable', message: 'The stream has ended', retryable: false })
@@ -100,16 +104,21 @@ export function createSSEParser(onEvent, onRetry) {
  * and `reconnected` are events too, but not part of the iterated answer.
  */
 class Stream extends EventTarget {
-  constructor(transport, body) {
+  // frame: the command as a WebSocket frame (without its requestId); body: the same command as the POST body.
+  constructor(transport, frame, body) {
     super()
     this.transport = this._home = transport
     this.state = 'connecting'
     this.text = this.thinking = ''
     this.streamId = this.conversationId = this.messageId = this.model = null
+    this.userMessageId = this.parentId = null
+    // A continue writes on into an answer that exists: its id is known before the start.
+    if (frame.type === 'continue') this.messageId = frame.messageId
     this.cost = this.stopReason = this.error = null
     this.lastEventId = this._attempt = this._lostAt = 0
     this.finished = false
     this.done = new Promise((resolve) => (this._resolve = resolve))
+    this._frame = frame
     this._body = body
     this._log = []
     this._conn = this._timer = null
@@ -160,6 +169,9 @@ class Stream extends EventTarget {
       this._learnId(data.streamId)
       this.conversationId = data.conversationId
       this.model = data.model
+      this.messageId = data.messageId ?? this.messageId
+      this.userMessageId = data.userMessageId ?? null
+      this.parentId = data.parentId ?? null
     } else if (event === 'chunk') this.text += data.text
     else if (event === 'thinking') this.thinking += data.text
     else if (event === 'cost') this.cost = data
@@ -185,8 +197,8 @@ class Stream extends EventTarget {
     wake?.()
     this._emit(event, data)
     if (end) {
-      const { text, thinking, cost, stopReason, messageId, conversationId, error } = this
-      this._resolve({ text, thinking, cost, stopReason, messageId, conversationId, error })
+      const { text, thinking, cost, stopReason, messageId, userMessageId, conversationId, error } = this
+      this._resolve({ text, thinking, cost, stopReason, messageId, userMessageId, conversationId, error })
     }
   }
 }
@@ -302,17 +314,77 @@ export function createClient(options = {}) {
     }
   }
 
+  /** A stream for one command, started on the client's transport. */
+  function open(frame, body) {
+    const stream = new Stream(mode, frame, body)
+    stream._cancel = () => cancel(stream)
+    live.add(stream)
+    stream.done.then(() => live.delete(stream))
+    client.transport = mode
+    start(stream)
+    return stream
+  }
+
+  /**
+   * One REST call: the parsed JSON of a 2xx answer. Otherwise throws an Error with the server's `code`,
+   * `message` and `retryable` and the HTTP `status` (0 and code network_error when no answer came).
+   */
+  async function rest(method, path, body) {
+    const headers = { Accept: 'application/json' }
+    if (body !== undefined) headers['Content-Type'] = 'application/json'
+    let res
+    try {
+      res = await request(base + path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) })
+    } catch (cause) {
+      throw Object.assign(new Error('Request failed', { cause }), networkError('Request failed'), { status: 0 })
+    }
+    if (res.ok) return res.json()
+    const error = await httpError(res)
+    throw Object.assign(new Error(error.message), error, { status: res.status })
+  }
+
+  const conversation = (id) => CONVERSATIONS_PATH + '/' + encodeURIComponent(id)
+
   const client = {
     transport: null,
 
-    send(message, { conversationId, agentId } = {}) {
-      const stream = new Stream(mode, { message, agentId, conversationId })
-      stream._cancel = () => cancel(stream)
-      live.add(stream)
-      stream.done.then(() => live.delete(stream))
-      client.transport = mode
-      start(stream)
-      return stream
+    /** parentMessageId: the answer the new message follows (null: a new first message); default the active leaf. */
+    send(message, { conversationId, agentId, parentMessageId } = {}) {
+      const fields = { message, agentId, conversationId, parentMessageId }
+      return open({ type: 'message', ...fields }, fields)
+    },
+
+    /** A new answer beside `messageId` (an answer), to the same user message. */
+    regenerate(messageId) {
+      return open({ type: 'regenerate', messageId }, { regenerate: messageId })
+    },
+
+    /** More of the answer `messageId` (stopped at max_tokens, or cancelled): its chunks carry the new text only. */
+    continue(messageId) {
+      return open({ type: 'continue', messageId }, { continue: messageId })
+    },
+
+    listConversations({ limit, before, q } = {}) {
+      const query = new URLSearchParams()
+      for (const [name, value] of Object.entries({ limit, before, q })) if (value != null && value !== '') query.set(name, value)
+      const search = query.toString()
+      return rest('GET', CONVERSATIONS_PATH + (search ? '?' + search : ''))
+    },
+
+    getMessages(conversationId, { path } = {}) {
+      return rest('GET', conversation(conversationId) + '/messages' + (path ? '?path=' + encodeURIComponent(path) : ''))
+    },
+
+    setActiveLeaf(conversationId, messageId) {
+      return rest('PUT', conversation(conversationId) + '/active-leaf', { messageId })
+    },
+
+    renameConversation(conversationId, title) {
+      return rest('PATCH', conversation(conversationId), { title })
+    },
+
+    deleteConversation(conversationId) {
+      return rest('DELETE', conversation(conversationId))
     },
 
     /** Ends every open stream with network_error and closes the socket. */
@@ -417,7 +489,7 @@ export function createClient(options = {}) {
     conn.byRequest.set(requestId, stream)
     if (resume) conn.byStream.set(stream.streamId, stream)
     const { streamId, lastEventId } = stream
-    conn.send(resume ? { type: 'resume', streamId, lastEventId, requestId } : { type: 'message', ...stream._body, requestId })
+    conn.send(resume ? { type: 'resume', streamId, lastEventId, requestId } : { ...stream._frame, requestId })
     if (conn.ready) connected(stream)
   }
 

@@ -1,7 +1,11 @@
-// The demo chat page: conversations from the REST API, answers streamed by
-// the deltarelay client. Model text is only ever inserted as text, never as HTML.
+// The demo chat page: conversations from the REST API, answers streamed by the deltarelay client, both through
+// the client. A conversation is a tree of messages; the pane shows its active path, each message with its
+// controls (edit, copy, regenerate, continue, "‹ 2/3 ›" among its siblings). A user's text is only ever
+// inserted as text; an answer is rendered as Markdown by markdown.js, which never lets the model's text become
+// markup of its own (no HTML, no script, no javascript: link).
 
 import { createClient } from '/client/deltarelay.js'
+import { markdownView } from '/static/markdown.js'
 
 const $ = (id) => document.getElementById(id)
 const app = $('app')
@@ -19,10 +23,13 @@ const forceSSE = $('force-sse')
 const toggleSidebar = $('toggle-sidebar')
 const status = $('status')
 const template = $('message-template')
+const search = $('conversation-search')
+const loadOlderButton = $('load-older')
+const params = new URLSearchParams(location.search)
 
 // The server's keepalive interval, for the client's stall watchdog: ?keepaliveMs=1000 or
 // <body data-keepalive-ms="1000"> (match RELAY_KEEPALIVE_SECONDS); default 15 s.
-const keepaliveMs = Number(new URLSearchParams(location.search).get('keepaliveMs') || document.body.dataset.keepaliveMs) || undefined
+const keepaliveMs = Number(params.get('keepaliveMs') || document.body.dataset.keepaliveMs) || undefined
 
 // One client per transport choice, so each keeps its own socket and fallback memory.
 const clients = new Map()
@@ -30,6 +37,8 @@ const clientFor = (transport) => {
   if (!clients.has(transport)) clients.set(transport, createClient({ transport, keepaliveMs }))
   return clients.get(transport)
 }
+// The REST calls go through the client's helpers too (errors with a status and a code).
+const api = clientFor('auto')
 
 let conversationId = null // the open conversation; null for a new one
 let view = 0 // bumped whenever the message pane shows something else
@@ -70,25 +79,51 @@ function plainDecimal(number) {
   return digits.slice(0, point) + '.' + digits.slice(point)
 }
 
-// ---- REST -------------------------------------------------------------------
 
-async function getJSON(path) {
-  const res = await fetch(path, { headers: { Accept: 'application/json' } })
-  const body = await res.json().catch(() => null)
-  if (!res.ok) throw new Error(body?.error?.message || `HTTP ${res.status}`)
-  return body
-}
+// ---- The conversation list: newest first, a page at a time, searched by title ---------------------------
+
+// ?pageSize=N: conversations per page of the list (default 50, the server's).
+const pageSize = Number(params.get('pageSize')) || undefined
+let listCursor = null // the next (older) page's cursor; null when the list is whole
+let listQuery = ''
 
 async function refreshList() {
+  const query = listQuery
   try {
-    const { conversations } = await getJSON('/api/conversations')
-    list.replaceChildren(...conversations.map(conversationItem))
-    listStatus.hidden = conversations.length > 0
-    listStatus.textContent = 'No conversations yet.'
+    const page = await api.listConversations({ limit: pageSize, q: query })
+    if (query !== listQuery) return // a newer search is under way
+    list.replaceChildren(...page.conversations.map(conversationItem))
+    setCursor(page.nextBefore)
+    listStatus.hidden = page.conversations.length > 0
+    listStatus.textContent = query ? 'No conversation has that in its title.' : 'No conversations yet.'
+    const open = page.conversations.find((c) => c.id === conversationId)
+    if (open && !renaming()) title.textContent = open.title || 'Untitled'
   } catch (error) {
     listStatus.hidden = false
     listStatus.textContent = `Could not load conversations: ${error.message}`
   }
+}
+
+async function loadOlder() {
+  const query = listQuery
+  loadOlderButton.disabled = true
+  try {
+    const page = await api.listConversations({ limit: pageSize, before: listCursor, q: query })
+    if (query !== listQuery) return
+    const shown = new Set([...list.querySelectorAll('[data-conversation-id]')].map((a) => a.dataset.conversationId))
+    list.append(...page.conversations.filter((c) => !shown.has(c.id)).map(conversationItem))
+    setCursor(page.nextBefore)
+  } catch (error) {
+    listStatus.hidden = false
+    listStatus.textContent = `Could not load older conversations: ${error.message}`
+  } finally {
+    loadOlderButton.disabled = false
+  }
+}
+
+function setCursor(cursor) {
+  listCursor = cursor ?? null
+  loadOlderButton.hidden = listCursor === null
 }
 
 function conversationItem(conversation) {
@@ -100,6 +135,7 @@ function conversationItem(conversation) {
   if (conversation.id === conversationId) link.setAttribute('aria-current', 'page')
   const name = document.createElement('span')
   name.className = 'conversation-name'
+  name.dataset.testid = 'conversation-name'
   name.textContent = conversation.title || 'Untitled'
   const details = document.createElement('span')
   details.className = 'conversation-details'
@@ -107,9 +143,28 @@ function conversationItem(conversation) {
   const count = conversation.messageCount === 1 ? '1 message' : `${conversation.messageCount} messages`
   details.textContent = `${count}${cost} · ${formatDate(conversation.updatedAt)}`
   link.append(name, details)
+  const actions = document.createElement('div')
+  actions.className = 'conversation-actions'
+  actions.append(
+    actionButton('Rename', 'rename', 'rename-conversation', `Rename “${name.textContent}”`),
+    actionButton('Delete', 'delete', 'delete-conversation', `Delete “${name.textContent}”`),
+  )
   const item = document.createElement('li')
-  item.append(link)
+  item.className = 'conversation'
+  item.dataset.conversationId = conversation.id
+  item.append(link, actions)
   return item
+}
+
+function actionButton(label, action, testid, description) {
+  const button = document.createElement('button')
+  button.type = 'button'
+  button.className = 'button button-quiet button-small'
+  button.dataset.action = action
+  button.dataset.testid = testid
+  button.textContent = label
+  if (description) button.setAttribute('aria-label', description)
+  return button
 }
 
 function formatDate(iso) {
@@ -121,16 +176,101 @@ function formatDate(iso) {
     : date.toLocaleDateString(undefined, { month: 'short', day: 'numeric' })
 }
 
-// ---- Opening conversations --------------------------------------------------
+const renaming = () => !!list.querySelector('[data-testid=rename-input]')
+
+/** Rename in place: the title becomes a field; Enter (or Save) renames, Escape leaves it as it was. */
+function startRename(item) {
+  const link = item.querySelector('.conversation-link')
+  const old = link.querySelector('.conversation-name').textContent
+  const editor = document.createElement('form')
+  editor.className = 'conversation-editor'
+  const field = document.createElement('input')
+  field.type = 'text'
+  field.value = old
+  field.maxLength = 200
+  field.required = true
+  field.dataset.testid = 'rename-input'
+  field.setAttribute('aria-label', 'New title')
+  const save = actionButton('Save', 'save-rename', 'rename-save')
+  save.type = 'submit'
+  const cancel = actionButton('Cancel', 'cancel-rename', 'rename-cancel')
+  const problem = document.createElement('p')
+  problem.className = 'conversation-problem'
+  problem.hidden = true
+  editor.append(field, save, cancel, problem)
+  const close = () => editor.replaceWith(link)
+  cancel.addEventListener('click', close)
+  field.addEventListener('keydown', (event) => event.key === 'Escape' && close())
+  editor.addEventListener('submit', async (event) => {
+    event.preventDefault()
+    try {
+      const renamed = await api.renameConversation(item.dataset.conversationId, field.value)
+      link.querySelector('.conversation-name').textContent = renamed.title
+      if (renamed.id === conversationId) title.textContent = renamed.title
+      close()
+    } catch (error) {
+      problem.hidden = false
+      problem.textContent = error.code === 'invalid_request' ? 'A title has 1 to 200 characters.' : error.message
+    }
+  })
+  link.replaceWith(editor)
+  field.select()
+}
+
+/** Delete after a confirmation in place: the conversation, its messages, and any answer it is writing. */
+function confirmDelete(item) {
+  if (item.querySelector('.conversation-confirm')) return
+  const confirm = document.createElement('div')
+  confirm.className = 'conversation-confirm'
+  confirm.setAttribute('role', 'alertdialog')
+  confirm.setAttribute('aria-label', 'Delete this conversation?')
+  const question = document.createElement('p')
+  question.textContent = 'Delete this conversation and all its messages?'
+  const yes = actionButton('Delete', 'confirm-delete', 'confirm-delete')
+  yes.classList.add('button-danger')
+  const no = actionButton('Keep it', 'cancel-delete', 'cancel-delete')
+  confirm.append(question, yes, no)
+  no.addEventListener('click', () => confirm.remove())
+  yes.addEventListener('click', async () => {
+    const id = item.dataset.conversationId
+    yes.disabled = true
+    try {
+      await api.deleteConversation(id)
+      item.remove()
+      if (id === conversationId) {
+        history.pushState(null, '', location.pathname + location.search)
+        showNewConversation()
+      }
+      status.textContent = 'Conversation deleted.'
+      refreshList() // the page fills up from the older ones
+    } catch (error) {
+      question.textContent = `Could not delete it: ${error.message}`
+      yes.disabled = false
+    }
+  })
+  item.append(confirm)
+  no.focus()
+}
+
+// ---- Opening conversations: a tree of messages, of which the page shows the active path ----------------
 
 function conversationFromHash() {
   const match = location.hash.match(/^#c=(.+)$/)
   return match ? decodeURIComponent(match[1]) : null
 }
 
+// The open conversation's messages by id, and the last message of the path shown.
+let tree = new Map()
+let activeLeafId = null
+// The articles of this conversation's messages, shown or not (a branch switched away from keeps its own).
+let articles = new Map()
+
 function showConversation(id, heading) {
   view++
   conversationId = id
+  tree = new Map()
+  activeLeafId = null
+  articles = new Map()
   spent = money('0')
   total.value = formatMoney(spent)
   title.textContent = heading
@@ -146,10 +286,11 @@ async function openConversation(id) {
   showConversation(id, 'Loading…')
   const opened = view
   try {
-    const body = await getJSON(`/api/conversations/${encodeURIComponent(id)}/messages`)
+    const body = await api.getMessages(id)
     if (opened !== view) return
     title.textContent = body.conversation.title || 'Untitled'
-    for (const message of body.messages) showStoredMessage(message)
+    learnTree(body)
+    showPath()
     messages.scrollTop = messages.scrollHeight
   } catch (error) {
     if (opened !== view) return
@@ -159,9 +300,52 @@ async function openConversation(id) {
   }
 }
 
-function showNewConversation() {
-  emptyState.textContent = 'Ask something to start a conversation.'
-  showConversation(null, 'New conversation')
+/** The server's messages (all, or a path) and active leaf; the conversation's total spent, every branch's. */
+function learnTree(body) {
+  for (const message of body.messages) tree.set(message.id, message)
+  activeLeafId = body.activeLeafId ?? body.messages.at(-1)?.id ?? null
+  if (body.conversation?.totalCost != null) {
+    spent = money(body.conversation.totalCost)
+    total.value = formatMoney(spent)
+  }
+}
+
+/** After an answer: the tree again, so that new messages get their controls and siblings their counts. */
+async function reloadTree() {
+  const shownIn = view
+  try {
+    const body = await api.getMessages(conversationId)
+    if (shownIn !== view) return
+    learnTree(body)
+    showPath()
+  } catch {} // the answer stays on screen; its controls come with the next load
+}
+
+function activePath() {
+  const path = []
+  for (let message = tree.get(activeLeafId); message; message = tree.get(message.parentId)) path.unshift(message)
+  return path
+}
+
+/** The siblings of `message` (itself included), oldest first. */
+function siblingsOf(message) {
+  return [...tree.values()]
+    .filter((m) => (m.parentId ?? null) === (message.parentId ?? null))
+    .sort((a, b) => a.siblingIndex - b.siblingIndex)
+}
+
+/** The pane shows the active path: the articles it has already are kept as they are, the others made. */
+function showPath() {
+  const path = activePath()
+  const shown = path.map((message) => {
+    let entry = articles.get(message.id)
+    if (!entry) articles.set(message.id, (entry = showStoredMessage(message)))
+    else if (message.role === 'assistant') setMeta(entry, message)
+    setControls(entry, message)
+    return entry.article
+  })
+  messages.replaceChildren(emptyState, ...shown)
+  emptyState.hidden = shown.length > 0
 }
 
 // ---- Messages ---------------------------------------------------------------
@@ -173,27 +357,73 @@ function addMessage(role, state) {
   article.querySelector('.message-role').textContent = role === 'user' ? 'You' : 'Assistant'
   emptyState.hidden = true
   messages.append(article)
+  const text = article.querySelector('.message-text')
   return {
     article,
-    text: article.querySelector('.message-text'),
+    text,
+    view: role === 'assistant' ? markdownView(text, keepScrolledDown) : null,
     thinking: article.querySelector('.thinking'),
     thinkingText: article.querySelector('.thinking-text'),
     status: article.querySelector('.message-status'),
     meta: article.querySelector('.message-meta'),
+    actions: article.querySelector('.message-actions'),
   }
 }
 
 function showStoredMessage(message) {
   const shown = addMessage(message.role, message.status)
   shown.article.dataset.messageId = message.id
-  shown.text.textContent = message.content
-  if (message.role !== 'assistant') return
+  if (message.role !== 'assistant') {
+    shown.text.textContent = message.content
+    return shown
+  }
+  shown.view.set(message.content)
+  shown.view.flush()
+  if (message.thinking) {
+    shown.thinking.hidden = false
+    shown.thinkingText.textContent = message.thinking
+  }
   if (message.status === 'error') setStatus(shown, 'error', 'This answer failed.')
   if (message.status === 'cancelled') setStatus(shown, 'note', 'Stopped.')
   if (message.status === 'interrupted') setStatus(shown, 'note', 'Interrupted before it finished.')
   if (message.status === 'streaming') setStatus(shown, 'note', 'Still being written…')
+  if (message.stopReason === 'max_tokens') setStatus(shown, 'note', 'Cut off at the length limit.')
   setMeta(shown, message)
-  if (message.totalCost != null) addToTotal(message.totalCost)
+  return shown
+}
+
+/**
+ * A message's controls, from the tree: "‹ 2/3 ›" among its siblings; edit (a user message); copy,
+ * regenerate and, for an answer cut off at max_tokens or stopped, continue.
+ */
+function setControls(shown, message) {
+  const controls = []
+  const siblings = siblingsOf(message)
+  if (siblings.length > 1) {
+    const at = siblings.findIndex((m) => m.id === message.id)
+    const nav = document.createElement('span')
+    nav.className = 'siblings'
+    const prev = actionButton('‹', 'previous', 'sibling-previous', 'Previous version')
+    const next = actionButton('›', 'next', 'sibling-next', 'Next version')
+    prev.disabled = at === 0
+    next.disabled = at === siblings.length - 1
+    const position = document.createElement('span')
+    position.className = 'sibling-position'
+    position.dataset.testid = 'sibling-position'
+    position.textContent = `${at + 1}/${siblings.length}`
+    nav.append(prev, position, next)
+    controls.push(nav)
+  }
+  if (message.role === 'user') controls.push(actionButton('Edit', 'edit', 'edit-message', 'Edit this message'))
+  else {
+    controls.push(actionButton('Copy', 'copy', 'copy-message', 'Copy this answer'))
+    controls.push(actionButton('Regenerate', 'regenerate', 'regenerate', 'Write this answer again'))
+    if (message.stopReason === 'max_tokens' || message.stopReason === 'cancelled') {
+      controls.push(actionButton('Continue', 'continue', 'continue', 'Continue this answer'))
+    }
+  }
+  shown.actions.replaceChildren(...controls)
+  shown.actions.hidden = false
 }
 
 function setStatus(shown, kind, text) {
@@ -218,31 +448,102 @@ function addToTotal(cost) {
   total.value = formatMoney(spent)
 }
 
-function keepScrolledDown(wasAtBottom) {
-  if (wasAtBottom) messages.scrollTop = messages.scrollHeight
+// The pane follows a growing answer while the reader is at its end; scrolling up stops that.
+let pinned = true
+const atBottom = () => messages.scrollHeight - messages.scrollTop - messages.clientHeight < 40
+messages.addEventListener('scroll', () => (pinned = atBottom()), { passive: true })
+
+function keepScrolledDown() {
+  if (pinned) messages.scrollTop = messages.scrollHeight
 }
 
-const atBottom = () => messages.scrollHeight - messages.scrollTop - messages.clientHeight < 40
+/** Everything after `article` on screen goes: a new branch starts there. */
+function cutAfter(article) {
+  while (article?.nextElementSibling) article.nextElementSibling.remove()
+}
 
-// ---- Sending ----------------------------------------------------------------
+/** An inline editor in a user message; sending makes a sibling of it, with its own answer. */
+function startEdit(shown, message) {
+  if (shown.article.querySelector('.message-editor')) return
+  const editor = document.createElement('form')
+  editor.className = 'message-editor'
+  const field = document.createElement('textarea')
+  field.value = message.content
+  field.rows = Math.min(8, message.content.split('\n').length + 1)
+  field.required = true
+  field.dataset.testid = 'edit-input'
+  field.setAttribute('aria-label', 'Edited message')
+  const save = actionButton('Send', 'save-edit', 'edit-send')
+  save.type = 'submit'
+  save.classList.add('button-primary')
+  const cancel = actionButton('Cancel', 'cancel-edit', 'edit-cancel')
+  editor.append(field, save, cancel)
+  const close = () => {
+    editor.remove()
+    shown.text.hidden = shown.actions.hidden = false
+  }
+  cancel.addEventListener('click', close)
+  field.addEventListener('keydown', (event) => {
+    if (event.key === 'Escape') close()
+    else if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) {
+      event.preventDefault()
+      editor.requestSubmit()
+    }
+  })
+  editor.addEventListener('submit', (event) => {
+    event.preventDefault()
+    if (!field.value.trim() || active) return
+    close()
+    // The edited message's place: everything from it on gives way to the new branch.
+    cutAfter(shown.article.previousElementSibling ?? emptyState)
+    answer({ kind: 'send', text: field.value, parentMessageId: message.parentId ?? null })
+  })
+  shown.text.hidden = shown.actions.hidden = true
+  shown.text.after(editor)
+  field.focus()
+}
 
-async function send(text) {
+// ---- Answering: a send, an edit, a regenerate or a continue, one at a time ------------------------------
+
+/**
+ * Streams one answer into the pane. kind "send" (text, and parentMessageId for an edit) adds the user
+ * message and a new answer; "regenerate" adds a new answer after the user message of `messageId`;
+ * "continue" writes on into the answer `messageId`. The pane has been cut to where the answer goes.
+ */
+async function answer({ kind, text, parentMessageId, messageId }) {
   const shownIn = view
-  const user = addMessage('user')
-  user.text.textContent = text
-  const answer = addMessage('assistant', 'streaming')
-  answer.article.setAttribute('aria-busy', 'true')
-  const answerText = answer.text.appendChild(document.createTextNode(''))
-  const thinkingText = answer.thinkingText.appendChild(document.createTextNode(''))
+  const client = clientFor(forceSSE.checked ? 'sse' : 'auto')
+  let user = null
+  let reply
+  let before = '' // a continued answer's text so far
+  if (kind === 'send') {
+    user = addMessage('user')
+    user.text.textContent = text
+  }
+  if (kind === 'continue') {
+    reply = articles.get(messageId)
+    before = tree.get(messageId)?.content ?? reply.view.text
+    reply.article.dataset.state = 'streaming'
+    reply.status.hidden = true
+  } else {
+    reply = addMessage('assistant', 'streaming')
+  }
+  reply.actions.hidden = true
+  reply.article.setAttribute('aria-busy', 'true')
+  const thinkingText = reply.thinkingText.appendChild(document.createTextNode(''))
   messages.scrollTop = messages.scrollHeight
+  pinned = true
 
-  const stream = clientFor(forceSSE.checked ? 'sse' : 'auto').send(text, { conversationId: conversationId ?? undefined })
+  const options = { conversationId: conversationId ?? undefined }
+  if (parentMessageId !== undefined) options.parentMessageId = parentMessageId
+  const stream =
+    kind === 'regenerate' ? client.regenerate(messageId) : kind === 'continue' ? client.continue(messageId) : client.send(text, options)
   let stopping = false
   // Works in every state: while reconnecting the client cancels over HTTP and reconnects at once.
   const stop = () => {
     stopping = true
     stream.cancel()
-    if (stream.state !== 'reconnecting') setStatus(answer, 'note', 'Stopping…')
+    if (stream.state !== 'reconnecting') setStatus(reply, 'note', 'Stopping…')
   }
   setActive({ stream, stop })
   const sentAt = performance.now()
@@ -258,7 +559,17 @@ async function send(text) {
 
   stream.on('start', (start) => {
     $('transport').value = stream.transport
-    if (shownIn === view && conversationId === null) {
+    if (shownIn !== view) return
+    // The messages' ids: the tree, reloaded at the end, finds their articles by them.
+    if (start.messageId) {
+      reply.article.dataset.messageId = start.messageId
+      articles.set(start.messageId, reply)
+    }
+    if (user && start.userMessageId) {
+      user.article.dataset.messageId = start.userMessageId
+      articles.set(start.userMessageId, user)
+    }
+    if (conversationId === null) {
       // A new conversation now has an id: keep it in the URL without reloading it.
       conversationId = start.conversationId
       history.replaceState(null, '', '#c=' + encodeURIComponent(start.conversationId))
@@ -267,47 +578,47 @@ async function send(text) {
   })
   stream.on('thinking', ({ text }) => {
     firstToken()
-    answer.thinking.hidden = false
+    reply.thinking.hidden = false
     thinkingText.appendData(text)
   })
-  stream.on('chunk', ({ text }) => {
+  stream.on('chunk', () => {
     firstToken()
-    const wasAtBottom = atBottom()
-    answerText.appendData(text)
-    keepScrolledDown(wasAtBottom)
+    reply.view.set(before + stream.text)
   })
   // The client resumes a lost connection by itself; the answer goes on where it stopped.
   stream.on('reconnecting', ({ attempt }) => {
-    answer.article.dataset.state = 'reconnecting'
+    reply.article.dataset.state = 'reconnecting'
     const tries = attempt > 1 ? ` (try ${attempt})` : ''
-    setStatus(answer, 'reconnecting', `${stopping ? 'Stopping. ' : ''}Connection lost. Reconnecting…${tries}`)
+    setStatus(reply, 'reconnecting', `${stopping ? 'Stopping. ' : ''}Connection lost. Reconnecting…${tries}`)
     status.textContent = 'Connection lost. Reconnecting…'
   })
   stream.on('reconnected', ({ transport }) => {
-    answer.article.dataset.state = 'streaming'
+    reply.article.dataset.state = 'streaming'
     $('transport').value = transport
-    if (stopping) setStatus(answer, 'note', 'Stopping…')
-    else answer.status.hidden = true
+    if (stopping) setStatus(reply, 'note', 'Stopping…')
+    else reply.status.hidden = true
     status.textContent = 'Reconnected.'
   })
   stream.on('cost', (cost) => {
-    setMeta(answer, cost)
+    setMeta(reply, cost)
     if (shownIn === view && cost.totalCost != null) addToTotal(cost.totalCost)
   })
 
   const result = await stream.done
   const doneAt = performance.now()
-  answer.status.hidden = true
+  reply.view.flush()
+  reply.status.hidden = true
   const state = result.error ? 'error' : result.stopReason === 'cancelled' ? 'cancelled' : 'complete'
-  answer.article.dataset.state = state
-  answer.article.removeAttribute('aria-busy')
-  if (result.messageId) answer.article.dataset.messageId = result.messageId
+  reply.article.dataset.state = state
+  reply.article.removeAttribute('aria-busy')
+  if (result.messageId) reply.article.dataset.messageId = result.messageId
   if (result.error) {
     const { code, message, retryable, retryAfter } = result.error
     const advice = retryable ? (retryAfter ? ` Try again in ${retryAfter} s.` : ' Try again.') : ''
-    setStatus(answer, 'error', `${message.replace(/\.?$/, '.')}${advice} (${code})`)
-    answer.status.dataset.code = code
-  } else if (state === 'cancelled') setStatus(answer, 'note', 'Stopped.')
+    setStatus(reply, 'error', `${message.replace(/\.?$/, '.')}${advice} (${code})`)
+    reply.status.dataset.code = code
+  } else if (state === 'cancelled') setStatus(reply, 'note', 'Stopped.')
+  else if (result.stopReason === 'max_tokens') setStatus(reply, 'note', 'Cut off at the length limit.')
   $('transport').value = stream.transport
   const outputTokens = result.cost?.outputTokens
   if (firstAt !== null && outputTokens && doneAt > firstAt) {
@@ -315,6 +626,9 @@ async function send(text) {
   }
   status.textContent = state === 'complete' ? 'Answer complete.' : state === 'cancelled' ? 'Answer stopped.' : 'Answer failed.'
   setActive(null)
+  // A command refused before it started (busy, not_continuable, a limit) made no message: its error stays on
+  // screen rather than the tree, which has nothing of it.
+  if (shownIn === view && conversationId !== null && stream.streamId) await reloadTree()
   refreshList()
 }
 
@@ -332,7 +646,7 @@ form.addEventListener('submit', (event) => {
   const text = input.value
   if (!text.trim() || active) return
   input.value = ''
-  send(text)
+  answer({ kind: 'send', text })
 })
 
 input.addEventListener('keydown', (event) => {
@@ -346,12 +660,89 @@ input.addEventListener('keydown', (event) => {
 
 stopButton.addEventListener('click', () => active?.stop())
 
+// A message's controls, and a code block's copy button (markdown.js makes it).
+messages.addEventListener('click', (event) => {
+  const copyCode = event.target.closest('.copy-code')
+  // marked ends a code block with a line end that is not part of the code.
+  if (copyCode) return copyText(copyCode.parentElement.querySelector('code').textContent.replace(/\n$/, ''), copyCode)
+  const button = event.target.closest('.message-actions [data-action]')
+  const article = button?.closest('[data-message-id]')
+  const message = article && tree.get(article.dataset.messageId)
+  if (!message) return
+  const shown = articles.get(message.id)
+  const action = button.dataset.action
+  if (action === 'copy') return copyText(shown.view?.text ?? message.content, button)
+  if (active) return // one answer at a time; the controls are back when it is done
+  if (action === 'previous' || action === 'next') return switchSibling(message, action === 'next' ? 1 : -1)
+  if (action === 'edit') return startEdit(shown, message)
+  if (action === 'regenerate') {
+    cutAfter(article.previousElementSibling)
+    return answer({ kind: 'regenerate', messageId: message.id })
+  }
+  if (action === 'continue') {
+    cutAfter(article)
+    return answer({ kind: 'continue', messageId: message.id })
+  }
+})
+
+/** Shows the sibling `step` away from `message` and the newest branch under it (the server's choice). */
+async function switchSibling(message, step) {
+  const siblings = siblingsOf(message)
+  const target = siblings[siblings.findIndex((m) => m.id === message.id) + step]
+  if (!target) return
+  const shownIn = view
+  try {
+    const body = await api.setActiveLeaf(conversationId, target.id)
+    if (shownIn !== view) return
+    learnTree(body)
+    showPath()
+  } catch (error) {
+    status.textContent = `Could not switch: ${error.message}`
+  }
+}
+
+async function copyText(text, button) {
+  const label = button.textContent
+  try {
+    await navigator.clipboard.writeText(text)
+    button.textContent = 'Copied'
+  } catch {
+    button.textContent = 'Copy failed'
+  }
+  setTimeout(() => (button.textContent = label), 1500)
+}
+
+list.addEventListener('click', (event) => {
+  const button = event.target.closest('[data-action]')
+  const item = event.target.closest('li.conversation')
+  if (button?.dataset.action === 'rename') startRename(item)
+  else if (button?.dataset.action === 'delete') confirmDelete(item)
+  else if (event.target.closest('a')) closeSidebar()
+})
+
+// The title search: the list again once typing pauses.
+let searchTimer = null
+search.addEventListener('input', () => {
+  clearTimeout(searchTimer)
+  searchTimer = setTimeout(() => {
+    listQuery = search.value.trim()
+    refreshList()
+  }, 200)
+})
+
+loadOlderButton.addEventListener('click', loadOlder)
+
 $('new-conversation').addEventListener('click', () => {
   if (location.hash) history.pushState(null, '', location.pathname + location.search)
   showNewConversation()
   closeSidebar()
   input.focus()
 })
+
+function showNewConversation() {
+  emptyState.textContent = 'Ask something to start a conversation.'
+  showConversation(null, 'New conversation')
+}
 
 function closeSidebar() {
   app.dataset.sidebar = 'closed'
@@ -362,10 +753,6 @@ toggleSidebar.addEventListener('click', () => {
   const open = app.dataset.sidebar !== 'open'
   app.dataset.sidebar = open ? 'open' : 'closed'
   toggleSidebar.setAttribute('aria-expanded', String(open))
-})
-
-list.addEventListener('click', (event) => {
-  if (event.target.closest('a')) closeSidebar()
 })
 
 window.addEventListener('hashchange', () => {

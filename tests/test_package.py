@@ -148,6 +148,20 @@ def test_the_installed_wheel_serves_the_page_and_its_script(server):
     assert httpx.get(server.url + "/usage").status_code == 200
 
 
+def test_the_installed_wheel_serves_the_markdown_renderer_and_its_vendored_libraries(server, built):
+    """The page imports static/markdown.js, which imports the vendored marked and DOMPurify: without them in
+    pyproject.toml's package data an installed page renders no answer. Their licence texts ship beside them."""
+    for name in ("markdown.js", "vendor/marked.esm.js", "vendor/purify.es.js"):
+        res = httpx.get(f"{server.url}/static/{name}")
+        assert res.status_code == 200 and "javascript" in res.headers["content-type"], name
+        assert res.content == (ROOT / "static" / name).read_bytes(), name
+    with zipfile.ZipFile(built["wheel"]) as wheel:
+        files = set(wheel.namelist())
+    assert {"server/_static/vendor/LICENSE-marked", "server/_static/vendor/LICENSE-dompurify",
+            "server/_static/vendor/LICENSE-dompurify-MPL"} <= files
+    assert httpx.get(server.url + "/static/vendor/LICENSE-marked").status_code == 404  # shipped, not an asset
+
+
 def test_the_installed_wheel_serves_the_minified_client_and_its_source_map(server, built):
     """GET /client/deltarelay.js is esbuild's build with a source map that resolves; was a 500 from a wheel, and the
     readable source from a checkout. Fails if the wheel leaves client/dist out or the server serves the source."""
@@ -194,7 +208,8 @@ def test_the_sdist_carries_the_page_the_client_build_and_no_tests(built):
     """Installing from the sdist needs no Node.js: it has client/dist. Fails without MANIFEST.in's `prune tests`."""
     with tarfile.open(built["sdist"]) as sdist:
         files = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
-    assert {"static/index.html", "static/app.js", "client/deltarelay.js", "client/deltarelay.d.ts",
+    assert {"static/index.html", "static/app.js", "static/vendor/marked.esm.js", "static/vendor/purify.es.js",
+            "static/vendor/LICENSE-marked", "client/deltarelay.js", "client/deltarelay.d.ts",
             "client/package.json", "client/package-lock.json", "client/dist/deltarelay.js",
             "client/dist/deltarelay.js.map", "build_client.py"} <= files
     assert not {name for name in files if name.startswith(("tests/", "client/test/")) or "node_modules" in name}

@@ -1,5 +1,8 @@
 // What an app with a bundler writes: the package by name, its types from the package itself.
-import { createClient, createSSEParser, type Client, type SSEEvent, type StreamResult } from 'deltarelay'
+import {
+  createClient, createSSEParser, type Client, type MessagesPage, type RelayError, type RelayStream, type SSEEvent,
+  type StreamResult,
+} from 'deltarelay'
 
 const client: Client = createClient({ baseUrl: 'https://relay.example', transport: 'sse' })
 // An app's own users: a JWT from its backend, for every request and the socket.
@@ -17,6 +20,26 @@ parser.feed('lo"}\n\n')
 async function answer(text: string): Promise<string> {
   const result: StreamResult = await client.send(text).done
   return result.text
+}
+
+// Branches: edit, regenerate and continue give the stream a send gives; the REST helpers are typed. Never
+// called: the bundle runs without a relay.
+async function branch(conversationId: string, answerId: string): Promise<string | null> {
+  const edited: RelayStream = client.send('again', { conversationId, parentMessageId: null })
+  await client.regenerate(answerId).done
+  const tree: MessagesPage = await client.getMessages(conversationId)
+  const { messages } = await client.setActiveLeaf(conversationId, tree.messages[0].id)
+  await client.renameConversation(conversationId, messages[0].content.slice(0, 80))
+  const { nextBefore } = await client.listConversations({ limit: 10, q: 'fruit' })
+  try {
+    await client.deleteConversation(conversationId)
+  } catch (error) {
+    const { status, code } = error as RelayError
+    return `${status} ${code}`
+  }
+  // @ts-expect-error: the only path the API knows is "active"
+  await client.getMessages(conversationId, { path: 'all' })
+  return (await client.continue(answerId).done).text + edited.userMessageId + nextBefore
 }
 
 // Run after bundling: the bundle holds the package's code, not just its types.

@@ -332,3 +332,20 @@ test('sse: a cancel posts to the cancel endpoint with the bearer token, and the 
   assert.equal(cancel.headers.authorization, 'Bearer ' + getToken.tokens[0])
   assert.equal(getToken.calls, 1)
 })
+
+test('the REST helpers carry the bearer token, a refused one gets one new token, and a 401 is thrown as unauthorized', async () => {
+  const getToken = tokenSource(() => mint({ sub: 'rest-helper-user' })) // a user with no conversation yet
+  const client = sseClient(getToken)
+  const { conversationId } = await client.send('mine').done
+  const page = await client.listConversations({ limit: 5 })
+  assert.deepEqual(page.conversations.map((c) => c.id), [conversationId])
+  const listed = relay.requests.findLast((r) => r.path === '/api/conversations')
+  assert.equal(listed.headers.authorization, 'Bearer ' + getToken.tokens.at(-1))
+  assert.equal((await client.renameConversation(conversationId, 'Mine')).title, 'Mine')
+
+  // Every token is refused (signed with another secret): one new token, then the caller's error.
+  const refused = tokenSource(() => mint({ secret: 'another-secret-of-at-least-thirty-two-bytes' }))
+  const error = await sseClient(refused).getMessages(conversationId).then(() => assert.fail('resolved'), (e) => e)
+  assert.deepEqual([error.status, error.code], [401, 'unauthorized'])
+  assert.equal(refused.calls, 2)
+})

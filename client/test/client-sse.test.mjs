@@ -63,6 +63,7 @@ test('sse stream delivers every event to listeners, on() callbacks and the async
     cost: dataOf(log, 'cost'),
     stopReason: 'end_turn',
     messageId: saved.id,
+    userMessageId: saved.parentId, // the start event's: the message answered
     conversationId,
     error: null,
   })

@@ -13,6 +13,7 @@ import pytest
 from playwright.sync_api import BrowserContext, Page, sync_playwright
 
 from ..conftest import ROOT, RelayServer, assert_no_traceback
+from .scripted_model import ScriptedModel
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -54,6 +55,24 @@ def page(context) -> Iterator[Page]:
 def paced_server(tmp_path_factory) -> Iterator[RelayServer]:
     """The offline model at a human pace: an answer takes about two seconds."""
     relay = RelayServer(tmp_path_factory.mktemp("browser"), {"RELAY_OFFLINE_DELAY_MS": "40"})
+    yield relay
+    relay.stop()
+    assert_no_traceback(relay)
+
+
+@pytest.fixture(scope="module")
+def scripted_model() -> Iterator[ScriptedModel]:
+    """The model the scripted server talks to: a test puts what it must say in `scripted_model.scripts`."""
+    model = ScriptedModel()
+    yield model
+    model.stop()
+
+
+@pytest.fixture(scope="module")
+def scripted_server(tmp_path_factory, scripted_model) -> Iterator[RelayServer]:
+    """A relay whose upstream is `scripted_model`: the page shows what the test made the model say."""
+    relay = RelayServer(tmp_path_factory.mktemp("scripted"), {
+        "ANTHROPIC_API_KEY": "sk-browser-tests", "ANTHROPIC_BASE_URL": scripted_model.url})
     yield relay
     relay.stop()
     assert_no_traceback(relay)
