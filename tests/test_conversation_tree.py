@@ -153,7 +153,7 @@ async def test_a_regenerated_answer_resumed_in_its_middle_is_exact_and_a_busy_co
                                                                                                     upstream):
     """Read over the WebSocket until two chunks of a regenerated answer, drop the socket, resume over SSE from
     the last id while the answer goes on: the two reads are the whole stream, once each. Meanwhile every command
-    on that conversation is a 409 busy naming the running stream."""
+    on that conversation, a plain send too, is a 409 busy naming the running stream (nothing saved)."""
     answers_with(upstream, "first")
     conv, answer, _, user = ids(await sse_stream(relay.url, {"message": "hello"}))
     gate = asyncio.Event()
@@ -166,7 +166,7 @@ async def test_a_regenerated_answer_resumed_in_its_middle_is_exact_and_a_busy_co
                 frame = json.loads(await socket.recv())
                 head.append((frame["id"], frame["event"], frame["data"]))
     stream_id = head[0][2]["streamId"]
-    for body in ({"regenerate": answer}, {"continue": answer},
+    for body in ({"regenerate": answer}, {"continue": answer}, {"message": "x", "conversationId": conv},
                  {"message": "x", "conversationId": conv, "parentMessageId": answer}):
         status, error = await refused(relay, "sse", body)
         assert (status, error["code"], error["streamId"]) == (409, "busy", stream_id)

@@ -441,10 +441,16 @@ async def test_history_alternates_user_and_assistant_turns(store):
 
 async def test_history_drops_empty_answers_and_merges_the_user_turns_around_them(store):
     first = await answer(store, "first question", "", status=Status.ERROR, cost=None)
-    streaming = await turn(store, "second question", first.conversation_id)  # its answer never saved
+    second = await turn(store, "second question", first.conversation_id)
+    with pytest.raises(ConflictError) as refused:  # its answer is still being written
+        await turn(store, "third question", first.conversation_id)
+    assert refused.value.code == "busy"
+    assert refused.value.details["streamId"] == (await store.get_message(second.assistant_message_id) or {})[
+        "stream_id"]
+    await store.save_reply(second.assistant_message_id, reply("", Status.INTERRUPTED, None))  # nothing came
     third = await turn(store, "third question", first.conversation_id)
 
-    assert streaming.history == [{"role": "user", "content": "first question\n\nsecond question"}]
+    assert second.history == [{"role": "user", "content": "first question\n\nsecond question"}]
     assert third.history == [{"role": "user", "content": "first question\n\nsecond question\n\nthird question"}]
 
 

@@ -154,7 +154,11 @@ def parse_event_id(raw: Any) -> int:
 
 def parse_frame(raw: bytes | str, max_message_bytes: int) -> Command:
     """One WebSocket client frame."""
-    body = parse_json_object(raw)
+    return frame_command(parse_json_object(raw), max_message_bytes)
+
+
+def frame_command(body: dict[str, Any], max_message_bytes: int) -> Command:
+    """The command of a WebSocket client frame already parsed as a JSON object."""
     kind = body.get("type")
     if kind == "message":
         return parse_send_message(body, max_message_bytes)
@@ -178,21 +182,8 @@ def parse_frame(raw: bytes | str, max_message_bytes: int) -> Command:
     raise BadRequestError("unknown frame type; expected message, regenerate, continue, resume, cancel, ping or auth")
 
 
-def frame_type(raw: bytes | str) -> str | None:
-    """The `type` of a frame, or None when it has none or is not a JSON object."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    kind = body.get("type") if isinstance(body, dict) else None
-    return kind if isinstance(kind, str) else None
-
-
-def request_id_of(raw: bytes | str) -> str | None:
-    """The requestId of a frame that failed validation, so its error can be routed."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    value = body.get("requestId") if isinstance(body, dict) else None
+def request_id_of(body: dict[str, Any] | None) -> str | None:
+    """The requestId of a frame (parsed, or None when it is not a JSON object) that failed, so that its error
+    can be routed."""
+    value = body.get("requestId") if body is not None else None
     return value if isinstance(value, str) and 0 < len(value) <= _ID_LIMIT else None

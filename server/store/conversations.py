@@ -112,6 +112,15 @@ def newest_leaf(rows: list[Any], message_id: str) -> str:
     return current
 
 
+def refuse_if_busy(rows: list[dict[str, Any]]) -> None:
+    """Raises: ConflictError (busy, with the running streamId): an answer among a conversation's messages (as
+    `_tree` gives them, oldest first) is still being generated."""
+    for row in reversed(rows):
+        if row["role"] == "assistant" and row["status"] == Status.STREAMING.value:
+            raise ConflictError("an answer of this conversation is still being generated; wait for it or cancel"
+                                " it", code="busy", details={"streamId": row["stream_id"]})
+
+
 _INSERT_MESSAGE = (
     "INSERT INTO messages (id, conversation_id, parent_id, seq, role, content, model, status, stream_id,"
     " trace_session_id, task_trace_id, created_at, completed_at, instance_id)"
@@ -153,7 +162,7 @@ class ConversationQueries(StoreBase):
         Raises:
             NotFoundError: conversation_id (or the parent) names no conversation of owner_id; nothing is saved.
             BadRequestError: the parent is not an answer.
-            ConflictError (busy): with `parent_given`, an answer of the conversation is still generating.
+            ConflictError (busy): an answer of the conversation is still generating; nothing is saved.
             TooLargeError: the path already holds max_history messages; nothing is saved.
         """
 
@@ -184,9 +193,10 @@ class ConversationQueries(StoreBase):
                 seq = 0
             else:
                 leaf = yield from self._owned(conv_id, owner_id, parent_message_id or "")
-                if parent_given:
-                    yield from self._not_busy(conv_id)
+                # A message sent while an answer is being written would follow a half-written answer (or, as
+                # an edit, race it for the active leaf): refused, as every chat product refuses it.
                 rows = yield from self._tree(conv_id)
+                refuse_if_busy(rows)
                 parent_id = parent_message_id if parent_given else (
                     active_path(rows, leaf)[-1]["id"] if rows else None)
                 path = active_path(rows, parent_id) if parent_id is not None else []
@@ -240,8 +250,8 @@ class ConversationQueries(StoreBase):
         def operation() -> Operation[Turn]:
             found = yield from self._answer(answer_id, owner_id)
             conv_id, user_id = found["conversation_id"], found["parent_id"]
-            yield from self._not_busy(conv_id)
             rows = yield from self._tree(conv_id)
+            refuse_if_busy(rows)
             path = active_path(rows, user_id) if user_id is not None else []
             if max_history is not None and len(path) + 1 > max_history:
                 raise TooLargeError(f"this conversation has {len(path)} messages and the limit is {max_history};"
@@ -274,11 +284,11 @@ class ConversationQueries(StoreBase):
         def operation() -> Operation[Turn]:
             found = yield from self._answer(answer_id, owner_id)
             conv_id = found["conversation_id"]
-            yield from self._not_busy(conv_id)
+            rows = yield from self._tree(conv_id)
+            refuse_if_busy(rows)
             if found["stop_reason"] not in CONTINUABLE:
                 raise ConflictError(f"only an answer stopped at max_tokens or cancelled can be continued; this"
                                     f" one's stop reason is {found['stop_reason']}", code="not_continuable")
-            rows = yield from self._tree(conv_id)
             path = active_path(rows, answer_id)
             history = _history([(m["role"], m["content"]) for m in path])
             if history and history[-1]["role"] == "assistant":
@@ -335,20 +345,13 @@ class ConversationQueries(StoreBase):
         yield from self._owned(found["conversation_id"], owner_id, answer_id)
         return found
 
-    def _not_busy(self, conversation_id: str) -> Generator[Query, Any, None]:
-        """Raises: ConflictError (busy, with the running streamId): an answer of the conversation is generating."""
-        running = yield Query("SELECT stream_id FROM messages WHERE conversation_id = :id AND status = :s"
-                              " AND role = 'assistant' ORDER BY seq DESC LIMIT 1",
-                              {"id": conversation_id, "s": Status.STREAMING.value}, ONE)
-        if running is not None:
-            raise ConflictError("an answer of this conversation is still being generated; wait for it or cancel"
-                                " it", code="busy", details={"streamId": running[0]})
-
     def _tree(self, conversation_id: str) -> Generator[Query, Any, list[dict[str, Any]]]:
-        """A conversation's messages, oldest first: id, parent_id, role, content, seq (a step of an operation)."""
-        rows = yield Query("SELECT id, parent_id, role, content, seq FROM messages WHERE conversation_id = :id"
-                           " ORDER BY seq", {"id": conversation_id}, ALL)
-        return [{"id": r[0], "parent_id": r[1], "role": r[2], "content": r[3], "seq": r[4]} for r in rows]
+        """A conversation's messages, oldest first: id, parent_id, role, content, seq, status, stream_id (a step
+        of an operation)."""
+        rows = yield Query("SELECT id, parent_id, role, content, seq, status, stream_id FROM messages"
+                           " WHERE conversation_id = :id ORDER BY seq", {"id": conversation_id}, ALL)
+        return [{"id": r[0], "parent_id": r[1], "role": r[2], "content": r[3], "seq": r[4], "status": r[5],
+                 "stream_id": r[6]} for r in rows]
 
     async def save_reply(self, message_id: str, reply: Reply) -> None:
         """Write an assistant message's final state; a message is finished exactly once.

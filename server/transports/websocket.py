@@ -17,13 +17,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 import orjson
 from starlette.types import Receive, Scope, Send
 
 from ..auth import ANONYMOUS, User, header, session_secret
 from ..core import Relay, resume
-from ..errors import GoneError, LimitError, RelayError, TokenExpiredError, UnauthorizedError
+from ..errors import BadRequestError, GoneError, LimitError, RelayError, TokenExpiredError, UnauthorizedError
 from ..events import encode_data, error_event
 from ..hub import LogLostError, Subscriber, SubscriberDropped
 from ..protocol.frames import (
@@ -34,13 +35,16 @@ from ..protocol.frames import (
     Regenerate,
     Resume,
     SendMessage,
-    frame_type,
-    parse_frame,
+    frame_command,
+    parse_json_object,
     request_id_of,
 )
 from .writers import SendWriter, socket_writer
 
 log = logging.getLogger("deltarelay.ws")
+
+AUTHENTICATE_FIRST = 'authenticate first: send {"type": "auth", "token": "<jwt>"}'
+
 
 # The relay's event names as bytes (names are JSON-safe: they come from events.py, never from input).
 EVENT_NAMES = {name: name.encode() for name in ("start", "chunk", "thinking", "cost", "done", "error")}
@@ -264,10 +268,17 @@ class Connection:
 
     async def handle(self, raw: str) -> None:
         request_id: str | None = None
+        body: dict[str, Any] | None = None  # the frame parsed once: for its command, and for its error's routing
         try:
-            if not self.authenticated and frame_type(raw) != "auth":
-                raise UnauthorizedError('authenticate first: send {"type": "auth", "token": "<jwt>"}')
-            command = parse_frame(raw, self.relay.settings.max_message_bytes)
+            try:
+                body = parse_json_object(raw)
+            except BadRequestError:
+                if not self.authenticated:
+                    raise UnauthorizedError(AUTHENTICATE_FIRST) from None
+                raise
+            if not self.authenticated and body.get("type") != "auth":
+                raise UnauthorizedError(AUTHENTICATE_FIRST)
+            command = frame_command(body, self.relay.settings.max_message_bytes)
             if isinstance(command, Auth):
                 await self.authenticate(command)
                 return
@@ -290,14 +301,14 @@ class Connection:
             elif isinstance(command, Cancel):
                 await self.relay.cancel(command.stream_id, self.user)
         except RelayError as exc:
-            await self.send(error_frame(exc, request_id=request_id or request_id_of(raw)))
+            await self.send(error_frame(exc, request_id=request_id or request_id_of(body)))
         except OSError:
             raise  # the socket itself is gone
         except Exception:
             # A bug, not the client's fault: this frame gets an error, and the socket stays open.
             log.exception("WebSocket frame failed")
             await self.send(error_frame(RelayError("internal server error"),
-                                        request_id=request_id or request_id_of(raw)))
+                                        request_id=request_id or request_id_of(body)))
 
     def check_room(self) -> None:
         limit = self.relay.settings.ws_max_streams
