@@ -64,6 +64,18 @@ async def sse_stream(base_url: str, body: dict[str, Any], **kwargs: Any) -> list
             return [(int(e.id) if e.id else None, e.event, loads(e.data)) async for e in source.aiter_sse()]
 
 
+async def sse_read_first(base_url: str, body: dict[str, Any], count: int) -> list[Event]:
+    """POST a command, read its first `count` events, drop the connection (the answer goes on)."""
+    events: list[Event] = []
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        async with aconnect_sse(client, "POST", "/api/command-center/message", json=body) as source:
+            async for event in source.aiter_sse():
+                events.append((int(event.id), event.event, loads(event.data)))
+                if len(events) == count:
+                    break
+    return events
+
+
 async def sse_read(base_url: str, stream_id: str, last_event_id: int | None = None) -> list[Event]:
     headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:

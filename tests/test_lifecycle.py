@@ -22,6 +22,7 @@ from .relay_clients import (
     relay_with_big_answer,
     send_message_request,
     sse_read,
+    sse_read_first,
     sse_resume,
     text_of,
     unread_socket,
@@ -37,21 +38,9 @@ def saved(relay, message_id: str) -> tuple:
                           " FROM messages WHERE id = ?", (message_id,)).fetchone()
 
 
-async def read_some_sse(url: str, body: dict, count: int) -> list:
-    """Read `count` events of a new stream, then drop the connection."""
-    events = []
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        async with aconnect_sse(client, "POST", "/api/command-center/message", json=body) as source:
-            async for event in source.aiter_sse():
-                events.append((int(event.id), event.event, loads(event.data)))
-                if len(events) == count:
-                    break
-    return events
-
-
 async def test_dropped_sse_client_resumes_with_last_event_id_and_gets_exactly_the_rest(make_server):
     relay = make_server(SLOW)
-    first = await read_some_sse(relay.url, {"message": "drop me"}, 10)
+    first = await sse_read_first(relay.url, {"message": "drop me"}, 10)
     stream_id = first[0][2]["streamId"]
 
     rest = await sse_read(relay.url, stream_id, last_event_id=first[-1][0])
@@ -65,7 +54,7 @@ async def test_dropped_sse_client_resumes_with_last_event_id_and_gets_exactly_th
 
 async def test_the_answer_is_generated_and_saved_after_the_client_is_gone(make_server):
     relay = make_server(SLOW)
-    first = await read_some_sse(relay.url, {"message": "leave early"}, 3)
+    first = await sse_read_first(relay.url, {"message": "leave early"}, 3)
     stream_id = first[0][2]["streamId"]
     # A watcher that starts at the end only waits for the terminal event: the client itself never came back.
     async with httpx.AsyncClient(base_url=relay.url) as client:
@@ -189,7 +178,7 @@ async def test_cancel_closes_the_upstream_request_and_saves_the_partial_answer(m
 
 async def test_a_dropped_connection_is_not_a_cancel_unless_configured(make_server):
     relay = make_server({**SLOW, "RELAY_CANCEL_ON_DISCONNECT": "1"})
-    first = await read_some_sse(relay.url, {"message": "cancel when I leave"}, 3)
+    first = await sse_read_first(relay.url, {"message": "cancel when I leave"}, 3)
     stream_id = first[0][2]["streamId"]
     tail = await sse_read(relay.url, stream_id, last_event_id=3)
     assert tail[-1][2]["stopReason"] == "cancelled"
@@ -327,7 +316,7 @@ async def test_sigterm_lets_a_running_answer_finish_within_the_grace_period(make
 async def test_sigterm_saves_answers_still_running_after_the_grace_period_as_interrupted(make_server):
     relay = make_server({"RELAY_OFFLINE_DELAY_MS": "50", "RELAY_OFFLINE_WORDS": "200",
                          "RELAY_SHUTDOWN_GRACE_SECONDS": "1"})
-    long_events = await read_some_sse(relay.url, {"message": "a long one"}, 4)
+    long_events = await sse_read_first(relay.url, {"message": "a long one"}, 4)
     long_id = long_events[0][2]["streamId"]
 
     relay.proc.send_signal(signal.SIGTERM)

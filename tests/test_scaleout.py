@@ -25,7 +25,16 @@ import websockets
 from httpx_sse import aconnect_sse
 
 from .conftest import SERVER_CWD, SERVER_PYTHON, _clean_env, _on_postgresql, new_postgresql_database
-from .relay_clients import Event, loads, names, sse_read, sse_stream, text_of, ws_read_until_end
+from .relay_clients import (
+    Event,
+    loads,
+    names,
+    sse_read,
+    sse_read_first,
+    sse_stream,
+    text_of,
+    ws_read_until_end,
+)
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "")
 POSTGRES_URLS = [url.strip() for url in os.environ.get("TEST_DATABASE_URLS", "").split(",")
@@ -88,18 +97,6 @@ async def wait_for_status(database_url: str, stream_id: str, status: str) -> lis
     return rows
 
 
-async def read_some_sse(url: str, count: int) -> list[Event]:
-    """Start an answer, read `count` events, drop the connection."""
-    events: list[Event] = []
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        async with aconnect_sse(client, "POST", "/api/command-center/message", json={"message": "hi"}) as source:
-            async for event in source.aiter_sse():
-                events.append((int(event.id), event.event, loads(event.data)))
-                if len(events) == count:
-                    break
-    return events
-
-
 async def start_in_background(url: str) -> str:
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         response = await client.post("/api/command-center/message", json={"message": "hi"},
@@ -116,7 +113,7 @@ def assert_numbered_from_one(events: list[Event]) -> None:
 async def test_a_client_dropped_on_one_instance_resumes_on_the_other_with_exactly_the_rest(start_instances,
                                                                                          database_url):
     a, b = start_instances()
-    first = await read_some_sse(a.url, 10)
+    first = await sse_read_first(a.url, {"message": "hi"}, 10)
     stream_id = first[0][2]["streamId"]
 
     rest = await sse_read(b.url, stream_id, last_event_id=first[-1][0])
@@ -180,7 +177,7 @@ async def test_when_the_generating_instance_is_killed_a_watcher_on_the_other_get
 async def test_an_answer_nobody_watches_is_saved_as_interrupted_by_the_next_instance_to_start(start_instances,
                                                                                             database_url):
     (a,) = start_instances(1, RELAY_OFFLINE_WORDS="2000")
-    first = await read_some_sse(a.url, 20)
+    first = await sse_read_first(a.url, {"message": "hi"}, 20)
     stream_id = first[0][2]["streamId"]
     a.proc.send_signal(signal.SIGKILL)
     await asyncio.to_thread(a.proc.wait, 30)
@@ -304,18 +301,6 @@ async def usage_total(url: str) -> dict[str, Any]:
     return total
 
 
-async def read_first(url: str, body: dict[str, Any], count: int) -> list[Event]:
-    """POST a command, read `count` events, drop the connection (the answer goes on)."""
-    events: list[Event] = []
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        async with aconnect_sse(client, "POST", "/api/command-center/message", json=body) as source:
-            async for event in source.aiter_sse():
-                events.append((int(event.id), event.event, loads(event.data)))
-                if len(events) == count:
-                    break
-    return events
-
-
 async def read_until(url: str, body: dict[str, Any], enough: asyncio.Event, chunks: int) -> list[Event]:
     """POST a command and read its whole stream, setting `enough` once `chunks` chunks came."""
     events: list[Event] = []
@@ -355,7 +340,7 @@ async def test_edit_regenerate_switch_and_continue_across_instances_send_the_act
     edited = await sse_stream(a.url, {"message": "two bis", "conversationId": conv, "parentMessageId": a1})
     assert text_of(edited) == offline_answer(("user", "one"), ("assistant", a1_text), ("user", "two bis"))
 
-    head = await read_first(b.url, {"regenerate": edited[0][2]["messageId"]}, 5)
+    head = await sse_read_first(b.url, {"regenerate": edited[0][2]["messageId"]}, 5)
     stream_id = head[0][2]["streamId"]
     tail = await sse_read(a.url, stream_id, last_event_id=head[-1][0])
     whole = await sse_read(b.url, stream_id)
