@@ -29,6 +29,7 @@ from server.budget import LocalLedger, RedisLedger
 from server.config import OFFLINE_MODEL, load_settings
 from server.pricing import Usage, cost_of
 from server.protocol.frames import SendMessage
+from server.protocol.tokens import request_tokens
 from server.store import Reply, Status, Store, new_id
 
 from .conftest import _on_postgresql, stored_cost
@@ -292,8 +293,10 @@ async def test_a_websocket_opened_with_a_session_is_closed_with_4401_when_the_se
 # relay's estimate) and 20 output tokens, at most 20 (RELAY_MAX_TOKENS): its cost is its worst case.
 MESSAGE = "a budget race, forty bytes of message..."
 WORDS = 20
-COST = cost_of(Usage(input_tokens=10, output_tokens=WORDS), OFFLINE_MODEL)
-assert len(MESSAGE.encode()) == 40 and COST == Decimal("0.00011")
+# The offline model counts the message's 40 bytes and the message's overhead (server/protocol/tokens.py).
+COST = cost_of(Usage(input_tokens=request_tokens({"messages": [{"role": "user", "content": MESSAGE}]}),
+                     output_tokens=WORDS), OFFLINE_MODEL)
+assert len(MESSAGE.encode()) == 40 and COST == Decimal("0.000114")
 # One answer is spent before the race, and 5.5 answers' worth is left: six can be admitted while the worst cases
 # held stay under it, and the day ends half an answer over the budget, less than one answer's worst case.
 BUDGET = COST * Decimal("6.5")

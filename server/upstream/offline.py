@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ import httpx
 import orjson
 
 from ..config import OFFLINE_MODEL
+from ..protocol.tokens import request_tokens
 
 ERROR_MODES = (
     "none",
@@ -76,11 +77,6 @@ def _event(name: str, payload: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
 
 
-def _estimate_tokens(messages: Iterable[dict[str, Any]], system: str) -> int:
-    characters = len(system) + sum(len(_text_of(m)) for m in messages)
-    return max(1, characters // 4)
-
-
 def error_status(options: OfflineOptions) -> int | None:
     """The HTTP status the request fails with, for the http-NNN error modes."""
     if options.error.startswith("http-"):
@@ -100,7 +96,7 @@ async def anthropic_stream(request: dict[str, Any], options: OfflineOptions) -> 
     messages = request.get("messages") or []
     model = str(request.get("model") or OFFLINE_MODEL)
     deltas = demo_words(messages, options.words, options.repeat)
-    input_tokens = _estimate_tokens(messages, str(request.get("system") or ""))
+    input_tokens = request_tokens(request)
     delay = options.delay_ms / 1000
     yield _event("message_start", {
         "type": "message_start",
