@@ -37,6 +37,9 @@ class Agent:
     model: str
     system: str = ""
     max_tokens: int = 1024
+    # A conversation grown past the model's context window: "truncate" drops its oldest turns from the request,
+    # "error" refuses the message with context_too_long (server/context.py).
+    context_policy: str = "truncate"
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +117,9 @@ class Settings:
     limit_connections: int = 64
     budget_per_day: str | None = None  # dollars per user per UTC day, e.g. "5.00"; unset: no budget
     max_history_messages: int = 1000
+    context_policy: str = "truncate"  # the agents' default: "truncate" or "error" (Agent.context_policy)
+    # With a real key, ask POST /v1/messages/count_tokens when the estimate is within its margin of the window.
+    count_tokens: bool = False
     # Several instances: stream logs, fan-out and cancels through Redis (unset: in-process, one instance).
     redis_url: str | None = None
     redis_prefix: str = "deltarelay"  # the start of every Redis key: deployments sharing a Redis stay apart
@@ -171,10 +177,12 @@ class Settings:
     def with_agents(self) -> Settings:
         """Settings whose agents include the default one (and the agents file's)."""
         agents: dict[str, Agent] = {
-            "default": Agent("default", self.default_model, self.system_prompt, self.max_tokens)
+            "default": Agent("default", self.default_model, self.system_prompt, self.max_tokens,
+                             self.context_policy)
         }
         if self.agents_file:
-            for agent in _read_agents_file(self.agents_file, self.default_model, self.max_tokens):
+            for agent in _read_agents_file(self.agents_file, self.default_model, self.max_tokens,
+                                           self.context_policy):
                 agents[agent.id] = agent
         for agent in self.agents:
             agents[agent.id] = agent
@@ -246,6 +254,8 @@ ENV_NAMES: dict[str, str] = {
     "limit_connections": "RELAY_LIMIT_CONNECTIONS",
     "budget_per_day": "RELAY_BUDGET_PER_DAY",
     "max_history_messages": "RELAY_MAX_HISTORY_MESSAGES",
+    "context_policy": "RELAY_CONTEXT_POLICY",
+    "count_tokens": "RELAY_COUNT_TOKENS",
     "redis_url": "REDIS_URL",
     "redis_prefix": "RELAY_REDIS_PREFIX",
     "instance_lease_seconds": "RELAY_INSTANCE_LEASE_SECONDS",
@@ -451,9 +461,14 @@ def _validate(settings: Settings) -> None:
     if not settings.redis_prefix or any(c.isspace() for c in settings.redis_prefix):
         raise ConfigError("RELAY_REDIS_PREFIX must be a non-empty word without spaces")
     _validate_identity(settings)
+    if settings.context_policy not in CONTEXT_POLICIES:
+        raise ConfigError(f"RELAY_CONTEXT_POLICY must be truncate or error, got {settings.context_policy!r}")
     if settings.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
         raise ConfigError("RELAY_LOG_LEVEL must be one of critical, error, warning, info, debug")
 
+
+#: What an agent does with a conversation longer than its model's context window (see server/context.py).
+CONTEXT_POLICIES = ("truncate", "error")
 
 JWT_SECRET_BYTES = 32  # HS256's output size: a shorter secret is weaker than the signature it makes
 
@@ -486,8 +501,9 @@ def _validate_identity(settings: Settings) -> None:
                                   f" {cidr.strip()!r}") from None
 
 
-def _read_agents_file(path: str, default_model: str, default_max_tokens: int) -> list[Agent]:
-    """Agents from a JSON file: {"agents": [{"id", "model"?, "system"?, "maxTokens"?}]}."""
+def _read_agents_file(path: str, default_model: str, default_max_tokens: int,
+                      default_context_policy: str = "truncate") -> list[Agent]:
+    """Agents from a JSON file: {"agents": [{"id", "model"?, "system"?, "maxTokens"?, "contextPolicy"?}]}."""
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
         entries = document["agents"]
@@ -497,8 +513,12 @@ def _read_agents_file(path: str, default_model: str, default_max_tokens: int) ->
             max_tokens = int(entry.get("maxTokens", default_max_tokens))
             if not isinstance(agent_id, str) or not agent_id or max_tokens <= 0:
                 raise ValueError("each agent needs a non-empty id and a positive maxTokens")
+            context_policy = entry.get("contextPolicy", default_context_policy)
+            if context_policy not in CONTEXT_POLICIES:
+                raise ValueError(f"agent {agent_id}: contextPolicy must be truncate or error, got {context_policy!r}")
             agents.append(
-                Agent(agent_id, str(entry.get("model", default_model)), str(entry.get("system", "")), max_tokens)
+                Agent(agent_id, str(entry.get("model", default_model)), str(entry.get("system", "")), max_tokens,
+                      context_policy)
             )
         return agents
     except OSError as exc:

@@ -21,6 +21,7 @@ from starlette.types import Scope
 
 from .auth import ANONYMOUS, Authenticator, User
 from .config import Agent, Settings
+from .context import ContextWindow, Counted, Fitting
 from .errors import NotFoundError, ProtocolError, RelayError, StorageUnavailableError, UpstreamError
 from .events import Cost, Done, Error, RelayEvent, Start, error_event
 from .hub import LiveStream, Orphan, StreamHub, Subscriber
@@ -32,6 +33,7 @@ from .protocol.anthropic import ReplyState, TextParts, estimate_tokens, redact
 from .protocol.frames import AnswerCommand, Regenerate, SendMessage
 from .protocol.sse import SSEEvent
 from .store import FinishedElsewhereError, Reply, Status, Store, Turn, new_id, now
+from .store.conversations import HistoryCheck
 from .upstream.anthropic import UpstreamRequest
 
 log = logging.getLogger("deltarelay.core")
@@ -58,6 +60,7 @@ class Job:
     user_message_id: str | None = None
     parent_id: str | None = None  # the answer's parent (its user message)
     base: Reply | None = None  # a continued answer as it was: what is saved adds the new text and usage to it
+    context: Fitting | None = None  # the history's fit to the model's window: learned from, refit on a refusal
 
 
 @dataclass(slots=True)
@@ -93,6 +96,7 @@ class Relay:
         self.retry = RetryPolicy(settings.retry_attempts, settings.retry_base_delay, settings.retry_max_wait)
         self.save = SavePolicy(settings.save_wait_seconds, settings.save_retry_seconds)
         self._bases: dict[str, Reply] = {}  # stream id -> the answer it continues, as it was (see Job.base)
+        self.context = ContextWindow()
 
     async def admit(self, scope: Scope) -> User:
         """The user behind a request, counted against their requests per minute.
@@ -112,7 +116,10 @@ class Relay:
             NotFoundError: unknown agent, or no conversation (or answer) of this user's by that id.
             ConflictError: busy (the conversation has an answer generating), or not_continuable.
             LimitError / BudgetError: one of the user's limits is reached.
-            TooLargeError: the conversation's history is at its limit.
+            TooLargeError: the conversation's history is at its limit, or the message alone does not fit the
+                model's context window (too_large).
+            ContextTooLongError: under the agent's "error" context policy, the conversation does not fit the
+                model's context window (context_too_long, with inputTokens and contextWindow).
             RelayError: the server is shutting down (503, retryable).
             Nothing is saved when any of these is raised.
         """
@@ -140,10 +147,11 @@ class Relay:
             self.limits.give_stream(user)
             self.limits.release(reservation)
             raise
-        request = UpstreamRequest(model=agent.model, max_tokens=agent.max_tokens, messages=turn.history,
+        fitting = self._fitting(agent, turn)
+        request = UpstreamRequest(model=agent.model, max_tokens=agent.max_tokens, messages=fitting.plan.messages,
                                   system=agent.system)
         job = Job(stream_id, turn.conversation_id, turn.assistant_message_id, request, turn.trace_session_id,
-                  agent.id, turn.user_message_id, turn.parent_id, turn.base)
+                  agent.id, turn.user_message_id, turn.parent_id, turn.base, fitting)
         stream = self.hub.create(stream_id, turn.conversation_id, turn.assistant_message_id, agent.model)
         if turn.base is not None:
             self._bases[stream_id] = turn.base
@@ -159,6 +167,24 @@ class Relay:
             agent=agent.id, model=agent.model, traceSessionId=job.trace_session_id, taskTraceId=stream_id))
         return stream
 
+    def _fitting(self, agent: Agent, turn: Turn) -> Fitting:
+        """The turn's history fit to the agent's model (see server/context.py); `check` already refused what
+        does not fit, with nothing saved."""
+        stored = None
+        if turn.counted is not None:
+            stored = Counted.saved(agent.system, turn.history, *turn.counted)
+        return Fitting(self.context, turn.conversation_id, agent.model, agent.system, turn.history,
+                       agent.max_tokens, agent.context_policy, stored)
+
+    def _check(self, agent: Agent) -> HistoryCheck:
+        """The store's check of a turn's history before it is written: raises what ContextWindow.fit raises."""
+        def check(conversation_id: str | None, history: list[dict[str, str]], counted: tuple[int, int] | None
+                  ) -> None:
+            stored = Counted.saved(agent.system, history, *counted) if counted is not None else None
+            self.context.fit(conversation_id, agent.model, agent.system, history, agent.max_tokens,
+                             agent.context_policy, stored)
+        return check
+
     async def _begin(self, command: AnswerCommand, agent: Agent, stream_id: str, user: User) -> Turn:
         """The command's first write: the user's message and an empty answer, a new answer beside one, or an
         answer reopened."""
@@ -167,14 +193,17 @@ class Relay:
                 conversation_id=command.conversation_id, agent_id=agent.id, user_text=command.message,
                 model=agent.model, stream_id=stream_id, task_trace_id=stream_id, owner_id=user.id,
                 max_history=self.settings.max_history_messages, instance_id=self.hub.instance_id,
-                parent_message_id=command.parent_message_id, parent_given=command.parent_given)
+                parent_message_id=command.parent_message_id, parent_given=command.parent_given,
+                check=self._check(agent))
         if isinstance(command, Regenerate):
             return await self.store.begin_regenerate(
                 answer_id=command.message_id, model=agent.model, stream_id=stream_id, task_trace_id=stream_id,
-                owner_id=user.id, max_history=self.settings.max_history_messages, instance_id=self.hub.instance_id)
+                owner_id=user.id, max_history=self.settings.max_history_messages, instance_id=self.hub.instance_id,
+                check=self._check(agent))
         return await self.store.begin_continue(answer_id=command.message_id, stream_id=stream_id,
                                                task_trace_id=stream_id, owner_id=user.id,
-                                               instance_id=self.hub.instance_id)
+                                               instance_id=self.hub.instance_id,
+                                               check=self._check(agent))
 
     async def _worst_case(self, agent: Agent, command: AnswerCommand, user: User) -> Decimal | None:
         """The most an answer can cost: max_tokens at the output price, and its input (the system prompt, the
@@ -398,24 +427,39 @@ async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStr
     outcome = outcome or Outcome()
     save = save or SavePolicy()
     stream.running = True
+    context = job.context
     stream.append(Start(job.stream_id, job.conversation_id, job.request.model, job.message_id, job.parent_id,
-                        job.user_message_id))
-    stream.reply = ReplyState(job.request.model)
+                        job.user_message_id, context.plan.dropped if context is not None else 0))
+    stream.reply = _reply_state(job)
     status = Status.COMPLETE
     failure: RelayError | None = None
     attempt, waited = 0, 0.0
+    refit = False  # the one retry with a shorter history after the upstream refused the request for length
     try:
         if stream.stop_status is not None:  # cancelled before the core began
             raise asyncio.CancelledError
         while True:
-            attempt_reply = ReplyState(job.request.model)
+            attempt_reply = _reply_state(job)
             stream.reply = attempt_reply
             try:
                 await _relay_attempt(job, upstream, stream, attempt_reply, outcome)
+                if context is not None:
+                    usage = attempt_reply.usage
+                    counted = usage.input_tokens + usage.cache_creation_input_tokens + usage.cache_read_input_tokens
+                    if counted:
+                        context.learn(counted)
                 break
             except RelayError as exc:
                 if isinstance(exc, UpstreamError):
                     outcome.upstream_errors.append(exc.code)
+                if exc.code == "context_too_long" and context is not None and not attempt_reply.has_content:
+                    shorter = _refit(context, exc, refit)
+                    if shorter is not None:
+                        refit = True
+                        job = replace(job, request=replace(job.request, messages=shorter))
+                        log.info("stream %s: the upstream refused the request for length; retrying without the"
+                                 " oldest %d messages", job.stream_id, context.plan.dropped)
+                        continue
                 # Once a delta went out, a retry would repeat text: only a clean failure is retried.
                 delay = retry.delay(attempt, exc.retry_after)
                 if not exc.retryable or attempt_reply.has_content or attempt >= retry.attempts \
@@ -537,6 +581,32 @@ async def _relay_attempt(job: Job, upstream: Upstream, stream: LiveStream, reply
                 return
     raise ProtocolError("the model's stream ended before message_stop")
 
+
+
+def _reply_state(job: Job) -> ReplyState:
+    """A new ReplyState for one attempt at `job`, its cost event carrying the attempt's context plan."""
+    context = job.context
+    if context is None:
+        return ReplyState(job.request.model)
+    return ReplyState(job.request.model, context.plan.context_window, context.plan.dropped)
+
+
+def _refit(context: Fitting, exc: RelayError, retried: bool) -> list[dict[str, Any]] | None:
+    """After the upstream refused the request for length: learn the figure it gave, and under "truncate"
+    (once per answer) the shorter history to retry with; None: no retry, `exc` stands.
+
+    Raises:
+        TooLargeError, ContextTooLongError: what is left does not fit either (ContextWindow.fit).
+    """
+    details = exc.details or {}
+    tokens, window = details.get("inputTokens"), details.get("contextWindow")
+    if isinstance(tokens, int):
+        context.learn(tokens, window if isinstance(window, int) else None)
+    if retried or context.policy != "truncate" or not isinstance(tokens, int):
+        return None
+    before = context.plan.dropped
+    plan = context.refit()
+    return plan.messages if plan.dropped > before else None
 
 
 def _ending(job: Job, status: Status, failure: RelayError | None, reply: ReplyState,

@@ -3,6 +3,7 @@
     RelayError(code, message, retryable, status)
       BadRequestError          400, invalid input
         TooLargeError          413, message over the size limit
+        ContextTooLongError    413, the conversation does not fit the model's context window
       UnauthorizedError        401, no or an invalid token or session
         TokenExpiredError      401, a JWT whose `exp` has passed (retryable: get a new token)
       BudgetError              402, the user's daily spending budget is used up
@@ -75,6 +76,12 @@ class BadRequestError(RelayError):
 class TooLargeError(BadRequestError):
     code = "too_large"
     status = 413
+
+
+class ContextTooLongError(TooLargeError):
+    """The request would not fit the model's context window (`details`: inputTokens, contextWindow)."""
+
+    code = "context_too_long"
 
 
 class UnauthorizedError(RelayError):

@@ -32,10 +32,12 @@ class Start:
     message_id: str | None = None  # the answer being written (for a continue, the answer continued)
     parent_id: str | None = None  # its parent: the user message
     user_message_id: str | None = None  # the user message: new for a send, existing for regenerate/continue
+    truncated_messages: int = 0  # the conversation's oldest messages not sent to the model (context window)
 
     def to_wire(self) -> dict[str, Any]:
         return {"streamId": self.stream_id, "conversationId": self.conversation_id, "model": self.model,
-                "messageId": self.message_id, "parentId": self.parent_id, "userMessageId": self.user_message_id}
+                "messageId": self.message_id, "parentId": self.parent_id, "userMessageId": self.user_message_id,
+                "truncatedMessages": self.truncated_messages}
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,15 @@ class Cost:
     total_cost: Decimal | None
     model: str
     estimated: bool = False
+    # The model's context window, and how many of the conversation's oldest messages this request left out;
+    # None: not known (the wire then has neither, nor contextTokens).
+    context_window: int | None = None
+    truncated_messages: int = 0
+
+    @property
+    def context_tokens(self) -> int:
+        """The request's input as the upstream counted it: input, cache writes and cache reads."""
+        return self.input_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {
@@ -78,6 +89,10 @@ class Cost:
         }
         if self.estimated:
             wire["estimated"] = True
+        if self.context_window is not None:
+            wire["contextTokens"] = self.context_tokens
+            wire["contextWindow"] = self.context_window
+            wire["truncatedMessages"] = self.truncated_messages
         return wire
 
 

@@ -1,11 +1,12 @@
 """The offline model as its own Anthropic-compatible HTTP server, for development and benchmarks.
 
     python -m server.mock_upstream --port 9000 [--delay-ms 40] [--words 0] [--error MODE] [--error-message TEXT]
-                                   [--stamp] [--api-key KEY]
+                                   [--stamp] [--api-key KEY] [--context-window TOKENS]
 
 Point the relay at it with ANTHROPIC_BASE_URL=http://127.0.0.1:9000 and any ANTHROPIC_API_KEY (or KEY,
 when --api-key makes it refuse every other key with the API's 401). A request may override the options
-with headers x-mock-delay-ms, x-mock-words, x-mock-error. It answers POST /v1/messages and the Models
+with headers x-mock-delay-ms, x-mock-words, x-mock-error, x-mock-context-window (refuse requests over this
+many tokens, as the API refuses one over the model's window). It answers POST /v1/messages and the Models
 API (GET /v1/models, GET /v1/models/{id}: the models server/pricing.py has a price for).
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 import orjson
 
 from .pricing import PRICES, resolve_model
-from .upstream.offline import ERROR_MODES, OfflineOptions, anthropic_stream, error_body, error_status
+from .upstream.offline import ERROR_MODES, OfflineOptions, anthropic_stream, context_refusal, error_body, error_status
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -35,6 +36,8 @@ def _overrides(options: OfflineOptions, headers: dict[bytes, bytes]) -> OfflineO
         changes["words"] = int(headers[b"x-mock-words"])
     if b"x-mock-error" in headers:
         changes["error"] = headers[b"x-mock-error"].decode()
+    if b"x-mock-context-window" in headers:
+        changes["context_window"] = int(headers[b"x-mock-context-window"])
     return replace(options, **changes) if changes else options
 
 
@@ -69,9 +72,10 @@ def mock_app(options: OfflineOptions, fail_first: int = 0,
 
     `fail_first`: only the first N requests fail with options.error; later ones succeed.
     `api_key`: every API request whose x-api-key differs gets the API's 401 `authentication_error`.
-    GET /stats tells what it saw: Messages API requests, answers completed, and answers whose client hung up.
+    GET /stats tells what it saw: Messages API requests, answers completed, answers whose client hung up, and
+    requests refused for length (context_refusal).
     """
-    stats = {"requests": 0, "completed": 0, "disconnected": 0}
+    stats = {"requests": 0, "completed": 0, "disconnected": 0, "refused": 0}
     expected_key = None if api_key is None else api_key.encode()
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -123,6 +127,11 @@ def mock_app(options: OfflineOptions, fail_first: int = 0,
         if status is not None:
             await _respond(send, status, error_body(status), [(b"retry-after", b"1")])
             return
+        refusal = context_refusal(request, request_options)
+        if refusal is not None:
+            stats["refused"] += 1
+            await _respond(send, 400, refusal)
+            return
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
                                 (b"cache-control", b"no-store")]})
@@ -167,11 +176,13 @@ def main() -> None:
     parser.add_argument("--fail-first", type=int, default=0, help="with --error: only the first N requests fail")
     parser.add_argument("--stamp", action="store_true", help="each delta is 'seq:send_time_ns ' (benchmarks)")
     parser.add_argument("--api-key", help="refuse every other x-api-key with a 401, as the API does")
+    parser.add_argument("--context-window", type=int, default=0,
+                        help="refuse requests over this many tokens (0: the model's context window)")
     args = parser.parse_args()
     import uvicorn
 
     options = OfflineOptions(delay_ms=args.delay_ms, words=args.words, repeat=args.repeat, error=args.error,
-                             error_message=args.error_message, stamp=args.stamp)
+                             error_message=args.error_message, stamp=args.stamp, context_window=args.context_window)
     uvicorn.run(mock_app(options, args.fail_first, args.api_key), host=args.host, port=args.port, log_level="warning",
                 lifespan="on", access_log=False)
 

@@ -150,3 +150,45 @@ def cost_of(usage: Usage, model: str) -> Decimal | None:
         + usage.cache_read_input_tokens * price.cache_read
     )
     return per_million / MILLION + usage.web_search_requests * price.web_search / THOUSAND
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLimits:
+    """One model's limits in tokens: its context window (input and output together) and its most output."""
+
+    context_window: int
+    max_output: int
+
+
+#: The day the limits below were taken from LIMITS_SOURCE (each model's overview page there: "Context window:
+#: 200K tokens · Max output: 64K tokens"). The 1M-token context beta of some models is not modelled: a
+#: conversation past 200K is truncated (or refused) as for any other model.
+LIMITS_AS_OF = date(2025, 11, 24)
+LIMITS_SOURCE = "https://platform.claude.com/docs/en/about-claude/models/overview"
+
+#: Keyed like PRICES (look up with model_limits).
+MODEL_LIMITS: dict[str, ModelLimits] = {
+    "claude-opus-4-5": ModelLimits(200_000, 64_000),
+    "claude-opus-4-1": ModelLimits(200_000, 32_000),
+    "claude-opus-4": ModelLimits(200_000, 32_000),
+    "claude-sonnet-4-5": ModelLimits(200_000, 64_000),
+    "claude-sonnet-4": ModelLimits(200_000, 64_000),
+    "claude-3-7-sonnet": ModelLimits(200_000, 64_000),
+    "claude-haiku-4-5": ModelLimits(200_000, 64_000),
+    "claude-3-5-haiku": ModelLimits(200_000, 8_192),
+    "claude-3-haiku": ModelLimits(200_000, 4_096),
+    "claude-3-opus": ModelLimits(200_000, 4_096),
+    "claude-3-5-sonnet": ModelLimits(200_000, 8_192),
+    # The offline demo model: claude-haiku-4-5's limits, as it has its price.
+    "deltarelay-offline": ModelLimits(200_000, 64_000),
+}
+
+#: A model the table does not know (a new one): the window every current model has at least.
+DEFAULT_LIMITS = ModelLimits(200_000, 64_000)
+
+
+def model_limits(model_id: str) -> ModelLimits:
+    """The limits of a model id (resolved as resolve_model does: dated ids and aliases too); DEFAULT_LIMITS for
+    a model the table does not know."""
+    key = resolve_model(model_id)
+    return MODEL_LIMITS.get(key, DEFAULT_LIMITS) if key is not None else DEFAULT_LIMITS

@@ -101,11 +101,12 @@ async def test_scripted_answer_gives_start_chunks_cost_done_and_is_saved_complet
     user_message, answer_message = await relay.store.list_messages(stream.conversation_id)
     assert start == {"streamId": stream.id, "conversationId": stream.conversation_id, "model": "claude-sonnet-4-5",
                      "messageId": answer_message["id"], "parentId": user_message["id"],
-                     "userMessageId": user_message["id"]}
+                     "userMessageId": user_message["id"], "truncatedMessages": 0}
     assert answer_message["parent_id"] == user_message["id"] and user_message["parent_id"] is None
     assert cost == {
         "inputTokens": 10, "outputTokens": 7, "cacheCreationInputTokens": 0, "cacheReadInputTokens": 4,
         "totalCost": Decimal("0.0000454"), "model": "claude-haiku-4-5",
+        "contextTokens": 14, "contextWindow": 200_000, "truncatedMessages": 0,
     }
     assert done == {"conversationId": stream.conversation_id, "messageId": stream.message_id, "stopReason": "end_turn"}
 

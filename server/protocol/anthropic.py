@@ -112,8 +112,12 @@ class ReplyState:
             the upstream does not name its model in message_start.
     """
 
-    def __init__(self, requested_model: str) -> None:
+    def __init__(self, requested_model: str, context_window: int | None = None, truncated_messages: int = 0
+                 ) -> None:
         self.requested_model = requested_model
+        # Carried into the cost event (contextWindow, truncatedMessages): what the core planned for this request.
+        self.context_window = context_window
+        self.truncated_messages = truncated_messages
         self.upstream_model: str | None = None
         self.message_id: str | None = None
         self.stop_reason: str | None = None
@@ -308,6 +312,8 @@ class ReplyState:
             total_cost=cost_of(usage, self.model),
             model=self.model,
             estimated=estimated,
+            context_window=self.context_window,
+            truncated_messages=self.truncated_messages,
         )
 
 
@@ -383,6 +389,19 @@ def _error_message(error: Any, default: str) -> str:
     return default
 
 
+# The API's two refusals for length (see server/context.py for where they were seen):
+# "prompt is too long: 219898 tokens > 200000 maximum" and
+# "input length and `max_tokens` exceed context limit: 199759 + 8192 > 200000, decrease input length or ...".
+_PROMPT_TOO_LONG = re.compile(r"prompt is too long: (\d+) tokens > (\d+) maximum")
+_INPUT_AND_MAX_TOKENS = re.compile(r"input length and `?max_tokens`? exceed context limit: (\d+) \+ \d+ > (\d+)")
+
+
+def context_refusal(message: str) -> tuple[int, int] | None:
+    """(input tokens, context window) from an upstream refusal for length; None for any other message."""
+    found = _PROMPT_TOO_LONG.search(message) or _INPUT_AND_MAX_TOKENS.search(message)
+    return (int(found[1]), int(found[2])) if found else None
+
+
 def error_for_status(
     status: int, body: bytes, retry_after: str | None, *, now: datetime | None = None
 ) -> UpstreamError:
@@ -407,6 +426,11 @@ def error_for_status(
             parsed = None
         error = parsed.get("error") if isinstance(parsed, dict) else None
         message = _error_message(error, f"the upstream answered HTTP {status}")
+        refusal = context_refusal(message) if status == 400 else None
+        if refusal is not None:
+            # Not the user's malformed request: the conversation outgrew the window (the core learns from it).
+            return UpstreamError(message[:MAX_ERROR_MESSAGE], code="context_too_long", retryable=False, status=413,
+                                 details={"inputTokens": refusal[0], "contextWindow": refusal[1]})
     return _upstream_error(code, message, parse_retry_after(retry_after, now=now))
 
 

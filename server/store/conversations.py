@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Collection, Generator
+from collections.abc import Callable, Collection, Generator
 from typing import Any
 
 import orjson
@@ -121,6 +121,10 @@ def refuse_if_busy(rows: list[dict[str, Any]]) -> None:
                                 " it", code="busy", details={"streamId": row["stream_id"]})
 
 
+#: Called with a turn's conversation id (None: a new one), history and Turn.counted before the turn is written:
+#: what it raises refuses the turn.
+HistoryCheck = Callable[[str | None, list[dict[str, str]], tuple[int, int] | None], None]
+
 _INSERT_MESSAGE = (
     "INSERT INTO messages (id, conversation_id, parent_id, seq, role, content, model, status, stream_id,"
     " trace_session_id, task_trace_id, created_at, completed_at, instance_id)"
@@ -151,6 +155,7 @@ class ConversationQueries(StoreBase):
         instance_id: str | None = None,
         parent_message_id: str | None = None,
         parent_given: bool = False,
+        check: HistoryCheck | None = None,
     ) -> Turn:
         """Save the user's message and an empty assistant message; return the history to send.
 
@@ -164,6 +169,8 @@ class ConversationQueries(StoreBase):
             BadRequestError: the parent is not an answer.
             ConflictError (busy): an answer of the conversation is still generating; nothing is saved.
             TooLargeError: the path already holds max_history messages; nothing is saved.
+            Whatever `check` raises, called with the history and Turn.counted before anything is written;
+                nothing is saved.
         """
 
         # PostgreSQL takes the conversation's write and both messages as one statement (data-modifying CTE),
@@ -207,6 +214,10 @@ class ConversationQueries(StoreBase):
                 seq = (rows[-1]["seq"] + 1) if rows else 0
                 conversation_sql = "UPDATE conversations SET updated_at = :t, active_leaf_id = :aid WHERE id = :conv"
                 conversation_params = {}
+            history = _history([(m["role"], m["content"]) for m in path] + [("user", user_text)])
+            counted = _counted(path)
+            if check is not None:
+                check(conv_id, history, counted)
             user_id, assistant_id = new_id(), new_id()
             # One trace session per conversation unless the caller names one.
             trace_session = trace_session_id or conv_id
@@ -231,20 +242,20 @@ class ConversationQueries(StoreBase):
             else:
                 yield Query(conversation_sql, {"conv": conv_id, "t": stamp, "aid": assistant_id, **conversation_params})
                 yield Query(messages_sql, messages_params)
-            history = [(m["role"], m["content"]) for m in path] + [("user", user_text)]
-            return Turn(conv_id, user_id, assistant_id, _history(history), trace_session, parent_id=user_id)
+            return Turn(conv_id, user_id, assistant_id, history, trace_session, parent_id=user_id, counted=counted)
 
         return await self.answer_write(operation())
 
     async def begin_regenerate(self, *, answer_id: str, model: str, stream_id: str, task_trace_id: str,
                                owner_id: str | None = None, max_history: int | None = None,
-                               instance_id: str | None = None) -> Turn:
+                               instance_id: str | None = None, check: HistoryCheck | None = None) -> Turn:
         """Save a new empty answer beside `answer_id` (the same user message's child), made the active leaf;
         the history is the path from the root to that user message.
 
         Raises:
             NotFoundError: no answer of owner_id's by that id. ConflictError (busy): an answer of the
-                conversation is still generating. TooLargeError: as begin_turn. Nothing is saved.
+                conversation is still generating. TooLargeError, or what `check` raises: as begin_turn.
+                Nothing is saved.
         """
 
         def operation() -> Operation[Turn]:
@@ -256,6 +267,10 @@ class ConversationQueries(StoreBase):
             if max_history is not None and len(path) + 1 > max_history:
                 raise TooLargeError(f"this conversation has {len(path)} messages and the limit is {max_history};"
                                     " start a new conversation", code="history_too_long")
+            history = _history([(m["role"], m["content"]) for m in path])
+            counted = _counted(path)
+            if check is not None:
+                check(conv_id, history, counted)
             stamp, assistant_id = now(), new_id()
             trace_session = found["trace_session_id"] or conv_id
             yield Query(_INSERT_MESSAGE, {
@@ -264,13 +279,14 @@ class ConversationQueries(StoreBase):
                 "role": "assistant", "content": "", "model": model, "status": Status.STREAMING.value, "done": None})
             yield Query("UPDATE conversations SET active_leaf_id = :leaf, updated_at = :t WHERE id = :id",
                         {"leaf": assistant_id, "t": stamp, "id": conv_id})
-            history = _history([(m["role"], m["content"]) for m in path])
-            return Turn(conv_id, user_id or "", assistant_id, history, trace_session, parent_id=user_id)
+            return Turn(conv_id, user_id or "", assistant_id, history, trace_session, parent_id=user_id,
+                        counted=counted)
 
         return await self.answer_write(operation())
 
     async def begin_continue(self, *, answer_id: str, stream_id: str, task_trace_id: str,
-                             owner_id: str | None = None, instance_id: str | None = None) -> Turn:
+                             owner_id: str | None = None, instance_id: str | None = None,
+                             check: HistoryCheck | None = None) -> Turn:
         """Reopen the answer `answer_id` (stopped at max_tokens, or cancelled) for more text: it is `streaming`
         again under `stream_id`, keeps its text and usage (returned as Turn.base, to which the new text and
         usage are added), and the history ends with it as the assistant's turn. The active leaf becomes the
@@ -278,7 +294,8 @@ class ConversationQueries(StoreBase):
 
         Raises:
             NotFoundError: no answer of owner_id's by that id. ConflictError (busy, not_continuable): an answer
-                of the conversation is still generating, or this one did not stop so. Nothing is saved.
+                of the conversation is still generating, or this one did not stop so. What `check` raises,
+                as begin_turn. Nothing is saved.
         """
 
         def operation() -> Operation[Turn]:
@@ -296,6 +313,9 @@ class ConversationQueries(StoreBase):
                 history[-1] = {"role": "assistant", "content": history[-1]["content"].rstrip()}
                 if not history[-1]["content"]:
                     history.pop()
+            counted = _counted(path)
+            if check is not None:
+                check(conv_id, history, counted)
             stamp = now()
             yield Query("UPDATE messages SET status = :s, stream_id = :stream, task_trace_id = :tt,"
                         " stop_reason = NULL, error_code = NULL, completed_at = NULL, instance_id = :instance"
@@ -312,7 +332,7 @@ class ConversationQueries(StoreBase):
                 cost=self._cost_value(found["cost"]), cost_estimated=bool(found["cost_estimated"]))
             trace_session = found["trace_session_id"] or conv_id
             return Turn(conv_id, found["parent_id"] or "", answer_id, history, trace_session,
-                        parent_id=found["parent_id"], base=base)
+                        parent_id=found["parent_id"], base=base, counted=counted)
 
         return await self.answer_write(operation())
 
@@ -347,11 +367,12 @@ class ConversationQueries(StoreBase):
 
     def _tree(self, conversation_id: str) -> Generator[Query, Any, list[dict[str, Any]]]:
         """A conversation's messages, oldest first: id, parent_id, role, content, seq, status, stream_id (a step
-        of an operation)."""
-        rows = yield Query("SELECT id, parent_id, role, content, seq, status, stream_id FROM messages"
+        of an operation), and prompt_tokens: the input tokens (cache included) an answer's request had."""
+        rows = yield Query("SELECT id, parent_id, role, content, seq, status, stream_id,"
+                           " input_tokens + cache_creation_input_tokens + cache_read_input_tokens FROM messages"
                            " WHERE conversation_id = :id ORDER BY seq", {"id": conversation_id}, ALL)
         return [{"id": r[0], "parent_id": r[1], "role": r[2], "content": r[3], "seq": r[4], "status": r[5],
-                 "stream_id": r[6]} for r in rows]
+                 "stream_id": r[6], "prompt_tokens": int(r[7] or 0)} for r in rows]
 
     async def save_reply(self, message_id: str, reply: Reply) -> None:
         """Write an assistant message's final state; a message is finished exactly once.
@@ -737,6 +758,17 @@ def _without_start_of(saved: str, continuation: str) -> str:
         if saved.endswith(continuation[:size]):
             return saved[:-size]
     return saved
+
+
+def _counted(path: list[dict[str, Any]]) -> tuple[int, int] | None:
+    """The newest answer on `path` with text and a counted request: (how many messages of _history(path) come
+    before it, its request's input tokens). An answer with text starts a new message of the history, so the
+    messages before it are the same in the path's history and in its own request's."""
+    for index in range(len(path) - 1, -1, -1):
+        row = path[index]
+        if row["role"] == "assistant" and row["content"] and row.get("prompt_tokens"):
+            return len(_history([(m["role"], m["content"]) for m in path[:index]])), int(row["prompt_tokens"])
+    return None
 
 
 def _history(messages: list[tuple[str, str]]) -> list[dict[str, str]]:

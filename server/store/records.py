@@ -72,6 +72,9 @@ class Turn:
     trace_session_id: str = ""
     parent_id: str | None = None  # the answer's parent: its user message
     base: Reply | None = None  # a continued answer as it was: the new text and usage are added to it
+    # The newest answer in the history that the upstream counted: (messages of `history` before it, the input
+    # tokens its request had: input + cache writes + cache reads). None: no such answer.
+    counted: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ import httpx
 import orjson
 
 from ..config import OFFLINE_MODEL
+from ..pricing import model_limits
 from ..protocol.tokens import request_tokens
 
 ERROR_MODES = (
@@ -44,6 +45,7 @@ class OfflineOptions:
     error: str = "none"
     error_message: str = "Overloaded"  # the message of the overloaded-* modes' `error` event
     stamp: bool = False  # each delta carries "seq:send_time_ns " for latency benchmarks
+    context_window: int = 0  # refuse requests over this many tokens; 0: the model's window (server/pricing.py)
 
 
 def demo_words(messages: list[dict[str, Any]], words: int = 0, repeat: int = 1) -> list[str]:
@@ -89,6 +91,27 @@ def error_body(status: int) -> bytes:
              500: "api_error", 529: "overloaded_error"}
     kind = kinds.get(status, "api_error")
     return orjson.dumps({"type": "error", "error": {"type": kind, "message": f"offline model: simulated {kind}"}})
+
+
+def context_refusal(request: dict[str, Any], options: OfflineOptions) -> bytes | None:
+    """The API's 400 body for a request that does not fit the model's context window, or None when it fits.
+
+    Tokens are counted by the emulated rule (server/protocol/tokens.py). As the API does (see
+    server/context.py for the sources): an input over the window is "prompt is too long: N tokens > M
+    maximum"; an input that fits but leaves less than max_tokens is "input length and `max_tokens` exceed
+    context limit: N + K > M, ...".
+    """
+    window = options.context_window or model_limits(str(request.get("model") or OFFLINE_MODEL)).context_window
+    tokens = request_tokens(request)
+    max_tokens = request.get("max_tokens")
+    if tokens > window:
+        message = f"prompt is too long: {tokens} tokens > {window} maximum"
+    elif isinstance(max_tokens, int) and tokens + max_tokens > window:
+        message = (f"input length and `max_tokens` exceed context limit: {tokens} + {max_tokens} > {window},"
+                   " decrease input length or `max_tokens` and try again")
+    else:
+        return None
+    return orjson.dumps({"type": "error", "error": {"type": "invalid_request_error", "message": message}})
 
 
 async def anthropic_stream(request: dict[str, Any], options: OfflineOptions) -> AsyncIterator[bytes]:
@@ -161,6 +184,9 @@ class OfflineTransport(httpx.AsyncBaseTransport):
         if status is not None:
             return httpx.Response(status, content=error_body(status), headers={"retry-after": "1"})
         payload = orjson.loads(await request.aread())
+        refusal = context_refusal(payload, self.options)
+        if refusal is not None:
+            return httpx.Response(400, content=refusal, headers={"content-type": "application/json"})
         return httpx.Response(
             200,
             headers={"content-type": "text/event-stream; charset=utf-8"},
