@@ -157,7 +157,9 @@ class ContextWindow:
         if conversation_id is not None and conversation_id in self._windows:
             window = min(window, self._windows[conversation_id])
         room = window - max_tokens
-        counts = [c for c in (self.counted(conversation_id), stored) if c is not None and c.applies_to(system, history)]
+        # What this process remembers is newer than what the database gives: the database's only without it.
+        count = self.counted(conversation_id) or stored
+        counts = [count] if count is not None and count.applies_to(system, history) else []
         sizes = [estimate_message(message) for message in history]
         last_user = max((i for i, m in enumerate(history) if m.get("role") == "user"), default=0)
         system_tokens = estimate_text(system)
