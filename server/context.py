@@ -43,6 +43,9 @@ BYTES_PER_TOKEN = 3
 MESSAGE_ALLOWANCE = 8
 #: A saved answer's input tokens are taken for its whole history only if they average at most this many bytes.
 SAVED_BYTES_PER_TOKEN = 6
+#: With RELAY_COUNT_TOKENS, a plan whose estimate and max_tokens come this close to the window (a share of it)
+#: is counted by the API before it is sent.
+COUNT_MARGIN = 0.1
 #: Conversations whose last count is remembered in one process (the least recently used one is forgotten).
 REMEMBERED_CONVERSATIONS = 10_000
 
@@ -204,11 +207,18 @@ class Fitting:
     max_tokens: int
     policy: str
     stored: Counted | None = None
+    count: bool = False  # ask the API's token count when the plan is near the window (see near_limit)
     plan: Plan = field(init=False)
 
     def __post_init__(self) -> None:
         self.plan = self.manager.fit(self.conversation_id, self.model, self.system, self.history,
                                      self.max_tokens, self.policy, self.stored)
+
+    def near_limit(self) -> bool:
+        """Whether the API's count is asked for: counting is on and the plan's estimate with max_tokens is
+        within COUNT_MARGIN of the window, where a denser text than the rule assumes could not fit."""
+        plan = self.plan
+        return self.count and plan.input_tokens + self.max_tokens > plan.context_window * (1 - COUNT_MARGIN)
 
     def learn(self, tokens: int, window: int | None = None) -> None:
         """The upstream counted the plan's request at `tokens` input tokens (its usage, or its refusal's figure,

@@ -46,6 +46,9 @@ class Upstream(Protocol):
 
     def events(self, request: UpstreamRequest) -> AsyncGenerator[SSEEvent, None]: ...
 
+    async def count_tokens(self, request: UpstreamRequest) -> int | None:
+        """The request's input tokens as the API counts them; None: not known."""
+
 
 @dataclass(frozen=True, slots=True)
 class Job:
@@ -174,7 +177,7 @@ class Relay:
         if turn.counted is not None:
             stored = Counted.saved(agent.system, turn.history, *turn.counted)
         return Fitting(self.context, turn.conversation_id, agent.model, agent.system, turn.history,
-                       agent.max_tokens, agent.context_policy, stored)
+                       agent.max_tokens, agent.context_policy, stored, count=self.settings.count_tokens)
 
     def _check(self, agent: Agent) -> HistoryCheck:
         """The store's check of a turn's history before it is written: raises what ContextWindow.fit raises."""
@@ -438,6 +441,8 @@ async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStr
     try:
         if stream.stop_status is not None:  # cancelled before the core began
             raise asyncio.CancelledError
+        if context is not None and context.near_limit():
+            job = await _counted(job, context, upstream)
         while True:
             attempt_reply = _reply_state(job)
             stream.reply = attempt_reply
@@ -589,6 +594,21 @@ def _reply_state(job: Job) -> ReplyState:
     if context is None:
         return ReplyState(job.request.model)
     return ReplyState(job.request.model, context.plan.context_window, context.plan.dropped)
+
+
+async def _counted(job: Job, context: Fitting, upstream: Upstream) -> Job:
+    """`job` after the API counted its request (RELAY_COUNT_TOKENS, near the window only): with a shorter
+    history when the count shows the estimate was short.
+
+    Raises:
+        ContextTooLongError, TooLargeError: it does not fit, under the "error" policy, or at all.
+    """
+    tokens = await upstream.count_tokens(job.request)
+    if tokens is None or tokens + context.max_tokens <= context.plan.context_window:
+        return job
+    context.learn(tokens)
+    plan = context.refit()
+    return replace(job, request=replace(job.request, messages=plan.messages))
 
 
 def _refit(context: Fitting, exc: RelayError, retried: bool) -> list[dict[str, Any]] | None:

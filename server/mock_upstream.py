@@ -7,7 +7,8 @@ Point the relay at it with ANTHROPIC_BASE_URL=http://127.0.0.1:9000 and any ANTH
 when --api-key makes it refuse every other key with the API's 401). A request may override the options
 with headers x-mock-delay-ms, x-mock-words, x-mock-error, x-mock-context-window (refuse requests over this
 many tokens, as the API refuses one over the model's window). It answers POST /v1/messages and the Models
-API (GET /v1/models, GET /v1/models/{id}: the models server/pricing.py has a price for).
+API (GET /v1/models, GET /v1/models/{id}: the models server/pricing.py has a price for), and
+POST /v1/messages/count_tokens with the emulated count (server/protocol/tokens.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import orjson
 
 from .pricing import PRICES, resolve_model
+from .protocol.tokens import request_tokens
 from .upstream.offline import ERROR_MODES, OfflineOptions, anthropic_stream, context_refusal, error_body, error_status
 
 Scope = MutableMapping[str, Any]
@@ -100,6 +102,9 @@ def mock_app(options: OfflineOptions, fail_first: int = 0,
         if scope["method"] == "GET" and (scope["path"] == "/v1/models" or scope["path"].startswith("/v1/models/")):
             await _models(send, scope["path"], headers)
             return
+        if scope["method"] == "POST" and scope["path"] == "/v1/messages/count_tokens":
+            await _count_tokens(receive, send)
+            return
         if scope["method"] != "POST" or scope["path"] != "/v1/messages":
             await _respond(send, 404, orjson.dumps({"type": "error", "error": {"type": "not_found_error",
                                                                                  "message": "no such route"}}))
@@ -155,6 +160,25 @@ def mock_app(options: OfflineOptions, fail_first: int = 0,
             watcher.cancel()
 
     return app
+
+
+async def _count_tokens(receive: Receive, send: Send) -> None:
+    """The token-counting endpoint: {"input_tokens": N} by the emulated rule."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        await _respond(send, 400, _error("invalid_request_error", "the body is not valid JSON"))
+        return
+    if not isinstance(request, dict):
+        await _respond(send, 400, _error("invalid_request_error", "the body must be a JSON object"))
+        return
+    await _respond(send, 200, orjson.dumps({"input_tokens": request_tokens(request)}))
 
 
 async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:

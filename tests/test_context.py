@@ -286,3 +286,44 @@ async def test_a_single_message_larger_than_the_window_is_too_large_and_nothing_
             await relay.start(SendMessage("z" * 700_000))
         assert caught.value.code == "too_large"
         assert await relay.store.db.fetch_val("SELECT COUNT(*) FROM messages") == 0
+
+
+def dense_api(counted: list[int]) -> Callable[[RecordedRequest], SSEAnswer | JSONAnswer]:
+    """An API whose tokenizer finds twice the emulated rule's tokens (a text denser than the relay's rule
+    assumes): it counts, answers and refuses by that; `counted` gets each token count it was asked for."""
+
+    def answer(request: RecordedRequest) -> SSEAnswer | JSONAnswer:
+        body = request.json()
+        tokens = 2 * request_tokens(body)
+        if request.path.endswith("/count_tokens"):
+            counted.append(tokens)
+            return JSONAnswer(200, {"input_tokens": tokens})
+        if tokens + body["max_tokens"] > WINDOW:
+            return JSONAnswer(400, {"type": "error", "error": {
+                "type": "invalid_request_error", "message": f"prompt is too long: {tokens} tokens > {WINDOW} maximum"}})
+        return SSEAnswer(anthropic_events(["ok"], model=MODEL, input_tokens=tokens))
+
+    return answer
+
+
+@pytest.mark.parametrize("count_tokens", [True, False])
+async def test_with_token_counting_a_request_near_the_window_is_counted_and_shortened_before_it_is_sent(
+        tmp_path: Path, upstream: FakeUpstream, count_tokens: bool):
+    """RELAY_COUNT_TOKENS: the fourth turn's estimate is within 10% of the window, so the API counts it, and the
+    count (over the window) drops the oldest pair before the request goes: no 400. Without counting the same
+    turn is refused once and retried.
+
+    Mutation: near_limit always False makes the counting run see a 400."""
+    counted: list[int] = []
+    upstream.answer_each(dense_api(counted))
+    async with relay_in_process(tmp_path, upstream, max_message_bytes=200_000, count_tokens=count_tokens) as relay:
+        turns = await conversation(relay, 4, 100_000)
+    paths = [request.path for request in upstream.requests]
+    assert all(events[-1][1] == "done" for events in turns)
+    if count_tokens:
+        assert paths == ["/v1/messages"] * 3 + ["/v1/messages/count_tokens", "/v1/messages"]
+        assert counted == [2 * request_tokens(upstream.requests[3].json())] and counted[0] > WINDOW - 1024
+        assert upstream.requests[4].json()["messages"] == upstream.requests[3].json()["messages"][2:]
+    else:
+        assert paths == ["/v1/messages"] * 5  # the fourth turn: refused, then retried shorter
+        assert upstream.requests[4].json()["messages"] == upstream.requests[3].json()["messages"][2:]

@@ -27,6 +27,8 @@ API_VERSION = "2023-06-01"
 # Push the idle deadline forward at most this often: one timer per chunk would cost more than the chunk.
 # A silence is then noticed after between 7/8 and all of RELAY_IDLE_TIMEOUT.
 _DEADLINE_SLACK = 5.0
+#: A token count (POST /v1/messages/count_tokens) that takes longer than this is given up: the estimate stands.
+COUNT_TIMEOUT = 5.0
 #: An upstream error answer's body is read up to this many bytes (its JSON error is a few hundred) and the
 #: rest left unread, the connection closed: a huge error body costs no more memory than this.
 MAX_ERROR_BODY = 64 * 1024
@@ -135,6 +137,32 @@ class AnthropicUpstream:
         finally:
             await response.aclose()
         return response.status_code, body[:limit]
+
+    async def count_tokens(self, request: UpstreamRequest) -> int | None:
+        """The request's input tokens as the Messages API counts them (POST /v1/messages/count_tokens, free,
+        rate-limited apart from messages: https://platform.claude.com/docs/en/build-with-claude/token-counting);
+        None when the count fails or takes longer than COUNT_TIMEOUT (the caller keeps its estimate)."""
+        payload: dict[str, Any] = {"model": request.model, "messages": request.messages}
+        if request.system:
+            payload["system"] = request.system
+        http_request = httpx.Request("POST", httpx.URL(self.base_url + "/v1/messages/count_tokens"),
+                                     headers=self.headers, content=orjson.dumps(payload), extensions=self.extensions)
+        try:
+            async with asyncio.timeout(COUNT_TIMEOUT):
+                response = await self.transport.handle_async_request(http_request)
+                try:
+                    body = await _read_at_most(response.aiter_raw(), MAX_ERROR_BODY)
+                finally:
+                    await response.aclose()
+        except (TimeoutError, httpx.HTTPError):
+            return None
+        if response.status_code != 200:
+            return None
+        try:
+            tokens = orjson.loads(body).get("input_tokens")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
+        return tokens if type(tokens) is int and tokens >= 0 else None
 
     async def events(self, request: UpstreamRequest) -> AsyncGenerator[SSEEvent, None]:
         """Yield the upstream's SSE events as they arrive.

@@ -171,12 +171,15 @@ class _Body(httpx.AsyncByteStream):
 
 
 class OfflineTransport(httpx.AsyncBaseTransport):
-    """An httpx transport that answers POST /v1/messages with the offline model's stream."""
+    """An httpx transport that answers POST /v1/messages with the offline model's stream (or its refusal for
+    length), and POST /v1/messages/count_tokens with the emulated count."""
 
     def __init__(self, options: OfflineOptions | None = None) -> None:
         self.options = options or OfflineOptions()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path.endswith("/v1/messages/count_tokens"):
+            return httpx.Response(200, json={"input_tokens": request_tokens(orjson.loads(await request.aread()))})
         if request.method != "POST" or not request.url.path.endswith("/v1/messages"):
             return httpx.Response(404, json={"type": "error", "error": {"type": "not_found_error",
                                                                         "message": "offline model: no such route"}})
