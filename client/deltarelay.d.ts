@@ -11,6 +11,8 @@ export interface StartData {
   /** The user message the answer answers (its parent): new for a send, existing for a regenerate or continue. */
   userMessageId: string
   parentId: string
+  /** How many of the conversation's oldest messages this request leaves out to fit the model's context window. */
+  truncatedMessages: number
 }
 
 export interface TextData {
@@ -26,6 +28,12 @@ export interface CostData {
   totalCost: number | null
   model: string
   estimated?: true
+  /** The request's input tokens as the model counted them (input + cache writes + cache reads). */
+  contextTokens?: number
+  /** The model's context window in tokens. */
+  contextWindow?: number
+  /** The oldest messages the request that answered left out (more than start's after a retry for length). */
+  truncatedMessages?: number
 }
 
 export interface DoneData {
@@ -46,6 +54,9 @@ export interface ErrorData {
   /** Seconds to wait before retrying. */
   retryAfter?: number
   messageId?: string
+  /** context_too_long: the input tokens (estimated, or as the model counted them) and the model's window. */
+  inputTokens?: number
+  contextWindow?: number
 }
 
 export interface EventDataMap {
@@ -73,6 +84,8 @@ export interface StreamResult {
   messageId: string | null
   userMessageId: string | null
   conversationId: string | null
+  /** The conversation's oldest messages not sent to the model (from start, then cost). */
+  truncatedMessages: number
   /**
    * Set when the stream ended with an error event: the server's, or "network_error" when the
    * connection was lost before start (it is never sent twice) or could not be resumed in time.
@@ -126,6 +139,8 @@ export interface RelayStream extends EventTarget, AsyncIterable<StreamMessage> {
   readonly userMessageId: string | null
   readonly parentId: string | null
   readonly model: string | null
+  /** The conversation's oldest messages not sent to the model: from start, then from cost. */
+  readonly truncatedMessages: number
   /** The answer's text so far; for a continue, only the text added. */
   readonly text: string
   readonly thinking: string

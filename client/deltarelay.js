@@ -112,6 +112,7 @@ class Stream extends EventTarget {
     this.text = this.thinking = ''
     this.streamId = this.conversationId = this.messageId = this.model = null
     this.userMessageId = this.parentId = null
+    this.truncatedMessages = 0
     // A continue writes on into an answer that exists: its id is known before the start.
     if (frame.type === 'continue') this.messageId = frame.messageId
     this.cost = this.stopReason = this.error = null
@@ -172,10 +173,14 @@ class Stream extends EventTarget {
       this.messageId = data.messageId ?? this.messageId
       this.userMessageId = data.userMessageId ?? null
       this.parentId = data.parentId ?? null
+      this.truncatedMessages = data.truncatedMessages ?? 0
     } else if (event === 'chunk') this.text += data.text
     else if (event === 'thinking') this.thinking += data.text
-    else if (event === 'cost') this.cost = data
-    else if (event === 'done') {
+    else if (event === 'cost') {
+      this.cost = data
+      // A retry after the model refused the request for length leaves out more than start said.
+      this.truncatedMessages = data.truncatedMessages ?? this.truncatedMessages
+    } else if (event === 'done') {
       this.stopReason = data.stopReason
       this.messageId = data.messageId
       this.conversationId = data.conversationId ?? this.conversationId
@@ -197,8 +202,8 @@ class Stream extends EventTarget {
     wake?.()
     this._emit(event, data)
     if (end) {
-      const { text, thinking, cost, stopReason, messageId, userMessageId, conversationId, error } = this
-      this._resolve({ text, thinking, cost, stopReason, messageId, userMessageId, conversationId, error })
+      const { text, thinking, cost, stopReason, messageId, userMessageId, conversationId, error, truncatedMessages } = this
+      this._resolve({ text, thinking, cost, stopReason, messageId, userMessageId, conversationId, error, truncatedMessages })
     }
   }
 }
