@@ -15,6 +15,8 @@ const messages = $('messages')
 const emptyState = $('empty-state')
 const title = $('conversation-title')
 const total = $('conversation-total')
+const contextMeter = $('context-meter')
+const contextNote = $('context-note')
 const form = $('composer')
 const input = $('message-input')
 const sendButton = $('send')
@@ -43,6 +45,9 @@ const api = clientFor('auto')
 let conversationId = null // the open conversation; null for a new one
 let view = 0 // bumped whenever the message pane shows something else
 let spent = money('0') // the running total of the open conversation
+// Per conversation, what its last answer's request used of the model's context window (this page's answers
+// only: the REST API does not give the window): {tokens, window, truncated}.
+const contexts = new Map()
 let active = null // the answer being streamed, one at a time: {stream, stop}
 
 // ---- Money: exact decimals, never floats -------------------------------------
@@ -273,6 +278,7 @@ function showConversation(id, heading) {
   articles = new Map()
   spent = money('0')
   total.value = formatMoney(spent)
+  showContext(contexts.get(id))
   title.textContent = heading
   messages.replaceChildren(emptyState)
   emptyState.hidden = id !== null
@@ -443,6 +449,27 @@ function setMeta(shown, usage) {
   if (usage.estimated) shown.meta.title = 'Estimated: the stream ended before the final usage arrived.'
 }
 
+/** The context meter and the "not sent" note of the open conversation; `context` undefined hides both. */
+function showContext(context) {
+  contextMeter.hidden = !context?.window
+  if (context?.window) {
+    $('context-used').value = Math.min(context.tokens / context.window, 1)
+    $('context-figures').value = `${context.tokens.toLocaleString('en-US')} / ${context.window.toLocaleString('en-US')} tokens`
+    contextMeter.title = `This conversation's last request used ${context.tokens} of the model's ${context.window} tokens.`
+  }
+  const truncated = context?.truncated ?? 0
+  contextNote.hidden = truncated === 0
+  contextNote.textContent = truncated === 1
+    ? '1 earlier message is not sent to the model.'
+    : `${truncated} earlier messages are not sent to the model.`
+}
+
+function learnContext(id, change) {
+  const context = { ...contexts.get(id), ...change }
+  contexts.set(id, context)
+  if (id === conversationId) showContext(context)
+}
+
 function addToTotal(cost) {
   spent = addMoney(spent, money(cost))
   total.value = formatMoney(spent)
@@ -575,6 +602,7 @@ async function answer({ kind, text, parentMessageId, messageId }) {
       history.replaceState(null, '', '#c=' + encodeURIComponent(start.conversationId))
       refreshList()
     }
+    learnContext(start.conversationId, { truncated: start.truncatedMessages ?? 0 })
   })
   stream.on('thinking', ({ text }) => {
     firstToken()
@@ -601,6 +629,10 @@ async function answer({ kind, text, parentMessageId, messageId }) {
   })
   stream.on('cost', (cost) => {
     setMeta(reply, cost)
+    if (cost.contextWindow && stream.conversationId) {
+      learnContext(stream.conversationId,
+        { tokens: cost.contextTokens, window: cost.contextWindow, truncated: cost.truncatedMessages ?? 0 })
+    }
     if (shownIn === view && cost.totalCost != null) addToTotal(cost.totalCost)
   })
 
