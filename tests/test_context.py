@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
@@ -19,9 +20,9 @@ from server.core import Relay
 from server.errors import ContextTooLongError, TooLargeError
 from server.pricing import DEFAULT_LIMITS, model_limits
 from server.protocol.anthropic import context_refusal, error_for_status
-from server.protocol.frames import SendMessage
+from server.protocol.frames import Continue, Regenerate, SendMessage
 from server.protocol.tokens import request_tokens
-from server.upstream.offline import OfflineOptions
+from server.upstream.offline import OfflineOptions, OfflineTransport
 from server.upstream.offline import context_refusal as emulated_refusal
 
 from .fakes import FakeUpstream, JSONAnswer, RecordedRequest, SSEAnswer, anthropic_events, relay_in_process, run_to_end
@@ -327,3 +328,41 @@ async def test_with_token_counting_a_request_near_the_window_is_counted_and_shor
     else:
         assert paths == ["/v1/messages"] * 5  # the fourth turn: refused, then retried shorter
         assert upstream.requests[4].json()["messages"] == upstream.requests[3].json()["messages"][2:]
+
+
+async def test_the_offline_transport_refuses_over_its_window_before_the_200_and_counts_tokens():
+    """Mutation: calling the refusal inside the stream generator answers 200 and then an error event."""
+    async with httpx.AsyncClient(transport=OfflineTransport(OfflineOptions(delay_ms=0, context_window=100)),
+                                 base_url="http://offline") as client:
+        body = {"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "x" * 400}]}
+        refused = await client.post("/v1/messages", json=body)
+        assert refused.status_code == 400
+        assert refused.json()["error"] == {"type": "invalid_request_error",
+                                           "message": "prompt is too long: 104 tokens > 100 maximum"}
+        counted = await client.post("/v1/messages/count_tokens", json=body)
+        assert counted.json() == {"input_tokens": 104}
+        small = {**body, "messages": [{"role": "user", "content": "hi"}]}
+        answered = await client.post("/v1/messages", json=small)
+        assert answered.status_code == 200 and b"message_stop" in await answered.aread()
+
+
+async def test_regenerate_and_continue_are_fit_to_the_window_too(tmp_path: Path, upstream: FakeUpstream):
+    """After the window was learned, a regenerate of the last answer and a continue of it leave the same oldest
+    turns out, send the answered user message last (a continue: then the answer), and get no 400.
+
+    Mutation: sending turn.history instead of the plan's messages gets a 400 for the regenerate."""
+    answer, statuses = emulated_api(window=60_000)
+    upstream.answer_each(answer)
+    async with relay_in_process(tmp_path, upstream, max_message_bytes=200_000) as relay:
+        turns = await conversation(relay, 3, 80_000)
+        last_answer = turns[-1][-1][2]["messageId"]
+        regenerated = await run_to_end(relay, Regenerate(last_answer))
+        await relay.store.db.execute("UPDATE messages SET stop_reason = 'max_tokens' WHERE id = :id",
+                                     {"id": last_answer})
+        continued = await run_to_end(relay, Continue(last_answer))
+    assert statuses == [200, 200, 400, 200, 200, 200]
+    for events, request in ((regenerated, upstream.requests[4]), (continued, upstream.requests[5])):
+        assert events[0][2]["truncatedMessages"] == 2 and events[-1][1] == "done"
+        assert request_tokens(request.json()) + 1024 <= 60_000
+    assert upstream.requests[4].json()["messages"][-1]["content"].startswith("002 ")
+    assert upstream.requests[5].json()["messages"][-1] == {"role": "assistant", "content": "ok"}
