@@ -26,6 +26,7 @@ from server.upstream.offline import OfflineOptions, OfflineTransport
 from server.upstream.offline import context_refusal as emulated_refusal
 
 from .fakes import FakeUpstream, JSONAnswer, RecordedRequest, SSEAnswer, anthropic_events, relay_in_process, run_to_end
+from .relay_clients import sse_stream
 
 MODEL = "claude-sonnet-4-5"
 WINDOW = 200_000
@@ -366,3 +367,19 @@ async def test_regenerate_and_continue_are_fit_to_the_window_too(tmp_path: Path,
         assert request_tokens(request.json()) + 1024 <= 60_000
     assert upstream.requests[4].json()["messages"][-1]["content"].startswith("002 ")
     assert upstream.requests[5].json()["messages"][-1] == {"role": "assistant", "content": "ok"}
+
+
+async def test_over_http_a_message_larger_than_the_window_is_a_413_json_and_the_server_keeps_serving(make_server):
+    """The real server (offline model): 413 too_large with the figures, nothing saved, the next message answered.
+
+    Mutation: raising the check's error after begin_turn leaves a conversation in the database."""
+    server = make_server({"RELAY_MAX_MESSAGE_BYTES": "1000000"})
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        refused = await client.post("/api/command-center/message", json={"message": "z" * 700_000})
+    assert refused.status_code == 413
+    error = refused.json()["error"]
+    assert error["code"] == "too_large" and error["contextWindow"] == 200_000
+    assert error["inputTokens"] == -(-700_000 // 3) + 8
+    assert server.count("SELECT COUNT(*) FROM messages") == 0
+    events = await sse_stream(server.url, {"message": "still here?"})
+    assert events[0][1] == "start" and events[-1][1] == "done"
