@@ -167,7 +167,8 @@ class Relay:
         self.metrics.generating.inc()
         log.info("stream started", extra=fields(
             event="stream_start", streamId=stream_id, conversationId=job.conversation_id, user=user.name,
-            agent=agent.id, model=agent.model, traceSessionId=job.trace_session_id, taskTraceId=stream_id))
+            agent=agent.id, model=agent.model, traceSessionId=job.trace_session_id, taskTraceId=stream_id,
+            truncatedMessages=fitting.plan.dropped, estimatedInputTokens=fitting.plan.input_tokens))
         return stream
 
     def _fitting(self, agent: Agent, turn: Turn) -> Fitting:
