@@ -66,6 +66,7 @@ test('sse stream delivers every event to listeners, on() callbacks and the async
     userMessageId: saved.parentId, // the start event's: the message answered
     conversationId,
     error: null,
+    truncatedMessages: 0, // the whole conversation was sent
   })
   assert.ok(result.text.length > 0)
   assert.equal(stream.text, saved.content)
