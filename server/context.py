@@ -8,8 +8,8 @@ counted is taken from the upstream: the previous answer's reported input tokens 
 reads) cover the system prompt and every message before that answer, and a refusal's "prompt is too long: N
 tokens" covers the request it refused. What was added since is estimated with one conservative rule:
 one token per BYTES_PER_TOKEN UTF-8 bytes, rounded up, plus MESSAGE_ALLOWANCE tokens a message. Claude's
-tokenizer is not published; English prose averages about 4 bytes a token and code and CJK text about 3, so the
-rule over-counts them (its margin). A text denser than 3 bytes a token is under-counted: the upstream then
+tokenizer is not published; the rule is chosen to over-count ordinary text, which takes more bytes a token
+than 3 (its margin). A text denser than 3 bytes a token is under-counted: the upstream then
 refuses with "prompt is too long", which is mapped to `context_too_long`, learned from, and retried once
 with a shorter history (see server/core.py).
 
