@@ -117,6 +117,8 @@ class Settings:
     # Several instances: stream logs, fan-out and cancels through Redis (unset: in-process, one instance).
     redis_url: str | None = None
     redis_prefix: str = "deltarelay"  # the start of every Redis key: deployments sharing a Redis stay apart
+    # Events reach Redis in writes at most this often: what arrives meanwhile shares one round trip.
+    redis_write_ms: float = 2.0
     instance_lease_seconds: float = 3.0  # an instance silent this long is dead: its answers end as interrupted
     agents: tuple[Agent, ...] = field(default=())
     # HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY (either case), as httpx reads them; none unless loaded.
@@ -248,6 +250,7 @@ ENV_NAMES: dict[str, str] = {
     "max_history_messages": "RELAY_MAX_HISTORY_MESSAGES",
     "redis_url": "REDIS_URL",
     "redis_prefix": "RELAY_REDIS_PREFIX",
+    "redis_write_ms": "RELAY_REDIS_WRITE_MS",
     "instance_lease_seconds": "RELAY_INSTANCE_LEASE_SECONDS",
 }
 
@@ -263,7 +266,7 @@ _NON_NEGATIVE = {
     "offline_delay_ms", "offline_words", "stream_retention_seconds", "retry_attempts", "retry_base_delay",
     "retry_max_wait", "shutdown_grace_seconds", "auth_cache_seconds", "save_wait_seconds", "save_retry_seconds",
     "partial_save_seconds", "limit_requests_per_minute",
-    "limit_concurrent_streams", "limit_connections", "sqlite_group_commit_ms",
+    "limit_concurrent_streams", "limit_connections", "sqlite_group_commit_ms", "redis_write_ms",
     "max_unauthenticated_connections", "jwt_leeway_seconds", "jwks_refetch_seconds",
 }
 _TRUE = ("1", "true", "yes", "on")
