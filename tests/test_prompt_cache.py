@@ -271,7 +271,8 @@ async def test_mock_upstream_emulates_the_cache_across_requests() -> None:
             start = next(line for line in res.text.splitlines() if line.startswith("data:") and "message_start" in line)
             usages.append(orjson.loads(start[5:])["message"]["usage"])
         assert usages[1]["cache_read_input_tokens"] == request_tokens(first)
-        assert usages[1]["cache_creation"]["ephemeral_5m_input_tokens"] == request_tokens(second) - request_tokens(first)
+        written = usages[1]["cache_creation"]["ephemeral_5m_input_tokens"]
+        assert written == request_tokens(second) - request_tokens(first)
         res = await client.post("/v1/messages", json={"model": SONNET, "max_tokens": 1, "messages": [
             {"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral",
                                                                                            "ttl": "1d"}}]}]})
