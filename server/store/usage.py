@@ -60,10 +60,10 @@ class UsageQueries(StoreBase):
             f" LEFT JOIN users o ON o.id = u.owner_id WHERE {where} AND u.cache_read_input_tokens > 0"
             " GROUP BY k, u.model", params)
         savings: dict[str, Decimal] = {}
-        for group, model, tokens in rows:
-            saved = cache_read_savings(int(tokens), str(model or ""))
+        for row in rows:
+            saved = cache_read_savings(int(row[2]), str(row[1] or ""))
             if saved is not None:
-                savings[str(group)] = savings.get(str(group), Decimal(0)) + saved
+                savings[str(row[0])] = savings.get(str(row[0]), Decimal(0)) + saved
         return {group: saved.normalize() if saved else Decimal(0) for group, saved in savings.items()}
 
 
