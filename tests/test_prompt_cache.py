@@ -382,7 +382,7 @@ def expected_runs(turns: int) -> tuple[bench.Run, bench.Run]:
 
 
 async def test_the_twenty_turn_benchmark_costs_exactly_what_the_rule_says(tmp_path: Path) -> None:
-    """The figures in README.md and docs/prompt-caching.md (`python -m bench.prompt_cache`). Fails if the
+    """The figures in README.md and docs/configuration.md (`python -m bench.prompt_cache`). Fails if the
     marks, the emulation, the decoding or the pricing of any turn changes."""
     off = await bench.conversation("off", directory=tmp_path)
     on = await bench.conversation("5m", directory=tmp_path)
