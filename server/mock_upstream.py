@@ -6,7 +6,8 @@
 Point the relay at it with ANTHROPIC_BASE_URL=http://127.0.0.1:9000 and any ANTHROPIC_API_KEY (or KEY,
 when --api-key makes it refuse every other key with the API's 401). A request may override the options
 with headers x-mock-delay-ms, x-mock-words, x-mock-error. It answers POST /v1/messages and the Models
-API (GET /v1/models, GET /v1/models/{id}: the models server/pricing.py has a price for).
+API (GET /v1/models, GET /v1/models/{id}: the models server/pricing.py has a price for). Messages requests
+go through the emulated prompt cache (server/upstream/offline.py, PromptCache), one for the server's life.
 """
 
 from __future__ import annotations
