@@ -256,7 +256,7 @@ def test_the_cache_keeps_at_most_max_entries() -> None:
     cache = PromptCache(Clock(), max_entries=10)
     for n in range(30):
         cache.usage(body([{"role": "user", "content": f"{n} " + "q" * 5000}], system=""))
-    assert len(cache._entries) <= 10
+    assert len(cache) <= 10
 
 
 async def test_mock_upstream_emulates_the_cache_across_requests() -> None:

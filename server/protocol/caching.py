@@ -91,10 +91,11 @@ def breakpoints(request: dict[str, Any]) -> list[tuple[int, Any]]:
 
     The request-level automatic `cache_control` counts as a breakpoint on the last block.
     """
-    found = [(index, block["cache_control"]) for index, (block, _) in enumerate(prefix_tokens(request))
+    blocks = [block for block, _ in prefix_tokens(request)]
+    found = [(index, block["cache_control"]) for index, block in enumerate(blocks)
              if isinstance(block, dict) and "cache_control" in block]
-    if "cache_control" in request:
-        last = len(prefix_tokens(request)) - 1
+    if "cache_control" in request and blocks:
+        last = len(blocks) - 1
         if not any(index == last for index, _ in found):
             found.append((last, request["cache_control"]))
     return found

@@ -134,6 +134,10 @@ class PromptCache:
         self.max_entries = max_entries
         self._entries: dict[tuple[str, bytes], _Entry] = {}
 
+    def __len__(self) -> int:
+        """Prefixes remembered now, expired ones not yet dropped included."""
+        return len(self._entries)
+
     def usage(self, request: dict[str, Any]) -> dict[str, Any]:
         """The message_start usage of the request: input, cache write (with its 5m/1h split) and read tokens."""
         total = request_tokens(request)
