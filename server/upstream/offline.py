@@ -126,7 +126,8 @@ class PromptCache:
       are remembered for their TTL;
     - input: the request's tokens less both.
 
-    `clock` gives seconds (tests move it); at most `max_entries` prefixes are kept, the oldest dropped first.
+    `clock` gives seconds (tests move it). At most `max_entries` prefixes are kept: past it the expired ones are
+    dropped, or the oldest one when none has expired.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, max_entries: int = 100_000) -> None:
