@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import httpx
 
+from .protocol.caching import PROMPT_CACHE_MODES
 from .upstream.proxies import ProxyConfigError, ProxyEnvironment
 
 OFFLINE_MODEL = "deltarelay-offline"
@@ -37,6 +38,7 @@ class Agent:
     model: str
     system: str = ""
     max_tokens: int = 1024
+    prompt_cache: str = "5m"  # "off", "5m" or "1h": the TTL of the cache breakpoints its requests mark
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,7 @@ class Settings:
     max_tokens: int = 1024
     system_prompt: str = ""
     agents_file: str | None = None
+    prompt_cache: str = "5m"  # the agents' default: "off", "5m" or "1h"
     max_message_bytes: int = 32 * 1024
     # httpx's default pool holds 100 connections and would queue the 101st stream.
     upstream_max_connections: int = 4096
@@ -173,10 +176,12 @@ class Settings:
     def with_agents(self) -> Settings:
         """Settings whose agents include the default one (and the agents file's)."""
         agents: dict[str, Agent] = {
-            "default": Agent("default", self.default_model, self.system_prompt, self.max_tokens)
+            "default": Agent("default", self.default_model, self.system_prompt, self.max_tokens,
+                             prompt_cache=self.prompt_cache)
         }
         if self.agents_file:
-            for agent in _read_agents_file(self.agents_file, self.default_model, self.max_tokens):
+            for agent in _read_agents_file(self.agents_file, self.default_model, self.max_tokens,
+                                           prompt_cache=self.prompt_cache):
                 agents[agent.id] = agent
         for agent in self.agents:
             agents[agent.id] = agent
@@ -193,6 +198,7 @@ ENV_NAMES: dict[str, str] = {
     "max_tokens": "RELAY_MAX_TOKENS",
     "system_prompt": "RELAY_SYSTEM_PROMPT",
     "agents_file": "RELAY_AGENTS_FILE",
+    "prompt_cache": "RELAY_PROMPT_CACHE",
     "max_message_bytes": "RELAY_MAX_MESSAGE_BYTES",
     "upstream_max_connections": "RELAY_UPSTREAM_MAX_CONNECTIONS",
     "upstream_transport": "RELAY_UPSTREAM_TRANSPORT",
@@ -445,6 +451,8 @@ def _validate(settings: Settings) -> None:
     for origin in settings.origins:
         if not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
             raise ConfigError(f"RELAY_ALLOWED_ORIGINS entries must look like https://example.com, got {origin!r}")
+    if settings.prompt_cache not in PROMPT_CACHE_MODES:
+        raise ConfigError(f"RELAY_PROMPT_CACHE must be off, 5m or 1h, got {settings.prompt_cache!r}")
     if settings.log_format not in ("text", "json"):
         raise ConfigError("RELAY_LOG_FORMAT must be text or json")
     if settings.redis_url is not None and not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -489,8 +497,9 @@ def _validate_identity(settings: Settings) -> None:
                                   f" {cidr.strip()!r}") from None
 
 
-def _read_agents_file(path: str, default_model: str, default_max_tokens: int) -> list[Agent]:
-    """Agents from a JSON file: {"agents": [{"id", "model"?, "system"?, "maxTokens"?}]}."""
+def _read_agents_file(path: str, default_model: str, default_max_tokens: int,
+                      prompt_cache: str = "5m") -> list[Agent]:
+    """Agents from a JSON file: {"agents": [{"id", "model"?, "system"?, "maxTokens"?, "promptCache"?}]}."""
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
         entries = document["agents"]
@@ -501,10 +510,22 @@ def _read_agents_file(path: str, default_model: str, default_max_tokens: int) ->
             if not isinstance(agent_id, str) or not agent_id or max_tokens <= 0:
                 raise ValueError("each agent needs a non-empty id and a positive maxTokens")
             agents.append(
-                Agent(agent_id, str(entry.get("model", default_model)), str(entry.get("system", "")), max_tokens)
+                Agent(agent_id, str(entry.get("model", default_model)), str(entry.get("system", "")), max_tokens,
+                      prompt_cache=_agent_prompt_cache(agent_id, entry.get("promptCache", prompt_cache)))
             )
         return agents
     except OSError as exc:
         raise ConfigError(f"RELAY_AGENTS_FILE {path!r} cannot be read: {exc.strerror}") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"RELAY_AGENTS_FILE {path!r} is not a valid agents file: {exc}") from None
+
+
+def _agent_prompt_cache(agent_id: str, value: Any) -> str:
+    """An agents-file entry's `promptCache`.
+
+    Raises:
+        ValueError: not one of off, 5m, 1h (named with the agent, so the start fails with one line).
+    """
+    if value not in PROMPT_CACHE_MODES:
+        raise ValueError(f"agent {agent_id!r}: promptCache must be off, 5m or 1h, got {value!r}")
+    return str(value)

@@ -141,7 +141,7 @@ class Relay:
             self.limits.release(reservation)
             raise
         request = UpstreamRequest(model=agent.model, max_tokens=agent.max_tokens, messages=turn.history,
-                                  system=agent.system)
+                                  system=agent.system, prompt_cache=agent.prompt_cache)
         job = Job(stream_id, turn.conversation_id, turn.assistant_message_id, request, turn.trace_session_id,
                   agent.id, turn.user_message_id, turn.parent_id, turn.base)
         stream = self.hub.create(stream_id, turn.conversation_id, turn.assistant_message_id, agent.model)

@@ -6,7 +6,8 @@
 Point the relay at it with ANTHROPIC_BASE_URL=http://127.0.0.1:9000 and any ANTHROPIC_API_KEY (or KEY,
 when --api-key makes it refuse every other key with the API's 401). A request may override the options
 with headers x-mock-delay-ms, x-mock-words, x-mock-error. It answers POST /v1/messages and the Models
-API (GET /v1/models, GET /v1/models/{id}: the models server/pricing.py has a price for).
+API (GET /v1/models, GET /v1/models/{id}: the models server/pricing.py has a price for). Messages requests
+go through the emulated prompt cache (server/upstream/offline.py, PromptCache), one for the server's life.
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ from typing import Any
 import orjson
 
 from .pricing import PRICES, resolve_model
-from .upstream.offline import ERROR_MODES, OfflineOptions, anthropic_stream, error_body, error_status
+from .upstream.offline import (
+    ERROR_MODES,
+    OfflineOptions,
+    PromptCache,
+    anthropic_stream,
+    breakpoint_refusal,
+    error_body,
+    error_status,
+)
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -70,8 +79,10 @@ def mock_app(options: OfflineOptions, fail_first: int = 0,
     `fail_first`: only the first N requests fail with options.error; later ones succeed.
     `api_key`: every API request whose x-api-key differs gets the API's 401 `authentication_error`.
     GET /stats tells what it saw: Messages API requests, answers completed, and answers whose client hung up.
+    The app emulates the prompt cache (server/upstream/offline.py, PromptCache): one per app, for its life.
     """
     stats = {"requests": 0, "completed": 0, "disconnected": 0}
+    cache = PromptCache()
     expected_key = None if api_key is None else api_key.encode()
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -123,6 +134,10 @@ def mock_app(options: OfflineOptions, fail_first: int = 0,
         if status is not None:
             await _respond(send, status, error_body(status), [(b"retry-after", b"1")])
             return
+        refusal = breakpoint_refusal(request)
+        if refusal is not None:
+            await _respond(send, 400, refusal)
+            return
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
                                 (b"cache-control", b"no-store")]})
@@ -135,7 +150,7 @@ def mock_app(options: OfflineOptions, fail_first: int = 0,
 
         watcher = asyncio.create_task(watch_disconnect())
         try:
-            async for chunk in anthropic_stream(request, request_options):
+            async for chunk in anthropic_stream(request, request_options, cache):
                 if hung_up.is_set():
                     stats["disconnected"] += 1
                     return
