@@ -116,7 +116,8 @@ def make_hub(settings: Settings, store: Store) -> StreamHub:
         return await save_orphan(store, orphan)
 
     return RedisStreamHub(settings.redis_url, *sizes, prefix=settings.redis_prefix,
-                          lease_seconds=settings.instance_lease_seconds, on_orphan=save,
+                          lease_seconds=settings.instance_lease_seconds,
+                          write_interval=settings.redis_write_ms / 1000, on_orphan=save,
                           on_instance_gone=store.interrupt_instance)
 
 

@@ -301,7 +301,8 @@ def report(settings: Settings, checks: list[Check]) -> dict[str, Any]:
         "checks": [{"name": check.name, "ok": check.ok, "detail": check.detail} for check in checks],
         "configuration": configuration(settings),
         "agents": [{"id": agent.id, "model": agent.model, "maxTokens": agent.max_tokens,
-                    "systemPromptChars": len(agent.system)} for agent in settings.agents],
+                    "systemPromptChars": len(agent.system), "promptCache": agent.prompt_cache}
+                   for agent in settings.agents],
     }
 
 
@@ -317,7 +318,8 @@ def render(settings: Settings | None, checks: list[Check]) -> str:
         width = max(len(agent.id) for agent in settings.agents)
         for agent in settings.agents:
             system = f", system prompt of {len(agent.system)} characters" if agent.system else ""
-            lines.append(f"  {agent.id:<{width}}  model {agent.model}, max_tokens {agent.max_tokens}{system}")
+            lines.append(f"  {agent.id:<{width}}  model {agent.model}, max_tokens {agent.max_tokens}{system}"
+                         f", prompt cache {agent.prompt_cache}")
     failed = [check.name for check in checks if not check.ok]
     lines += ["", f"not ready: {', '.join(failed)} failed" if failed else "ready"]
     return "\n".join(lines)

@@ -279,12 +279,12 @@ def usage_command(args: argparse.Namespace, settings: Settings) -> int:
         print(f"deltarelay: no user named {args.user!r}", file=sys.stderr)
         return 1
     header = [query.group_by, "answers", "input tokens", "output tokens", "cache write tokens", "cache read tokens",
-              "cost (USD)"]
+              "cost (USD)", "cache savings (USD)"]
     table = [[row.key, row.messages, row.input_tokens, row.output_tokens, row.cache_creation_input_tokens,
-              row.cache_read_input_tokens, format(row.cost, "f")] for row in rows]
+              row.cache_read_input_tokens, format(row.cost, "f"), format(row.cache_savings, "f")] for row in rows]
     total = total_of(rows)
     footer = ["total", total.messages, total.input_tokens, total.output_tokens, total.cache_creation_input_tokens,
-              total.cache_read_input_tokens, format(total.cost, "f")]
+              total.cache_read_input_tokens, format(total.cost, "f"), format(total.cache_savings, "f")]
     if args.csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(header)

@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import httpx
 
+from .protocol.caching import PROMPT_CACHE_MODES
 from .upstream.proxies import ProxyConfigError, ProxyEnvironment
 
 OFFLINE_MODEL = "deltarelay-offline"
@@ -37,6 +38,7 @@ class Agent:
     model: str
     system: str = ""
     max_tokens: int = 1024
+    prompt_cache: str = "5m"  # "off", "5m" or "1h": the TTL of the cache breakpoints its requests mark
     # A conversation grown past the model's context window: "truncate" drops its oldest turns from the request,
     # "error" refuses the message with context_too_long (server/context.py).
     context_policy: str = "truncate"
@@ -53,6 +55,7 @@ class Settings:
     max_tokens: int = 1024
     system_prompt: str = ""
     agents_file: str | None = None
+    prompt_cache: str = "5m"  # the agents' default: "off", "5m" or "1h"
     max_message_bytes: int = 32 * 1024
     # httpx's default pool holds 100 connections and would queue the 101st stream.
     upstream_max_connections: int = 4096
@@ -123,6 +126,8 @@ class Settings:
     # Several instances: stream logs, fan-out and cancels through Redis (unset: in-process, one instance).
     redis_url: str | None = None
     redis_prefix: str = "deltarelay"  # the start of every Redis key: deployments sharing a Redis stay apart
+    # Events reach Redis in writes at most this often: what arrives meanwhile shares one round trip.
+    redis_write_ms: float = 2.0
     instance_lease_seconds: float = 3.0  # an instance silent this long is dead: its answers end as interrupted
     agents: tuple[Agent, ...] = field(default=())
     # HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY (either case), as httpx reads them; none unless loaded.
@@ -178,11 +183,11 @@ class Settings:
         """Settings whose agents include the default one (and the agents file's)."""
         agents: dict[str, Agent] = {
             "default": Agent("default", self.default_model, self.system_prompt, self.max_tokens,
-                             self.context_policy)
+                             context_policy=self.context_policy, prompt_cache=self.prompt_cache)
         }
         if self.agents_file:
             for agent in _read_agents_file(self.agents_file, self.default_model, self.max_tokens,
-                                           self.context_policy):
+                                           default_context_policy=self.context_policy, prompt_cache=self.prompt_cache):
                 agents[agent.id] = agent
         for agent in self.agents:
             agents[agent.id] = agent
@@ -199,6 +204,7 @@ ENV_NAMES: dict[str, str] = {
     "max_tokens": "RELAY_MAX_TOKENS",
     "system_prompt": "RELAY_SYSTEM_PROMPT",
     "agents_file": "RELAY_AGENTS_FILE",
+    "prompt_cache": "RELAY_PROMPT_CACHE",
     "max_message_bytes": "RELAY_MAX_MESSAGE_BYTES",
     "upstream_max_connections": "RELAY_UPSTREAM_MAX_CONNECTIONS",
     "upstream_transport": "RELAY_UPSTREAM_TRANSPORT",
@@ -258,6 +264,7 @@ ENV_NAMES: dict[str, str] = {
     "count_tokens": "RELAY_COUNT_TOKENS",
     "redis_url": "REDIS_URL",
     "redis_prefix": "RELAY_REDIS_PREFIX",
+    "redis_write_ms": "RELAY_REDIS_WRITE_MS",
     "instance_lease_seconds": "RELAY_INSTANCE_LEASE_SECONDS",
 }
 
@@ -273,7 +280,7 @@ _NON_NEGATIVE = {
     "offline_delay_ms", "offline_words", "stream_retention_seconds", "retry_attempts", "retry_base_delay",
     "retry_max_wait", "shutdown_grace_seconds", "auth_cache_seconds", "save_wait_seconds", "save_retry_seconds",
     "partial_save_seconds", "limit_requests_per_minute",
-    "limit_concurrent_streams", "limit_connections", "sqlite_group_commit_ms",
+    "limit_concurrent_streams", "limit_connections", "sqlite_group_commit_ms", "redis_write_ms",
     "max_unauthenticated_connections", "jwt_leeway_seconds", "jwks_refetch_seconds",
 }
 _TRUE = ("1", "true", "yes", "on")
@@ -452,6 +459,8 @@ def _validate(settings: Settings) -> None:
     for origin in settings.origins:
         if not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
             raise ConfigError(f"RELAY_ALLOWED_ORIGINS entries must look like https://example.com, got {origin!r}")
+    if settings.prompt_cache not in PROMPT_CACHE_MODES:
+        raise ConfigError(f"RELAY_PROMPT_CACHE must be off, 5m or 1h, got {settings.prompt_cache!r}")
     if settings.log_format not in ("text", "json"):
         raise ConfigError("RELAY_LOG_FORMAT must be text or json")
     if settings.redis_url is not None and not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -502,8 +511,9 @@ def _validate_identity(settings: Settings) -> None:
 
 
 def _read_agents_file(path: str, default_model: str, default_max_tokens: int,
-                      default_context_policy: str = "truncate") -> list[Agent]:
-    """Agents from a JSON file: {"agents": [{"id", "model"?, "system"?, "maxTokens"?, "contextPolicy"?}]}."""
+                      default_context_policy: str = "truncate", prompt_cache: str = "5m") -> list[Agent]:
+    """Agents from a JSON file: {"agents": [{"id", "model"?, "system"?, "maxTokens"?, "promptCache"?,
+    "contextPolicy"?}]}."""
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
         entries = document["agents"]
@@ -518,10 +528,22 @@ def _read_agents_file(path: str, default_model: str, default_max_tokens: int,
                 raise ValueError(f"agent {agent_id}: contextPolicy must be truncate or error, got {context_policy!r}")
             agents.append(
                 Agent(agent_id, str(entry.get("model", default_model)), str(entry.get("system", "")), max_tokens,
-                      context_policy)
+                      context_policy=context_policy,
+                      prompt_cache=_agent_prompt_cache(agent_id, entry.get("promptCache", prompt_cache)))
             )
         return agents
     except OSError as exc:
         raise ConfigError(f"RELAY_AGENTS_FILE {path!r} cannot be read: {exc.strerror}") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"RELAY_AGENTS_FILE {path!r} is not a valid agents file: {exc}") from None
+
+
+def _agent_prompt_cache(agent_id: str, value: Any) -> str:
+    """An agents-file entry's `promptCache`.
+
+    Raises:
+        ValueError: not one of off, 5m, 1h (named with the agent, so the start fails with one line).
+    """
+    if value not in PROMPT_CACHE_MODES:
+        raise ValueError(f"agent {agent_id!r}: promptCache must be off, 5m or 1h, got {value!r}")
+    return str(value)

@@ -152,7 +152,7 @@ class Relay:
             raise
         fitting = self._fitting(agent, turn)
         request = UpstreamRequest(model=agent.model, max_tokens=agent.max_tokens, messages=fitting.plan.messages,
-                                  system=agent.system)
+                                  system=agent.system, prompt_cache=agent.prompt_cache)
         job = Job(stream_id, turn.conversation_id, turn.assistant_message_id, request, turn.trace_session_id,
                   agent.id, turn.user_message_id, turn.parent_id, turn.base, fitting)
         stream = self.hub.create(stream_id, turn.conversation_id, turn.assistant_message_id, agent.model)
@@ -212,7 +212,8 @@ class Relay:
     async def _worst_case(self, agent: Agent, command: AnswerCommand, user: User) -> Decimal | None:
         """The most an answer can cost: max_tokens at the output price, and its input (the system prompt, the
         conversation so far and the message) at one token per 4 UTF-8 bytes, as for a cancelled answer's
-        output. None: the model has no price."""
+        output, at the input price or, with prompt caching on, at the agent's cache write price (all of it
+        could be written). None: the model has no price."""
         size = len(agent.system.encode())
         conversation_id: str | None
         if isinstance(command, SendMessage):
@@ -222,7 +223,14 @@ class Relay:
             conversation_id = await self.store.conversation_of_message(command.message_id)
         if conversation_id is not None:
             size += await self.store.history_bytes(conversation_id, user.id)
-        return cost_of(Usage(input_tokens=estimate_tokens(size), output_tokens=agent.max_tokens), agent.model)
+        tokens = estimate_tokens(size)
+        if agent.prompt_cache == "1h":
+            usage = Usage(cache_creation_input_tokens=tokens, cache_creation_1h_input_tokens=tokens)
+        elif agent.prompt_cache == "5m":
+            usage = Usage(cache_creation_input_tokens=tokens, cache_creation_5m_input_tokens=tokens)
+        else:
+            usage = Usage(input_tokens=tokens)
+        return cost_of(replace(usage, output_tokens=agent.max_tokens), agent.model)
 
     async def delete_conversation(self, conversation_id: str) -> list[str]:
         """Cancel every answer of the conversation still generating, on any instance, wait (a bounded while)

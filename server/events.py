@@ -143,5 +143,15 @@ TERMINAL_EVENTS = frozenset({"done", "error"})
 
 
 def encode_data(event: RelayEvent) -> bytes:
-    """The event's `data` as compact JSON bytes."""
+    """The event's `data` as compact JSON bytes, to be copied or written and dropped (see kept_json)."""
     return orjson.dumps(event.to_wire())
+
+
+def kept_json(value: Any) -> bytes:
+    """`value` as compact JSON in bytes of its own size: for a value held as long as a stream or a socket.
+
+    orjson 3.12 and later returns each result in a buffer of at least 4 KB, and a result kept alive keeps all of
+    it: 3.5 KB of RSS for a 34-byte stream id (measured: 100,000 kept results, /proc/self/statm). A result that is
+    written or copied and then dropped needs no copy.
+    """
+    return bytes(memoryview(orjson.dumps(value)))

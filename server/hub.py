@@ -301,6 +301,7 @@ class Subscriber:
 # Event names as one byte each in the log; names come from the code (events.py), never from input.
 _NAME_CODES: dict[str, int] = {}
 _NAMES: list[str] = []
+_NAME_BYTES: list[bytes] = []
 
 
 def _name_code(name: str) -> int:
@@ -310,6 +311,7 @@ def _name_code(name: str) -> int:
             raise ValueError("more than 256 event names")
         code = _NAME_CODES[name] = len(_NAMES)
         _NAMES.append(name)
+        _NAME_BYTES.append(name.encode())
     return code
 
 
@@ -392,6 +394,16 @@ class EventLog:
         for names, joined, offsets, first in self._blocks_from(start):
             for k in range(first, len(names)):
                 yield _NAMES[names[k]], bytes(joined[offsets[k]:offsets[k + 1]])
+
+    def lines(self, start: int = 0) -> list[bytes | bytearray]:
+        """The name and the data of every event from the `start`-th held one, in order: two items per event,
+        for joining with newlines (no name and no JSON data holds a newline of its own)."""
+        parts: list[bytes | bytearray] = []
+        for names, joined, offsets, first in self._blocks_from(start):
+            for k in range(first, len(names)):
+                parts.append(_NAME_BYTES[names[k]])
+                parts.append(joined[offsets[k]:offsets[k + 1]])
+        return parts
 
 
 class LiveStream:

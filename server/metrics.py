@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .pricing import cache_read_savings
+
 # Seconds: first tokens arrive in 0.2-5 s from real models; whole answers take up to minutes.
 FIRST_TOKEN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -61,6 +63,9 @@ class Metrics:
                               registry=registry)
         self.cost = Counter("deltarelay_cost_dollars", "Recorded cost of saved answers in US dollars", ["model"],
                             registry=registry)
+        self.cache_savings = Counter("deltarelay_cache_savings_dollars",
+                                     "What cache reads saved against uncached input, in US dollars", ["model"],
+                                     registry=registry)
         self.chunks_finished = 0
         self.readers = {transport: self.active_streams.labels(transport) for transport in ("sse", "websocket")}
 
@@ -75,6 +80,9 @@ class Metrics:
                 self.tokens.labels(model, kind).inc(count)
         if cost:
             self.cost.labels(model).inc(float(cost))  # metrics are floats; the exact figure is in the database
+        saved = cache_read_savings(cache_read, model) if cache_read else None
+        if saved:
+            self.cache_savings.labels(model).inc(float(saved))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

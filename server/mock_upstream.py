@@ -8,7 +8,8 @@ when --api-key makes it refuse every other key with the API's 401). A request ma
 with headers x-mock-delay-ms, x-mock-words, x-mock-error, x-mock-context-window (refuse requests over this
 many tokens, as the API refuses one over the model's window). It answers POST /v1/messages and the Models
 API (GET /v1/models, GET /v1/models/{id}: the models server/pricing.py has a price for), and
-POST /v1/messages/count_tokens with the emulated count (server/protocol/tokens.py).
+POST /v1/messages/count_tokens with the emulated count (server/protocol/tokens.py). Messages requests
+go through the emulated prompt cache (server/upstream/offline.py, PromptCache), one for the server's life.
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ import orjson
 
 from .pricing import PRICES, resolve_model
 from .protocol.tokens import request_tokens
-from .upstream.offline import ERROR_MODES, OfflineOptions, anthropic_stream, context_refusal, error_body, error_status
+from .upstream.offline import (
+    ERROR_MODES,
+    OfflineOptions,
+    PromptCache,
+    anthropic_stream,
+    breakpoint_refusal,
+    context_refusal,
+    error_body,
+    error_status,
+)
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -76,8 +86,10 @@ def mock_app(options: OfflineOptions, fail_first: int = 0,
     `api_key`: every API request whose x-api-key differs gets the API's 401 `authentication_error`.
     GET /stats tells what it saw: Messages API requests, answers completed, answers whose client hung up, and
     requests refused for length (context_refusal).
+    The app emulates the prompt cache (server/upstream/offline.py, PromptCache): one per app, for its life.
     """
     stats = {"requests": 0, "completed": 0, "disconnected": 0, "refused": 0}
+    cache = PromptCache()
     expected_key = None if api_key is None else api_key.encode()
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -132,9 +144,12 @@ def mock_app(options: OfflineOptions, fail_first: int = 0,
         if status is not None:
             await _respond(send, status, error_body(status), [(b"retry-after", b"1")])
             return
-        refusal = context_refusal(request, request_options)
+        refusal = breakpoint_refusal(request)
+        if refusal is None:
+            refusal = context_refusal(request, request_options)
+            if refusal is not None:
+                stats["refused"] += 1
         if refusal is not None:
-            stats["refused"] += 1
             await _respond(send, 400, refusal)
             return
         await send({"type": "http.response.start", "status": 200,
@@ -149,7 +164,7 @@ def mock_app(options: OfflineOptions, fail_first: int = 0,
 
         watcher = asyncio.create_task(watch_disconnect())
         try:
-            async for chunk in anthropic_stream(request, request_options):
+            async for chunk in anthropic_stream(request, request_options, cache):
                 if hung_up.is_set():
                     stats["disconnected"] += 1
                     return

@@ -73,6 +73,46 @@ PRICES: dict[str, Price] = {
     "deltarelay-offline": _HAIKU_4_5,
 }
 
+#: The shortest prefix, in tokens, that each model caches: a cache_control breakpoint on a shorter prefix
+#: is processed uncached, without an error (the request shows no cache write or read). Keyed like PRICES.
+#: Taken 2026-12-02 from the "Cache limitations" list of
+#: https://platform.claude.com/docs/en/build-with-claude/prompt-caching (quoted in
+#: https://github.com/anthropics/anthropic-sdk-python/issues/1194): 4096 for Opus 4.5 and Haiku 4.5; 1024 for
+#: Sonnet 4.5, Opus 4.1, Opus 4, Sonnet 4 and Sonnet 3.7; 2048 for Haiku 3.5 and Haiku 3. The retired Claude 3
+#: Opus and 3.5 Sonnet are 1024, from the same page's earlier revisions. The offline model is Haiku 4.5's.
+MIN_CACHEABLE_TOKENS: dict[str, int] = {
+    "claude-opus-4-5": 4096,
+    "claude-opus-4-1": 1024,
+    "claude-opus-4": 1024,
+    "claude-sonnet-4-5": 1024,
+    "claude-sonnet-4": 1024,
+    "claude-3-7-sonnet": 1024,
+    "claude-haiku-4-5": 4096,
+    "claude-3-5-haiku": 2048,
+    "claude-3-haiku": 2048,
+    "claude-3-opus": 1024,
+    "claude-3-5-sonnet": 1024,
+    "deltarelay-offline": 4096,
+}
+
+
+def min_cacheable_tokens(model_id: str) -> int:
+    """The model's shortest cacheable prefix; for a model not in the table, the largest minimum of any model
+    in it (a breakpoint on too short a prefix is wasted, one left out costs a saving)."""
+    key = resolve_model(model_id)
+    return MIN_CACHEABLE_TOKENS[key] if key is not None else max(MIN_CACHEABLE_TOKENS.values())
+
+
+def cache_read_savings(cache_read_tokens: int, model_id: str) -> Decimal | None:
+    """What `cache_read_tokens` saved against uncached input, exactly: tokens x (input - cache read price)
+    per million. None for a model without a price."""
+    key = resolve_model(model_id)
+    if key is None:
+        return None
+    price = PRICES[key]
+    return cache_read_tokens * (price.input - price.cache_read) / MILLION
+
+
 #: Other names of the same models: the API's `-0` aliases, and the new word order
 #: (family before version) for the Claude 3 generation.
 ALIASES: dict[str, str] = {

@@ -76,24 +76,38 @@ def entry_number(entry_id: bytes) -> int:
 def text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
-# One call for every stream a write carries. KEYS: each stream's log and epoch, in pairs. ARGV: maxlen, then per
-# stream: its mode, its epoch, ttl (0: leave it), the number of events, then id, name, data of each, in order.
+# One call for every stream a write carries. KEYS: each stream's log and epoch, in pairs. ARGV: maxlen, then one
+# argument per stream, its lines joined by newlines: its mode, its epoch, ttl (0: leave it), the id of its first
+# event, then the name and the JSON data of each event, in order (neither holds a newline of its own). One argument
+# per stream, not three per event: redis-py packs each argument in Python, and that was most of a write's cost.
 # Mode "a" appends to the copy of that epoch the events it does not hold yet (XADD refuses an id at or below the
 # top); mode "c" makes a new copy of the log, of this epoch, holding exactly these events.
 # Per stream, the number added; -1: the copy is not this epoch's (Redis lost it); -2: another instance ended it.
 WRITE_SCRIPT = """
+local function line(blob, from)
+  local stop = string.find(blob, '\\n', from, true)
+  if stop == nil then return string.sub(blob, from), #blob + 2 end
+  return string.sub(blob, from, stop - 1), stop + 1
+end
 local results = {}
-local a = 2
 for k = 1, #KEYS, 2 do
-  local log, epoch = KEYS[k], KEYS[k + 1]
-  local mode, token, ttl, count = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
-  local first, last = a + 4, a + 1 + 3 * count
-  a = last + 3
-  local result = nil
+  local log, epoch, blob = KEYS[k], KEYS[k + 1], ARGV[(k + 1) / 2 + 1]
+  local mode, token, ttl, first, at
+  mode, at = line(blob, 1)
+  token, at = line(blob, at)
+  ttl, at = line(blob, at)
+  first, at = line(blob, at)
+  first = tonumber(first)
+  local names, datas = {}, {}
+  while at <= #blob do
+    names[#names + 1], at = line(blob, at)
+    datas[#datas + 1], at = line(blob, at)
+  end
+  local count, result = #names, nil
   if mode == 'c' then
     redis.call('DEL', log)
-    for i = first, last, 3 do
-      redis.call('XADD', log, 'MAXLEN', '~', ARGV[1], ARGV[i] .. '-0', 'e', ARGV[i + 1], 'd', ARGV[i + 2])
+    for i = 1, count do
+      redis.call('XADD', log, 'MAXLEN', '~', ARGV[1], (first + i - 1) .. '-0', 'e', names[i], 'd', datas[i])
     end
     redis.call('SET', epoch, token, 'EX', ttl)
     redis.call('EXPIRE', log, ttl)
@@ -102,15 +116,16 @@ for k = 1, #KEYS, 2 do
     result = -1
   else
     local top = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)[1]
-    if top and tonumber(ARGV[last]) > tonumber(string.match(top[1], '^%d+')) then
+    if top and first + count - 1 > tonumber(string.match(top[1], '^%d+')) then
       for i = 1, #top[2], 2 do
         if top[2][i] == 'e' and (top[2][i + 1] == 'done' or top[2][i + 1] == 'error') then result = -2 end
       end
     end
     if result == nil then
       local added = 0
-      for i = first, last, 3 do
-        local id = redis.pcall('XADD', log, 'MAXLEN', '~', ARGV[1], ARGV[i] .. '-0', 'e', ARGV[i + 1], 'd', ARGV[i + 2])
+      for i = 1, count do
+        local id = redis.pcall('XADD', log, 'MAXLEN', '~', ARGV[1], (first + i - 1) .. '-0', 'e', names[i], 'd',
+                               datas[i])
         if type(id) == 'string' then added = added + 1 end
       end
       if ttl ~= '0' then
@@ -166,11 +181,15 @@ class RedisStreamHub(StreamHub):
             noticed lease_seconds to lease_seconds * 4/3 after it stopped.
         on_orphan: saves the partial answer of a dead instance's stream; True when it finished the message.
         on_instance_gone: finishes whatever else a dead instance left `streaming` in the database.
+        write_interval: seconds between the starts of two writes of events to Redis, at least: the events
+            of every stream that arrive meanwhile go in the next write (0: write as soon as the last ended).
+            Readers on this instance never wait for it; a reader on another instance gets each event up to
+            this much later.
     """
 
     def __init__(self, redis_url: str, log_limit: int, retention_seconds: float, queue_limit: int = 2000,
                  keepalive_seconds: float = 15.0, retention_max: int = 1000, *, prefix: str = "deltarelay",
-                 lease_seconds: float = 3.0,
+                 lease_seconds: float = 3.0, write_interval: float = 0.0,
                  on_orphan: Callable[[Orphan], Awaitable[bool]] | None = None,
                  on_instance_gone: Callable[[str], Awaitable[int]] | None = None) -> None:
         super().__init__(log_limit, retention_seconds, queue_limit, keepalive_seconds, retention_max)
@@ -178,6 +197,7 @@ class RedisStreamHub(StreamHub):
         self.prefix = prefix
         self.lease_seconds = lease_seconds
         self.heartbeat_seconds = lease_seconds / 3
+        self.write_interval = write_interval
         self.on_orphan = on_orphan
         self.on_instance_gone = on_instance_gone
         self.redis: Redis = Redis.from_url(redis_url)
@@ -323,8 +343,13 @@ class RedisStreamHub(StreamHub):
         loop = asyncio.get_running_loop()
         delay = WRITE_RETRY_SECONDS[0]
         failing_since: float | None = None
+        last_write = -math.inf
         while True:
             await self._dirty_ready.wait()
+            wait = last_write + self.write_interval - loop.time()
+            if wait > 0 and not self._closing:
+                await asyncio.sleep(wait)  # what arrives meanwhile shares this write's round trip
+            last_write = loop.time()
             self._dirty_ready.clear()
             if self._dirty:
                 dirty, self._dirty = self._dirty, {}
@@ -374,9 +399,8 @@ class RedisStreamHub(StreamHub):
             anew = not copy.made or copy.written + 1 < first_held
             start = first_held if anew else copy.written + 1
             ttl = retention if stream.finished else LOG_TTL_SECONDS if anew else 0
-            args += ("c" if anew else "a", copy.epoch, ttl, stream.last_id - start + 1)
-            for event_id, (name, data) in enumerate(stream.log.encoded(start - first_held), start):
-                args += (event_id, name, data)
+            head = b"%s\n%s\n%d\n%d" % (b"c" if anew else b"a", copy.epoch.encode(), ttl, start)
+            args.append(b"\n".join([head, *stream.log.lines(start - first_held)]))
             sent.append((copy, stream.last_id))
             keys += (self.log_key(stream.id), self.epoch_key(stream.id))
             if stream.finished:

@@ -88,6 +88,7 @@ def row_json(row: UsageRow) -> dict[str, Any]:
         "cacheCreationInputTokens": row.cache_creation_input_tokens,
         "cacheReadInputTokens": row.cache_read_input_tokens,
         "cost": format(row.cost, "f"),  # exact decimal text
+        "cacheSavings": format(row.cache_savings, "f"),
         "unpricedMessages": row.unpriced,
     }
 

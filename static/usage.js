@@ -68,12 +68,18 @@ function drawChart(rows) {
   $('chart').replaceChildren(chart)
 }
 
+/** An exact decimal string from the API as dollars; a model without a price has none. */
+function money(value) {
+  return value === null || value === undefined ? '–' : `$${value}`
+}
+
 function fillTable(testid, rows) {
   const body = document.querySelector(`[data-testid=${testid}] tbody`)
   body.replaceChildren(...rows.map((row) => {
     const tr = document.createElement('tr')
     for (const value of [row.key, integer.format(row.messages), integer.format(row.inputTokens),
-      integer.format(row.outputTokens), `$${row.cost}`]) {
+      integer.format(row.outputTokens), integer.format(row.cacheReadInputTokens), money(row.cacheSavings),
+      money(row.cost)]) {
       const cell = document.createElement(tr.children.length === 0 ? 'th' : 'td')
       if (tr.children.length === 0) cell.scope = 'row'
       cell.textContent = value
@@ -84,7 +90,7 @@ function fillTable(testid, rows) {
   if (rows.length === 0) {
     const tr = document.createElement('tr')
     const cell = document.createElement('td')
-    cell.colSpan = 5
+    cell.colSpan = 7
     cell.textContent = 'No answers in this range.'
     tr.append(cell)
     body.append(tr)
@@ -97,10 +103,12 @@ async function show(from, to) {
   try {
     const [byDay, byModel, byAgent] = await Promise.all(
       ['day', 'model', 'agent'].map((groupBy) => getUsage({ from, to, groupBy })))
-    $('total-cost').textContent = `$${byDay.total.cost}`
+    $('total-cost').textContent = money(byDay.total.cost)
     $('total-messages').textContent = integer.format(byDay.total.messages)
     $('total-input').textContent = integer.format(byDay.total.inputTokens)
     $('total-output').textContent = integer.format(byDay.total.outputTokens)
+    $('total-cache-read').textContent = integer.format(byDay.total.cacheReadInputTokens)
+    $('total-savings').textContent = money(byDay.total.cacheSavings)
     drawChart(byDay.rows)
     fillTable('by-model', byModel.rows)
     fillTable('by-agent', byAgent.rows)

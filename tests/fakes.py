@@ -25,6 +25,7 @@ import orjson
 from server.config import load_settings
 from server.core import Relay
 from server.hub import StreamHub, Subscriber
+from server.protocol.caching import breakpoint_errors
 from server.protocol.frames import SendMessage
 from server.store import Store
 from server.upstream.anthropic import AnthropicUpstream
@@ -50,17 +51,18 @@ def anthropic_events(
     output_tokens: int | None = None,
     cache_read: int = 0,
     stop_reason: str = "end_turn",
+    usage: dict[str, Any] | None = None,
 ) -> list[bytes]:
     """A scripted answer, one SSE event per item: message_start ... message_stop.
 
-    output_tokens defaults to one token per text delta.
+    output_tokens defaults to one token per text delta; `usage` replaces message_start's input and cache figures.
     """
     events = [
         sse_event("message_start", {"message": {
             "id": "msg_scripted", "type": "message", "role": "assistant", "content": [], "model": model,
             "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": input_tokens, "cache_creation_input_tokens": 0,
-                      "cache_read_input_tokens": cache_read, "output_tokens": 1},
+            "usage": {**(usage or {"input_tokens": input_tokens, "cache_creation_input_tokens": 0,
+                                   "cache_read_input_tokens": cache_read}), "output_tokens": 1},
         }}),
         sse_event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
         sse_event("ping", {}),
@@ -175,7 +177,9 @@ class FakeUpstream:
     """The Messages API on 127.0.0.1, over real HTTP/1.1 (keep-alive, chunked bodies): each POST is
     recorded (`requests`) and answered by the next scripted answer (answer()) or by answer_each(request).
 
-    A request with no answer scripted gets a 500 and fails the test at exit. The relay talks to it through
+    A request with no answer scripted gets a 500 and fails the test at exit, and so does one whose cache
+    breakpoints the API would refuse (more than 4, a bad ttl, 1h after 5m: server/protocol/caching.py), which
+    gets the API's 400 instead of its answer. The relay talks to it through
     its real upstream transport (the built-in http1 client by default), so the relay's timeouts, cancels and
     retries meet a real socket. `connections` counts the TCP connections accepted.
     """
@@ -183,6 +187,7 @@ class FakeUpstream:
     def __init__(self) -> None:
         self.requests: list[RecordedRequest] = []
         self.unexpected: list[RecordedRequest] = []
+        self.refused: list[tuple[RecordedRequest, list[str]]] = []
         self.failures: list[Exception] = []
         self._script: deque[Answer] = deque()
         self._each: Callable[[RecordedRequest], Answer] | None = None
@@ -215,6 +220,7 @@ class FakeUpstream:
         await self.server.__aexit__(*exc)
         assert not self.failures, f"the fake upstream failed: {self.failures!r}"
         assert not self.unexpected, f"requests with no scripted answer: {self.unexpected}"
+        assert not self.refused, f"requests the API would refuse for their cache breakpoints: {self.refused}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
         self._writers.add(writer)
@@ -228,6 +234,12 @@ class FakeUpstream:
                 length = int(request.headers.get("content-length", "0"))
                 request = replace(request, body=await reader.readexactly(length))
                 self.requests.append(request)
+                refusal = _breakpoint_errors(request)
+                if refusal:
+                    self.refused.append((request, refusal))
+                    if not await api_error(400, "invalid_request_error", refusal[0]).write(writer, reader):
+                        return
+                    continue
                 answer = self._next(request)
                 if answer is None:
                     self.unexpected.append(request)
@@ -245,6 +257,17 @@ class FakeUpstream:
         if self._script:
             return self._script.popleft()
         return self._each(request) if self._each is not None else None
+
+
+def _breakpoint_errors(request: RecordedRequest) -> list[str]:
+    """What the API would refuse in a Messages API request's cache breakpoints (nothing for other requests)."""
+    if request.method != "POST" or not request.path.endswith("/v1/messages"):
+        return []
+    try:
+        body = request.json()
+    except orjson.JSONDecodeError:
+        return []
+    return breakpoint_errors(body) if isinstance(body, dict) else []
 
 
 def _parse_request(head: bytes) -> RecordedRequest:

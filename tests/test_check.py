@@ -129,7 +129,7 @@ def test_a_fresh_offline_deployment_on_sqlite_is_ready(tmp_path):
     assert "does not exist yet: the server creates it" in found["database"]
     assert "offline" in found["upstream"] and "open mode" in found["access"]
     assert "ANTHROPIC_API_KEY                unset (offline model)" in result.stdout
-    assert "default  model deltarelay-offline, max_tokens 1024" in result.stdout
+    assert "default  model deltarelay-offline, max_tokens 1024, prompt cache 5m" in result.stdout
     assert result.stdout.rstrip().endswith("\nready")
     assert not (tmp_path / "new.db").exists()  # check creates nothing
 
@@ -148,7 +148,7 @@ def test_an_up_to_date_sqlite_database_proves_its_writer_and_keeps_nothing(tmp_p
     assert "schema up to date" in database
     assert report["configuration"]["DATABASE_URL"] == url
     assert report["agents"] == [{"id": "default", "model": "deltarelay-offline", "maxTokens": 1024,
-                                 "systemPromptChars": 0}]
+                                 "systemPromptChars": 0, "promptCache": "5m"}]
     with sqlite3.connect(tmp_path / "relay.db") as db:
         assert db.execute("SELECT COUNT(*) FROM conversations").fetchone() == (0,)
 

@@ -76,6 +76,28 @@ def test_a_broken_agents_file_is_a_config_error(tmp_path):
         load_settings({"RELAY_AGENTS_FILE": str(tmp_path / "missing.json")})
 
 
+def test_prompt_caching_is_5m_by_default_and_set_per_agent_or_for_all(tmp_path):
+    """RELAY_PROMPT_CACHE is every agent's default, an agent's promptCache overrides it. Fails if the default
+    stops being 5m, or the agents file's value (or the variable) is not passed on."""
+    path = tmp_path / "agents.json"
+    path.write_text(json.dumps({"agents": [{"id": "hour", "promptCache": "1h"}, {"id": "plain"}]}))
+    assert load_settings({}).agent(None).prompt_cache == "5m"
+    settings = load_settings({"RELAY_AGENTS_FILE": str(path), "RELAY_PROMPT_CACHE": "off"})
+    assert [settings.agent(name).prompt_cache for name in ("default", "hour", "plain")] == ["off", "1h", "off"]
+
+
+def test_a_wrong_prompt_cache_stops_the_start_with_one_line(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"RELAY_PROMPT_CACHE": "2h"})
+    assert str(caught.value) == "RELAY_PROMPT_CACHE must be off, 5m or 1h, got '2h'"
+    path = tmp_path / "agents.json"
+    path.write_text(json.dumps({"agents": [{"id": "support", "promptCache": True}]}))
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"RELAY_AGENTS_FILE": str(path)})
+    assert str(caught.value) == (f"RELAY_AGENTS_FILE {str(path)!r} is not a valid agents file: agent 'support':"
+                                 " promptCache must be off, 5m or 1h, got True")
+
+
 @pytest.mark.parametrize(("given", "canonical"), [
     ("sqlite:///deltarelay.db", "sqlite:///deltarelay.db"),
     ("sqlite+aiosqlite:///deltarelay.db", "sqlite:///deltarelay.db"),

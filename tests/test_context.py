@@ -38,6 +38,12 @@ def history_of(*sizes: int) -> list[dict[str, str]]:
             for i, size in enumerate(sizes)]
 
 
+def sent(request: RecordedRequest) -> list[dict[str, str]]:
+    """The messages a recorded request sent, each content as its text (the cache markers of text blocks off)."""
+    return [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
+             else "".join(block["text"] for block in m["content"])} for m in request.json()["messages"]]
+
+
 # --- the model limits and the API's words -----------------------------------------------------------------
 
 
@@ -211,17 +217,17 @@ async def test_a_conversation_past_250000_tokens_keeps_getting_answers_under_tru
     assert statuses == [200] * 12
     bodies = [request.json() for request in upstream.requests]
     assert sum(request_tokens({"messages": [m]}) for m in bodies[-1]["messages"]) < 200_000
-    total = sum(len(m["content"]) for m in bodies[-1]["messages"]) + 12 * 100_000
+    total = sum(len(m["content"]) for m in sent(upstream.requests[-1])) + 12 * 100_000
     assert total > 250_000 * 4  # the whole conversation is past 250,000 tokens
     truncated = []
-    for events, body in zip(turns, bodies, strict=True):
+    for events, body, request in zip(turns, bodies, upstream.requests, strict=True):
         start, cost = events[0][2], next(data for _, name, data in events if name == "cost")
         assert [name for _, name, _ in events][-1] == "done"
         assert cost["contextTokens"] == request_tokens(body) and cost["contextWindow"] == 200_000
         assert request_tokens(body) + body["max_tokens"] <= 200_000
         assert start["truncatedMessages"] == cost["truncatedMessages"]
         truncated.append(start["truncatedMessages"])
-        assert body["messages"][-1]["content"].startswith(f"{len(truncated) - 1:03d} ")  # the new message is sent
+        assert sent(request)[-1]["content"].startswith(f"{len(truncated) - 1:03d} ")  # the new message is sent
         assert body["messages"][0]["role"] == "user"
     assert truncated[:5] == [0] * 5 and truncated[-1] > 0 and truncated == sorted(truncated)
     assert all(n % 2 == 0 for n in truncated)
@@ -263,8 +269,7 @@ async def test_a_refusal_for_length_is_learned_and_retried_once_with_a_shorter_h
     assert third[0][2]["truncatedMessages"] == 0  # as planned before the refusal
     cost = next(data for _, name, data in third if name == "cost")
     assert cost["truncatedMessages"] == 2 and cost["contextTokens"] == request_tokens(upstream.requests[3].json())
-    refused, retried = upstream.requests[2].json(), upstream.requests[3].json()
-    assert retried["messages"] == refused["messages"][2:]
+    assert sent(upstream.requests[3]) == sent(upstream.requests[2])[2:]
     assert turns[3][0][2]["truncatedMessages"] >= 2
 
 
@@ -325,10 +330,10 @@ async def test_with_token_counting_a_request_near_the_window_is_counted_and_shor
     if count_tokens:
         assert paths == ["/v1/messages"] * 3 + ["/v1/messages/count_tokens", "/v1/messages"]
         assert counted == [2 * request_tokens(upstream.requests[3].json())] and counted[0] > WINDOW - 1024
-        assert upstream.requests[4].json()["messages"] == upstream.requests[3].json()["messages"][2:]
+        assert sent(upstream.requests[4]) == sent(upstream.requests[3])[2:]
     else:
         assert paths == ["/v1/messages"] * 5  # the fourth turn: refused, then retried shorter
-        assert upstream.requests[4].json()["messages"] == upstream.requests[3].json()["messages"][2:]
+        assert sent(upstream.requests[4]) == sent(upstream.requests[3])[2:]
 
 
 async def test_the_offline_transport_refuses_over_its_window_before_the_200_and_counts_tokens():
@@ -365,8 +370,8 @@ async def test_regenerate_and_continue_are_fit_to_the_window_too(tmp_path: Path,
     for events, request in ((regenerated, upstream.requests[4]), (continued, upstream.requests[5])):
         assert events[0][2]["truncatedMessages"] == 2 and events[-1][1] == "done"
         assert request_tokens(request.json()) + 1024 <= 60_000
-    assert upstream.requests[4].json()["messages"][-1]["content"].startswith("002 ")
-    assert upstream.requests[5].json()["messages"][-1] == {"role": "assistant", "content": "ok"}
+    assert sent(upstream.requests[4])[-1]["content"].startswith("002 ")
+    assert sent(upstream.requests[5])[-1] == {"role": "assistant", "content": "ok"}
 
 
 async def test_over_http_a_message_larger_than_the_window_is_a_413_json_and_the_server_keeps_serving(make_server):

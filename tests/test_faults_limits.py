@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from server.auth import ANONYMOUS, Authenticator, new_secret, secret_hash
 from server.budget import LocalLedger, RedisLedger
 from server.config import OFFLINE_MODEL, load_settings
-from server.pricing import Usage, cost_of
+from server.pricing import PRICES, Usage, cost_of
 from server.protocol.frames import SendMessage
 from server.protocol.tokens import request_tokens
 from server.store import Reply, Status, Store, new_id
@@ -389,11 +389,14 @@ def any_database(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]
     _on_postgresql(POSTGRES_URLS[0], f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-async def test_an_answers_worst_case_counts_the_conversation_it_sends(any_database, tmp_path):
+@pytest.mark.parametrize("prompt_cache", ["off", "5m", "1h"])
+async def test_an_answers_worst_case_counts_the_conversation_it_sends(any_database, tmp_path, prompt_cache):
     """max_tokens at the output price, plus the system prompt, the conversation so far and the message at one
-    token per 4 UTF-8 bytes at the input price. Fails if the history (store.history_bytes) is left out."""
+    token per 4 UTF-8 bytes, at the input price or, with prompt caching on, at the cache write price of the
+    agent's TTL (every input token could be written). Fails if the history (store.history_bytes) is left out,
+    or if a cached agent's input is priced as plain input (a reservation below what the answer can cost)."""
     async with relay_in_process(tmp_path, database_url=any_database, budget_per_day="1",
-                                system_prompt="Be brief.") as relay:
+                                system_prompt="Be brief.", prompt_cache=prompt_cache) as relay:
         turn = await relay.store.begin_turn(conversation_id=None, agent_id="default", user_text="héllo wörld",
                                             model="claude-sonnet-4-5", stream_id=new_id(), task_trace_id="t")
         await relay.store.save_reply(turn.assistant_message_id, Reply(
@@ -402,7 +405,9 @@ async def test_an_answers_worst_case_counts_the_conversation_it_sends(any_databa
         assert agent is not None and agent.model == "claude-sonnet-4-5"
         worst = await relay._worst_case(agent, SendMessage("next", conversation_id=turn.conversation_id), ANONYMOUS)
         sent = len("Be brief.") + len("héllo wörld".encode()) + len("ünïcode answer".encode()) + len("next")
-        assert worst == cost_of(Usage(input_tokens=(sent + 3) // 4, output_tokens=agent.max_tokens), agent.model)
+        price = PRICES[agent.model]
+        input_price = {"off": price.input, "5m": price.cache_write_5m, "1h": price.cache_write_1h}[prompt_cache]
+        assert worst == ((sent + 3) // 4 * input_price + agent.max_tokens * price.output) / 1_000_000
         assert await relay.store.history_bytes(turn.conversation_id, "another user") == 0
 
 

@@ -448,3 +448,47 @@ def test_the_folded_log_holds_exactly_what_a_plain_bounded_list_would(limit, ope
     assert log.last_name() == (reference[-1][0] if reference else None)
     for start in {0, 1, len(reference) // 2, max(len(reference) - 1, 0), len(reference)}:
         assert list(log.entries(start)) == list(reference)[start:]
+
+
+async def test_text_with_newlines_and_every_kind_of_separator_reaches_the_reader_exactly(hubs):
+    """Each event travels to Redis as lines of one argument (name, then JSON data). Fails if an event's data could
+    hold a raw newline (data not JSON-escaped) or the script split it anywhere but at the lines it writes."""
+    texts = ["a\nb", "\r\n\r\n", "\u2028\u2029", "tab\tand \"quotes\" \\ back", "日本語 ünï", "\n", "data: x\n\n"]
+    stream = make_stream(hubs.owner)
+    for text in texts:
+        stream.append(Chunk(text))
+    stream.append(Done("c1", "m1", "end_turn"))
+    copy = await hubs.settled("s1", len(texts) + 2)
+    assert [json.loads(data)["text"] for name, data in copy.log.entries(1) if name == "chunk"] == texts
+
+
+@pytest.mark.skipif(not REDIS_URL, reason="set TEST_REDIS_URL=redis://127.0.0.1:6379/7 to run the hub tests on Redis")
+async def test_events_that_arrive_within_the_write_interval_share_one_redis_write():
+    """50 events 1 ms apart with a 100 ms write interval reach Redis in a few writes. Fails (about 50 writes) if
+    the write loop no longer waits out the interval after a write."""
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    owner = await open_redis_hub(prefix, write_interval=0.1)
+    reader = await open_redis_hub(prefix)
+    writes = 0
+    write = owner._write  # type: ignore[attr-defined]
+
+    async def counted(copies):  # type: ignore[no-untyped-def]
+        nonlocal writes
+        writes += 1
+        await write(copies)
+
+    owner._write = counted  # type: ignore[attr-defined]
+    try:
+        stream = make_stream(owner)
+        for n in range(50):
+            stream.append(Chunk(f"w{n}"))
+            await asyncio.sleep(0.001)
+        stream.append(Done("c1", "m1", "end_turn"))
+        copy = await Hubs(owner, reader).settled("s1", 52)
+        assert [data for name, data in copy.log.entries(1) if name == "chunk"] == [
+            f'{{"text":"w{n}"}}' for n in range(50)]
+        assert writes <= 3
+    finally:
+        for hub in (owner, reader):
+            await hub.shutdown(0)
+            await hub.close()

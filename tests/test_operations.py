@@ -129,6 +129,34 @@ async def test_usage_sums_equal_the_saved_rows_exactly_per_user_and_for_an_admin
     assert sums(bob_answers)["cost"] in text and TODAY in text
 
 
+async def test_usage_report_cli_and_metrics_show_what_cache_reads_saved(make_server):
+    """A conversation whose turns read the cached prefix (the offline model emulates the cache; the default
+    agent caches for 5 minutes): the report, the command line and /metrics give the cache reads and the money
+    they saved against uncached input, exactly. Fails if the savings are left out or priced wrongly."""
+    server = make_server({"RELAY_SYSTEM_PROMPT": "s" * 20_000, "RELAY_OFFLINE_DELAY_MS": "0"})
+    first = await sse_stream(server.url, {"message": "first question"})
+    for text in ("second question", "third question"):
+        await sse_stream(server.url, {"message": text, "conversationId": first[0][2]["conversationId"]})
+    answers = []
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        conversation = (await client.get(f"/api/conversations/{first[0][2]['conversationId']}/messages")).json()
+        answers = [m for m in conversation["messages"] if m["role"] == "assistant"]
+        report = (await client.get("/api/usage", params={"groupBy": "model"})).json()
+    reads = [a["cacheReadInputTokens"] for a in answers]
+    assert reads[0] == 0 and all(read > 5000 for read in reads[1:])  # turns 2 and 3 read the prefix before them
+    saved = sum(reads) * (Decimal("1") - Decimal("0.10")) / 1_000_000  # deltarelay-offline: Haiku 4.5's prices
+    row = report["rows"][0]
+    assert row["key"] == "deltarelay-offline" and row["cacheReadInputTokens"] == sum(reads)
+    assert Decimal(row["cacheSavings"]) == saved and report["total"]["cacheSavings"] == row["cacheSavings"]
+    table = list(csv.reader(io.StringIO(usage_cli(server, "--group-by", "model", "--csv"))))
+    assert table[0][5:] == ["cache read tokens", "cost (USD)", "cache savings (USD)"]
+    assert table[-1][0] == "total" and table[-1][5] == str(sum(reads)) and Decimal(table[-1][7]) == saved
+    metrics = metric_values(server)
+    assert value(metrics, "deltarelay_tokens_total", model="deltarelay-offline", kind="cache_read") == sum(reads)
+    assert value(metrics, "deltarelay_cache_savings_dollars_total", model="deltarelay-offline") == \
+        pytest.approx(float(saved))
+
+
 async def test_json_logs_have_a_line_per_stream_start_and_end_with_its_fields_and_no_message_text(team):
     server = team.server
     secret_words = "my bank password is hunter2"

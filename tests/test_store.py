@@ -420,6 +420,30 @@ async def test_usage_and_spend_are_summed_by_the_database_exactly(store):
     assert await store.spent_since(None, "0000") == sum(costs, Decimal(0))
 
 
+async def test_usage_reports_what_cache_reads_saved_exactly_per_model_price(store):
+    """saved = cache read tokens x (input price - cache read price), per model, summed exactly. Fails if the
+    savings use one model's price for another's tokens, go through floats, or count an unpriced model."""
+    reads = {"claude-sonnet-4-5": [118_769, 7, 1_000_001], "claude-haiku-4-5": [3, 5_000], "unpriced-model": [99]}
+    for model, counts in reads.items():
+        for n, tokens in enumerate(counts):
+            started = await store.begin_turn(conversation_id=None, agent_id=f"agent{n % 2}", user_text="q",
+                                             model=model, stream_id=new_id(), task_trace_id="t")
+            await store.save_reply(started.assistant_message_id, replace(
+                reply("a"), model=model, cache_read_input_tokens=tokens))
+    by_model = {row.key: (row.cache_read_input_tokens, row.cache_savings)
+                for row in await store.usage("0000", "9999", "model")}
+    sonnet = sum(reads["claude-sonnet-4-5"])
+    haiku = sum(reads["claude-haiku-4-5"])
+    assert by_model == {"claude-sonnet-4-5": (sonnet, Decimal(sonnet) * Decimal("2.70") / 1_000_000),
+                        "claude-haiku-4-5": (haiku, Decimal(haiku) * Decimal("0.90") / 1_000_000),
+                        "unpriced-model": (99, Decimal(0))}
+    assert by_model["claude-sonnet-4-5"][1] == Decimal("3.0206979")
+    by_agent = {row.key: row.cache_savings for row in await store.usage("0000", "9999", "agent")}
+    assert by_agent == {"agent0": ((118_769 + 1_000_001) * Decimal("2.70") + 3 * Decimal("0.90")) / 1_000_000,
+                        "agent1": (7 * Decimal("2.70") + 5_000 * Decimal("0.90")) / 1_000_000}
+    assert by_agent["agent1"] == Decimal("0.0045189")
+
+
 # --- history ----------------------------------------------------------------------------------------
 
 

@@ -110,6 +110,8 @@ class UsageRow:
     cache_read_input_tokens: int = 0
     cost: Decimal = field(default_factory=Decimal)
     unpriced: int = 0  # answers of a model without a price: counted, not costed
+    # What the cache reads saved against uncached input: cache read tokens x (input - cache read price).
+    cache_savings: Decimal = field(default_factory=Decimal)
 
     def merge(self, other: UsageRow) -> None:
         self.messages += other.messages
@@ -119,4 +121,5 @@ class UsageRow:
         self.cache_read_input_tokens += other.cache_read_input_tokens
         self.cost += other.cost
         self.unpriced += other.unpriced
+        self.cache_savings += other.cache_savings
 

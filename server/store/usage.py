@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+from ..pricing import cache_read_savings
 from .base import StoreBase
 from .records import UsageRow
 
@@ -44,10 +45,26 @@ class UsageQueries(StoreBase):
             " SUM(u.cache_creation_input_tokens), SUM(u.cache_read_input_tokens), SUM(u.cost),"
             " COUNT(DISTINCT CASE WHEN u.cost IS NULL THEN u.message_id END)"
             f" FROM usage u LEFT JOIN users o ON o.id = u.owner_id WHERE {where} GROUP BY k", params)
+        savings = await self._cache_savings(key, where, params)
         # Sorted here, by code point: PostgreSQL would order text by the database's collation.
         return sorted((UsageRow(str(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4]), int(row[5]),
-                         self._cost_value(row[6]) or Decimal(0), int(row[7])) for row in rows),
+                                self._cost_value(row[6]) or Decimal(0), int(row[7]),
+                                savings.get(str(row[0]), Decimal(0))) for row in rows),
                       key=lambda row: row.key)
+
+    async def _cache_savings(self, key: str, where: str, params: dict[str, Any]) -> dict[str, Decimal]:
+        """Per group, the exact money its cache reads saved: the database sums the read tokens per model, each
+        sum is priced at that model's input less cache read price (pricing.cache_read_savings)."""
+        rows = await self._fetch_all(
+            f"SELECT {key} AS k, u.model, SUM(u.cache_read_input_tokens) FROM usage u"
+            f" LEFT JOIN users o ON o.id = u.owner_id WHERE {where} AND u.cache_read_input_tokens > 0"
+            " GROUP BY k, u.model", params)
+        savings: dict[str, Decimal] = {}
+        for row in rows:
+            saved = cache_read_savings(int(row[2]), str(row[1] or ""))
+            if saved is not None:
+                savings[str(row[0])] = savings.get(str(row[0]), Decimal(0)) + saved
+        return {group: saved.normalize() if saved else Decimal(0) for group, saved in savings.items()}
 
 
 # What each grouping groups by; a missing or empty model or agent is "unknown", a conversation without an

@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 from ..auth import ANONYMOUS, User, header, session_secret
 from ..core import Relay, resume
 from ..errors import BadRequestError, GoneError, LimitError, RelayError, TokenExpiredError, UnauthorizedError
-from ..events import encode_data, error_event
+from ..events import encode_data, error_event, kept_json
 from ..hub import LogLostError, Subscriber, SubscriberDropped
 from ..protocol.frames import (
     Auth,
@@ -328,7 +328,7 @@ class Connection:
 
     async def _pump(self, subscriber: Subscriber, request_id: str | None) -> None:
         stream_id = subscriber.stream.id
-        sid = orjson.dumps(stream_id)
+        sid = kept_json(stream_id)  # both live as long as the pump
         start_tail = b',"requestId":%b}' % orjson.dumps(request_id) if request_id else b"}"
 
         def frame(event_id: int, name: str, data: bytes) -> bytes:

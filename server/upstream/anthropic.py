@@ -19,6 +19,7 @@ from httpx_aiohttp import AiohttpTransport
 from ..config import Settings
 from ..errors import UpstreamError, UpstreamTimeoutError
 from ..protocol.anthropic import error_for_status
+from ..protocol.caching import cache_marked
 from ..protocol.sse import SSEDecoder, SSEEvent
 from .http1 import Http1Transport, request_head
 from .proxies import Proxy
@@ -43,6 +44,8 @@ class UpstreamRequest:
     messages: list[dict[str, Any]]
     system: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+    #: "off", "5m" or "1h": the cache breakpoints body() marks (server/protocol/caching.py).
+    prompt_cache: str = "off"
 
     def body(self) -> bytes:
         payload: dict[str, Any] = {
@@ -53,6 +56,8 @@ class UpstreamRequest:
         }
         if self.system:
             payload["system"] = self.system
+        if self.prompt_cache != "off":
+            payload = cache_marked(payload, self.prompt_cache)
         return orjson.dumps(payload)
 
 

@@ -8,9 +8,10 @@ The same generator serves `python -m server.mock_upstream` as a real HTTP server
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +19,9 @@ import httpx
 import orjson
 
 from ..config import OFFLINE_MODEL
-from ..pricing import model_limits
-from ..protocol.tokens import request_tokens
+from ..pricing import min_cacheable_tokens, model_limits
+from ..protocol.caching import LOOKBACK_BLOCKS, breakpoint_errors, breakpoints
+from ..protocol.tokens import prefix_tokens, request_tokens
 
 ERROR_MODES = (
     "none",
@@ -114,20 +116,145 @@ def context_refusal(request: dict[str, Any], options: OfflineOptions) -> bytes |
     return orjson.dumps({"type": "error", "error": {"type": "invalid_request_error", "message": message}})
 
 
-async def anthropic_stream(request: dict[str, Any], options: OfflineOptions) -> AsyncIterator[bytes]:
-    """The SSE body of one streamed Messages API response, paced like a real model."""
+def breakpoint_refusal(request: dict[str, Any]) -> bytes | None:
+    """The API's 400 body for a request whose cache breakpoints it would refuse; None: they are valid."""
+    errors = breakpoint_errors(request)
+    if not errors:
+        return None
+    return orjson.dumps({"type": "error", "error": {"type": "invalid_request_error", "message": errors[0]}})
+
+
+TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
+
+
+@dataclass(slots=True)
+class _Entry:
+    tokens: int
+    ttl: float
+    expires: float
+
+
+class PromptCache:
+    """The emulated prompt cache: per model, the request prefixes that ended at a breakpoint, with their TTL.
+
+    A prefix is the hash of every block up to and including one (in reading order, each with its role;
+    cache_control left out, a string content the same as one text block), counted by server/protocol/tokens.py.
+    For a request, as the API does (server/protocol/caching.py has the rules):
+
+    - read: the longest remembered, unexpired prefix ending at a breakpoint or at one of the LOOKBACK_BLOCKS
+      block boundaries before one; a hit restarts its TTL;
+    - written: the tokens past the read prefix up to the last breakpoint whose prefix reaches the model's
+      minimum (MIN_CACHEABLE_TOKENS), each stretch at the TTL of the breakpoint that ends it; those prefixes
+      are remembered for their TTL;
+    - input: the request's tokens less both.
+
+    `clock` gives seconds (tests move it). At most `max_entries` prefixes are kept: past it the expired ones are
+    dropped, or the oldest one when none has expired.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_entries: int = 100_000) -> None:
+        self.clock = clock
+        self.max_entries = max_entries
+        self._entries: dict[tuple[str, bytes], _Entry] = {}
+
+    def __len__(self) -> int:
+        """Prefixes remembered now, expired ones not yet dropped included."""
+        return len(self._entries)
+
+    def usage(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The message_start usage of the request: input, cache write (with its 5m/1h split) and read tokens."""
+        total = request_tokens(request)
+        marks = breakpoints(request)
+        if not marks:
+            return _usage(total, 0, 0, 0)
+        model = str(request.get("model") or OFFLINE_MODEL)
+        totals = [tokens for _, tokens in prefix_tokens(request)]
+        hashes = _prefix_hashes(request)
+        now = self.clock()
+        read, read_at = 0, -1
+        for position, _ in marks:
+            for candidate in range(position, max(position - LOOKBACK_BLOCKS, -1), -1):
+                entry = self._entries.get((model, hashes[candidate]))
+                if entry is not None and entry.expires > now and totals[candidate] > read:
+                    read, read_at = totals[candidate], candidate
+        if read_at >= 0:
+            entry = self._entries[(model, hashes[read_at])]
+            entry.expires = now + entry.ttl
+        minimum = min_cacheable_tokens(model)
+        written = {"5m": 0, "1h": 0}
+        covered = read
+        for position, mark in marks:
+            ttl = str(mark.get("ttl", "5m"))
+            if totals[position] < minimum or position <= read_at:
+                continue
+            written[ttl] += totals[position] - covered
+            covered = totals[position]
+            self._remember((model, hashes[position]), totals[position], TTL_SECONDS[ttl], now)
+        return _usage(total - read - written["5m"] - written["1h"], written["5m"], written["1h"], read)
+
+    def _remember(self, key: tuple[str, bytes], tokens: int, ttl: float, now: float) -> None:
+        old = self._entries.pop(key, None)
+        ttl = max(ttl, old.ttl) if old is not None else ttl
+        self._entries[key] = _Entry(tokens, ttl, now + ttl)
+        if len(self._entries) > self.max_entries:
+            for stale in [k for k, e in self._entries.items() if e.expires <= now] or [next(iter(self._entries))]:
+                del self._entries[stale]
+
+
+def _usage(input_tokens: int, written_5m: int, written_1h: int, read: int) -> dict[str, Any]:
+    return {"input_tokens": input_tokens, "cache_creation_input_tokens": written_5m + written_1h,
+            "cache_read_input_tokens": read,
+            "cache_creation": {"ephemeral_5m_input_tokens": written_5m, "ephemeral_1h_input_tokens": written_1h}}
+
+
+def _prefix_hashes(request: dict[str, Any]) -> list[bytes]:
+    """The running hash after each block, in prefix_tokens' order (system blocks, then each message's)."""
+    hashes: list[bytes] = []
+    running = hashlib.sha256(str(request.get("model", "")).encode())
+
+    def add(role: str, block: Any) -> None:
+        if isinstance(block, str):
+            block = {"type": "text", "text": block}
+        if isinstance(block, dict):
+            block = {key: value for key, value in block.items() if key != "cache_control"}
+        running.update(orjson.dumps([role, block], option=orjson.OPT_SORT_KEYS))
+        hashes.append(running.copy().digest())
+
+    for block in _content_blocks(request.get("system")):
+        add("system", block)
+    for message in request.get("messages") or []:
+        if not isinstance(message, dict):
+            continue
+        running.update(b"\x00message")  # a message boundary: two messages differ from one with both blocks
+        for block in _content_blocks(message.get("content")):
+            add(str(message.get("role")), block)
+    return hashes
+
+
+def _content_blocks(content: Any) -> list[Any]:
+    # The blocks server/protocol/tokens.py counts: a list's items, or a non-empty string (or other value) alone.
+    if isinstance(content, list):
+        return content
+    return [content] if content else []
+
+
+async def anthropic_stream(request: dict[str, Any], options: OfflineOptions,
+                           cache: PromptCache | None = None) -> AsyncIterator[bytes]:
+    """The SSE body of one streamed Messages API response, paced like a real model.
+
+    With `cache`, its usage figures are the emulated prompt cache's; without, every input token is uncached.
+    """
     messages = request.get("messages") or []
     model = str(request.get("model") or OFFLINE_MODEL)
     deltas = demo_words(messages, options.words, options.repeat)
-    input_tokens = request_tokens(request)
+    usage = cache.usage(request) if cache is not None else _usage(request_tokens(request), 0, 0, 0)
     delay = options.delay_ms / 1000
     yield _event("message_start", {
         "type": "message_start",
         "message": {
             "id": "msg_offline_" + uuid.uuid4().hex[:20], "type": "message", "role": "assistant", "content": [],
             "model": model, "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": input_tokens, "cache_creation_input_tokens": 0,
-                      "cache_read_input_tokens": 0, "output_tokens": 1},
+            "usage": {**usage, "output_tokens": 1},
         },
     })
     overloaded = {"type": "error", "error": {"type": "overloaded_error", "message": options.error_message}}
@@ -174,8 +301,9 @@ class OfflineTransport(httpx.AsyncBaseTransport):
     """An httpx transport that answers POST /v1/messages with the offline model's stream (or its refusal for
     length), and POST /v1/messages/count_tokens with the emulated count."""
 
-    def __init__(self, options: OfflineOptions | None = None) -> None:
+    def __init__(self, options: OfflineOptions | None = None, cache: PromptCache | None = None) -> None:
         self.options = options or OfflineOptions()
+        self.cache = cache or PromptCache()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if request.method == "POST" and request.url.path.endswith("/v1/messages/count_tokens"):
@@ -187,11 +315,11 @@ class OfflineTransport(httpx.AsyncBaseTransport):
         if status is not None:
             return httpx.Response(status, content=error_body(status), headers={"retry-after": "1"})
         payload = orjson.loads(await request.aread())
-        refusal = context_refusal(payload, self.options)
+        refusal = breakpoint_refusal(payload) or context_refusal(payload, self.options)
         if refusal is not None:
             return httpx.Response(400, content=refusal, headers={"content-type": "application/json"})
         return httpx.Response(
             200,
             headers={"content-type": "text/event-stream; charset=utf-8"},
-            stream=_Body(anthropic_stream(payload, self.options)),
+            stream=_Body(anthropic_stream(payload, self.options, self.cache)),
         )

@@ -29,9 +29,12 @@ def test_the_usage_page_charts_cost_per_day_and_matches_the_api(page, paced_serv
     assert float(today.get_attribute("height")) > 100  # the only day with answers fills the chart's height
     expect(page.get_by_test_id("total-cost")).to_have_text(f"${api['total']['cost']}")
     expect(page.get_by_test_id("total-messages")).to_have_text(str(api["total"]["messages"]))
+    expect(page.get_by_test_id("total-cache-read")).to_have_text(f"{api['total']['cacheReadInputTokens']:,}")
+    expect(page.get_by_test_id("total-savings")).to_have_text(f"${api['total']['cacheSavings']}")
     row = page.locator("[data-testid=by-model] tbody tr").first
     expect(row.locator("th")).to_have_text("deltarelay-offline")
     expect(row.locator("td").last).to_have_text(f"${by_model['rows'][0]['cost']}")
+    expect(row.locator("td").nth(4)).to_have_text(f"${by_model['rows'][0]['cacheSavings']}")
     expect(page.locator("[data-testid=by-agent] tbody tr th").first).to_have_text("default")
     save_screenshot(page, "usage-page")
 
