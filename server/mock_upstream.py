@@ -121,12 +121,7 @@ def mock_app(options: OfflineOptions, fail_first: int = 0,
             await _respond(send, 404, orjson.dumps({"type": "error", "error": {"type": "not_found_error",
                                                                                  "message": "no such route"}}))
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await _read_body(receive)
         stats["requests"] += 1
         try:
             request = orjson.loads(body)
@@ -177,14 +172,19 @@ def mock_app(options: OfflineOptions, fail_first: int = 0,
     return app
 
 
-async def _count_tokens(receive: Receive, send: Send) -> None:
-    """The token-counting endpoint: {"input_tokens": N} by the emulated rule."""
+async def _read_body(receive: Receive) -> bytes:
+    """The request's whole body."""
     body = b""
     while True:
         message = await receive()
-        body += message.get("body", b"")
+        body += bytes(message.get("body", b""))
         if not message.get("more_body"):
-            break
+            return body
+
+
+async def _count_tokens(receive: Receive, send: Send) -> None:
+    """The token-counting endpoint: {"input_tokens": N} by the emulated rule."""
+    body = await _read_body(receive)
     try:
         request = orjson.loads(body)
     except orjson.JSONDecodeError:
