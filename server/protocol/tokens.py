@@ -40,7 +40,9 @@ def block_tokens(block: Any) -> int:
     return text_tokens(orjson.dumps(rest, option=orjson.OPT_SORT_KEYS).decode())
 
 
-def _blocks(content: Any) -> list[Any]:
+def content_blocks(content: Any) -> list[Any]:
+    """The blocks this rule counts in a message's (or the system prompt's) content: a list's items, or a
+    non-empty string (or other value) alone."""
     if isinstance(content, list):
         return content
     return [content] if content else []
@@ -55,12 +57,12 @@ def prefix_tokens(request: dict[str, Any]) -> list[tuple[Any, int]]:
     """
     totals: list[tuple[Any, int]] = []
     running = 0
-    for block in _blocks(request.get("system")):
+    for block in content_blocks(request.get("system")):
         running += block_tokens(block)
         totals.append((block, running))
     for message in request.get("messages") or []:
         running += MESSAGE_OVERHEAD
-        for block in _blocks(message.get("content") if isinstance(message, dict) else None):
+        for block in content_blocks(message.get("content") if isinstance(message, dict) else None):
             running += block_tokens(block)
             totals.append((block, running))
     return totals
@@ -68,8 +70,8 @@ def prefix_tokens(request: dict[str, Any]) -> list[tuple[Any, int]]:
 
 def request_tokens(request: dict[str, Any]) -> int:
     """The request's input tokens under the emulated rule: system, every message's overhead and blocks."""
-    total = sum(block_tokens(block) for block in _blocks(request.get("system")))
+    total = sum(block_tokens(block) for block in content_blocks(request.get("system")))
     for message in request.get("messages") or []:
-        total += MESSAGE_OVERHEAD + sum(
-            block_tokens(block) for block in _blocks(message.get("content") if isinstance(message, dict) else None))
+        content = message.get("content") if isinstance(message, dict) else None
+        total += MESSAGE_OVERHEAD + sum(block_tokens(block) for block in content_blocks(content))
     return total

@@ -21,7 +21,7 @@ import orjson
 from ..config import OFFLINE_MODEL
 from ..pricing import min_cacheable_tokens, model_limits
 from ..protocol.caching import LOOKBACK_BLOCKS, breakpoint_errors, breakpoints
-from ..protocol.tokens import prefix_tokens, request_tokens
+from ..protocol.tokens import content_blocks, prefix_tokens, request_tokens
 
 ERROR_MODES = (
     "none",
@@ -220,22 +220,15 @@ def _prefix_hashes(request: dict[str, Any]) -> list[bytes]:
         running.update(orjson.dumps([role, block], option=orjson.OPT_SORT_KEYS))
         hashes.append(running.copy().digest())
 
-    for block in _content_blocks(request.get("system")):
+    for block in content_blocks(request.get("system")):
         add("system", block)
     for message in request.get("messages") or []:
         if not isinstance(message, dict):
             continue
         running.update(b"\x00message")  # a message boundary: two messages differ from one with both blocks
-        for block in _content_blocks(message.get("content")):
+        for block in content_blocks(message.get("content")):
             add(str(message.get("role")), block)
     return hashes
-
-
-def _content_blocks(content: Any) -> list[Any]:
-    # The blocks server/protocol/tokens.py counts: a list's items, or a non-empty string (or other value) alone.
-    if isinstance(content, list):
-        return content
-    return [content] if content else []
 
 
 async def anthropic_stream(request: dict[str, Any], options: OfflineOptions,
