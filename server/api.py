@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -50,6 +51,9 @@ def message_json(row: dict[str, Any]) -> dict[str, Any]:
         "role": row["role"],
         "content": row["content"],
         "thinking": row["thinking"],
+        # The API messages the row stands for (content blocks: thinking, tool calls and results, searches,
+        # citations, attachment references); None: `content` is all of it.
+        "blocks": orjson.loads(row["blocks"]) if row.get("blocks") else None,
         "model": row["model"],
         "status": row["status"],
         "stopReason": row["stop_reason"],

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
+import orjson
 import pytest
 from databases import Database
 
@@ -476,6 +477,34 @@ async def test_history_drops_empty_answers_and_merges_the_user_turns_around_them
 
     assert second.history == [{"role": "user", "content": "first question\n\nsecond question"}]
     assert third.history == [{"role": "user", "content": "first question\n\nsecond question\n\nthird question"}]
+
+
+async def test_an_answer_saved_with_blocks_goes_back_as_those_messages_byte_for_byte(store):
+    """An answer's blocks (a tool round: thinking with its signature, a tool call, its result, the final text)
+    are the history the next turn sends, unchanged; a user message's blocks are its content; REST rows carry
+    them. Mutation: _history sending `content` for a row with blocks fails it."""
+    signature = "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds+/+" + "=" * 3
+    rounds = [
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "The user wants the weather.", "signature": signature},
+            {"type": "tool_use", "id": "toolu_01", "name": "weather", "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "18 C",
+                                      "is_error": False}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "It is 18 C in Paris."}]},
+    ]
+    first = await turn(store, "weather in Paris?")
+    await store.save_reply(first.assistant_message_id, replace(reply("It is 18 C in Paris."), blocks=rounds))
+    picture = [{"type": "image", "source": {"type": "attachment", "id": "att_x"}}, {"type": "text", "text": "and?"}]
+    second = await store.begin_turn(
+        conversation_id=first.conversation_id, agent_id="default", user_text="and?", model="claude-haiku-4-5",
+        stream_id=new_id(), trace_session_id="session", task_trace_id="task", user_blocks=picture)
+
+    assert second.history == [{"role": "user", "content": "weather in Paris?"}, rounds[0], rounds[1], rounds[2],
+                              {"role": "user", "content": picture}]
+    saved = await store.list_messages(first.conversation_id)
+    assert [m["blocks"] is not None for m in saved] == [False, True, True, False]
+    assert orjson.loads(saved[1]["blocks"]) == rounds
+    assert saved[1]["content"] == "It is 18 C in Paris."
 
 
 async def test_history_keeps_the_partial_text_of_a_cancelled_answer(store):

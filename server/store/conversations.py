@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable, Collection, Generator
+from collections.abc import Callable, Collection, Generator, Iterable
 from typing import Any
 
 import orjson
@@ -123,7 +123,7 @@ def refuse_if_busy(rows: list[dict[str, Any]]) -> None:
 
 #: Called with a turn's conversation id (None: a new one), history and Turn.counted before the turn is written:
 #: what it raises refuses the turn.
-HistoryCheck = Callable[[str | None, list[dict[str, str]], tuple[int, int] | None], None]
+HistoryCheck = Callable[[str | None, list[dict[str, Any]], tuple[int, int] | None], None]
 
 _INSERT_MESSAGE = (
     "INSERT INTO messages (id, conversation_id, parent_id, seq, role, content, model, status, stream_id,"
@@ -133,7 +133,7 @@ _INSERT_MESSAGE = (
 _MESSAGE_COLUMNS = (
     "id, conversation_id, parent_id, seq, role, content, thinking, model, status, stop_reason, input_tokens,"
     " output_tokens, cache_creation_input_tokens, cache_read_input_tokens, cost, cost_estimated, error_code,"
-    " stream_id, trace_session_id, task_trace_id, created_at, completed_at"
+    " stream_id, trace_session_id, task_trace_id, created_at, completed_at, blocks"
 )
 
 
@@ -156,8 +156,12 @@ class ConversationQueries(StoreBase):
         parent_message_id: str | None = None,
         parent_given: bool = False,
         check: HistoryCheck | None = None,
+        user_blocks: list[dict[str, Any]] | None = None,
     ) -> Turn:
         """Save the user's message and an empty assistant message; return the history to send.
+
+        `user_blocks`: the user message's content blocks when it is more than its text (attachments, as
+        references: see migration 0008); saved with it and sent as its content.
 
         The user message follows the conversation's active leaf, or with `parent_given` the answer
         `parent_message_id` (None: a new first message); the new answer becomes the active leaf, and the
@@ -214,7 +218,9 @@ class ConversationQueries(StoreBase):
                 seq = (rows[-1]["seq"] + 1) if rows else 0
                 conversation_sql = "UPDATE conversations SET updated_at = :t, active_leaf_id = :aid WHERE id = :conv"
                 conversation_params = {}
-            history = _history([(m["role"], m["content"]) for m in path] + [("user", user_text)])
+            user_json = None if user_blocks is None else orjson.dumps(
+                [{"role": "user", "content": user_blocks}]).decode()
+            history = _history([*path, {"role": "user", "content": user_text, "blocks": user_json}])
             counted = _counted(path)
             if check is not None:
                 check(conv_id, history, counted)
@@ -223,15 +229,17 @@ class ConversationQueries(StoreBase):
             trace_session = trace_session_id or conv_id
             messages_sql = (
                 "INSERT INTO messages (id, conversation_id, parent_id, seq, role, content, model, status, stream_id,"
-                " trace_session_id, task_trace_id, created_at, completed_at, instance_id)"
+                " trace_session_id, task_trace_id, created_at, completed_at, instance_id, blocks)"
                 " VALUES (:uid, :conv, :parent, :useq, :urole, :content, NULL, :complete, :stream, :ts, :tt, :t, :t,"
-                " :instance), (:aid, :conv, :uid, :aseq, :arole, '', :model, :streaming, :stream, :ts, :tt, :t, NULL,"
-                " :instance)"
+                " :instance, :ublocks),"
+                " (:aid, :conv, :uid, :aseq, :arole, '', :model, :streaming, :stream, :ts, :tt, :t, NULL, :instance,"
+                " NULL)"
             )
             messages_params = {
                 "conv": conv_id, "t": stamp, "stream": stream_id, "ts": trace_session, "tt": task_trace_id,
                 "instance": instance_id, "uid": user_id, "parent": parent_id, "useq": seq, "urole": "user",
-                "content": user_text, "complete": Status.COMPLETE.value, "aid": assistant_id, "aseq": seq + 1,
+                "content": user_text, "ublocks": user_json, "complete": Status.COMPLETE.value, "aid": assistant_id,
+                "aseq": seq + 1,
                 "arole": "assistant", "model": model, "streaming": Status.STREAMING.value,
             }
             if one_statement:
@@ -267,7 +275,7 @@ class ConversationQueries(StoreBase):
             if max_history is not None and len(path) + 1 > max_history:
                 raise TooLargeError(f"this conversation has {len(path)} messages and the limit is {max_history};"
                                     " start a new conversation", code="history_too_long")
-            history = _history([(m["role"], m["content"]) for m in path])
+            history = _history(path)
             counted = _counted(path)
             if check is not None:
                 check(conv_id, history, counted)
@@ -307,12 +315,8 @@ class ConversationQueries(StoreBase):
                 raise ConflictError(f"only an answer stopped at max_tokens or cancelled can be continued; this"
                                     f" one's stop reason is {found['stop_reason']}", code="not_continuable")
             path = active_path(rows, answer_id)
-            history = _history([(m["role"], m["content"]) for m in path])
-            if history and history[-1]["role"] == "assistant":
-                # The API refuses a final assistant turn that ends with whitespace.
-                history[-1] = {"role": "assistant", "content": history[-1]["content"].rstrip()}
-                if not history[-1]["content"]:
-                    history.pop()
+            history = _history(path)
+            _strip_final_assistant(history)
             counted = _counted(path)
             if check is not None:
                 check(conv_id, history, counted)
@@ -369,10 +373,10 @@ class ConversationQueries(StoreBase):
         """A conversation's messages, oldest first: id, parent_id, role, content, seq, status, stream_id (a step
         of an operation), and prompt_tokens: the input tokens (cache included) an answer's request had."""
         rows = yield Query("SELECT id, parent_id, role, content, seq, status, stream_id,"
-                           " input_tokens + cache_creation_input_tokens + cache_read_input_tokens FROM messages"
+                           " input_tokens + cache_creation_input_tokens + cache_read_input_tokens, blocks FROM messages"
                            " WHERE conversation_id = :id ORDER BY seq", {"id": conversation_id}, ALL)
         return [{"id": r[0], "parent_id": r[1], "role": r[2], "content": r[3], "seq": r[4], "status": r[5],
-                 "stream_id": r[6], "prompt_tokens": int(r[7] or 0)} for r in rows]
+                 "stream_id": r[6], "prompt_tokens": int(r[7] or 0), "blocks": r[8]} for r in rows]
 
     async def save_reply(self, message_id: str, reply: Reply) -> None:
         """Write an assistant message's final state; a message is finished exactly once.
@@ -392,7 +396,7 @@ class ConversationQueries(StoreBase):
             "UPDATE messages SET content = :content, thinking = :thinking, model = :model, status = :status,"
             " stop_reason = :stop, input_tokens = :inp, output_tokens = :out,"
             " cache_creation_input_tokens = :cw, cache_read_input_tokens = :cr, cost = :cost,"
-            " cost_estimated = :est, error_code = :err, completed_at = :t"
+            " cost_estimated = :est, error_code = :err, completed_at = :t, blocks = :blocks"
             " WHERE id = :id AND (status = :streaming OR (status = :status AND completed_at = :t))")
         one_statement = not self.is_sqlite
 
@@ -411,6 +415,7 @@ class ConversationQueries(StoreBase):
                     "out": reply.output_tokens, "cw": reply.cache_creation_input_tokens,
                     "cr": reply.cache_read_input_tokens,
                     "cost": cost, "est": 1 if reply.cost_estimated else 0, "err": reply.error_code, "t": finished_at,
+                    "blocks": None if reply.blocks is None else orjson.dumps(reply.blocks).decode(),
                     "id": message_id, "streaming": Status.STREAMING.value,
                 },
                 ALL,
@@ -767,24 +772,61 @@ def _counted(path: list[dict[str, Any]]) -> tuple[int, int] | None:
     for index in range(len(path) - 1, -1, -1):
         row = path[index]
         if row["role"] == "assistant" and row["content"] and row.get("prompt_tokens"):
-            return len(_history([(m["role"], m["content"]) for m in path[:index]])), int(row["prompt_tokens"])
+            return len(_history(path[:index])), int(row["prompt_tokens"])
     return None
 
 
-def _history(messages: list[tuple[str, str]]) -> list[dict[str, str]]:
-    """The Messages API history: empty answers dropped, consecutive same-role turns merged.
+def _history(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Messages API history of message rows (role, content, blocks): empty answers dropped, consecutive
+    same-role turns merged.
 
-    A failed or cancelled answer keeps what the user saw (its partial text); an answer
-    with no text at all would be an empty turn, which the API rejects.
+    A row with `blocks` (JSON text: the API messages it stands for, see migration 0008) is sent as those
+    messages, their content blocks unchanged (a thinking block's signature must come back byte for byte);
+    any other row as its text. A failed or cancelled answer keeps what the user saw (its partial text); an
+    answer with no text at all would be an empty turn, which the API rejects. Attachment references stay
+    references here (the caller resolves them).
     """
-    history: list[dict[str, str]] = []
-    for role, content in messages:
-        if not content:
-            continue
-        if history and history[-1]["role"] == role:
-            history[-1] = {"role": role, "content": history[-1]["content"] + "\n\n" + content}
-        else:
-            history.append({"role": role, "content": content})
+    history: list[dict[str, Any]] = []
+    for row in rows:
+        blocks = row.get("blocks")
+        messages = orjson.loads(blocks) if blocks else [{"role": row["role"], "content": row["content"]}]
+        for message in messages:
+            role, content = message["role"], message["content"]
+            if not content:
+                continue
+            if history and history[-1]["role"] == role:
+                earlier = history[-1]["content"]
+                if isinstance(earlier, str) and isinstance(content, str):
+                    content = earlier + "\n\n" + content
+                else:
+                    content = _as_blocks(earlier) + _as_blocks(content)
+                history[-1] = {"role": role, "content": content}
+            else:
+                history.append({"role": role, "content": content})
     return history
 
 
+def _as_blocks(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
+def _strip_final_assistant(history: list[dict[str, Any]]) -> None:
+    """A history ending with the assistant's turn, made one the API takes as a prefill: the API refuses a final
+    assistant turn that ends with whitespace, so its last text is stripped at the end (and dropped if empty)."""
+    if not history or history[-1]["role"] != "assistant":
+        return
+    content = history[-1]["content"]
+    if isinstance(content, str):
+        content = content.rstrip()
+    else:
+        content = list(content)
+        while content and content[-1].get("type") == "text":
+            text = str(content[-1].get("text", "")).rstrip()
+            if text:
+                content[-1] = {**content[-1], "text": text}
+                break
+            content.pop()
+    if content:
+        history[-1] = {"role": "assistant", "content": content}
+    else:
+        history.pop()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
+from typing import Any
 
 
 class Status(StrEnum):
@@ -68,7 +69,7 @@ class Turn:
     conversation_id: str
     user_message_id: str
     assistant_message_id: str
-    history: list[dict[str, str]]
+    history: list[dict[str, Any]]
     trace_session_id: str = ""
     parent_id: str | None = None  # the answer's parent: its user message
     base: Reply | None = None  # a continued answer as it was: the new text and usage are added to it
@@ -96,6 +97,9 @@ class Reply:
     # When it was finished (see now()), fixed once per answer: a save retried after a commit whose reply was
     # lost finds its own earlier write by it, and counts as done rather than as finished elsewhere.
     finished_at: str | None = None
+    # The API messages this answer stands for in later requests (every round's assistant content and tool
+    # results, thinking with its signature); None: `content` alone (see migration 0008).
+    blocks: list[dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)
