@@ -23,6 +23,13 @@ from .protocol.caching import PROMPT_CACHE_MODES
 from .upstream.proxies import ProxyConfigError, ProxyEnvironment
 
 OFFLINE_MODEL = "deltarelay-offline"
+#: An agents file's server tool type -> the API's tool type (https://platform.claude.com/docs/en/agents-and-tools/
+#: tool-use/web-search-tool and .../web-fetch-tool).
+SERVER_TOOL_TYPES = {"web_search": "web_search_20250305", "web_fetch": "web_fetch_20250910"}
+#: The anthropic-beta value an API server tool type needs (web search needs none).
+SERVER_TOOL_BETAS = {"web_fetch_20250910": "web-fetch-2025-09-10"}
+#: The API's smallest extended thinking budget.
+MIN_THINKING_BUDGET = 1024
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 
 
@@ -42,6 +49,30 @@ class Agent:
     # A conversation grown past the model's context window: "truncate" drops its oldest turns from the request,
     # "error" refuses the message with context_too_long (server/context.py).
     context_policy: str = "truncate"
+    # Extended thinking's budget in tokens (>= 1024, < max_tokens); None: thinking off.
+    thinking_budget: int | None = None
+    # Anthropic's server tools in the API's form ({"type": "web_search_20250305", "name": "web_search", ...}).
+    server_tools: tuple[dict[str, Any], ...] = ()
+    # The embedding app's tools (Anthropic tool definitions: name, description, input_schema), run at tools_url.
+    tools: tuple[dict[str, Any], ...] = ()
+    tools_url: str | None = None
+    max_tool_rounds: int = 8  # upstream requests past the first, for tool calls and pause_turn, per answer
+    betas: tuple[str, ...] = ()  # extra anthropic-beta values (the server tools' own are added per request)
+
+    @property
+    def request_tools(self) -> list[dict[str, Any]]:
+        """The request's `tools`: the server tools first, then the app's."""
+        return [*self.server_tools, *self.tools]
+
+    @property
+    def request_betas(self) -> tuple[str, ...]:
+        """The request's anthropic-beta values: the agent's own, then those its server tools need."""
+        betas = list(self.betas)
+        for tool in self.server_tools:
+            beta = SERVER_TOOL_BETAS.get(str(tool.get("type")))
+            if beta is not None and beta not in betas:
+                betas.append(beta)
+        return tuple(betas)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +160,9 @@ class Settings:
     # Events reach Redis in writes at most this often: what arrives meanwhile shares one round trip.
     redis_write_ms: float = 2.0
     instance_lease_seconds: float = 3.0  # an instance silent this long is dead: its answers end as interrupted
+    # The embedding app's tools (issue 19): the key their calls are signed with, and each call's time limit.
+    tools_secret: str | None = None
+    tools_timeout: float = 10.0
     agents: tuple[Agent, ...] = field(default=())
     # HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY (either case), as httpx reads them; none unless loaded.
     proxies: ProxyEnvironment = field(default_factory=ProxyEnvironment)
@@ -266,6 +300,8 @@ ENV_NAMES: dict[str, str] = {
     "redis_prefix": "RELAY_REDIS_PREFIX",
     "redis_write_ms": "RELAY_REDIS_WRITE_MS",
     "instance_lease_seconds": "RELAY_INSTANCE_LEASE_SECONDS",
+    "tools_secret": "RELAY_TOOLS_SECRET",
+    "tools_timeout": "RELAY_TOOLS_TIMEOUT",
 }
 
 _POSITIVE = {
@@ -274,7 +310,7 @@ _POSITIVE = {
     "stream_retention_max", "session_hours", "ws_max_frame_bytes", "ws_max_streams", "max_history_messages",
     "instance_lease_seconds", "database_pool_size",
     "max_header_bytes", "max_headers", "header_timeout_seconds", "write_timeout_seconds",
-    "ws_auth_timeout_seconds",
+    "ws_auth_timeout_seconds", "tools_timeout",
 }
 _NON_NEGATIVE = {
     "offline_delay_ms", "offline_words", "stream_retention_seconds", "retry_attempts", "retry_base_delay",
@@ -343,7 +379,12 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     settings = Settings(**values)
     settings = replace(settings, database_url=database_url(settings.database_url))
     _validate(settings)
-    return settings.with_agents()
+    settings = settings.with_agents()
+    if settings.tools_secret is None and any(agent.tools for agent in settings.agents):
+        names = ", ".join(agent.id for agent in settings.agents if agent.tools)
+        raise ConfigError(f"RELAY_TOOLS_SECRET must be set: agent {names} has tools, and their calls are signed"
+                          " with it")
+    return settings
 
 
 SQLITE_SCHEMES = ("sqlite", "sqlite+aiosqlite")
@@ -513,7 +554,7 @@ def _validate_identity(settings: Settings) -> None:
 def _read_agents_file(path: str, default_model: str, default_max_tokens: int,
                       default_context_policy: str = "truncate", prompt_cache: str = "5m") -> list[Agent]:
     """Agents from a JSON file: {"agents": [{"id", "model"?, "system"?, "maxTokens"?, "promptCache"?,
-    "contextPolicy"?}]}."""
+    "contextPolicy"?, "thinking"?, "serverTools"?, "tools"?, "toolsUrl"?, "maxToolRounds"?, "betas"?}]}."""
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
         entries = document["agents"]
@@ -529,7 +570,8 @@ def _read_agents_file(path: str, default_model: str, default_max_tokens: int,
             agents.append(
                 Agent(agent_id, str(entry.get("model", default_model)), str(entry.get("system", "")), max_tokens,
                       context_policy=context_policy,
-                      prompt_cache=_agent_prompt_cache(agent_id, entry.get("promptCache", prompt_cache)))
+                      prompt_cache=_agent_prompt_cache(agent_id, entry.get("promptCache", prompt_cache)),
+                      **_agent_tools(agent_id, entry, max_tokens))
             )
         return agents
     except OSError as exc:
@@ -547,3 +589,105 @@ def _agent_prompt_cache(agent_id: str, value: Any) -> str:
     if value not in PROMPT_CACHE_MODES:
         raise ValueError(f"agent {agent_id!r}: promptCache must be off, 5m or 1h, got {value!r}")
     return str(value)
+
+
+def _agent_tools(agent_id: str, entry: dict[str, Any], max_tokens: int) -> dict[str, Any]:
+    """An agents-file entry's thinking, server tools, app tools, toolsUrl, maxToolRounds and betas, as Agent
+    fields.
+
+    Raises:
+        ValueError: one of them is not what the API (or the relay) accepts, named with the agent.
+    """
+    name = f"agent {agent_id!r}"
+    values: dict[str, Any] = {}
+    thinking = entry.get("thinking")
+    if thinking not in (None, False):
+        budget = thinking.get("budgetTokens") if isinstance(thinking, dict) else None
+        if type(budget) is not int:
+            raise ValueError(f"{name}: thinking must be {{\"budgetTokens\": N}} or false, got {thinking!r}")
+        if budget < MIN_THINKING_BUDGET:
+            raise ValueError(f"{name}: thinking budgetTokens must be at least {MIN_THINKING_BUDGET}, got {budget}")
+        if budget >= max_tokens:
+            raise ValueError(f"{name}: thinking budgetTokens ({budget}) must be less than maxTokens ({max_tokens})")
+        values["thinking_budget"] = budget
+    server_tools = []
+    for tool in _list(name, "serverTools", entry.get("serverTools", [])):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind not in SERVER_TOOL_TYPES:
+            raise ValueError(f"{name}: serverTools type must be web_search or web_fetch, got {kind!r}")
+        assert isinstance(tool, dict)
+        api_tool: dict[str, Any] = {"type": SERVER_TOOL_TYPES[kind], "name": kind}
+        for key, api_key in (("maxUses", "max_uses"), ("allowedDomains", "allowed_domains"),
+                             ("blockedDomains", "blocked_domains")):
+            if key in tool:
+                api_tool[api_key] = tool[key]
+        unknown = set(tool) - {"type", "maxUses", "allowedDomains", "blockedDomains"}
+        if unknown:
+            raise ValueError(f"{name}: serverTools {kind} takes type, maxUses, allowedDomains and blockedDomains,"
+                             f" not {', '.join(sorted(unknown))}")
+        max_uses = api_tool.get("max_uses")
+        if max_uses is not None and (type(max_uses) is not int or max_uses < 1):
+            raise ValueError(f"{name}: serverTools {kind} maxUses must be a whole number above 0, got {max_uses!r}")
+        for key in ("allowed_domains", "blocked_domains"):
+            domains = api_tool.get(key)
+            if domains is not None and (not isinstance(domains, list)
+                                        or not all(isinstance(d, str) and d for d in domains)):
+                raise ValueError(f"{name}: serverTools {kind} {key} must be a list of domains")
+        server_tools.append(api_tool)
+    values["server_tools"] = tuple(server_tools)
+    tools = []
+    for tool in _list(name, "tools", entry.get("tools", [])):
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or not tool["name"]:
+            raise ValueError(f"{name}: each tool needs a name")
+        schema = tool.get("input_schema", tool.get("inputSchema"))
+        if not isinstance(schema, dict):
+            raise ValueError(f"{name}: tool {tool['name']!r} needs an input_schema (a JSON schema object)")
+        definition: dict[str, Any] = {"name": tool["name"]}
+        if "description" in tool:
+            definition["description"] = str(tool["description"])
+        definition["input_schema"] = schema
+        tools.append(definition)
+    values["tools"] = tuple(tools)
+    tools_url = entry.get("toolsUrl")
+    if tools and tools_url is None:
+        raise ValueError(f"{name}: tools need a toolsUrl, where the app runs them")
+    if tools_url is not None:
+        if not isinstance(tools_url, str) or not _tools_url_allowed(tools_url):
+            raise ValueError(f"{name}: toolsUrl must be an https:// URL (or http:// on a loopback address), got"
+                             f" {tools_url!r}")
+        values["tools_url"] = tools_url
+    rounds = entry.get("maxToolRounds", 8)
+    if type(rounds) is not int or rounds < 1:
+        raise ValueError(f"{name}: maxToolRounds must be a whole number of at least 1, got {rounds!r}")
+    values["max_tool_rounds"] = rounds
+    betas = _list(name, "betas", entry.get("betas", []))
+    if not all(isinstance(beta, str) and beta and "," not in beta and beta.isprintable() for beta in betas):
+        raise ValueError(f"{name}: betas must be a list of anthropic-beta values such as \"web-fetch-2025-09-10\"")
+    values["betas"] = tuple(betas)
+    return values
+
+
+def _list(name: str, key: str, value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise ValueError(f"{name}: {key} must be a list, got {value!r}")
+    return value
+
+
+def _tools_url_allowed(url: str) -> bool:
+    """https://, or http:// to a loopback host (the app beside the relay)."""
+    try:
+        parts = httpx.URL(url)
+    except httpx.InvalidURL:
+        return False
+    if not parts.host:
+        return False
+    if parts.scheme == "https":
+        return True
+    if parts.scheme != "http":
+        return False
+    if parts.host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(parts.host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -29,11 +29,13 @@ from .limits import Limits, Reservation
 from .logs import fields
 from .metrics import Metrics
 from .pricing import Usage, cost_of
+from .protocol.answer import AnswerState, append_message
 from .protocol.anthropic import ReplyState, TextParts, estimate_tokens, redact
 from .protocol.frames import AnswerCommand, Regenerate, SendMessage
 from .protocol.sse import SSEEvent
 from .store import FinishedElsewhereError, Reply, Status, Store, Turn, new_id, now
 from .store.conversations import HistoryCheck
+from .tools import ToolEndpoint, tool_result_block
 from .upstream.anthropic import UpstreamRequest
 
 log = logging.getLogger("deltarelay.core")
@@ -64,6 +66,10 @@ class Job:
     parent_id: str | None = None  # the answer's parent (its user message)
     base: Reply | None = None  # a continued answer as it was: what is saved adds the new text and usage to it
     context: Fitting | None = None  # the history's fit to the model's window: learned from, refit on a refusal
+    tools: ToolEndpoint | None = None  # where the agent's own tools run; None: a tool_use stop ends the answer
+    max_tool_rounds: int = 8  # upstream requests past the first (tool results, pause_turn) at most
+    user_id: str | None = None  # who asked: named in each tool call
+    user_name: str = "anonymous"
 
 
 @dataclass(slots=True)
@@ -79,6 +85,8 @@ class Outcome:
     chunks: int = 0
     retries: int = 0
     upstream_errors: list[str] = field(default_factory=list)  # codes, retried failures included
+    tool_calls: int = 0
+    tool_errors: int = 0  # tool results that are errors (the app's own, a timeout, a failed call)
 
 
 class Relay:
@@ -151,10 +159,14 @@ class Relay:
             self.limits.release(reservation)
             raise
         fitting = self._fitting(agent, turn)
-        request = UpstreamRequest(model=agent.model, max_tokens=agent.max_tokens, messages=fitting.plan.messages,
-                                  system=agent.system, prompt_cache=agent.prompt_cache)
+        request = agent_request(agent, fitting.plan.messages)
+        tools = None
+        if agent.tools_url is not None and self.settings.tools_secret is not None:
+            tools = ToolEndpoint(agent.tools_url, self.settings.tools_secret, self.settings.tools_timeout,
+                                 self.settings.proxies)
         job = Job(stream_id, turn.conversation_id, turn.assistant_message_id, request, turn.trace_session_id,
-                  agent.id, turn.user_message_id, turn.parent_id, turn.base, fitting)
+                  agent.id, turn.user_message_id, turn.parent_id, turn.base, fitting, tools, agent.max_tool_rounds,
+                  user.id, user.name)
         stream = self.hub.create(stream_id, turn.conversation_id, turn.assistant_message_id, agent.model)
         if turn.base is not None:
             self._bases[stream_id] = turn.base
@@ -283,6 +295,10 @@ class Relay:
             metrics.upstream_errors.labels(code).inc()
         if outcome.retries:
             metrics.retries.inc(outcome.retries)
+        if outcome.tool_calls:
+            metrics.tool_calls.labels("ok").inc(outcome.tool_calls - outcome.tool_errors)
+            if outcome.tool_errors:
+                metrics.tool_calls.labels("error").inc(outcome.tool_errors)
         first_token = None
         if outcome.first_chunk_at is not None:
             first_token = outcome.first_chunk_at - outcome.started_at
@@ -299,7 +315,7 @@ class Relay:
             cacheCreationInputTokens=cost.cache_creation_input_tokens if cost else 0,
             cacheReadInputTokens=cost.cache_read_input_tokens if cost else 0,
             cost=format(cost.total_cost, "f") if cost and cost.total_cost is not None else None,
-            chunks=outcome.chunks, retries=outcome.retries,
+            chunks=outcome.chunks, retries=outcome.retries, toolCalls=outcome.tool_calls,
             timeToFirstTokenMs=round(first_token * 1000, 1) if first_token is not None else None,
             durationMs=round(duration * 1000, 1), traceSessionId=job.trace_session_id, taskTraceId=job.stream_id))
 
@@ -368,6 +384,15 @@ class Relay:
             raise
 
 
+def agent_request(agent: Agent, messages: list[dict[str, Any]]) -> UpstreamRequest:
+    """The first upstream request of an answer of `agent`: its model, limits, prompt, tools, thinking, betas."""
+    return UpstreamRequest(model=agent.model, max_tokens=agent.max_tokens, messages=messages, system=agent.system,
+                           prompt_cache=agent.prompt_cache, tools=agent.request_tools,
+                           thinking=None if agent.thinking_budget is None else
+                           {"type": "enabled", "budget_tokens": agent.thinking_budget},
+                           betas=agent.request_betas)
+
+
 # Partial saves are written this many answers to a transaction, so other writes (stream starts) pass between.
 PROGRESS_BATCH = 50
 # A delete waits this long (past the save wait) for the answers it cancelled to be saved.
@@ -432,8 +457,14 @@ async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStr
                      save: SavePolicy | None = None) -> Outcome:
     """Relay one answer into `stream`'s log and save it exactly once, however it ends; how it went.
 
-    The stream ends with `done` (or the answer's own `error`) only once the answer is saved; see SavePolicy
-    for a database that cannot take it yet.
+    One `start`, one `cost` and one `done` (or the answer's own `error`) per answer, however many upstream
+    requests it takes: a response that stops for `tool_use` has its calls run at the agent's toolsUrl
+    (concurrently, see server/tools.py), a `tool_result` event appended for each, and the results sent back
+    in the next request; one that stops for `pause_turn` is sent back to be continued. At most
+    `job.max_tool_rounds` requests follow the first; past that the answer ends with the last response's stop
+    reason. Each request is retried under `retry` until its first content. The `cost` is the exact sum over
+    the requests. The stream ends only once the answer is saved; see SavePolicy for a database that cannot
+    take it yet.
     """
     retry = retry or RetryPolicy()
     outcome = outcome or Outcome()
@@ -442,47 +473,38 @@ async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStr
     context = job.context
     stream.append(Start(job.stream_id, job.conversation_id, job.request.model, job.message_id, job.parent_id,
                         job.user_message_id, context.plan.dropped if context is not None else 0))
-    stream.reply = _reply_state(job)
+    answer = AnswerState(_reply_state(job))
+    stream.reply = answer
     status = Status.COMPLETE
     failure: RelayError | None = None
-    attempt, waited = 0, 0.0
-    refit = False  # the one retry with a shorter history after the upstream refused the request for length
     try:
         if stream.stop_status is not None:  # cancelled before the core began
             raise asyncio.CancelledError
         if context is not None and context.near_limit():
             job = await _counted(job, context, upstream)
-        while True:
-            attempt_reply = _reply_state(job)
-            stream.reply = attempt_reply
-            try:
-                await _relay_attempt(job, upstream, stream, attempt_reply, outcome)
-                if context is not None:
-                    usage = attempt_reply.usage
-                    counted = usage.input_tokens + usage.cache_creation_input_tokens + usage.cache_read_input_tokens
-                    if counted:
-                        context.learn(counted)
+        job = await _round(job, upstream, stream, answer, retry, outcome, first=True)
+        rounds = 0
+        while rounds < job.max_tool_rounds:
+            reply = answer.current
+            calls = reply.tool_calls() if reply.stop_reason == "tool_use" and job.tools is not None else []
+            if calls and job.tools is not None:
+                answer.record()
+                answer.tools_running = True
+                results = await job.tools.run(calls, job.conversation_id, job.message_id, job.user_id,
+                                              job.user_name)
+                for result in results:
+                    stream.append(result)
+                outcome.tool_calls += len(results)
+                outcome.tool_errors += sum(1 for result in results if result.is_error)
+                answer.tool_calls, answer.tool_errors = outcome.tool_calls, outcome.tool_errors
+                answer.record("user", [tool_result_block(result) for result in results])
+            elif reply.stop_reason == "pause_turn":
+                answer.record()  # a server tool's long turn: sent back as it is, the API goes on with it
+            else:
                 break
-            except RelayError as exc:
-                if isinstance(exc, UpstreamError):
-                    outcome.upstream_errors.append(exc.code)
-                if exc.code == "context_too_long" and context is not None and not attempt_reply.has_content:
-                    shorter = _refit(context, exc, refit)
-                    if shorter is not None:
-                        refit = True
-                        job = replace(job, request=replace(job.request, messages=shorter))
-                        log.info("stream %s: the upstream refused the request for length; retrying without the"
-                                 " oldest %d messages", job.stream_id, context.plan.dropped)
-                        continue
-                # Once a delta went out, a retry would repeat text: only a clean failure is retried.
-                delay = retry.delay(attempt, exc.retry_after)
-                if not exc.retryable or attempt_reply.has_content or attempt >= retry.attempts \
-                        or waited + delay > retry.max_wait:
-                    raise
-                attempt, waited = attempt + 1, waited + delay
-                outcome.retries = attempt
-                log.info("stream %s: upstream %s, retry %d in %.2fs", job.stream_id, exc.code, attempt, delay)
-                await asyncio.sleep(delay)
+            rounds += 1
+            answer.next_round(_reply_state(job, reply.citation_count))
+            await _round(job, upstream, stream, answer, retry, outcome)
     except RelayError as exc:
         # A failure's words reach a user in this stream's `error` event: whichever path made them (an HTTP
         # error body, an `error` event mid-stream) and whatever of the key they echo, the key stops here.
@@ -498,13 +520,12 @@ async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStr
         status, failure = Status.ERROR, RelayError("internal error while relaying the answer")
 
     stream.finalizing = True
-    reply = stream.reply
     finished = status is Status.COMPLETE
-    cost = reply.cost_event(estimated=not finished)
-    if not finished and reply.has_content:
+    cost = answer.cost_event(estimated=not finished)
+    if finished or answer.has_content:
         stream.append(cost)
     failing: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # set at its first failure
-    record = _added(job.base, _record(reply, status, cost, failure))
+    record = _added(job.base, _record(answer, status, cost, failure))
     saving = asyncio.ensure_future(_save(store, job, record, save, failing))
     await _wait(saving, None, failing)
     told = False
@@ -535,12 +556,12 @@ async def run_stream(job: Job, upstream: Upstream, store: Store, stream: LiveStr
         log.warning("stream %s: message %s is saved after all", job.stream_id, job.message_id)
     if not told:
         stream.append(_ending(job, status, failure if problem is not None or status is Status.ERROR else None,
-                              reply, message_id))
+                              answer, message_id))
     outcome.status = status
     outcome.cost = cost
     if outcome.error_code is None:
         outcome.error_code = failure.code if failure is not None else None
-    outcome.chunks = reply.chunk_count
+    outcome.chunks = answer.chunk_count
     outcome.finished_at = time.monotonic()
     return outcome
 
@@ -579,13 +600,74 @@ async def save_orphan(store: Store, orphan: Orphan) -> bool:
     return True
 
 
-async def _relay_attempt(job: Job, upstream: Upstream, stream: LiveStream, reply: ReplyState,
+async def _round(job: Job, upstream: Upstream, stream: LiveStream, answer: AnswerState, retry: RetryPolicy,
+                 outcome: Outcome, first: bool = False) -> Job:
+    """One upstream request of the answer into `answer.current`, retried (under `retry`) until it sent content;
+    `job` as it stands after (the first request may be refit to a shorter history).
+
+    Raises:
+        RelayError: the request failed and is not retried.
+    """
+    context = job.context if first else None
+    attempt, waited = 0, 0.0
+    refit = False  # the one retry with a shorter history after the upstream refused the request for length
+    while True:
+        attempt_reply = answer.current
+        request = job.request if first else replace(job.request, messages=_with_rounds(job.request.messages,
+                                                                                       answer.messages))
+        try:
+            await _relay_attempt(request, upstream, stream, attempt_reply, outcome)
+            if context is not None:
+                usage = attempt_reply.usage
+                counted = usage.input_tokens + usage.cache_creation_input_tokens + usage.cache_read_input_tokens
+                if counted:
+                    context.learn(counted)
+            return job
+        except RelayError as exc:
+            if isinstance(exc, UpstreamError):
+                outcome.upstream_errors.append(exc.code)
+            if exc.code == "context_too_long" and context is not None and not attempt_reply.has_content:
+                shorter = _refit(context, exc, refit)
+                if shorter is not None:
+                    refit = True
+                    job = replace(job, request=replace(job.request, messages=shorter))
+                    answer.retry(_reply_state(job))
+                    log.info("stream %s: the upstream refused the request for length; retrying without the"
+                             " oldest %d messages", job.stream_id, context.plan.dropped)
+                    continue
+            # Once a delta went out, a retry would repeat text: only a clean failure is retried.
+            delay = retry.delay(attempt, exc.retry_after)
+            if not exc.retryable or attempt_reply.has_content or attempt >= retry.attempts \
+                    or waited + delay > retry.max_wait:
+                raise
+            attempt, waited = attempt + 1, waited + delay
+            outcome.retries += 1
+            log.info("stream %s: upstream %s, retry %d in %.2fs", job.stream_id, exc.code, attempt, delay)
+            await asyncio.sleep(delay)
+            answer.retry(_reply_state(job, _earlier_citations(answer)))
+
+
+def _earlier_citations(answer: AnswerState) -> int:
+    """The citations of the rounds before the current one: where the current round's numbering starts."""
+    return answer.rounds[-2].citation_count if len(answer.rounds) > 1 else 0
+
+
+def _with_rounds(messages: list[dict[str, Any]], rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The history followed by the answer's messages so far, same-role neighbours merged (a continue's prefill
+    and the first round's content are one assistant turn)."""
+    merged = list(messages)
+    for message in rounds:
+        append_message(merged, message["role"], message["content"])
+    return merged
+
+
+async def _relay_attempt(request: UpstreamRequest, upstream: Upstream, stream: LiveStream, reply: ReplyState,
                          outcome: Outcome) -> None:
     # No await in this loop but the upstream's own: the upstream's deadlines
     # (asyncio.timeout inside its generator) must only ever interrupt its reads.
     append = stream.append
     # aclosing: leaving at message_stop closes the upstream response now, not when the generator is collected.
-    async with contextlib.aclosing(upstream.events(job.request)) as upstream_events:
+    async with contextlib.aclosing(upstream.events(request)) as upstream_events:
         async for upstream_event in upstream_events:
             for event in reply.feed(upstream_event.event, upstream_event.data):
                 append(event)
@@ -597,12 +679,14 @@ async def _relay_attempt(job: Job, upstream: Upstream, stream: LiveStream, reply
 
 
 
-def _reply_state(job: Job) -> ReplyState:
-    """A new ReplyState for one attempt at `job`, its cost event carrying the attempt's context plan."""
+def _reply_state(job: Job, citation_base: int = 0) -> ReplyState:
+    """A new ReplyState for one attempt at `job`, its cost event carrying the attempt's context plan, its
+    citations numbered after the `citation_base` the answer's earlier rounds made."""
     context = job.context
     if context is None:
-        return ReplyState(job.request.model)
-    return ReplyState(job.request.model, context.plan.context_window, context.plan.dropped)
+        return ReplyState(job.request.model, citation_base=citation_base)
+    return ReplyState(job.request.model, context.plan.context_window, context.plan.dropped,
+                      citation_base=citation_base)
 
 
 async def _counted(job: Job, context: Fitting, upstream: Upstream) -> Job:
@@ -638,7 +722,7 @@ def _refit(context: Fitting, exc: RelayError, retried: bool) -> list[dict[str, A
     return plan.messages if plan.dropped > before else None
 
 
-def _ending(job: Job, status: Status, failure: RelayError | None, reply: ReplyState,
+def _ending(job: Job, status: Status, failure: RelayError | None, reply: AnswerState,
             message_id: str | None) -> RelayEvent:
     """The stream's last event: `done`, or the `error` that ended it."""
     if failure is not None:
@@ -648,8 +732,18 @@ def _ending(job: Job, status: Status, failure: RelayError | None, reply: ReplySt
     return Done(job.conversation_id, message_id, "cancelled" if status is Status.CANCELLED else reply.stop_reason)
 
 
-def _record(reply: ReplyState, status: Status, cost: Cost, failure: RelayError | None) -> Reply:
-    """What is saved of an answer that ended with `status`."""
+#: The result saved for a tool call that was never run, so the next turn's history pairs it (AnswerState.blocks).
+_UNANSWERED = {
+    Status.COMPLETE: "not run: the answer reached its limit of tool rounds",
+    Status.CANCELLED: "not run: the answer was cancelled",
+    Status.INTERRUPTED: "not run: the server stopped",
+    Status.ERROR: "not run: the answer ended with an error",
+}
+
+
+def _record(reply: AnswerState, status: Status, cost: Cost, failure: RelayError | None) -> Reply:
+    """What is saved of an answer that ended with `status`: every round's text joined, usage and cost summed,
+    and the rounds' API messages (None for one round of plain text: such a row is its text alone)."""
     usage = reply.usage
     return Reply(
         content=reply.text,
@@ -665,23 +759,34 @@ def _record(reply: ReplyState, status: Status, cost: Cost, failure: RelayError |
         cost_estimated=cost.estimated,
         error_code=failure.code if failure is not None else None,
         finished_at=now(),
+        blocks=reply.blocks(_UNANSWERED.get(status, _UNANSWERED[Status.ERROR])),
     )
 
 
 def _added(base: Reply | None, reply: Reply) -> Reply:
-    """`reply` appended to the answer it continues (`base`): text joined, tokens and exact costs summed."""
+    """`reply` appended to the answer it continues (`base`): text joined, tokens and exact costs summed, blocks
+    (when either has them) the base's messages followed by the reply's, same-role neighbours merged."""
     if base is None:
         return reply
     costs = [cost for cost in (base.cost, reply.cost) if cost is not None]
+    blocks: list[dict[str, Any]] | None = None
+    if base.blocks is not None or reply.blocks is not None:
+        blocks = []
+        for part, text in ((base.blocks, base.content), (reply.blocks, reply.content)):
+            messages: list[dict[str, Any]] = part if part is not None else [
+                {"role": "assistant", "content": [{"type": "text", "text": text}]}] if text else []
+            for message in messages:
+                append_message(blocks, message["role"], message["content"])
     return replace(
         reply, content=base.content + reply.content, thinking=base.thinking + reply.thinking,
         input_tokens=base.input_tokens + reply.input_tokens, output_tokens=base.output_tokens + reply.output_tokens,
         cache_creation_input_tokens=base.cache_creation_input_tokens + reply.cache_creation_input_tokens,
         cache_read_input_tokens=base.cache_read_input_tokens + reply.cache_read_input_tokens,
-        cost=sum(costs, Decimal(0)) if costs else None, cost_estimated=base.cost_estimated or reply.cost_estimated)
+        cost=sum(costs, Decimal(0)) if costs else None, cost_estimated=base.cost_estimated or reply.cost_estimated,
+        blocks=blocks)
 
 
-def _partial(reply: ReplyState) -> Reply:
+def _partial(reply: AnswerState) -> Reply:
     """What is saved of an answer still being written: its text so far, costed as a cancel now would be."""
     cost = reply.cost_event(estimated=True)
     return Reply(

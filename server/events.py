@@ -97,6 +97,19 @@ class Cost:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolResult:
+    """What the app's toolsUrl answered for one tool call (or the error that stood in for an answer)."""
+
+    name: ClassVar[str] = "tool_result"
+    id: str
+    is_error: bool
+    content: str | list[Any]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "isError": self.is_error, "content": self.content}
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
     name: ClassVar[str] = "done"
     conversation_id: str
@@ -137,7 +150,7 @@ def error_event(exc: RelayError) -> Error:
     return Error(exc.code, exc.message, exc.retryable, exc.retry_after, exc.message_id, exc.details)
 
 
-RelayEvent = Start | Chunk | Thinking | Cost | Done | Error
+RelayEvent = Start | Chunk | Thinking | Cost | ToolResult | Done | Error
 
 TERMINAL_EVENTS = frozenset({"done", "error"})
 

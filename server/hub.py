@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from .errors import GoneError, NotFoundError
 from .events import TERMINAL_EVENTS, RelayEvent, encode_data
-from .protocol.anthropic import ReplyState
+from .protocol.answer import AnswerState
 
 log = logging.getLogger("deltarelay.hub")
 
@@ -429,7 +429,7 @@ class LiveStream:
         self.stop_status: str | None = None
         self.running = False  # the core has begun: a cancel can be delivered into it
         self.finalizing = False  # the core is saving and ending the stream: too late to cancel
-        self.reply: ReplyState | None = None  # the core's state of the current attempt
+        self.reply: AnswerState | None = None  # the core's state of the answer, its upstream requests so far
         self.sink: Sink | None = None  # where else every event goes (Redis), None for one instance
         # A mirror's readers whose cursor is a few events ahead of what has arrived yet: (cursor, future).
         self.cursor_waiters: list[tuple[int, asyncio.Future[None]]] = []

@@ -66,6 +66,8 @@ class Metrics:
         self.cache_savings = Counter("deltarelay_cache_savings_dollars",
                                      "What cache reads saved against uncached input, in US dollars", ["model"],
                                      registry=registry)
+        self.tool_calls = Counter("deltarelay_tool_calls", "Calls to the agents' own tools, by result (ok, error)",
+                                  ["result"], registry=registry)
         self.chunks_finished = 0
         self.readers = {transport: self.active_streams.labels(transport) for transport in ("sse", "websocket")}
 

@@ -112,8 +112,8 @@ class ReplyState:
             the upstream does not name its model in message_start.
     """
 
-    def __init__(self, requested_model: str, context_window: int | None = None, truncated_messages: int = 0
-                 ) -> None:
+    def __init__(self, requested_model: str, context_window: int | None = None, truncated_messages: int = 0,
+                 citation_base: int = 0) -> None:
         self.requested_model = requested_model
         # Carried into the cost event (contextWindow, truncatedMessages): what the core planned for this request.
         self.context_window = context_window
@@ -129,6 +129,11 @@ class ReplyState:
         self._blocks: dict[int, str] = {}
         self._usage: dict[str, int] = {}
         self._output_tokens_final = False
+        # Stand-in (replaced by the decoder's): each block as the API would take it back, and which stopped.
+        self.citation_count = citation_base
+        self._content: dict[int, dict[str, Any]] = {}
+        self._partial_json: dict[int, list[str]] = {}
+        self._stopped: set[int] = set()
 
     def feed(self, event_type: str, data: str) -> list[RelayEvent]:
         """The relay events for one upstream SSE event.
@@ -156,10 +161,17 @@ class ReplyState:
                     if text:
                         self._text.add(text)
                         self.chunk_count += 1
+                        block = self._content.get(payload["index"])
+                        if block is not None:
+                            block["text"] += text
                         return [Chunk(text)]
                     return []
+                self._other_block_delta(payload["index"], delta_type, delta)
                 return self._other_delta(delta_type, delta)
-            if kind == "ping" or kind == "content_block_stop":
+            if kind == "ping":
+                return []
+            if kind == "content_block_stop":
+                self._block_stop(payload["index"])
                 return []
             if kind == "content_block_start":
                 return self._block_start(payload["index"], payload["content_block"])
@@ -173,7 +185,7 @@ class ReplyState:
                 if self.finished:
                     return []
                 self.finished = True
-                return [self.cost_event()]
+                return []
             if kind == "error":
                 raise _stream_error(payload.get("error"))
         except (KeyError, TypeError, AttributeError):
@@ -195,9 +207,62 @@ class ReplyState:
         # signature_delta, citations_delta and unknown delta types: nothing to relay.
         return []
 
+    def _other_block_delta(self, index: int, delta_type: str, delta: dict[str, Any]) -> None:
+        block = self._content.get(index)
+        if block is None:
+            return
+        if delta_type == "thinking_delta":
+            block["thinking"] = block.get("thinking", "") + str(delta["thinking"])
+        elif delta_type == "signature_delta":
+            block["signature"] = block.get("signature", "") + str(delta["signature"])
+        elif delta_type == "input_json_delta":
+            self._partial_json.setdefault(index, []).append(str(delta.get("partial_json", "")))
+        elif delta_type == "citations_delta":
+            block.setdefault("citations", []).append(delta["citation"])
+            self.citation_count += 1
+
+    def _block_stop(self, index: int) -> None:
+        block = self._content.get(index)
+        if block is None:
+            return
+        self._stopped.add(index)
+        if block["type"] in ("tool_use", "server_tool_use") and index in self._partial_json:
+            joined = "".join(self._partial_json.pop(index))
+            try:
+                block["input"] = orjson.loads(joined) if joined.strip() else {}
+            except orjson.JSONDecodeError:
+                raise ProtocolError("the upstream sent a tool call whose input is not JSON") from None
+
+    def content_blocks(self) -> list[dict[str, Any]]:
+        """This response's content in the API's shape, to send back as an assistant message: the blocks
+        whose content_block_stop arrived, and a trailing text block cut short (a cancelled answer)."""
+        blocks = []
+        for index in sorted(self._content):
+            block = self._content[index]
+            if index in self._stopped or (block["type"] == "text" and index == max(self._content)):
+                if block["type"] == "text" and not block.get("citations"):
+                    block = {"type": "text", "text": block["text"]}
+                blocks.append(block)
+        return blocks
+
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """The completed client tool calls, `{id, name, input}`, in order."""
+        return [{"id": block["id"], "name": block["name"], "input": block.get("input", {})}
+                for index, block in sorted(self._content.items())
+                if block["type"] == "tool_use" and index in self._stopped]
+
     def _block_start(self, index: int, block: dict[str, Any]) -> list[RelayEvent]:
         block_type = block["type"]
         self._blocks[index] = block_type
+        kept = dict(block)
+        if block_type == "text":
+            kept["text"] = str(block.get("text") or "")
+            if isinstance(block.get("citations"), list):
+                self.citation_count += len(block["citations"])
+        elif block_type == "thinking":
+            kept["thinking"] = str(block.get("thinking") or "")
+            kept.setdefault("signature", "")
+        self._content[index] = kept
         if block_type == "text":
             text = block.get("text")
             if isinstance(text, str) and text:

@@ -46,19 +46,36 @@ class UpstreamRequest:
     metadata: dict[str, str] = field(default_factory=dict)
     #: "off", "5m" or "1h": the cache breakpoints body() marks (server/protocol/caching.py).
     prompt_cache: str = "off"
+    #: Tool definitions in the API's form: server tools (web_search, web_fetch) first, then the app's.
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    #: Extended thinking, `{"type": "enabled", "budget_tokens": N}` (N < max_tokens); None: off.
+    thinking: dict[str, Any] | None = None
+    #: anthropic-beta values, sent as one comma-separated header.
+    betas: tuple[str, ...] = ()
 
-    def body(self) -> bytes:
-        payload: dict[str, Any] = {
-            "model": self.model,
-            "max_tokens": self.max_tokens,
-            "messages": self.messages,
-            "stream": True,
-        }
+    def payload(self, stream: bool = True) -> dict[str, Any]:
+        """The request body as data. The API reads the cached prefix as tools, system, messages: body() marks
+        the system prompt and the newest user message (caching.py), so a system breakpoint covers the tools."""
+        payload: dict[str, Any] = {"model": self.model, "max_tokens": self.max_tokens, "messages": self.messages}
+        if stream:
+            payload["stream"] = True
+        if self.tools:
+            payload["tools"] = self.tools
         if self.system:
             payload["system"] = self.system
+        if self.thinking is not None:
+            payload["thinking"] = self.thinking
+        return payload
+
+    def body(self) -> bytes:
+        payload = self.payload()
         if self.prompt_cache != "off":
             payload = cache_marked(payload, self.prompt_cache)
         return orjson.dumps(payload)
+
+    def extra_headers(self) -> dict[str, str]:
+        """The headers this request adds to the upstream's fixed ones: anthropic-beta when it has betas."""
+        return {"anthropic-beta": ",".join(self.betas)} if self.betas else {}
 
 
 class AnthropicUpstream:
@@ -107,11 +124,14 @@ class AnthropicUpstream:
         self.http1 = self.transport if isinstance(self.transport, Http1Transport) else None
         self.head = request_head(self.url, self.headers)
 
-    async def _send(self, body: bytes) -> Any:
-        """The response (status, headers, body stream, aclose) to one POST of `body`."""
+    async def _send(self, body: bytes, extra: dict[str, str] | None = None) -> Any:
+        """The response (status, headers, body stream, aclose) to one POST of `body`, with `extra` headers
+        (anthropic-beta) besides the fixed ones."""
         if self.http1 is not None:
-            return await self.http1.send(self.url, self.head + b"%d\r\n\r\n" % len(body), body)
-        http_request = httpx.Request("POST", self.url, headers=self.headers, content=body, extensions=self.extensions)
+            head = self.head if not extra else request_head(self.url, self.headers, extra)
+            return await self.http1.send(self.url, head + b"%d\r\n\r\n" % len(body), body)
+        headers = {**self.headers, **extra} if extra else self.headers
+        http_request = httpx.Request("POST", self.url, headers=headers, content=body, extensions=self.extensions)
         return await self.transport.handle_async_request(http_request)
 
     @property
@@ -147,11 +167,11 @@ class AnthropicUpstream:
         """The request's input tokens as the Messages API counts them (POST /v1/messages/count_tokens, free,
         rate-limited apart from messages: https://platform.claude.com/docs/en/build-with-claude/token-counting);
         None when the count fails or takes longer than COUNT_TIMEOUT (the caller keeps its estimate)."""
-        payload: dict[str, Any] = {"model": request.model, "messages": request.messages}
-        if request.system:
-            payload["system"] = request.system
+        payload = request.payload(stream=False)
+        del payload["max_tokens"]  # counting takes no output limit
         http_request = httpx.Request("POST", httpx.URL(self.base_url + "/v1/messages/count_tokens"),
-                                     headers=self.headers, content=orjson.dumps(payload), extensions=self.extensions)
+                                     headers={**self.headers, **request.extra_headers()},
+                                     content=orjson.dumps(payload), extensions=self.extensions)
         try:
             async with asyncio.timeout(COUNT_TIMEOUT):
                 response = await self.transport.handle_async_request(http_request)
@@ -182,7 +202,7 @@ class AnthropicUpstream:
         waiting_for_first = True
         try:
             async with asyncio.timeout(settings.connect_timeout + settings.first_event_timeout) as deadline:
-                response = await self._send(request.body())
+                response = await self._send(request.body(), request.extra_headers())
                 try:
                     if response.status_code != 200:
                         body = await _read_at_most(response.stream, MAX_ERROR_BODY)
