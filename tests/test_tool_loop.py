@@ -1,0 +1,367 @@
+"""The tool loop in the one streaming core: a real Relay and SQLite, the Messages API a FakeUpstream replaying
+recorded tool_use streams, and the app's toolsUrl a real HTTP server on loopback that checks each call's
+HMAC signature."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from server.config import Agent
+from server.core import Relay
+from server.protocol.frames import SendMessage
+
+from .fakes import (
+    FakeUpstream,
+    RecordedRequest,
+    SSEAnswer,
+    anthropic_events,
+    collect,
+    collect_until,
+    relay_in_process,
+)
+from .raw_upstream import Server
+
+STREAMS = Path(__file__).parent / "data" / "anthropic-streams"
+SECRET = "tools-secret-of-the-test-app"
+WEATHER = {"name": "get_weather", "description": "The weather at a place",
+           "input_schema": {"type": "object", "properties": {"location": {"type": "string"}},
+                            "required": ["location"]}}
+
+
+def recorded(name: str) -> SSEAnswer:
+    """A recorded real stream, replayed as one HTTP chunk."""
+    return SSEAnswer([(STREAMS / f"{name}.sse").read_bytes()])
+
+
+def text_answer(texts: list[str], **script: Any) -> SSEAnswer:
+    return SSEAnswer(anthropic_events(texts, **script))
+
+
+ToolReply = tuple[int, bytes] | None  # None: never answer (the call hangs until the relay lets go)
+
+
+class ToolServer:
+    """The app's toolsUrl on 127.0.0.1: each POST is recorded with whether its signature verified, and
+    answered by `respond(call)` (HTTP status and body), one request per connection."""
+
+    def __init__(self, respond: Callable[[dict[str, Any]], ToolReply]) -> None:
+        self.respond = respond
+        self.bodies: list[bytes] = []
+        self.headers: list[dict[str, str]] = []
+        self.bad_signatures = 0
+        self.called = asyncio.Event()
+        self.closed = asyncio.Event()  # a hanging call's connection was closed by the relay
+        self.server = Server(self._serve)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}/tools"
+
+    async def __aenter__(self) -> ToolServer:
+        await self.server.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.server.__aexit__(*exc)
+        assert self.bad_signatures == 0, "a tool call arrived without a valid X-Deltarelay-Signature"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {name.strip().lower(): value.strip() for name, _, value in
+                   (line.partition(":") for line in lines[1:] if line)}
+        body = await reader.readexactly(int(headers["content-length"]))
+        expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(headers.get("x-deltarelay-signature", ""), expected):
+            self.bad_signatures += 1
+        self.bodies.append(body)
+        self.headers.append(headers)
+        self.called.set()
+        reply = self.respond(orjson.loads(body)["call"])
+        if reply is None:
+            while await reader.read(1024):
+                pass
+            self.closed.set()
+            return
+        status, content = reply
+        writer.write(b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close"
+                     b"\r\n\r\n%s" % (status, len(content), content))
+        await writer.drain()
+
+
+def ok(content: Any, is_error: bool = False) -> ToolReply:
+    return 200, orjson.dumps({"content": content, "isError": is_error})
+
+
+def agent(tools_url: str, model: str = "claude-opus-4-1", **fields: Any) -> Agent:
+    return Agent("weather", model, max_tokens=2048, prompt_cache="off", tools=(WEATHER,), tools_url=tools_url,
+                 **fields)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    async with FakeUpstream() as fake:
+        yield fake
+
+
+async def run(relay: Relay, text: str = "What's the weather in San Francisco?", **command: Any
+              ) -> list[tuple[int, str, dict[str, Any]]]:
+    stream = await relay.start(SendMessage(text, agent_id="weather", **command))
+    return await collect(relay.hub, stream.id)
+
+
+def names(events: list[tuple[int, str, dict[str, Any]]]) -> list[str]:
+    return [name for _, name, _ in events]
+
+
+def messages_of(request: RecordedRequest) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = request.json()["messages"]
+    return messages
+
+
+async def saved(relay: Relay, events: list[tuple[int, str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    return await relay.store.list_messages(events[0][2]["conversationId"])
+
+
+async def test_two_round_loop_calls_the_signed_tool_and_sends_its_result_back(tmp_path, upstream):
+    """One start, one cost, one done over two upstream requests; the app gets exactly the documented body,
+    signed; the second request carries the first round's content and the result, paired by tool_use_id."""
+    async with ToolServer(lambda call: ok("15 degrees and foggy")) as tools:
+        upstream.answer(recorded("docs_tool_use"),
+                        text_answer(["It is 15 degrees", " and foggy."], model="claude-opus-4-1",
+                                    input_tokens=600, output_tokens=20))
+        async with relay_in_process(tmp_path, upstream, agents=(agent(tools.url),), tools_secret=SECRET) as relay:
+            events = await run(relay)
+            rows = await saved(relay, events)
+
+    assert names(events).count("start") == 1 and names(events).count("done") == 1
+    assert names(events).count("cost") == 1 and names(events)[-2:] == ["cost", "done"]
+    result = next(data for _, name, data in events if name == "tool_result")
+    assert result == {"id": "toolu_01T1x1fJ34qAmk2tNTrN7Up6", "isError": False, "content": "15 degrees and foggy"}
+    assert events[-1][2]["stopReason"] == "end_turn"
+    # The app's request: exactly these bytes were signed and sent.
+    assert tools.bodies == [orjson.dumps({
+        "conversationId": events[0][2]["conversationId"], "messageId": events[0][2]["messageId"],
+        "user": {"id": None, "name": "anonymous"},
+        "call": {"id": "toolu_01T1x1fJ34qAmk2tNTrN7Up6", "name": "get_weather",
+                 "input": {"location": "San Francisco, CA", "unit": "fahrenheit"}}})]
+    assert tools.headers[0]["content-type"] == "application/json"
+    first, second = upstream.requests
+    assert first.json()["tools"] == [WEATHER]
+    assistant = {"role": "assistant", "content": [
+        {"type": "text", "text": "Okay, let's check the weather for San Francisco, CA:"},
+        {"type": "tool_use", "id": "toolu_01T1x1fJ34qAmk2tNTrN7Up6", "name": "get_weather",
+         "input": {"location": "San Francisco, CA", "unit": "fahrenheit"}}]}
+    results = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01T1x1fJ34qAmk2tNTrN7Up6",
+                                            "content": "15 degrees and foggy", "is_error": False}]}
+    assert messages_of(second) == [*messages_of(first), assistant, results]
+    answer = rows[1]
+    assert answer["content"] == "Okay, let's check the weather for San Francisco, CA:It is 15 degrees and foggy."
+    assert orjson.loads(answer["blocks"]) == [
+        assistant, results,
+        {"role": "assistant", "content": [{"type": "text", "text": "It is 15 degrees and foggy."}]}]
+
+
+async def test_cost_is_the_sum_of_the_rounds_usage_priced_by_hand(tmp_path, upstream):
+    """claude-opus-4-1 is $15 per million input tokens and $75 per million output: round one (the recording)
+    472 in, 89 out; round two 600 in, 20 out. Mutation: pricing only the last round fails it."""
+    async with ToolServer(lambda call: ok("15 degrees")) as tools:
+        upstream.answer(recorded("docs_tool_use"),
+                        text_answer(["Fifteen."], model="claude-opus-4-1", input_tokens=600, output_tokens=20))
+        async with relay_in_process(tmp_path, upstream, agents=(agent(tools.url),), tools_secret=SECRET) as relay:
+            events = await run(relay)
+            rows = await saved(relay, events)
+    by_hand = (Decimal(472) * 15 + Decimal(89) * 75 + Decimal(600) * 15 + Decimal(20) * 75) / 1_000_000
+    cost = next(data for _, name, data in events if name == "cost")
+    assert (cost["inputTokens"], cost["outputTokens"]) == (1072, 109)
+    assert cost["totalCost"] == by_hand == Decimal("0.024255")
+    assert "estimated" not in cost
+    assert Decimal(str(rows[1]["cost"])) == by_hand
+    assert (rows[1]["input_tokens"], rows[1]["output_tokens"]) == (1072, 109)
+
+
+async def test_the_saved_blocks_go_back_unchanged_in_the_next_turn(tmp_path, upstream):
+    async with ToolServer(lambda call: ok([{"type": "text", "text": "15 degrees"}])) as tools:
+        upstream.answer(recorded("docs_tool_use"), text_answer(["Fifteen."]), text_answer(["You're welcome."]))
+        async with relay_in_process(tmp_path, upstream, agents=(agent(tools.url),), tools_secret=SECRET) as relay:
+            events = await run(relay)
+            blocks = orjson.loads((await saved(relay, events))[1]["blocks"])
+            await run(relay, "Thanks!", conversation_id=events[0][2]["conversationId"])
+    third = messages_of(upstream.requests[2])
+    assert third == [messages_of(upstream.requests[0])[0], *blocks, {"role": "user", "content": "Thanks!"}]
+    assert third[2]["content"][0]["content"] == [{"type": "text", "text": "15 degrees"}]  # the app's blocks
+
+
+async def test_a_slow_tool_times_out_into_an_error_result_the_model_sees(tmp_path, upstream):
+    async with ToolServer(lambda call: None) as tools:
+        upstream.answer(recorded("docs_tool_use"), text_answer(["The weather service is slow."]))
+        async with relay_in_process(tmp_path, upstream, agents=(agent(tools.url),), tools_secret=SECRET,
+                                    tools_timeout=0.3) as relay:
+            events = await run(relay)
+        async with asyncio.timeout(10):
+            await tools.closed.wait()  # the relay gave up the call's connection
+    result = next(data for _, name, data in events if name == "tool_result")
+    assert result["isError"] is True
+    assert result["content"] == "the tool get_weather did not answer within 0.3 seconds"
+    sent = messages_of(upstream.requests[1])[-1]["content"]
+    assert sent == [{"type": "tool_result", "tool_use_id": "toolu_01T1x1fJ34qAmk2tNTrN7Up6",
+                     "content": result["content"], "is_error": True}]
+    assert events[-1][1] == "done" and events[-1][2]["stopReason"] == "end_turn"
+
+
+async def test_a_failing_tool_and_a_malformed_answer_become_error_results_in_call_order(tmp_path, upstream):
+    """The recording asks for two calls in one round: they run concurrently, a 500 and a body that is not
+    JSON, and each becomes an is_error result, in the calls' order."""
+    replies = {"c": (500, b'{"detail": "internal secret stack trace"}'), "f": (200, b"not json")}
+    async with ToolServer(lambda call: replies[call["input"]["units"]]) as tools:
+        upstream.answer(recorded("rec_sonnet35_text_then_tool_use"), text_answer(["Sorry, no weather."]))
+        async with relay_in_process(tmp_path, upstream,
+                                    agents=(agent(tools.url, model="claude-3-5-sonnet-20241022"),),
+                                    tools_secret=SECRET) as relay:
+            events = await run(relay)
+    results = [data for _, name, data in events if name == "tool_result"]
+    assert results == [
+        {"id": "toolu_01QYZ2sgjBq1oG8iryEt8QjR", "isError": True,
+         "content": "the tool get_weather failed: its endpoint answered HTTP 500"},
+        {"id": "toolu_01Lu9hbRKgrZqvHFutZxCNnZ", "isError": True,
+         "content": "the tool get_weather gave a malformed answer"}]
+    sent = messages_of(upstream.requests[1])[-1]["content"]
+    assert [(block["tool_use_id"], block["is_error"]) for block in sent] == [
+        ("toolu_01QYZ2sgjBq1oG8iryEt8QjR", True), ("toolu_01Lu9hbRKgrZqvHFutZxCNnZ", True)]
+    assert events[-1][2]["stopReason"] == "end_turn"
+
+
+async def test_the_app_may_answer_is_error_itself(tmp_path, upstream):
+    async with ToolServer(lambda call: ok("no such city", is_error=True)) as tools:
+        upstream.answer(recorded("docs_tool_use"), text_answer(["I could not find it."]))
+        async with relay_in_process(tmp_path, upstream, agents=(agent(tools.url),), tools_secret=SECRET) as relay:
+            events = await run(relay)
+            metrics = relay.metrics.render().decode()
+    assert next(data for _, name, data in events if name == "tool_result")["isError"] is True
+    assert messages_of(upstream.requests[1])[-1]["content"][0]["is_error"] is True
+    assert 'deltarelay_tool_calls_total{result="error"} 1.0' in metrics
+
+
+async def test_max_tool_rounds_ends_the_answer_with_the_last_stop_reason(tmp_path, upstream):
+    """With maxToolRounds 1 the second tool_use is not run: the answer ends `tool_use`, and its saved blocks
+    answer that call with an error result, so the next turn's history is one the API takes."""
+    async with ToolServer(lambda call: ok("15 degrees")) as tools:
+        upstream.answer(recorded("docs_tool_use"), recorded("docs_tool_use"))
+        async with relay_in_process(tmp_path, upstream, agents=(agent(tools.url, max_tool_rounds=1),),
+                                    tools_secret=SECRET) as relay:
+            events = await run(relay)
+            rows = await saved(relay, events)
+    assert len(upstream.requests) == 2 and len(tools.bodies) == 1
+    assert names(events).count("tool_result") == 1
+    assert events[-1][2]["stopReason"] == "tool_use"
+    blocks = orjson.loads(rows[1]["blocks"])
+    assert [message["role"] for message in blocks] == ["assistant", "user", "assistant", "user"]
+    assert blocks[-1]["content"] == [{"type": "tool_result", "tool_use_id": "toolu_01T1x1fJ34qAmk2tNTrN7Up6",
+                                      "content": "not run: the answer reached its limit of tool rounds",
+                                      "is_error": True}]
+    assert rows[1]["stop_reason"] == "tool_use" and rows[1]["status"] == "complete"
+
+
+async def test_pause_turn_is_sent_back_and_continued(tmp_path, upstream):
+    upstream.answer(text_answer(["Searching the web"], stop_reason="pause_turn"),
+                    text_answer([": it is sunny."]))
+    async with relay_in_process(tmp_path, upstream, agents=(agent("https://app.example/tools"),),
+                                tools_secret=SECRET) as relay:
+        events = await run(relay)
+        rows = await saved(relay, events)
+    first, second = upstream.requests
+    assert messages_of(second) == [*messages_of(first),
+                                   {"role": "assistant", "content": [{"type": "text", "text": "Searching the web"}]}]
+    assert events[-1][2]["stopReason"] == "end_turn"
+    assert rows[1]["content"] == "Searching the web: it is sunny."
+    assert rows[1]["blocks"] is None  # plain text in every round: the row's text says it all
+
+
+async def test_cancel_during_a_tool_call_closes_it_and_ends_done_cancelled_with_an_estimated_cost(
+        tmp_path, upstream):
+    async with ToolServer(lambda call: None) as tools:
+        upstream.answer(recorded("docs_tool_use"))
+        async with relay_in_process(tmp_path, upstream, agents=(agent(tools.url),), tools_secret=SECRET,
+                                    tools_timeout=30) as relay:
+            stream = await relay.start(SendMessage("weather?", agent_id="weather"))
+            async with asyncio.timeout(10):
+                await tools.called.wait()
+            assert relay.hub.cancel(stream.id) is True
+            events = await collect(relay.hub, stream.id)
+            rows = await saved(relay, events)
+            async with asyncio.timeout(10):
+                await tools.closed.wait()  # the cancel closed the tool call's connection
+    assert names(events)[-2:] == ["cost", "done"]
+    assert events[-1][2]["stopReason"] == "cancelled"
+    cost = events[-2][2]
+    assert cost["estimated"] is True and (cost["inputTokens"], cost["outputTokens"]) == (472, 89)
+    assert "tool_result" not in names(events)
+    assert len(upstream.requests) == 1
+    assert rows[1]["status"] == "cancelled" and rows[1]["cost_estimated"] == 1
+    blocks = orjson.loads(rows[1]["blocks"])
+    assert blocks[-1]["content"][0]["content"] == "not run: the answer was cancelled"
+
+
+async def test_a_plain_answer_saves_no_blocks_and_sends_no_tools_fields(tmp_path, upstream):
+    """An agent without tools or thinking: the request is as before (no tools, thinking or beta header), and the
+    answer's row keeps blocks NULL (old rows and new plain ones alike)."""
+    upstream.answer(text_answer(["Hello"]))
+    async with relay_in_process(tmp_path, upstream) as relay:
+        stream = await relay.start(SendMessage("hi"))
+        events = await collect(relay.hub, stream.id)
+        rows = await saved(relay, events)
+    body = upstream.requests[0].json()
+    assert "tools" not in body and "thinking" not in body
+    assert "anthropic-beta" not in upstream.requests[0].headers
+    assert rows[1]["blocks"] is None
+
+
+@pytest.mark.parametrize("transport", ["http1", "aiohttp", "httpx"])
+async def test_thinking_server_tools_and_betas_reach_the_api_on_every_transport(tmp_path, upstream, transport):
+    web = Agent("weather", "claude-opus-4-1", max_tokens=4096, prompt_cache="5m", thinking_budget=2048,
+                server_tools=({"type": "web_search_20250305", "name": "web_search", "max_uses": 5},
+                              {"type": "web_fetch_20250910", "name": "web_fetch"}),
+                tools=(WEATHER,), tools_url="https://app.example/tools", betas=("context-1m-2025-08-07",))
+    upstream.answer(text_answer(["Hi"]), text_answer(["Again"]))
+    async with relay_in_process(tmp_path, upstream, agents=(web,), tools_secret=SECRET,
+                                upstream_transport=transport) as relay:
+        await run(relay, "x" * 20_000)
+        stream = await relay.start(SendMessage("plain"))
+        await collect(relay.hub, stream.id)
+    first, plain = upstream.requests
+    body = first.json()
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 2048}
+    assert [tool["name"] for tool in body["tools"]] == ["web_search", "web_fetch", "get_weather"]
+    assert first.headers["anthropic-beta"] == "context-1m-2025-08-07,web-fetch-2025-09-10"
+    # The cache breakpoints still land on the system prompt / newest user message, never on a tool.
+    assert "cache_control" in body["messages"][-1]["content"][-1]
+    assert all("cache_control" not in tool for tool in body["tools"])
+    assert "anthropic-beta" not in plain.headers  # the header is per request, not left on the connection
+
+
+async def test_cancel_between_rounds_saves_both_rounds(tmp_path, upstream):
+    """A cancel while round two streams: round one's content and result are kept, round two's text so far."""
+    second = SSEAnswer(anthropic_events(["Fif", "teen", " never"])[:4], then="hang")
+    async with ToolServer(lambda call: ok("15 degrees")) as tools:
+        upstream.answer(recorded("docs_tool_use"), second)
+        async with relay_in_process(tmp_path, upstream, agents=(agent(tools.url),), tools_secret=SECRET) as relay:
+            stream = await relay.start(SendMessage("weather?", agent_id="weather"))
+            await collect_until(relay.hub, stream.id, lambda events: any(
+                name == "chunk" and data["text"] == "Fif" for _, name, data in events))
+            assert relay.hub.cancel(stream.id) is True
+            events = await collect(relay.hub, stream.id)
+            rows = await saved(relay, events)
+    assert events[-1][2]["stopReason"] == "cancelled"
+    assert rows[1]["content"] == "Okay, let's check the weather for San Francisco, CA:Fif"
+    blocks = orjson.loads(rows[1]["blocks"])
+    assert [message["role"] for message in blocks] == ["assistant", "user", "assistant"]
+    assert blocks[-1]["content"] == [{"type": "text", "text": "Fif"}]
