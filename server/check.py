@@ -254,7 +254,7 @@ def configuration(settings: Settings) -> dict[str, str | None]:
             text = "(empty)"
         elif f.name == "system_prompt":
             text = f"set ({len(value)} characters, not shown)"  # an operator's text, not ours to print
-        elif f.name == "jwt_secret":
+        elif f.name in ("jwt_secret", "tools_secret"):
             text = f"set ({len(value.encode())} bytes, not shown)"
         else:
             text = str(value)
@@ -271,7 +271,7 @@ def changed(settings: Settings) -> list[str]:
 
 def secrets_of(settings: Settings) -> list[str]:
     """The secrets the settings hold (API key, passwords in URLs), as written and percent-decoded."""
-    found = [settings.anthropic_api_key or "", settings.jwt_secret or ""]
+    found = [settings.anthropic_api_key or "", settings.jwt_secret or "", settings.tools_secret or ""]
     for url in (settings.database_url, settings.redis_url or ""):
         if "://" not in url:
             continue
@@ -301,7 +301,12 @@ def report(settings: Settings, checks: list[Check]) -> dict[str, Any]:
         "checks": [{"name": check.name, "ok": check.ok, "detail": check.detail} for check in checks],
         "configuration": configuration(settings),
         "agents": [{"id": agent.id, "model": agent.model, "maxTokens": agent.max_tokens,
-                    "systemPromptChars": len(agent.system), "promptCache": agent.prompt_cache}
+                    "systemPromptChars": len(agent.system), "promptCache": agent.prompt_cache,
+                    "thinkingBudget": agent.thinking_budget,
+                    "serverTools": [tool["name"] for tool in agent.server_tools],
+                    "tools": [tool["name"] for tool in agent.tools],
+                    "toolsUrl": masked_url(agent.tools_url) if agent.tools_url else None,
+                    "maxToolRounds": agent.max_tool_rounds}
                    for agent in settings.agents],
     }
 
@@ -318,8 +323,16 @@ def render(settings: Settings | None, checks: list[Check]) -> str:
         width = max(len(agent.id) for agent in settings.agents)
         for agent in settings.agents:
             system = f", system prompt of {len(agent.system)} characters" if agent.system else ""
+            extras = ""
+            if agent.thinking_budget is not None:
+                extras += f", thinking {agent.thinking_budget} tokens"
+            if agent.server_tools:
+                extras += ", " + " and ".join(tool["name"] for tool in agent.server_tools)
+            if agent.tools and agent.tools_url:
+                extras += (f", tools {', '.join(tool['name'] for tool in agent.tools)} at"
+                           f" {masked_url(agent.tools_url)} ({agent.max_tool_rounds} rounds at most)")
             lines.append(f"  {agent.id:<{width}}  model {agent.model}, max_tokens {agent.max_tokens}{system}"
-                         f", prompt cache {agent.prompt_cache}")
+                         f", prompt cache {agent.prompt_cache}{extras}")
     failed = [check.name for check in checks if not check.ok]
     lines += ["", f"not ready: {', '.join(failed)} failed" if failed else "ready"]
     return "\n".join(lines)

@@ -148,7 +148,8 @@ def test_an_up_to_date_sqlite_database_proves_its_writer_and_keeps_nothing(tmp_p
     assert "schema up to date" in database
     assert report["configuration"]["DATABASE_URL"] == url
     assert report["agents"] == [{"id": "default", "model": "deltarelay-offline", "maxTokens": 1024,
-                                 "systemPromptChars": 0, "promptCache": "5m"}]
+                                 "systemPromptChars": 0, "promptCache": "5m", "thinkingBudget": None,
+                                 "serverTools": [], "tools": [], "toolsUrl": None, "maxToolRounds": 8}]
     with sqlite3.connect(tmp_path / "relay.db") as db:
         assert db.execute("SELECT COUNT(*) FROM conversations").fetchone() == (0,)
 
@@ -346,3 +347,14 @@ async def test_the_mock_upstream_refuses_a_wrong_key_on_the_messages_api_too(mak
     assert events[-1][1] == "error" and events[-1][2]["code"] == "auth"
     good = make_server({"ANTHROPIC_API_KEY": API_KEY, "ANTHROPIC_BASE_URL": upstream.url})
     assert (await sse_stream(good.url, {"message": "hello"}))[-1][1] == "done"
+
+
+def test_the_tools_secret_is_never_shown_in_the_report():
+    """RELAY_TOOLS_SECRET signs every tool call: the configuration names its size only, and every line of the
+    report is scrubbed of it. Fails if check.configuration prints it as it does ordinary settings."""
+    from server.check import configuration, secrets_of
+    from server.config import load_settings
+
+    settings = load_settings({"RELAY_TOOLS_SECRET": "tools-secret-value-1234"})
+    assert configuration(settings)["RELAY_TOOLS_SECRET"] == "set (23 bytes, not shown)"
+    assert "tools-secret-value-1234" in secrets_of(settings)

@@ -172,3 +172,66 @@ def test_the_drivers_get_the_canonical_url_in_the_form_each_reads():
 ])
 def test_masked_urls_keep_everything_but_the_password(url, shown):
     assert masked_url(url) == shown
+
+
+TOOL = {"name": "get_weather", "description": "The weather", "input_schema": {"type": "object"}}
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"thinking": {"budgetTokens": 1000}}, "thinking budgetTokens must be at least 1024, got 1000"),
+    ({"thinking": {"budgetTokens": 4096}, "maxTokens": 4096},
+     "thinking budgetTokens (4096) must be less than maxTokens (4096)"),
+    ({"thinking": {"budget": 2000}}, "thinking must be {\"budgetTokens\": N} or false, got {'budget': 2000}"),
+    ({"serverTools": [{"type": "code_execution"}]},
+     "serverTools type must be web_search or web_fetch, got 'code_execution'"),
+    ({"serverTools": [{"type": "web_search", "maxUses": 0}]},
+     "serverTools web_search maxUses must be a whole number above 0, got 0"),
+    ({"tools": [{"description": "x", "input_schema": {}}], "toolsUrl": "https://app.example/t"},
+     "each tool needs a name"),
+    ({"tools": [{"name": "t"}], "toolsUrl": "https://app.example/t"},
+     "tool 't' needs an input_schema (a JSON schema object)"),
+    ({"tools": [TOOL]}, "tools need a toolsUrl, where the app runs them"),
+    ({"tools": [TOOL], "toolsUrl": "http://app.example/t"},
+     "toolsUrl must be an https:// URL (or http:// on a loopback address), got 'http://app.example/t'"),
+    ({"maxToolRounds": 0}, "maxToolRounds must be a whole number of at least 1, got 0"),
+])
+def test_each_tools_mistake_in_the_agents_file_stops_the_start_with_one_line(tmp_path, entry, message):
+    path = tmp_path / "agents.json"
+    path.write_text(json.dumps({"agents": [{"id": "helper", **entry}]}))
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"RELAY_AGENTS_FILE": str(path), "RELAY_TOOLS_SECRET": "s"})
+    assert str(caught.value) == f"RELAY_AGENTS_FILE {str(path)!r} is not a valid agents file: agent 'helper': {message}"
+    assert "\n" not in str(caught.value)
+
+
+def test_agent_tools_thinking_and_server_tools_are_read_in_the_api_form(tmp_path):
+    path = tmp_path / "agents.json"
+    path.write_text(json.dumps({"agents": [{
+        "id": "helper", "maxTokens": 8000, "thinking": {"budgetTokens": 2048},
+        "serverTools": [{"type": "web_search", "maxUses": 5, "allowedDomains": ["example.com"]},
+                        {"type": "web_fetch"}],
+        "tools": [{"name": "t", "inputSchema": {"type": "object"}}], "toolsUrl": "http://127.0.0.1:9000/tools",
+        "maxToolRounds": 3, "betas": ["context-1m-2025-08-07"]}]}))
+    settings = load_settings({"RELAY_AGENTS_FILE": str(path), "RELAY_TOOLS_SECRET": "s", "RELAY_TOOLS_TIMEOUT": "2.5"})
+    agent = settings.agent("helper")
+    assert agent is not None
+    assert agent.thinking_budget == 2048 and agent.max_tool_rounds == 3
+    assert agent.request_tools == [
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 5, "allowed_domains": ["example.com"]},
+        {"type": "web_fetch_20250910", "name": "web_fetch"},
+        {"name": "t", "input_schema": {"type": "object"}}]
+    assert agent.request_betas == ("context-1m-2025-08-07", "web-fetch-2025-09-10")
+    assert (settings.tools_secret, settings.tools_timeout) == ("s", 2.5)
+    assert settings.agent(None).tools == () and settings.agent(None).thinking_budget is None
+
+
+def test_tools_without_a_tools_secret_stop_the_start(tmp_path):
+    path = tmp_path / "agents.json"
+    path.write_text(json.dumps({"agents": [{"id": "helper", "tools": [TOOL], "toolsUrl": "https://app.example/t"}]}))
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"RELAY_AGENTS_FILE": str(path)})
+    assert str(caught.value) == ("RELAY_TOOLS_SECRET must be set: agent helper has tools, and their calls are signed"
+                                 " with it")
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"RELAY_TOOLS_TIMEOUT": "0"})
+    assert str(caught.value) == "RELAY_TOOLS_TIMEOUT must be greater than 0, got '0'"
