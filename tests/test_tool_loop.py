@@ -12,6 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
@@ -29,6 +30,7 @@ from .fakes import (
     relay_in_process,
 )
 from .raw_upstream import Server
+from .relay_clients import sse_read, sse_stream, ws_stream
 
 STREAMS = Path(__file__).parent / "data" / "anthropic-streams"
 SECRET = "tools-secret-of-the-test-app"
@@ -365,3 +367,44 @@ async def test_cancel_between_rounds_saves_both_rounds(tmp_path, upstream):
     blocks = orjson.loads(rows[1]["blocks"])
     assert [message["role"] for message in blocks] == ["assistant", "user", "assistant"]
     assert blocks[-1]["content"] == [{"type": "text", "text": "Fif"}]
+
+
+# --- end to end: the real server process, over SSE and WebSocket -------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["sse", "websocket"])
+async def test_a_tool_loop_end_to_end_on_both_transports_with_an_exact_resume(tmp_path, upstream, make_server,
+                                                                              transport):
+    """`python -m server` with an agent whose tool runs at a signed loopback toolsUrl: one start, the tool's
+    result, the second round's text, one cost, one done; reading the stream again from the event before the
+    tool_result gives exactly the same tail; REST returns the saved blocks."""
+    async with ToolServer(lambda call: ok("15 degrees")) as tools:
+        upstream.answer(recorded("docs_tool_use"), text_answer(["It is 15 degrees."]))
+        agents = tmp_path / "agents.json"
+        agents.write_text(orjson.dumps({"agents": [{
+            "id": "weather", "model": "claude-opus-4-1", "maxTokens": 2048, "promptCache": "off",
+            "tools": [WEATHER], "toolsUrl": tools.url}]}).decode())
+        server = make_server({"ANTHROPIC_API_KEY": "sk-test-e2e", "ANTHROPIC_BASE_URL": upstream.base_url,
+                              "RELAY_AGENTS_FILE": str(agents), "RELAY_TOOLS_SECRET": SECRET})
+        body = {"message": "What's the weather in San Francisco?", "agentId": "weather"}
+        if transport == "sse":
+            events = await sse_stream(server.url, body)
+        else:
+            events = await ws_stream(server.ws_url, body)
+        start = events[0][2]
+        tail_from = next(event_id for event_id, name, _ in events if name == "tool_result") - 1
+        again = await sse_read(server.url, start["streamId"], last_event_id=tail_from)
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            listed = (await client.get(f"/api/conversations/{start['conversationId']}/messages")).json()
+    event_names = [name for _, name, _ in events]
+    assert event_names[0] == "start" and event_names[-2:] == ["cost", "done"]
+    assert event_names.count("start") == event_names.count("cost") == event_names.count("done") == 1
+    assert next(data for _, name, data in events if name == "tool_result") == {
+        "id": "toolu_01T1x1fJ34qAmk2tNTrN7Up6", "isError": False, "content": "15 degrees"}
+    assert "".join(data["text"] for _, name, data in events if name == "chunk") == (
+        "Okay, let's check the weather for San Francisco, CA:It is 15 degrees.")
+    assert [(event_id, name, data) for event_id, name, data in events if event_id > tail_from] == again
+    messages = listed["messages"] if isinstance(listed, dict) else listed
+    answer = next(message for message in messages if message["role"] == "assistant")
+    assert [message["role"] for message in answer["blocks"]] == ["assistant", "user", "assistant"]
+    assert len(upstream.requests) == 2 and len(tools.bodies) == 1
