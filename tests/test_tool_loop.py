@@ -18,13 +18,14 @@ import pytest
 
 from server.config import Agent
 from server.core import Relay
-from server.protocol.frames import SendMessage
+from server.protocol.frames import Continue, SendMessage
 
 from .fakes import (
     FakeUpstream,
     RecordedRequest,
     SSEAnswer,
     anthropic_events,
+    api_error,
     collect,
     collect_until,
     relay_in_process,
@@ -408,3 +409,40 @@ async def test_a_tool_loop_end_to_end_on_both_transports_with_an_exact_resume(tm
     answer = next(message for message in messages if message["role"] == "assistant")
     assert [message["role"] for message in answer["blocks"]] == ["assistant", "user", "assistant"]
     assert len(upstream.requests) == 2 and len(tools.bodies) == 1
+
+
+async def test_a_failed_request_of_a_later_round_is_retried_before_its_first_content(tmp_path, upstream):
+    """The retry policy holds per request: round two's 529 is retried, the answer goes on unrepeated."""
+    async with ToolServer(lambda call: ok("15 degrees")) as tools:
+        upstream.answer(recorded("docs_tool_use"), api_error(529, "overloaded_error", "Overloaded"),
+                        text_answer(["Fifteen."]))
+        async with relay_in_process(tmp_path, upstream, agents=(agent(tools.url),), tools_secret=SECRET,
+                                    retry_attempts=1, retry_base_delay=0.01) as relay:
+            events = await run(relay)
+    assert len(upstream.requests) == 3
+    assert messages_of(upstream.requests[2]) == messages_of(upstream.requests[1])
+    assert names(events).count("tool_result") == 1 and events[-1][2]["stopReason"] == "end_turn"
+    assert len(tools.bodies) == 1
+
+
+async def test_continuing_a_tool_answer_keeps_its_blocks_and_adds_the_new_text(tmp_path, upstream):
+    """A tool answer stopped at max_tokens, continued: the continue's request carries the saved rounds (and
+    the text so far as the assistant's turn), and the saved blocks are the old ones followed by the new text."""
+    async with ToolServer(lambda call: ok("15 degrees")) as tools:
+        upstream.answer(recorded("docs_tool_use"), text_answer(["It is 15"], stop_reason="max_tokens"),
+                        text_answer([" degrees."]))
+        async with relay_in_process(tmp_path, upstream, agents=(agent(tools.url),), tools_secret=SECRET) as relay:
+            events = await run(relay)
+            answer_id = events[0][2]["messageId"]
+            stream = await relay.start(Continue(answer_id))
+            continued = await collect(relay.hub, stream.id)
+            rows = await saved(relay, events)
+    assert continued[-1][2]["stopReason"] == "end_turn"
+    sent = messages_of(upstream.requests[2])
+    assert [message["role"] for message in sent] == ["user", "assistant", "user", "assistant"]
+    assert sent[-1]["content"] == [{"type": "text", "text": "It is 15"}]
+    assert rows[1]["content"] == "Okay, let's check the weather for San Francisco, CA:It is 15 degrees."
+    blocks = orjson.loads(rows[1]["blocks"])
+    assert blocks[-1] == {"role": "assistant", "content": [{"type": "text", "text": "It is 15"},
+                                                           {"type": "text", "text": " degrees."}]}
+    assert [message["role"] for message in blocks] == ["assistant", "user", "assistant"]

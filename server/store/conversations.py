@@ -333,7 +333,8 @@ class ConversationQueries(StoreBase):
                 output_tokens=int(found["output_tokens"]),
                 cache_creation_input_tokens=int(found["cache_creation_input_tokens"]),
                 cache_read_input_tokens=int(found["cache_read_input_tokens"]),
-                cost=self._cost_value(found["cost"]), cost_estimated=bool(found["cost_estimated"]))
+                cost=self._cost_value(found["cost"]), cost_estimated=bool(found["cost_estimated"]),
+                blocks=orjson.loads(found["blocks"]) if found["blocks"] else None)
             trace_session = found["trace_session_id"] or conv_id
             return Turn(conv_id, found["parent_id"] or "", answer_id, history, trace_session,
                         parent_id=found["parent_id"], base=base, counted=counted)
