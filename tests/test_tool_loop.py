@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import websockets
 
 from server.config import Agent
 from server.core import Relay
@@ -31,7 +32,7 @@ from .fakes import (
     relay_in_process,
 )
 from .raw_upstream import Server
-from .relay_clients import sse_read, sse_stream, ws_stream
+from .relay_clients import sse_read, sse_read_first, sse_stream, ws_read_until_end, ws_stream
 
 STREAMS = Path(__file__).parent / "data" / "anthropic-streams"
 SECRET = "tools-secret-of-the-test-app"
@@ -446,3 +447,44 @@ async def test_continuing_a_tool_answer_keeps_its_blocks_and_adds_the_new_text(t
     assert blocks[-1] == {"role": "assistant", "content": [{"type": "text", "text": "It is 15"},
                                                            {"type": "text", "text": " degrees."}]}
     assert [message["role"] for message in blocks] == ["assistant", "user", "assistant"]
+
+
+@pytest.mark.parametrize("transport", ["sse", "websocket"])
+async def test_cancel_during_a_tool_call_end_to_end_on_both_transports(tmp_path, upstream, make_server, transport):
+    """A tool that never answers, the answer cancelled while its call runs (REST cancel for SSE, a cancel frame
+    on the socket): the call's connection is closed, the stream ends `done` cancelled with an estimated cost."""
+    async with ToolServer(lambda call: None) as tools:
+        upstream.answer(recorded("docs_tool_use"))
+        agents = tmp_path / "agents.json"
+        agents.write_text(orjson.dumps({"agents": [{
+            "id": "weather", "model": "claude-opus-4-1", "maxTokens": 2048, "promptCache": "off",
+            "tools": [WEATHER], "toolsUrl": tools.url}]}).decode())
+        server = make_server({"ANTHROPIC_API_KEY": "sk-test-e2e", "ANTHROPIC_BASE_URL": upstream.base_url,
+                              "RELAY_AGENTS_FILE": str(agents), "RELAY_TOOLS_SECRET": SECRET,
+                              "RELAY_TOOLS_TIMEOUT": "60"})
+        body = {"message": "weather?", "agentId": "weather"}
+        if transport == "sse":
+            first = await sse_read_first(server.url, body, 1)
+            stream_id = first[0][2]["streamId"]
+            async with asyncio.timeout(10):
+                await tools.called.wait()
+            async with httpx.AsyncClient(base_url=server.url) as client:
+                cancelled = await client.post(f"/api/command-center/streams/{stream_id}/cancel")
+            assert cancelled.status_code < 300, cancelled.text
+            events = await sse_read(server.url, stream_id)
+        else:
+            async with websockets.connect(server.ws_url + "/api/command-center/ws") as socket:
+                await socket.send(orjson.dumps({"type": "message", **body}).decode())
+                start = orjson.loads(await socket.recv())
+                stream_id = start["streamId"]
+                async with asyncio.timeout(10):
+                    await tools.called.wait()
+                await socket.send(orjson.dumps({"type": "cancel", "streamId": stream_id}).decode())
+                events = [(start["id"], start["event"], start["data"]), *await ws_read_until_end(socket, stream_id)]
+        async with asyncio.timeout(10):
+            await tools.closed.wait()
+    assert [name for _, name, _ in events][-2:] == ["cost", "done"]
+    assert events[-1][2]["stopReason"] == "cancelled"
+    assert events[-2][2]["estimated"] is True
+    assert "tool_result" not in [name for _, name, _ in events]
+    assert len(upstream.requests) == 1
