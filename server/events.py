@@ -61,7 +61,10 @@ class Thinking:
 
 @dataclass(frozen=True, slots=True)
 class ToolInput:
-    """A piece of a client tool call's input JSON as the model writes it (the pieces joined are its input)."""
+    """A piece of a client tool call's input JSON as the model writes it (the pieces joined are its input).
+
+    Never empty: the API's empty input_json_delta pieces are not relayed.
+    """
     name: ClassVar[str] = "tool_input"
     id: str
     partial_json: str
