@@ -29,10 +29,10 @@ from .upstream.offline import (
     OfflineOptions,
     PromptCache,
     anthropic_stream,
-    breakpoint_refusal,
     context_refusal,
     error_body,
     error_status,
+    request_refusal,
 )
 
 Scope = MutableMapping[str, Any]
@@ -50,6 +50,8 @@ def _overrides(options: OfflineOptions, headers: dict[bytes, bytes]) -> OfflineO
         changes["error"] = headers[b"x-mock-error"].decode()
     if b"x-mock-context-window" in headers:
         changes["context_window"] = int(headers[b"x-mock-context-window"])
+    if b"x-mock-pause-turn" in headers:
+        changes["pause_turn"] = headers[b"x-mock-pause-turn"] == b"1"
     return replace(options, **changes) if changes else options
 
 
@@ -139,7 +141,7 @@ def mock_app(options: OfflineOptions, fail_first: int = 0,
         if status is not None:
             await _respond(send, status, error_body(status), [(b"retry-after", b"1")])
             return
-        refusal = breakpoint_refusal(request)
+        refusal = request_refusal(request)
         if refusal is None:
             refusal = context_refusal(request, request_options)
             if refusal is not None:
