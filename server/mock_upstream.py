@@ -10,6 +10,15 @@ many tokens, as the API refuses one over the model's window). It answers POST /v
 API (GET /v1/models, GET /v1/models/{id}: the models server/pricing.py has a price for), and
 POST /v1/messages/count_tokens with the emulated count (server/protocol/tokens.py). Messages requests
 go through the emulated prompt cache (server/upstream/offline.py, PromptCache), one for the server's life.
+
+Beyond plain text (server/upstream/shapes.py; docs/configuration.md, "Thinking, web search, tool calls"): a
+request with `thinking: {type: enabled}` starts its answer with a signed thinking block; the directive `[search]`
+in the newest user message (with a `web_search_*` tool offered) streams a web search with its results and cited
+text; `[tool]` (with client tools) calls the first tool, input built from its input_schema, stop_reason
+tool_use; a last message of tool results is answered with text quoting them. The header `x-mock-pause-turn: 1`
+makes a `[search]` round stop with pause_turn after the results. Requests the API would refuse (tool results
+not paired with the previous tool calls, a thinking signature this process did not issue for that text, a
+malformed image or document block, a thinking budget out of bounds) get its 400 invalid_request_error.
 """
 
 from __future__ import annotations
