@@ -1,7 +1,7 @@
 """The offline model as its own Anthropic-compatible HTTP server, for development and benchmarks.
 
     python -m server.mock_upstream --port 9000 [--delay-ms 40] [--words 0] [--error MODE] [--error-message TEXT]
-                                   [--stamp] [--api-key KEY] [--context-window TOKENS]
+                                   [--stamp] [--api-key KEY] [--context-window TOKENS] [--pause-turn]
 
 Point the relay at it with ANTHROPIC_BASE_URL=http://127.0.0.1:9000 and any ANTHROPIC_API_KEY (or KEY,
 when --api-key makes it refuse every other key with the API's 401). A request may override the options
@@ -226,13 +226,16 @@ def main() -> None:
     parser.add_argument("--fail-first", type=int, default=0, help="with --error: only the first N requests fail")
     parser.add_argument("--stamp", action="store_true", help="each delta is 'seq:send_time_ns ' (benchmarks)")
     parser.add_argument("--api-key", help="refuse every other x-api-key with a 401, as the API does")
+    parser.add_argument("--pause-turn", action="store_true",
+                        help="every [search] round stops with pause_turn after the results (header x-mock-pause-turn)")
     parser.add_argument("--context-window", type=int, default=0,
                         help="refuse requests over this many tokens (0: the model's context window)")
     args = parser.parse_args()
     import uvicorn
 
     options = OfflineOptions(delay_ms=args.delay_ms, words=args.words, repeat=args.repeat, error=args.error,
-                             error_message=args.error_message, stamp=args.stamp, context_window=args.context_window)
+                             error_message=args.error_message, stamp=args.stamp, context_window=args.context_window,
+                             pause_turn=args.pause_turn)
     uvicorn.run(mock_app(options, args.fail_first, args.api_key), host=args.host, port=args.port, log_level="warning",
                 lifespan="on", access_log=False)
 

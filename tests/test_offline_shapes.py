@@ -372,3 +372,23 @@ def test_the_mock_upstream_process_answers_and_refuses_the_same_way(make_upstrea
         assert refusal(res) == "messages.1.content.0: Invalid `signature` in `thinking` block"
         res = client.post("/v1/messages", json=request([*messages[:2], result_for("toolu_x")], tools=tools))
         assert "unexpected `tool_use_id` found in `tool_result` blocks: toolu_x" in refusal(res)
+
+
+async def test_search_results_stay_within_allowed_domains() -> None:
+    tool = {**WEB_SEARCH, "allowed_domains": ["docs.example.com"]}
+    async with offline_client() as client:
+        reply = await answer(client, request([user("[search] relay docs")], tools=[tool]))
+    assert {item["url"].split("/")[2] for item in reply.blocks[2]["content"]} == {"docs.example.com"}
+
+
+def test_the_mock_pause_turn_option_pauses_every_search_round(make_upstream) -> None:  # type: ignore[no-untyped-def]
+    upstream = make_upstream("--delay-ms", "0", "--pause-turn")
+    with httpx.Client(base_url=upstream.url, timeout=10) as client:
+        messages = [user("[search] Tromsø aurora")]
+        paused = Answer(decode(client.post("/v1/messages", json=request(messages, tools=[WEB_SEARCH]))))
+        assert paused.stop_reason == "pause_turn"
+        messages.append({"role": "assistant", "content": paused.blocks})
+        done = Answer(decode(client.post("/v1/messages", json=request(messages, tools=[WEB_SEARCH]))))
+        assert done.stop_reason == "end_turn" and any(block.get("citations") for block in done.blocks)
+        plain = Answer(decode(client.post("/v1/messages", json=request([user("no directive")]))))
+        assert plain.stop_reason == "end_turn" and plain.types() == ["text"]

@@ -130,12 +130,17 @@ def tool_input(tool: dict[str, Any], text: str) -> dict[str, Any]:
     return built
 
 
-def search_results(query: str) -> list[dict[str, Any]]:
-    """2 or 3 deterministic results for a query, shaped as the API's web_search_result blocks."""
+def search_results(query: str, allowed_domains: Any = None) -> list[dict[str, Any]]:
+    """2 or 3 deterministic results for a query, shaped as the API's web_search_result blocks.
+
+    Their sites are example.com, example.org, example.net, or the tool's allowed_domains when it has some.
+    """
     digest = hashlib.sha256(query.encode()).hexdigest()
     slug = "-".join(re.findall(r"[a-z0-9]+", query.lower())[:6]) or "search"
     count = 2 + int(digest[0], 16) % 2
     sites = ["example.com", "example.org", "example.net"]
+    if isinstance(allowed_domains, list) and allowed_domains:
+        sites = [str(allowed_domains[n % len(allowed_domains)]) for n in range(3)]
     ages = ["April 30, 2025", None, "2 days ago"]
     return [{
         "type": "web_search_result",
@@ -237,7 +242,7 @@ def plan(request: dict[str, Any], pause: bool = False) -> Plan:
     last = messages[-1] if messages else {}
     continuing = last.get("role") == "assistant"
     after_tools = last.get("role") == "user" and _is_tool_results(last)
-    if not (thinks or want_search or want_tool or after_tools or continuing):
+    if not (thinks or want_search or want_tool or after_tools):
         return Plan(None)
 
     blocks: list[Block] = []
@@ -277,7 +282,7 @@ def plan(request: dict[str, Any], pause: bool = False) -> Plan:
         if isinstance(max_uses, int) and max_uses <= searches:
             content = {"type": "web_search_tool_result_error", "error_code": "max_uses_exceeded"}
         else:
-            results = search_results(question)
+            results = search_results(question, search_tool.get("allowed_domains") if search_tool else None)
             content = results
             result.web_search_requests = 1
         blocks.append(Block({"type": "web_search_tool_result", "tool_use_id": tool_id, "content": content}))
