@@ -394,10 +394,14 @@ function textFrame(text) {
   return Buffer.concat([head, payload])
 }
 
+/** Every answer event the relay sends. */
+export const EVENT_NAMES = ['start', 'chunk', 'thinking', 'tool_input', 'tool_use', 'tool_result', 'citation', 'search',
+  'search_results', 'cost', 'done', 'error']
+
 /** Collect a stream three ways at once: listeners, on() callbacks, the async iterator. */
 export function collect(stream) {
   const heard = { listeners: [], callbacks: [], iterated: [] }
-  for (const name of ['start', 'chunk', 'thinking', 'cost', 'done', 'error']) {
+  for (const name of EVENT_NAMES) {
     stream.addEventListener(name, (e) => heard.listeners.push({ event: e.type, data: e.detail }))
     stream.on(name, (data) => heard.callbacks.push({ event: name, data }))
   }
