@@ -122,3 +122,121 @@ for (const transport of Object.keys(clients)) {
     })
   }
 }
+
+// ---- Attachments: uploaded first, then only their ids go with the command ------------------------------------
+
+/**
+ * A fetch that answers POST /api/attachments itself, as the relay does ({id, name, mediaType, size}, ids att_1,
+ * att_2... in the order the uploads came), and passes everything else to the real fetch. `uploads`: what each
+ * upload sent (headers, and the multipart `file` part). `answer(file)`: another answer (a Response), or a promise.
+ */
+function uploadingFetch(answer = null) {
+  const uploads = []
+  const fetch = async (url, init = {}) => {
+    if (!String(url).endsWith('/api/attachments')) return globalThis.fetch(url, init)
+    const file = init.body.get('file')
+    uploads.push({ method: init.method, headers: init.headers, file, bytes: new Uint8Array(await file.arrayBuffer()) })
+    const custom = answer && (await answer(file))
+    if (custom) return custom
+    const body = { id: 'att_' + uploads.length, name: file.name, mediaType: file.type, size: file.size }
+    return new Response(JSON.stringify(body), { status: 201, headers: { 'Content-Type': 'application/json' } })
+  }
+  return { fetch, uploads }
+}
+
+const PNG = Uint8Array.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0, 0, 0, 13])
+const PDF_BASE64 = Buffer.from('%PDF-1.4\n%âãÏÓ\n').toString('base64')
+
+test('uploadAttachment posts the file as the multipart field "file", with the bearer token, and gives the answer', async () => {
+  const { fetch, uploads } = uploadingFetch()
+  const client = createClient({ baseUrl: relay.url, fetch, getToken: async () => 'a.b.c' })
+  const png = new File([PNG], 'cat 🙂.png', { type: 'image/png' })
+  assert.deepEqual(await client.uploadAttachment(png), { id: 'att_1', name: 'cat 🙂.png', mediaType: 'image/png', size: PNG.length })
+  assert.deepEqual(await client.uploadAttachment({ name: 'manual.pdf', mediaType: 'application/pdf', data: PDF_BASE64 }),
+    { id: 'att_2', name: 'manual.pdf', mediaType: 'application/pdf', size: Buffer.from(PDF_BASE64, 'base64').length })
+  assert.deepEqual(uploads.map((u) => [u.method, u.headers.Authorization, u.headers['Content-Type']]),
+    [['POST', 'Bearer a.b.c', undefined], ['POST', 'Bearer a.b.c', undefined]]) // fetch sets the multipart boundary
+  assert.deepEqual(uploads[0].bytes, PNG)
+  assert.deepEqual(Buffer.from(uploads[1].bytes), Buffer.from(PDF_BASE64, 'base64'))
+  assert.equal(uploads[1].file.type, 'application/pdf')
+})
+
+test('uploadAttachment rejects with the server\'s code and the HTTP status, as the REST helpers do', async () => {
+  const refusal = () => new Response(JSON.stringify({ error: { code: 'unsupported_media_type', message: 'Not an image or a PDF', retryable: false } }), { status: 415 })
+  const client = createClient({ baseUrl: relay.url, fetch: uploadingFetch(refusal).fetch })
+  await assert.rejects(client.uploadAttachment(new Blob(['plain text'], { type: 'image/png' })), (error) => {
+    assert.ok(error instanceof Error)
+    assert.deepEqual([error.status, error.code, error.message, error.retryable], [415, 'unsupported_media_type', 'Not an image or a PDF', false])
+    return true
+  })
+})
+
+test('websocket: send uploads each file first, then the frame carries attachmentIds in order and no bytes', async () => {
+  const { fetch, uploads } = uploadingFetch()
+  const client = createClient({ baseUrl: relay.url, transport: 'websocket', WebSocket: WS, fetch })
+  const before = relay.frames.length
+  const stream = client.send('what is in these?', {
+    attachments: [new File([PNG], 'a.png', { type: 'image/png' }), { id: 'att_kept' }, { name: 'm.pdf', mediaType: 'application/pdf', data: PDF_BASE64 }],
+  })
+  await stream.done
+  const sent = relay.frames.slice(before).filter((f) => f.type === 'message')
+  assert.equal(sent.length, 1)
+  assert.deepEqual(sent[0].attachmentIds, ['att_1', 'att_kept', 'att_2'])
+  assert.equal(sent[0].message, 'what is in these?')
+  assert.ok(!('attachments' in sent[0]), 'the frame carries the files themselves')
+  assert.equal(uploads.length, 2) // {id} is not uploaded again
+  client.close()
+})
+
+test('sse: the POST body carries attachmentIds, and a send without attachments carries none', async () => {
+  const { fetch } = uploadingFetch()
+  const client = createClient({ baseUrl: relay.url, transport: 'sse', fetch })
+  const before = relay.requests.length
+  await client.send('look', { attachments: [new Blob([PNG], { type: 'image/png' })] }).done
+  await client.send('plain').done
+  const posts = relay.requests.slice(before).filter(isPost).map((r) => JSON.parse(r.body))
+  assert.deepEqual(posts.map((p) => [p.message, p.attachmentIds]), [['look', ['att_1']], ['plain', undefined]])
+})
+
+test('a failed upload ends the stream with its error, and the message is never sent', async () => {
+  const tooLarge = () => new Response(JSON.stringify({ error: { code: 'too_large', message: 'The file is over 5 MB', retryable: false } }), { status: 413 })
+  for (const transport of ['websocket', 'sse']) {
+    const client = createClient({ baseUrl: relay.url, transport, WebSocket: WS, fetch: uploadingFetch(tooLarge).fetch })
+    const [frames, requests] = [relay.frames.length, relay.requests.length]
+    const stream = client.send('never sent', { attachments: [new Blob([PNG], { type: 'image/png' })] })
+    const heard = collect(stream)
+    const result = await stream.done
+    assert.deepEqual(result.error, { code: 'too_large', message: 'The file is over 5 MB', retryable: false, status: 413 })
+    assert.equal(stream.state, 'error')
+    assert.deepEqual((await heard.finished).iterated, [{ event: 'error', id: null, data: result.error }])
+    assert.equal(relay.frames.length, frames, transport)
+    assert.equal(relay.requests.length, requests, transport)
+    client.close()
+  }
+})
+
+test('a cancel during the upload ends the stream as cancelled at once, and nothing is sent', async () => {
+  let release
+  const held = new Promise((resolve) => (release = resolve))
+  const { fetch, uploads } = uploadingFetch(() => held.then(() => null))
+  const client = createClient({ baseUrl: relay.url, transport: 'sse', fetch })
+  const requests = relay.requests.length
+  const stream = client.send('stop it', { conversationId: 'c_kept', attachments: [new Blob([PNG], { type: 'image/png' })] })
+  while (!uploads.length) await new Promise((resolve) => setTimeout(resolve, 1))
+  stream.cancel()
+  const result = await stream.done
+  assert.deepEqual([stream.state, result.stopReason, result.conversationId, result.error], ['cancelled', 'cancelled', 'c_kept', null])
+  release()
+  await new Promise((resolve) => setTimeout(resolve, 20)) // the upload's answer comes, and starts nothing
+  assert.equal(relay.requests.length, requests)
+})
+
+test('the SSE parser and client keep a recorded tool call intact when fed byte by byte', async () => {
+  const events = [{ event: 'start', data: { streamId: 's1', conversationId: 'c1', model: 'm' } }, ...RICH,
+    { event: 'done', data: { conversationId: 'c1', messageId: 'm1', stopReason: 'end_turn' } }].map((e, i) => ({ ...e, id: i + 1 }))
+  const bytes = Buffer.from(events.map((e) => sse(e.id, e.event, e.data)).join(''))
+  const client = createClient({ transport: 'sse', fetch: fetchPieces([...bytes].map((byte) => Uint8Array.of(byte))) })
+  const heard = collect(client.send('x'))
+  assert.deepEqual((await heard.finished).iterated, events)
+  assert.deepEqual(EVENT_NAMES.filter((name) => !events.some((e) => e.event === name)), ['chunk', 'thinking', 'cost', 'error'])
+})
