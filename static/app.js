@@ -475,7 +475,7 @@ function showSearch(shown, { id, name, query }) {
 function showSearchResults(shown, { id, results, error }) {
   const search = shown.searches.get(id)
   if (!search) return
-  search.summary.textContent = error ? `${search.done}: failed (${error})` : `${search.done} · ${results.length} sources`
+  search.summary.textContent = error ? `${search.done}: failed (${error})` : `${search.done} · ${results.length === 1 ? '1 source' : `${results.length} sources`}`
   if (error) search.step.dataset.error = 'true'
   search.sources.replaceChildren(...results.map(({ url, title }) => {
     const item = document.createElement('li')
