@@ -57,6 +57,8 @@ export interface ErrorData {
   /** context_too_long: the input tokens (estimated, or as the model counted them) and the model's window. */
   inputTokens?: number
   contextWindow?: number
+  /** A send whose attachment upload failed: the upload's HTTP status (0 when no answer came). */
+  status?: number
 }
 
 /** A tool call's input as it streams: `partialJson` pieces, joined in order, make the input's JSON text. */

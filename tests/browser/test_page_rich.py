@@ -23,6 +23,9 @@ from .conftest import save_screenshot
 ANSWER = "[data-testid=message][data-role=assistant]"
 USER = "[data-testid=message][data-role=user]"
 TOOL_ANSWER = "It is 4 °C and raining in Oslo."
+# The 2x2 PNG sent, decoded and shown in the user's message.
+THUMBNAIL_LOADED = ("() => document.querySelector('[data-role=user] [data-testid=attachment-thumbnail]')"
+                    "?.naturalWidth === 2")
 
 
 def tiny_png() -> bytes:
@@ -60,6 +63,8 @@ def tool_endpoint() -> Iterator[str]:
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/tools"
     server.shutdown()
+    server.server_close()
+    thread.join()
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +108,12 @@ def check_search_and_citations(page: Page, answer) -> None:
     assert citations.count() > 0
     texts = citations.all_text_contents()
     assert texts == [f"[{n}]" for n in range(1, len(texts) + 1)], texts
-    for link in citations.locator("a").all():
-        assert link.get_attribute("href") in hrefs
-        assert link.get_attribute("title")
+    # Each citation links to one of the sources (hrefs as the browser resolved them), its title the tooltip.
+    links = citations.locator("a").evaluate_all("links => links.map((a) => [a.href, a.title])")
+    assert links, "no citation is a link"
+    for href, tooltip in links:
+        assert href in hrefs, (href, hrefs)
+        assert tooltip
 
 
 def check_tool_call(page: Page, answer) -> None:
@@ -131,9 +139,8 @@ def test_the_page_shows_search_sources_citations_a_tool_call_and_an_image_thumbn
     first = page.locator(ANSWER).nth(0)
     expect(first).to_have_attribute("data-state", "complete", timeout=20_000)
     expect(page.locator("[data-testid=composer-attachments]")).to_be_hidden()
-    thumbnail = page.locator(f"{USER} [data-testid=attachment-thumbnail]")
-    expect(thumbnail).to_have_count(1)
-    assert thumbnail.evaluate("img => img.complete && img.naturalWidth") == 2
+    expect(page.locator(f"{USER} [data-testid=attachment-thumbnail]")).to_have_count(1)
+    page.wait_for_function(THUMBNAIL_LOADED)
     expect(first.locator("[data-testid=message-thinking]")).to_be_visible()
     check_search_and_citations(page, first)
 
@@ -148,7 +155,6 @@ def test_the_page_shows_search_sources_citations_a_tool_call_and_an_image_thumbn
     expect(page.locator(ANSWER)).to_have_count(2, timeout=20_000)
     check_search_and_citations(page, page.locator(ANSWER).nth(0))
     check_tool_call(page, page.locator(ANSWER).nth(1))
-    reloaded = page.locator(f"{USER} [data-testid=attachment-thumbnail]")
-    expect(reloaded).to_have_count(1)
-    page.wait_for_function("() => document.querySelector('[data-testid=attachment-thumbnail]').naturalWidth === 2")
+    expect(page.locator(f"{USER} [data-testid=attachment-thumbnail]")).to_have_count(1)
+    page.wait_for_function(THUMBNAIL_LOADED)
     save_screenshot(page, "rich-reloaded")
