@@ -636,10 +636,11 @@ function attachmentItem({ name, url, kind }) {
     image.dataset.testid = 'attachment-thumbnail'
     item.append(image)
   } else {
-    const icon = document.createElement('span')
-    icon.setAttribute('aria-hidden', 'true')
-    icon.textContent = kind === 'document' ? '📄' : '🖼'
-    item.append(icon)
+    const badge = document.createElement('span')
+    badge.className = 'attachment-kind'
+    badge.setAttribute('aria-hidden', 'true')
+    badge.textContent = kind === 'document' ? 'PDF' : 'IMG'
+    item.append(badge)
   }
   const label = document.createElement('span')
   label.className = 'attachment-name'
@@ -825,7 +826,8 @@ async function answer({ kind, text, parentMessageId, messageId, attachments = []
   }
   if (kind === 'continue') {
     reply = articles.get(messageId)
-    before = tree.get(messageId)?.content ?? reply.view.text
+    // The text on screen keeps its citation marks; the saved text is the same without them.
+    before = reply.view.text || (tree.get(messageId)?.content ?? '')
     reply.article.dataset.state = 'streaming'
     reply.status.hidden = true
   } else {
