@@ -46,7 +46,8 @@ export interface DoneData {
 export interface ErrorData {
   /**
    * The server's code, or "network_error" when the connection was lost; "unauthorized" when, with
-   * getToken, a new token was refused too.
+   * getToken, a new token was refused too; a send's failed attachment upload: the upload's code (413
+   * too_large, 415...), or "upload_failed" when the file could not even be read.
    */
   code: string
   message: string

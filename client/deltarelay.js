@@ -344,7 +344,8 @@ export function createClient(options = {}) {
           start(stream)
         },
         (error) => stream._push('error', {
-          code: error.code || 'upload_failed',
+          // A REST error's code; anything else (bad base64, say) is upload_failed, not a DOMException's number.
+          code: typeof error.code === 'string' ? error.code : 'upload_failed',
           message: error.message || 'The attachment could not be uploaded',
           retryable: error.retryable ?? false,
           ...(error.status !== undefined && { status: error.status }),

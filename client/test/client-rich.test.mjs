@@ -215,6 +215,17 @@ test('a failed upload ends the stream with its error, and the message is never s
   }
 })
 
+test('an attachment that is not base64 ends the stream with upload_failed, nothing sent', async () => {
+  const { fetch, uploads } = uploadingFetch()
+  const client = createClient({ baseUrl: relay.url, transport: 'sse', fetch })
+  const requests = relay.requests.length
+  const result = await client.send('bad', { attachments: [{ name: 'x.png', mediaType: 'image/png', data: '*not base64*' }] }).done
+  assert.equal(result.error.code, 'upload_failed')
+  assert.equal(result.error.retryable, false)
+  assert.equal(uploads.length, 0)
+  assert.equal(relay.requests.length, requests)
+})
+
 test('a cancel during the upload ends the stream as cancelled at once, and nothing is sent', async () => {
   let release
   const held = new Promise((resolve) => (release = resolve))
