@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import importlib.util
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from pathlib import Path
@@ -488,3 +489,34 @@ async def test_cancel_during_a_tool_call_end_to_end_on_both_transports(tmp_path,
     assert events[-2][2]["estimated"] is True
     assert "tool_result" not in [name for _, name, _ in events]
     assert len(upstream.requests) == 1
+
+
+# --- end to end on the offline model: needs i19-shapes' `[tool]` directive (server/upstream/shapes.py) ------
+
+needs_shapes = pytest.mark.skipif(importlib.util.find_spec("server.upstream.shapes") is None,
+                                  reason="the offline model's [tool] directive (issue 19, i19-shapes) is not here")
+
+
+@needs_shapes
+@pytest.mark.parametrize("transport", ["sse", "websocket"])
+async def test_the_offline_model_calls_the_tool_and_takes_its_result_on_both_transports(tmp_path, make_server,
+                                                                                        transport):
+    """No API key: `[tool]` makes the offline model call the agent's first tool; the relay runs it at the signed
+    toolsUrl and sends the result back, which the offline model checks as the API would (paired with its
+    tool_use id) before it answers in text: a wrong second request would end the stream with an error."""
+    async with ToolServer(lambda call: ok("15 degrees")) as tools:
+        agents = tmp_path / "agents.json"
+        agents.write_text(orjson.dumps({"agents": [{
+            "id": "weather", "maxTokens": 2048, "tools": [WEATHER], "toolsUrl": tools.url}]}).decode())
+        server = make_server({"RELAY_AGENTS_FILE": str(agents), "RELAY_TOOLS_SECRET": SECRET,
+                              "RELAY_OFFLINE_DELAY_MS": "0"})
+        body = {"message": "[tool] What's the weather?", "agentId": "weather"}
+        events = await (sse_stream(server.url, body) if transport == "sse" else ws_stream(server.ws_url, body))
+    event_names = [name for _, name, _ in events]
+    assert event_names.count("start") == event_names.count("cost") == event_names.count("done") == 1, events
+    result = next(data for _, name, data in events if name == "tool_result")
+    assert result["isError"] is False and result["content"] == "15 degrees"
+    assert events[-1][1] == "done" and events[-1][2]["stopReason"] == "end_turn"
+    assert len(tools.bodies) == 1
+    call = orjson.loads(tools.bodies[0])["call"]
+    assert call["name"] == "get_weather" and isinstance(call["input"].get("location"), str)
