@@ -24,7 +24,15 @@ from starlette.types import Receive, Scope, Send
 
 from ..auth import ANONYMOUS, User, header, session_secret
 from ..core import Relay, resume
-from ..errors import BadRequestError, GoneError, LimitError, RelayError, TokenExpiredError, UnauthorizedError
+from ..errors import (
+    BadRequestError,
+    GoneError,
+    LimitError,
+    RelayError,
+    TokenExpiredError,
+    TooLargeError,
+    UnauthorizedError,
+)
 from ..events import encode_data, error_event, kept_json
 from ..hub import LogLostError, Subscriber, SubscriberDropped
 from ..protocol.frames import (
@@ -278,7 +286,11 @@ class Connection:
                 raise
             if not self.authenticated and body.get("type") != "auth":
                 raise UnauthorizedError(AUTHENTICATE_FIRST)
-            command = frame_command(body, self.relay.settings.max_message_bytes)
+            if len(raw) > self.relay.settings.ws_max_frame_bytes and not body.get("attachments"):
+                # The socket admits bigger frames only for inline attachments' base64 (see server/cli.py).
+                raise TooLargeError(f"the frame is over {self.relay.settings.ws_max_frame_bytes} bytes")
+            command = frame_command(body, self.relay.settings.max_message_bytes,
+                                    self.relay.settings.max_attachment_bytes)
             if isinstance(command, Auth):
                 await self.authenticate(command)
                 return
