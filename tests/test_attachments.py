@@ -35,6 +35,8 @@ from server.protocol.frames import Regenerate, SendMessage, parse_send_message
 
 from .fakes import FakeUpstream, SSEAnswer, anthropic_events, collect, relay_in_process
 from .relay_clients import sse_stream, ws_read_until_end
+from .test_access import add_user, bearer
+from .test_store import url  # noqa: F401  (the database fixture: SQLite, and PostgreSQL per TEST_DATABASE_URLS)
 
 
 def png() -> bytes:
@@ -166,10 +168,11 @@ def user_blocks(request_body: dict[str, Any], index: int) -> list[dict[str, Any]
 
 
 async def test_files_are_sent_upstream_as_blocks_on_every_turn_and_deleted_with_the_conversation(
-        tmp_path: Path) -> None:
+        tmp_path: Path, url: str) -> None:  # noqa: F811
     async with FakeUpstream() as upstream:
         upstream.answer(answer(), answer(), answer())
-        async with relay_in_process(tmp_path, upstream, prompt_cache="5m", system_prompt="s" * 20_000) as relay:
+        async with relay_in_process(tmp_path, upstream, database_url=url, prompt_cache="5m",
+                                    system_prompt="s" * 20_000) as relay:
             store = relay.store
             alice = User(await store.add_user("alice", "h1"), "alice")
             uploaded = await store.add_attachment(alice.id, InlineAttachment("report.pdf", PDF, pdf(2)))
@@ -211,10 +214,11 @@ async def test_files_are_sent_upstream_as_blocks_on_every_turn_and_deleted_with_
             assert await store._fetch_val("SELECT COUNT(*) FROM attachments") == 0
 
 
-async def test_another_users_or_a_used_attachment_is_refused_with_nothing_saved(tmp_path: Path) -> None:
+async def test_another_users_or_a_used_attachment_is_refused_with_nothing_saved(
+        tmp_path: Path, url: str) -> None:  # noqa: F811
     async with FakeUpstream() as upstream:
         upstream.answer(answer())
-        async with relay_in_process(tmp_path, upstream) as relay:
+        async with relay_in_process(tmp_path, upstream, database_url=url) as relay:
             store = relay.store
             alice = User(await store.add_user("alice", "h1"), "alice")
             bob = User(await store.add_user("bob", "h2"), "bob")
@@ -319,3 +323,27 @@ async def test_a_big_inline_file_passes_the_text_limits_and_a_big_text_does_not(
         events = await ws_read_until_end(socket)
         assert events[-1][1] == "done", events
     assert server.count("SELECT COUNT(*) FROM attachments") == 2
+
+
+async def test_another_users_attachment_is_not_found_on_every_route(make_server: Any) -> None:
+    server = make_server({"RELAY_AUTH_CACHE_SECONDS": "0"})
+    alice, bob = add_user(server.database_url, "alice"), add_user(server.database_url, "bob")
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        assert (await client.post("/api/attachments", files={"file": ("a.png", png(), "image/png")})
+                ).status_code == 401
+        res = await client.post("/api/attachments", files={"file": ("a.png", png(), "image/png")},
+                                headers=bearer(alice))
+        assert res.status_code == 201, res.text
+        theirs = res.json()["id"]
+        assert (await client.get(f"/api/attachments/{theirs}", headers=bearer(bob))).status_code == 404
+        assert (await client.get(f"/api/attachments/{theirs}", headers=bearer(alice))).content == png()
+        sent = await client.post("/api/command-center/message", headers=bearer(bob),
+                                 json={"message": "look", "attachmentIds": [theirs]})
+        assert sent.status_code == 404 and sent.json()["error"]["code"] == "not_found"
+    async with websockets.connect(server.ws_url + "/api/command-center/ws", additional_headers=bearer(bob)) as ws:
+        await ws.send(json.dumps({"type": "message", "message": "look", "attachmentIds": [theirs]}))
+        async with asyncio.timeout(30):
+            refused = json.loads(await ws.recv())
+        assert refused["event"] == "error" and refused["data"]["code"] == "not_found"
+    assert server.count("SELECT COUNT(*) FROM messages") == 0
+    assert server.rows("SELECT message_id FROM attachments") == [(None,)]

@@ -24,8 +24,11 @@ from .records import new_id, now, storable_id
 UNUSED_SECONDS = 24 * 3600
 
 
-def _owner_clause(owner_id: str | None) -> str:
-    return "owner_id IS NULL" if owner_id is None else "owner_id = :owner"
+def _owned(attachment_id: str, owner_id: str | None) -> tuple[str, dict[str, Any]]:
+    """The WHERE clause and parameters of owner_id's attachment (None: one uploaded in open mode)."""
+    if owner_id is None:
+        return "id = :id AND owner_id IS NULL", {"id": attachment_id}
+    return "id = :id AND owner_id = :owner", {"id": attachment_id, "owner": owner_id}
 
 
 def insert_attachment(owner_id: str | None, attachment: InlineAttachment, attachment_id: str | None = None
@@ -72,9 +75,8 @@ def claim(ids: list[str], owner_id: str | None, conversation_id: str, message_id
     """
     types: dict[str, str] = {}
     for attachment_id in ids:
-        params: dict[str, Any] = {"id": attachment_id, "owner": owner_id}
-        row = yield Query("SELECT message_id, media_type FROM attachments WHERE id = :id AND"
-                          f" {_owner_clause(owner_id)}", params, ONE)
+        where, params = _owned(attachment_id, owner_id)
+        row = yield Query(f"SELECT message_id, media_type FROM attachments WHERE {where}", params, ONE)
         if row is None:
             raise NotFoundError(f"attachment {attachment_id[:64]} not found")
         if row[0] is not None:
@@ -152,10 +154,10 @@ class AttachmentQueries(StoreBase):
         """
         row = None
         if storable_id(attachment_id):
-            params: dict[str, Any] = {"id": attachment_id, "owner": owner_id}
+            where, params = _owned(attachment_id, owner_id)
             row = await self._fetch_one(
-                "SELECT id, name, media_type, size, sha256, data, conversation_id, message_id FROM attachments"
-                f" WHERE id = :id AND {_owner_clause(owner_id)}", params)
+                f"SELECT id, name, media_type, size, sha256, data, conversation_id, message_id FROM attachments"
+                f" WHERE {where}", params)
         if row is None:
             raise NotFoundError(f"attachment {attachment_id[:64]} not found")
         found = dict(row._mapping)
