@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import orjson
 from starlette.types import Scope
 
-from .attachments import IMAGE_TOKENS, file_tokens, message_blocks
+from .attachments import file_tokens, message_blocks
 from .auth import ANONYMOUS, Authenticator, User
 from .config import Agent, Settings
 from .context import ContextWindow, Counted, Fitting
@@ -221,10 +221,10 @@ class Relay:
         conversation_id: str | None
         if isinstance(command, SendMessage):
             size += len(command.message.encode())
-            # Files at 4 bytes a token of their estimate (an uploaded one's as the most an image costs: a PDF
-            # by id is counted once the message holds it, by history_bytes).
+            # Files at 4 bytes a token of their estimate (server/attachments.py), not their base64.
             size += 4 * sum(file_tokens(file.media_type, file.data) for file in command.attachments)
-            size += 4 * IMAGE_TOKENS * len(command.attachment_ids)
+            if command.attachment_ids:
+                size += 4 * await self.store.attachment_tokens(command.attachment_ids, user.id)
             conversation_id = command.conversation_id
         else:
             conversation_id = await self.store.conversation_of_message(command.message_id)

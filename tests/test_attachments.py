@@ -20,6 +20,7 @@ import websockets
 
 from server.attachments import (
     IMAGE_MAX_BYTES,
+    IMAGE_TOKENS,
     PDF,
     PDF_PAGE_TOKENS,
     InlineAttachment,
@@ -228,6 +229,9 @@ async def test_another_users_or_a_used_attachment_is_refused_with_nothing_saved(
                 await relay.start(SendMessage("look", attachment_ids=(theirs["id"],)), bob)
             with pytest.raises(NotFoundError):
                 await store.get_attachment(theirs["id"], bob.id)
+            # What budgets count for it: its estimate for its owner, nothing for another user.
+            assert await store.attachment_tokens((theirs["id"],), alice.id) == IMAGE_TOKENS
+            assert await store.attachment_tokens((theirs["id"],), bob.id) == 0
             with pytest.raises(NotFoundError):  # an inline file with it: not saved either
                 await relay.start(SendMessage("look", attachment_ids=(theirs["id"],), attachments=(
                     InlineAttachment("b.png", "image/png", png()),)), bob)

@@ -164,10 +164,12 @@ class AttachmentQueries(StoreBase):
         found["data"] = bytes(found["data"])
         return found
 
-    async def attachment_bytes(self, conversation_id: str) -> int:
-        """The bytes of a conversation's files together (what its history adds to a request, before base64)."""
-        if not storable_id(conversation_id):
-            return 0
-        total = await self._fetch_val("SELECT COALESCE(SUM(size), 0) FROM attachments WHERE conversation_id = :id",
-                                      {"id": conversation_id})
-        return int(total or 0)
+    async def attachment_tokens(self, attachment_ids: tuple[str, ...], owner_id: str | None) -> int:
+        """The token estimate (see server/attachments.py file_tokens) of owner_id's attachments among the ids
+        (another user's count 0: the turn that names them is refused)."""
+        total = 0
+        for attachment_id in attachment_ids:
+            if storable_id(attachment_id):
+                where, params = _owned(attachment_id, owner_id)
+                total += int(await self._fetch_val(f"SELECT tokens FROM attachments WHERE {where}", params) or 0)
+        return total
