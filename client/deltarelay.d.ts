@@ -46,7 +46,8 @@ export interface DoneData {
 export interface ErrorData {
   /**
    * The server's code, or "network_error" when the connection was lost; "unauthorized" when, with
-   * getToken, a new token was refused too.
+   * getToken, a new token was refused too; a send's failed attachment upload: the upload's code (413
+   * too_large, 415...), or "upload_failed" when the file could not even be read.
    */
   code: string
   message: string
@@ -57,12 +58,78 @@ export interface ErrorData {
   /** context_too_long: the input tokens (estimated, or as the model counted them) and the model's window. */
   inputTokens?: number
   contextWindow?: number
+  /** A send whose attachment upload failed: the upload's HTTP status (0 when no answer came). */
+  status?: number
+}
+
+/** A tool call's input as it streams: `partialJson` pieces, joined in order, make the input's JSON text. */
+export interface ToolInputData {
+  id: string
+  partialJson: string
+}
+
+/** A call of one of the agent's own tools, its input complete (`{}` for none). */
+export interface ToolUseData {
+  id: string
+  name: string
+  input: Record<string, unknown>
+}
+
+/** A content block of a tool result, as the app's tool endpoint gave it (text, image...). */
+export interface ContentBlock {
+  type: string
+  [field: string]: unknown
+}
+
+/** What the app's tool endpoint answered for the call `id` (an error when it failed, timed out or said so). */
+export interface ToolResultData {
+  id: string
+  isError: boolean
+  content: string | ContentBlock[]
+}
+
+/**
+ * One citation of the answer's text, at the point of the text where it arrived. `index`: its number in the
+ * answer, 1-based, in stream order, across tool rounds.
+ */
+export interface CitationData {
+  index: number
+  /** null for a citation of a document (then documentTitle). */
+  url: string | null
+  title: string | null
+  citedText: string
+  documentTitle?: string | null
+}
+
+/** A server tool call: `web_search` (query: the search) or `web_fetch` (query: the URL fetched). */
+export interface SearchData {
+  id: string
+  name: 'web_search' | 'web_fetch' | (string & {})
+  query: string
+}
+
+export interface SearchResult {
+  url: string
+  title: string | null
+}
+
+/** What the server tool call `id` found; `error`: the API's error_code when it failed. */
+export interface SearchResultsData {
+  id: string
+  results: SearchResult[]
+  error?: string
 }
 
 export interface EventDataMap {
   start: StartData
   chunk: TextData
   thinking: TextData
+  tool_input: ToolInputData
+  tool_use: ToolUseData
+  tool_result: ToolResultData
+  citation: CitationData
+  search: SearchData
+  search_results: SearchResultsData
   cost: CostData
   done: DoneData
   error: ErrorData
@@ -179,6 +246,38 @@ export interface SendOptions {
    * conversation's active leaf.
    */
   parentMessageId?: string | null
+  /**
+   * Images (PNG, JPEG, GIF, WebP) and PDFs for this message. Each File/Blob or {name, mediaType, data} is
+   * uploaded first (POST /api/attachments, see uploadAttachment) and the command carries only their ids, so a
+   * resume or a fallback never sends the bytes again; an {id} is one uploaded already. A failed upload ends the
+   * stream with its error (code and status of the upload's answer), nothing sent.
+   */
+  attachments?: AttachmentInput[]
+}
+
+/** An attachment to send: a File/Blob, bytes as base64 with a name and media type, or an uploaded one's id. */
+export type AttachmentInput = Blob | { name: string; mediaType: string; data: string } | { id: string }
+
+/** An uploaded attachment, as POST /api/attachments answers. */
+export interface Attachment {
+  id: string
+  name: string
+  /** The media type the server read from the bytes. */
+  mediaType: string
+  /** Bytes. */
+  size: number
+}
+
+/** A reference to an uploaded attachment in a message's blocks. */
+export interface AttachmentBlock {
+  type: 'image' | 'document'
+  source: { type: 'attachment'; id: string }
+}
+
+/** One API message of those a stored message stands for: content blocks as the Messages API takes them. */
+export interface BlockMessage {
+  role: 'user' | 'assistant'
+  content: Array<AttachmentBlock | ContentBlock>
 }
 
 /** A conversation as the REST API gives it. */
@@ -222,6 +321,12 @@ export interface Message {
   /** 0-based place among the messages with the same parent, oldest first; of siblingCount. */
   siblingIndex: number
   siblingCount: number
+  /**
+   * The API messages this message stands for, or null for plain text: a user message's attachment refs and
+   * text; an answer's assistant content (text with citations, thinking, tool_use, server tool blocks) and the
+   * user tool_result messages between its rounds.
+   */
+  blocks?: BlockMessage[] | null
 }
 
 export interface MessagesPage {
@@ -306,6 +411,11 @@ export interface Client {
    * (else the stream ends with the error `not_continuable`). Its chunks carry only the new text.
    */
   continue(messageId: string): RelayStream
+  /**
+   * POST /api/attachments (multipart, field `file`, with the bearer token): resolves to the stored attachment,
+   * rejects with a RelayError (413 too large, 415 not an image or PDF...).
+   */
+  uploadAttachment(file: Blob | { name: string; mediaType: string; data: string }): Promise<Attachment>
   // The REST helpers: each resolves to the parsed JSON of a 2xx answer and rejects with a RelayError otherwise.
   /** GET /api/conversations: limit (default 50, at most 200), before (a page's nextBefore), q (in titles). */
   listConversations(options?: { limit?: number; before?: string; q?: string }): Promise<ConversationList>

@@ -12,7 +12,9 @@
 const MESSAGE_PATH = '/api/command-center/message'
 const STREAMS_PATH = '/api/command-center/streams/'
 const CONVERSATIONS_PATH = '/api/conversations'
-const EVENTS = ['start', 'chunk', 'thinking', 'cost', 'done', 'error']
+const ATTACHMENTS_PATH = '/api/attachments'
+// Every answer event a server sends; an EventSource hears only the names it listens to.
+const EVENTS = ['start', 'chunk', 'thinking', 'tool_input', 'tool_use', 'tool_result', 'citation', 'search', 'search_results', 'cost', 'done', 'error']
 // A 204 to a resume: the stream has ended, and there is nothing after the last event seen.
 const ended = () => ({ code: 'not_resumable', message: 'The stream has ended', retryable: false })
 
@@ -114,7 +116,7 @@ class Stream extends EventTarget {
     this.userMessageId = this.parentId = null
     this.truncatedMessages = 0
     // A continue writes on into an answer that exists: its id is known before the start.
-    if (frame.type === 'continue') this.messageId = frame.messageId
+    if (frame?.type === 'continue') this.messageId = frame.messageId
     this.cost = this.stopReason = this.error = null
     this.lastEventId = this._attempt = this._lostAt = 0
     this.finished = false
@@ -132,6 +134,8 @@ class Stream extends EventTarget {
 
   cancel() {
     if (this.finished) return
+    // Still uploading its attachments: nothing was sent, so nothing is answered.
+    if (!this._frame) return this._push('done', { conversationId: this._conversation ?? null, messageId: null, stopReason: 'cancelled' })
     this._cancelled = true
     if (this.streamId) this._cancel()
   }
@@ -319,14 +323,35 @@ export function createClient(options = {}) {
     }
   }
 
-  /** A stream for one command, started on the client's transport. */
-  function open(frame, body) {
+  /**
+   * A stream for one command, started on the client's transport. `prepare` (a send with attachments): resolves
+   * to the command's frame once its files are uploaded; the stream starts then, and a failed upload ends it with
+   * that error (nothing was sent). A cancel during the upload ends it as cancelled, with nothing sent either.
+   */
+  function open(frame, body, prepare) {
     const stream = new Stream(mode, frame, body)
     stream._cancel = () => cancel(stream)
     live.add(stream)
     stream.done.then(() => live.delete(stream))
     client.transport = mode
-    start(stream)
+    if (!prepare) start(stream)
+    else {
+      prepare().then(
+        ({ type, ...fields }) => {
+          if (stream.finished) return // cancelled during the upload
+          stream._frame = { type, ...fields }
+          stream._body = fields
+          start(stream)
+        },
+        (error) => stream._push('error', {
+          // A REST error's code; anything else (bad base64, say) is upload_failed, not a DOMException's number.
+          code: typeof error.code === 'string' ? error.code : 'upload_failed',
+          message: error.message || 'The attachment could not be uploaded',
+          retryable: error.retryable ?? false,
+          ...(error.status !== undefined && { status: error.status }),
+        }),
+      )
+    }
     return stream
   }
 
@@ -336,10 +361,12 @@ export function createClient(options = {}) {
    */
   async function rest(method, path, body) {
     const headers = { Accept: 'application/json' }
-    if (body !== undefined) headers['Content-Type'] = 'application/json'
+    // A FormData body sets its own multipart Content-Type (with the boundary).
+    const form = typeof FormData !== 'undefined' && body instanceof FormData
+    if (body !== undefined && !form) headers['Content-Type'] = 'application/json'
     let res
     try {
-      res = await request(base + path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) })
+      res = await request(base + path, { method, headers, body: body === undefined || form ? body : JSON.stringify(body) })
     } catch (cause) {
       throw Object.assign(new Error('Request failed', { cause }), networkError('Request failed'), { status: 0 })
     }
@@ -353,10 +380,31 @@ export function createClient(options = {}) {
   const client = {
     transport: null,
 
-    /** parentMessageId: the answer the new message follows (null: a new first message); default the active leaf. */
-    send(message, { conversationId, agentId, parentMessageId } = {}) {
+    /**
+     * parentMessageId: the answer the new message follows (null: a new first message); default the active leaf.
+     * attachments: File/Blob, {name, mediaType, data (base64)} or {id} of an uploaded one; each File/Blob and
+     * {name, mediaType, data} is uploaded first, so the command carries only `attachmentIds`.
+     */
+    send(message, { conversationId, agentId, parentMessageId, attachments } = {}) {
       const fields = { message, agentId, conversationId, parentMessageId }
-      return open({ type: 'message', ...fields }, fields)
+      if (!attachments?.length) return open({ type: 'message', ...fields }, fields)
+      const stream = open(null, null, async () => {
+        const attachmentIds = await Promise.all(attachments.map((a) => (isUploaded(a) ? a.id : client.uploadAttachment(a).then((u) => u.id))))
+        return { type: 'message', ...fields, attachmentIds }
+      })
+      stream._conversation = conversationId
+      return stream
+    },
+
+    /**
+     * POST /api/attachments (multipart, field `file`): a File/Blob, or {name, mediaType, data (base64)}.
+     * Resolves to {id, name, mediaType, size}; rejects like the REST helpers (status, code).
+     */
+    async uploadAttachment(file) {
+      const form = new FormData()
+      if (file instanceof Blob) form.append('file', file, file.name || 'attachment')
+      else form.append('file', new Blob([fromBase64(file.data)], { type: file.mediaType }), file.name || 'attachment')
+      return rest('POST', ATTACHMENTS_PATH, form)
     },
 
     /** A new answer beside `messageId` (an answer), to the same user message. */
@@ -748,6 +796,12 @@ export function createClient(options = {}) {
 
   return client
 }
+
+/** An attachment already uploaded ({id}): sent by its id, not uploaded again. */
+const isUploaded = (a) => typeof a?.id === 'string' && !(a instanceof Blob) && a.data === undefined
+
+/** Bytes of a base64 string (standard alphabet, padded or not). */
+const fromBase64 = (data) => Uint8Array.from(atob(data), (c) => c.charCodeAt(0))
 
 async function httpError(res) {
   let body

@@ -599,6 +599,7 @@ async def _relay_attempt(job: Job, upstream: Upstream, stream: LiveStream, reply
             if outcome.first_chunk_at is None and reply.chunk_count:
                 outcome.first_chunk_at = time.monotonic()
             if reply.finished:
+                append(reply.cost_event())  # the answer's one cost event, after its last content
                 return
     raise ProtocolError("the model's stream ended before message_stop")
 

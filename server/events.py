@@ -1,4 +1,5 @@
-"""The relay's events: start chunk thinking cost done error, and their wire JSON.
+"""The relay's events: start chunk thinking tool_input tool_use tool_result citation search search_results cost
+done error, and their wire JSON.
 
 Python is snake_case, the wire is camelCase; the conversion happens here only.
 Each event is encoded to JSON once, when it enters a stream's log; both transports
@@ -56,6 +57,93 @@ class Thinking:
 
     def to_wire(self) -> dict[str, Any]:
         return {"text": self.text}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolInput:
+    """A piece of a client tool call's input JSON as the model writes it (the pieces joined are its input).
+
+    Never empty: the API's empty input_json_delta pieces are not relayed.
+    """
+    name: ClassVar[str] = "tool_input"
+    id: str
+    partial_json: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "partialJson": self.partial_json}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolUse:
+    """A client tool call whose input is complete: the tool loop runs it."""
+    name: ClassVar[str] = "tool_use"
+    id: str
+    tool: str  # the tool's name (`name` is the event's)
+    input: dict[str, Any]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.tool, "input": self.input}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    """What the app's toolsUrl answered for a tool call (or the error result that stands for it)."""
+    name: ClassVar[str] = "tool_result"
+    id: str
+    is_error: bool
+    content: str | list[dict[str, Any]]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "isError": self.is_error, "content": self.content}
+
+
+@dataclass(frozen=True, slots=True)
+class Citation:
+    """One citation of the answer's text: `index` is its number in the whole answer, 1-based, in stream order.
+
+    A web search result has a url and title; a document citation has no url, its title is the document's title
+    and `document_title` says it is a document's (the wire then carries `documentTitle`).
+    """
+    name: ClassVar[str] = "citation"
+    index: int
+    url: str | None
+    title: str | None
+    cited_text: str
+    document_title: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"index": self.index, "url": self.url, "title": self.title,
+                                "citedText": self.cited_text}
+        if self.document_title is not None:
+            wire["documentTitle"] = self.document_title
+        return wire
+
+
+@dataclass(frozen=True, slots=True)
+class Search:
+    """A server tool call: `tool` is web_search (query: what was searched) or web_fetch (query: the url)."""
+    name: ClassVar[str] = "search"
+    id: str
+    tool: str
+    query: str | None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.tool, "query": self.query}
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResults:
+    """A server tool's results, `id` being its call's: each result's url and title, or the API's error code."""
+    name: ClassVar[str] = "search_results"
+    id: str
+    results: tuple[dict[str, str | None], ...]
+    error: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"id": self.id, "results": list(self.results)}
+        if self.error is not None:
+            wire["error"] = self.error
+        return wire
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +225,8 @@ def error_event(exc: RelayError) -> Error:
     return Error(exc.code, exc.message, exc.retryable, exc.retry_after, exc.message_id, exc.details)
 
 
-RelayEvent = Start | Chunk | Thinking | Cost | Done | Error
+RelayEvent = (Start | Chunk | Thinking | ToolInput | ToolUse | ToolResult | Citation | Search | SearchResults | Cost
+              | Done | Error)
 
 TERMINAL_EVENTS = frozenset({"done", "error"})
 

@@ -1,7 +1,7 @@
 """The offline model as its own Anthropic-compatible HTTP server, for development and benchmarks.
 
     python -m server.mock_upstream --port 9000 [--delay-ms 40] [--words 0] [--error MODE] [--error-message TEXT]
-                                   [--stamp] [--api-key KEY] [--context-window TOKENS]
+                                   [--stamp] [--api-key KEY] [--context-window TOKENS] [--pause-turn]
 
 Point the relay at it with ANTHROPIC_BASE_URL=http://127.0.0.1:9000 and any ANTHROPIC_API_KEY (or KEY,
 when --api-key makes it refuse every other key with the API's 401). A request may override the options
@@ -10,6 +10,15 @@ many tokens, as the API refuses one over the model's window). It answers POST /v
 API (GET /v1/models, GET /v1/models/{id}: the models server/pricing.py has a price for), and
 POST /v1/messages/count_tokens with the emulated count (server/protocol/tokens.py). Messages requests
 go through the emulated prompt cache (server/upstream/offline.py, PromptCache), one for the server's life.
+
+Beyond plain text (server/upstream/shapes.py; docs/configuration.md, "Thinking, web search, tool calls"): a
+request with `thinking: {type: enabled}` starts its answer with a signed thinking block; the directive `[search]`
+in the newest user message (with a `web_search_*` tool offered) streams a web search with its results and cited
+text; `[tool]` (with client tools) calls the first tool, input built from its input_schema, stop_reason
+tool_use; a last message of tool results is answered with text quoting them. The header `x-mock-pause-turn: 1`
+makes a `[search]` round stop with pause_turn after the results. Requests the API would refuse (tool results
+not paired with the previous tool calls, a thinking signature this process did not issue for that text, a
+malformed image or document block, a thinking budget out of bounds) get its 400 invalid_request_error.
 """
 
 from __future__ import annotations
@@ -29,10 +38,10 @@ from .upstream.offline import (
     OfflineOptions,
     PromptCache,
     anthropic_stream,
-    breakpoint_refusal,
     context_refusal,
     error_body,
     error_status,
+    request_refusal,
 )
 
 Scope = MutableMapping[str, Any]
@@ -50,6 +59,8 @@ def _overrides(options: OfflineOptions, headers: dict[bytes, bytes]) -> OfflineO
         changes["error"] = headers[b"x-mock-error"].decode()
     if b"x-mock-context-window" in headers:
         changes["context_window"] = int(headers[b"x-mock-context-window"])
+    if b"x-mock-pause-turn" in headers:
+        changes["pause_turn"] = headers[b"x-mock-pause-turn"] == b"1"
     return replace(options, **changes) if changes else options
 
 
@@ -139,7 +150,7 @@ def mock_app(options: OfflineOptions, fail_first: int = 0,
         if status is not None:
             await _respond(send, status, error_body(status), [(b"retry-after", b"1")])
             return
-        refusal = breakpoint_refusal(request)
+        refusal = request_refusal(request)
         if refusal is None:
             refusal = context_refusal(request, request_options)
             if refusal is not None:
@@ -215,13 +226,16 @@ def main() -> None:
     parser.add_argument("--fail-first", type=int, default=0, help="with --error: only the first N requests fail")
     parser.add_argument("--stamp", action="store_true", help="each delta is 'seq:send_time_ns ' (benchmarks)")
     parser.add_argument("--api-key", help="refuse every other x-api-key with a 401, as the API does")
+    parser.add_argument("--pause-turn", action="store_true",
+                        help="every [search] round stops with pause_turn after the results (header x-mock-pause-turn)")
     parser.add_argument("--context-window", type=int, default=0,
                         help="refuse requests over this many tokens (0: the model's context window)")
     args = parser.parse_args()
     import uvicorn
 
     options = OfflineOptions(delay_ms=args.delay_ms, words=args.words, repeat=args.repeat, error=args.error,
-                             error_message=args.error_message, stamp=args.stamp, context_window=args.context_window)
+                             error_message=args.error_message, stamp=args.stamp, context_window=args.context_window,
+                             pause_turn=args.pause_turn)
     uvicorn.run(mock_app(options, args.fail_first, args.api_key), host=args.host, port=args.port, log_level="warning",
                 lifespan="on", access_log=False)
 

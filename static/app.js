@@ -5,7 +5,7 @@
 // markup of its own (no HTML, no script, no javascript: link).
 
 import { createClient } from '/client/deltarelay.js'
-import { markdownView } from '/static/markdown.js'
+import { markdownView, safeHref } from '/static/markdown.js'
 
 const $ = (id) => document.getElementById(id)
 const app = $('app')
@@ -27,6 +27,9 @@ const status = $('status')
 const template = $('message-template')
 const search = $('conversation-search')
 const loadOlderButton = $('load-older')
+const attachInput = $('attach-input')
+const attachButton = $('attach')
+const composerAttachments = $('composer-attachments')
 const params = new URLSearchParams(location.search)
 
 // The server's keepalive interval, for the client's stall watchdog: ?keepaliveMs=1000 or
@@ -364,10 +367,16 @@ function addMessage(role, state) {
   emptyState.hidden = true
   messages.append(article)
   const text = article.querySelector('.message-text')
+  const citations = new Map() // index -> the citation event's data
   return {
     article,
     text,
-    view: role === 'assistant' ? markdownView(text, keepScrolledDown) : null,
+    citations,
+    steps: article.querySelector('.message-steps'),
+    tools: new Map(), // tool call id -> its box
+    searches: new Map(), // server tool call id -> its box
+    attachments: article.querySelector('.message-attachments'),
+    view: role === 'assistant' ? markdownView(text, keepScrolledDown, (fragment) => placeCitations(fragment, citations)) : null,
     thinking: article.querySelector('.thinking'),
     thinkingText: article.querySelector('.thinking-text'),
     status: article.querySelector('.message-status'),
@@ -381,9 +390,12 @@ function showStoredMessage(message) {
   shown.article.dataset.messageId = message.id
   if (message.role !== 'assistant') {
     shown.text.textContent = message.content
+    for (const block of message.blocks?.flatMap((m) => (Array.isArray(m.content) ? m.content : [])) ?? []) {
+      if (block.source?.type === 'attachment') showStoredAttachment(shown, block)
+    }
     return shown
   }
-  shown.view.set(message.content)
+  shown.view.set(message.blocks ? showStoredBlocks(shown, message.blocks) ?? message.content : message.content)
   shown.view.flush()
   if (message.thinking) {
     shown.thinking.hidden = false
@@ -396,6 +408,270 @@ function showStoredMessage(message) {
   if (message.stopReason === 'max_tokens') setStatus(shown, 'note', 'Cut off at the length limit.')
   setMeta(shown, message)
   return shown
+}
+
+// ---- Citations, searches and tool calls ------------------------------------------------------------------
+
+// A citation's place in an answer's Markdown text: private-use characters that no answer shows, turned into a
+// numbered link once the text is rendered (so the model's text never becomes markup).
+const MARK = /\uE000(\d+)\uE001/g
+const citationMark = (index) => `\uE000${index}\uE001`
+/** An answer's text as it is copied: "[n]" where its citations are. */
+const plainText = (marked) => marked.replace(MARK, '[$1]')
+
+/** Each citation mark of a rendered answer becomes a superscript "[n]": a link to its source, its title the tooltip. */
+function placeCitations(fragment, citations) {
+  const walker = document.createTreeWalker(fragment, NodeFilter.SHOW_TEXT)
+  const found = []
+  for (let node; (node = walker.nextNode()); ) if (node.data.includes('\uE000')) found.push(node)
+  for (const node of found) {
+    const parts = node.data.split(/\uE000(\d+)\uE001/)
+    node.replaceWith(...parts.map((part, i) => (i % 2 ? citationLink(Number(part), citations.get(Number(part))) : part)))
+  }
+}
+
+function citationLink(index, citation) {
+  const sup = document.createElement('sup')
+  sup.className = 'citation'
+  sup.dataset.testid = 'citation'
+  const href = safeHref(citation?.url)
+  const mark = document.createElement(href ? 'a' : 'span')
+  mark.textContent = `[${index}]`
+  const source = citation?.title || citation?.documentTitle || citation?.url || 'source'
+  mark.title = citation?.citedText ? `${source}: “${citation.citedText}”` : source
+  mark.setAttribute('aria-label', `Source ${index}: ${source}`)
+  if (href) {
+    mark.href = href
+    mark.target = '_blank'
+    mark.rel = 'noopener noreferrer nofollow'
+  }
+  sup.append(mark)
+  return sup
+}
+
+function showSteps(shown) {
+  shown.steps.hidden = false
+}
+
+const SEARCH_VERBS = { web_search: ['Searching the web for', 'Searched the web for'], web_fetch: ['Fetching', 'Fetched'] }
+
+/** A collapsible "Searched the web for …" with its sources; a search event, or a stored server_tool_use. */
+function showSearch(shown, { id, name, query }) {
+  const step = document.createElement('details')
+  step.className = 'step step-search'
+  step.dataset.testid = 'search-step'
+  const summary = document.createElement('summary')
+  const verbs = SEARCH_VERBS[name] ?? [`Using ${name}:`, `Used ${name}:`]
+  summary.textContent = `${verbs[0]} “${query}”…`
+  const sources = document.createElement('ol')
+  sources.className = 'sources'
+  sources.dataset.testid = 'search-sources'
+  step.append(summary, sources)
+  shown.steps.append(step)
+  shown.searches.set(id, { step, summary, sources, done: `${verbs[1]} “${query}”` })
+  showSteps(shown)
+}
+
+function showSearchResults(shown, { id, results, error }) {
+  const search = shown.searches.get(id)
+  if (!search) return
+  search.summary.textContent = error ? `${search.done}: failed (${error})` : `${search.done} · ${results.length === 1 ? '1 source' : `${results.length} sources`}`
+  if (error) search.step.dataset.error = 'true'
+  search.sources.replaceChildren(...results.map(({ url, title }) => {
+    const item = document.createElement('li')
+    const href = safeHref(url)
+    const link = document.createElement(href ? 'a' : 'span')
+    link.textContent = title || url
+    if (href) {
+      link.href = href
+      link.target = '_blank'
+      link.rel = 'noopener noreferrer nofollow'
+    }
+    const host = document.createElement('span')
+    host.className = 'source-host'
+    try {
+      host.textContent = new URL(url).hostname
+    } catch {}
+    item.append(link, host)
+    return item
+  }))
+}
+
+/** The box of the tool call `id`: its name, its input (typing, then whole) and its result. */
+function toolBox(shown, id) {
+  let box = shown.tools.get(id)
+  if (box) return box
+  const step = document.createElement('details')
+  step.className = 'step step-tool'
+  step.dataset.testid = 'tool-call'
+  step.open = true
+  const summary = document.createElement('summary')
+  const name = document.createElement('code')
+  name.dataset.testid = 'tool-name'
+  name.textContent = '…'
+  const state = document.createElement('span')
+  state.dataset.testid = 'tool-state'
+  state.textContent = ' running…'
+  summary.append('Tool ', name, state)
+  const inputLabel = document.createElement('p')
+  inputLabel.className = 'step-label'
+  inputLabel.textContent = 'Input'
+  const input = document.createElement('pre')
+  input.dataset.testid = 'tool-input'
+  const resultLabel = document.createElement('p')
+  resultLabel.className = 'step-label'
+  resultLabel.textContent = 'Result'
+  resultLabel.hidden = true
+  const result = document.createElement('pre')
+  result.dataset.testid = 'tool-result'
+  result.hidden = true
+  step.append(summary, inputLabel, input, resultLabel, result)
+  shown.steps.append(step)
+  showSteps(shown)
+  box = { step, name, state, input, typed: '', resultLabel, result }
+  shown.tools.set(id, box)
+  return box
+}
+
+function showToolUse(shown, { id, name, input }) {
+  const box = toolBox(shown, id)
+  box.name.textContent = name
+  box.input.textContent = JSON.stringify(input, null, 2)
+}
+
+function showToolResult(shown, { id, isError, content }) {
+  const box = toolBox(shown, id)
+  const text = typeof content === 'string'
+    ? content
+    : (content ?? []).map((block) => (block.type === 'text' ? block.text : `[${block.type}]`)).join('\n')
+  box.result.textContent = text
+  box.result.dataset.error = String(!!isError)
+  box.result.hidden = box.resultLabel.hidden = false
+  box.state.textContent = isError ? ' failed' : ' done'
+  box.step.dataset.error = String(!!isError)
+  box.step.open = false
+}
+
+/**
+ * A saved answer's blocks (its API messages: assistant content, and the user tool_result messages between its
+ * rounds) shown as the stream showed them: searches with their sources, tool calls with input and result, the
+ * text with its citations numbered in order. Returns the answer's marked text, or null when the blocks have none.
+ */
+function showStoredBlocks(shown, blocks) {
+  let text = null
+  for (const message of blocks) {
+    for (const block of Array.isArray(message.content) ? message.content : []) {
+      if (block.type === 'text') {
+        text = (text ?? '') + block.text
+        for (const citation of block.citations ?? []) {
+          const index = shown.citations.size + 1
+          shown.citations.set(index, {
+            index,
+            url: citation.url ?? null,
+            title: citation.title ?? null,
+            citedText: citation.cited_text ?? '',
+            documentTitle: citation.document_title ?? null,
+          })
+          text += citationMark(index)
+        }
+      } else if (block.type === 'server_tool_use') {
+        showSearch(shown, { id: block.id, name: block.name, query: block.input?.query ?? block.input?.url ?? '' })
+      } else if (block.type === 'web_search_tool_result' || block.type === 'web_fetch_tool_result') {
+        const content = block.content
+        const failed = content && !Array.isArray(content) && /_error$/.test(content.type ?? '')
+        const results = failed ? [] : [].concat(content ?? []).map((r) => ({ url: r.url, title: r.title ?? null }))
+        showSearchResults(shown, { id: block.tool_use_id, results, error: failed ? content.error_code : undefined })
+      } else if (block.type === 'tool_use') {
+        showToolUse(shown, block)
+      } else if (block.type === 'tool_result') {
+        showToolResult(shown, { id: block.tool_use_id, isError: !!block.is_error, content: block.content })
+      }
+    }
+  }
+  return text
+}
+
+// ---- Attachments: picked, dropped or pasted into the composer; shown in the messages ---------------------
+
+const ACCEPTED = ['image/png', 'image/jpeg', 'image/gif', 'image/webp', 'application/pdf']
+let pending = [] // the composer's attachments: {file, url}
+
+function addPending(files) {
+  for (const file of files) {
+    if (!ACCEPTED.includes(file.type)) {
+      status.textContent = `${file.name || 'That file'} is not an image (PNG, JPEG, GIF, WebP) or a PDF.`
+      continue
+    }
+    pending.push({ file, url: file.type.startsWith('image/') ? URL.createObjectURL(file) : null })
+  }
+  showPending()
+}
+
+function showPending() {
+  composerAttachments.replaceChildren(...pending.map((entry) => {
+    const item = attachmentItem({ name: entry.file.name || 'pasted image', url: entry.url, kind: entry.url ? 'image' : 'document' })
+    const remove = actionButton('×', 'remove-attachment', 'remove-attachment', `Remove ${entry.file.name || 'pasted image'}`)
+    remove.addEventListener('click', () => {
+      pending = pending.filter((p) => p !== entry)
+      if (entry.url) URL.revokeObjectURL(entry.url)
+      showPending()
+      input.focus()
+    })
+    item.append(remove)
+    return item
+  }))
+  composerAttachments.hidden = pending.length === 0
+}
+
+/** One attachment: an image's thumbnail (an object URL), or a file chip with the name. */
+function attachmentItem({ name, url, kind }) {
+  const item = document.createElement('li')
+  item.className = 'attachment'
+  item.dataset.testid = 'attachment'
+  item.dataset.kind = kind
+  if (url) {
+    const image = document.createElement('img')
+    image.src = url
+    image.alt = name
+    image.dataset.testid = 'attachment-thumbnail'
+    item.append(image)
+  } else {
+    const badge = document.createElement('span')
+    badge.className = 'attachment-kind'
+    badge.setAttribute('aria-hidden', 'true')
+    badge.textContent = kind === 'document' ? 'PDF' : 'IMG'
+    item.append(badge)
+  }
+  const label = document.createElement('span')
+  label.className = 'attachment-name'
+  label.dataset.testid = 'attachment-name'
+  label.textContent = name
+  item.append(label)
+  return item
+}
+
+function showAttachment(shown, attachment) {
+  shown.attachments.hidden = false
+  const item = attachmentItem(attachment)
+  shown.attachments.append(item)
+  return item
+}
+
+/** A stored ref {type, source: {type: attachment, id}} in `shown`: its bytes from GET /api/attachments/{id}. */
+function showStoredAttachment(shown, block) {
+  const item = showAttachment(shown, { name: block.type === 'document' ? 'PDF document' : 'Image', url: null, kind: block.type })
+  fetch('/api/attachments/' + encodeURIComponent(block.source.id)).then(async (res) => {
+    if (!res.ok) throw new Error(`HTTP ${res.status}`)
+    const name = /filename\*?=(?:UTF-8'')?"?([^";]+)"?/i.exec(res.headers.get('Content-Disposition') ?? '')?.[1]
+    const label = item.querySelector('.attachment-name')
+    if (name) label.textContent = decodeURIComponent(name)
+    if (block.type !== 'image') return
+    const image = document.createElement('img')
+    image.src = URL.createObjectURL(await res.blob())
+    image.alt = label.textContent
+    image.dataset.testid = 'attachment-thumbnail'
+    item.firstElementChild.replaceWith(image)
+  }).catch(() => (item.title = 'This attachment could not be loaded.'))
 }
 
 /**
@@ -537,7 +813,7 @@ function startEdit(shown, message) {
  * message and a new answer; "regenerate" adds a new answer after the user message of `messageId`;
  * "continue" writes on into the answer `messageId`. The pane has been cut to where the answer goes.
  */
-async function answer({ kind, text, parentMessageId, messageId }) {
+async function answer({ kind, text, parentMessageId, messageId, attachments = [] }) {
   const shownIn = view
   const client = clientFor(forceSSE.checked ? 'sse' : 'auto')
   let user = null
@@ -546,10 +822,12 @@ async function answer({ kind, text, parentMessageId, messageId }) {
   if (kind === 'send') {
     user = addMessage('user')
     user.text.textContent = text
+    for (const { file, url } of attachments) showAttachment(user, { name: file.name || 'pasted image', url, kind: url ? 'image' : 'document' })
   }
   if (kind === 'continue') {
     reply = articles.get(messageId)
-    before = tree.get(messageId)?.content ?? reply.view.text
+    // The text on screen keeps its citation marks; the saved text is the same without them.
+    before = reply.view.text || (tree.get(messageId)?.content ?? '')
     reply.article.dataset.state = 'streaming'
     reply.status.hidden = true
   } else {
@@ -562,6 +840,7 @@ async function answer({ kind, text, parentMessageId, messageId }) {
   pinned = true
 
   const options = { conversationId: conversationId ?? undefined }
+  if (attachments.length) options.attachments = attachments.map((a) => a.file)
   if (parentMessageId !== undefined) options.parentMessageId = parentMessageId
   const stream =
     kind === 'regenerate' ? client.regenerate(messageId) : kind === 'continue' ? client.continue(messageId) : client.send(text, options)
@@ -609,9 +888,39 @@ async function answer({ kind, text, parentMessageId, messageId }) {
     reply.thinking.hidden = false
     thinkingText.appendData(text)
   })
-  stream.on('chunk', () => {
+  // The answer's text with a mark where each citation arrived (placeCitations makes them links).
+  let marked = before
+  stream.on('chunk', ({ text }) => {
     firstToken()
-    reply.view.set(before + stream.text)
+    marked += text
+    reply.view.set(marked)
+  })
+  stream.on('citation', (citation) => {
+    reply.citations.set(citation.index, citation)
+    marked += citationMark(citation.index)
+    reply.view.set(marked)
+  })
+  stream.on('search', (search) => {
+    firstToken()
+    showSearch(reply, search)
+    keepScrolledDown()
+  })
+  stream.on('search_results', (results) => showSearchResults(reply, results))
+  stream.on('tool_input', ({ id, partialJson }) => {
+    firstToken()
+    const box = toolBox(reply, id)
+    box.typed += partialJson
+    box.input.textContent = box.typed
+    keepScrolledDown()
+  })
+  stream.on('tool_use', (use) => {
+    firstToken()
+    showToolUse(reply, use)
+    keepScrolledDown()
+  })
+  stream.on('tool_result', (result) => {
+    showToolResult(reply, result)
+    keepScrolledDown()
   })
   // The client resumes a lost connection by itself; the answer goes on where it stopped.
   stream.on('reconnecting', ({ attempt }) => {
@@ -678,7 +987,38 @@ form.addEventListener('submit', (event) => {
   const text = input.value
   if (!text.trim() || active) return
   input.value = ''
-  answer({ kind: 'send', text })
+  const attachments = pending
+  pending = []
+  showPending()
+  answer({ kind: 'send', text, attachments })
+})
+
+// Attachments: the button, a drop onto the composer, or images pasted into the message.
+attachButton.addEventListener('click', () => attachInput.click())
+attachInput.addEventListener('change', () => {
+  addPending([...attachInput.files])
+  attachInput.value = ''
+  input.focus()
+})
+form.addEventListener('dragover', (event) => {
+  if (![...(event.dataTransfer?.types ?? [])].includes('Files')) return
+  event.preventDefault()
+  form.dataset.dropping = 'true'
+})
+form.addEventListener('dragleave', (event) => {
+  if (!form.contains(event.relatedTarget)) delete form.dataset.dropping
+})
+form.addEventListener('drop', (event) => {
+  delete form.dataset.dropping
+  if (!event.dataTransfer?.files.length) return
+  event.preventDefault()
+  addPending([...event.dataTransfer.files])
+})
+input.addEventListener('paste', (event) => {
+  const files = [...(event.clipboardData?.files ?? [])].filter((file) => file.type.startsWith('image/'))
+  if (!files.length) return
+  event.preventDefault()
+  addPending(files)
 })
 
 input.addEventListener('keydown', (event) => {
@@ -703,7 +1043,7 @@ messages.addEventListener('click', (event) => {
   if (!message) return
   const shown = articles.get(message.id)
   const action = button.dataset.action
-  if (action === 'copy') return copyText(shown.view?.text ?? message.content, button)
+  if (action === 'copy') return copyText(shown.view ? plainText(shown.view.text) : message.content, button)
   if (active) return // one answer at a time; the controls are back when it is done
   if (action === 'previous' || action === 'next') return switchSibling(message, action === 'next' ? 1 : -1)
   if (action === 'edit') return startEdit(shown, message)

@@ -101,8 +101,9 @@ export function renderMarkdown(text) {
  * called: a stream of tokens costs one parse and one DOM update a frame. An update keeps the element's
  * leading children that are unchanged (the finished paragraphs) and replaces only the rest, so earlier
  * blocks neither flicker nor lose a selection. `onRender` runs after each update (to keep a pane scrolled).
+ * `decorate(fragment)`, if given, changes each rendering before it is compared and shown (the page's citations).
  */
-export function markdownView(element, onRender) {
+export function markdownView(element, onRender, decorate) {
   let text = ''
   let shown = null
   let frame = 0
@@ -110,7 +111,9 @@ export function markdownView(element, onRender) {
     frame = 0
     if (text === shown) return
     shown = text
-    update(element, renderMarkdown(text))
+    const fragment = renderMarkdown(text)
+    decorate?.(fragment)
+    update(element, fragment)
     onRender?.()
   }
   return {

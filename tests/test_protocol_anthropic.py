@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from server.errors import ProtocolError, UpstreamError
-from server.events import Chunk, Cost, RelayEvent, Thinking
+from server.events import Chunk, Citation, Cost, RelayEvent, Thinking, ToolInput, ToolUse
 from server.protocol.anthropic import (
     MAX_ERROR_MESSAGE,
     ReplyState,
@@ -110,21 +110,23 @@ def test_recorded_stream_reports_the_expected_stop_reason_and_usage(name: str) -
 
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_recorded_stream_ends_with_the_expected_error_or_one_cost_event(name: str) -> None:
+def test_recorded_stream_finishes_without_a_cost_event_or_ends_with_the_expected_error(name: str) -> None:
+    # The cost event is the core's: one per answer, the sum over its upstream requests (see test_core).
     expected = EXPECTED[name]["relay"]["error"]
     reply, relayed, error = replay(name)
     costs = [e for e in relayed if isinstance(e, Cost)]
+    assert costs == []
     if expected is None:
         assert error is None
         assert reply.finished
-        assert len(costs) == 1 and relayed[-1] is costs[0]
+        cost = reply.cost_event()
         usage = reply.usage
-        assert (costs[0].input_tokens, costs[0].output_tokens) == (usage.input_tokens, usage.output_tokens)
-        assert not costs[0].estimated
+        assert (cost.input_tokens, cost.output_tokens) == (usage.input_tokens, usage.output_tokens)
+        assert not cost.estimated
     else:
         assert error is not None
         assert (error.code, error.retryable) == (expected["code"], expected["retryable"])
-        assert not reply.finished and costs == []
+        assert not reply.finished
 
 
 @pytest.mark.parametrize("name", FIXTURES)
@@ -143,14 +145,14 @@ def test_extended_thinking_stream_without_usage_still_has_a_stop_reason_and_zero
     reply, relayed, _ = replay("docs_extended_thinking")
     assert reply.stop_reason == EXPECTED["docs_extended_thinking"]["stop_reason"] == "end_turn"
     assert reply.block_types == EXPECTED["docs_extended_thinking"]["block_types"]
-    cost = relayed[-1]
-    assert isinstance(cost, Cost)
+    assert not any(isinstance(e, Cost) for e in relayed)
+    cost = reply.cost_event()
     assert (cost.input_tokens, cost.output_tokens, cost.model) == (0, 0, "claude-opus-4-1-20250805")
     assert cost.total_cost == 0
 
 
 def test_usage_only_in_message_delta_is_taken_from_there() -> None:
-    reply, relayed, _ = replay("sdk_usage_only_in_message_delta")
+    reply, _, _ = replay("sdk_usage_only_in_message_delta")
     assert reply.stop_reason == "end_turn"
     usage = reply.usage
     assert (
@@ -160,18 +162,17 @@ def test_usage_only_in_message_delta_is_taken_from_there() -> None:
         usage.cache_read_input_tokens,
     ) == (11, 1, 3, 5)
     # Its upstream model, "claude-test", has no price.
-    assert relayed[-1] == Cost(11, 1, 3, 5, total_cost=None, model="claude-test")
+    assert reply.cost_event() == Cost(11, 1, 3, 5, total_cost=None, model="claude-test")
 
 
 def test_derived_cache_pricing_costs_exactly_the_published_amount() -> None:
-    reply, relayed, _ = replay("derived_cache_pricing", model="claude-opus-4-5")
+    reply, _, _ = replay("derived_cache_pricing", model="claude-opus-4-5")
     expected = Decimal(EXPECTED["derived_cache_pricing"]["expected_total_cost_claude_haiku_4_5"])
     assert expected == Decimal("0.00001395")
     # Priced by the model the upstream reported, not the one requested.
     assert reply.model == "claude-haiku-4-5"
     assert reply.total_cost() == expected
-    cost = relayed[-1]
-    assert isinstance(cost, Cost) and cost.total_cost == expected
+    assert reply.cost_event().total_cost == expected
     usage = reply.usage
     assert (usage.cache_creation_5m_input_tokens, usage.cache_creation_1h_input_tokens) == (1, 2)
 
@@ -200,7 +201,8 @@ def test_tool_json_and_signatures_never_reach_the_text() -> None:
     for name in ("docs_tool_use", "rec_haiku45_tool_use_only", "sdk_incomplete_partial_json_max_tokens"):
         reply, relayed, _ = replay(name)
         assert "location" not in reply.text and "filename" not in reply.text
-        assert all(isinstance(e, (Chunk, Cost)) for e in relayed)
+        assert all(isinstance(e, (Chunk, ToolInput, ToolUse)) for e in relayed)
+        assert not any("location" in e.text or "filename" in e.text for e in relayed if isinstance(e, Chunk))
     reply, _, _ = replay("docs_extended_thinking")
     assert "EqQB" not in reply.text and "EqQB" not in reply.thinking
     assert "step by step" not in reply.text
@@ -223,9 +225,9 @@ def test_unicode_line_separators_pass_through_unchanged() -> None:
 def test_unknown_model_costs_none_without_raising(caplog: pytest.LogCaptureFixture) -> None:
     reply = ReplyState("claude-from-the-future")
     with caplog.at_level(logging.WARNING):
-        relayed = feed_all(reply, [text_delta("hi"), event("message_stop")])
+        feed_all(reply, [text_delta("hi"), event("message_stop")])
     assert reply.total_cost() is None
-    assert relayed[-1] == Cost(0, 0, 0, 0, total_cost=None, model="claude-from-the-future")
+    assert reply.cost_event() == Cost(0, 0, 0, 0, total_cost=None, model="claude-from-the-future")
 
 
 def test_requested_model_prices_the_reply_when_upstream_names_none() -> None:
@@ -295,9 +297,15 @@ def test_unknown_events_and_delta_types_are_ignored() -> None:
     reply = ReplyState("claude-haiku-4-5")
     assert reply.feed(*event("content_block_future", index=0)) == []
     assert reply.feed(*event("content_block_delta", index=0, delta={"type": "future_delta", "text": "x"})) == []
-    citation = {"type": "citations_delta", "citation": {"cited_text": "quoted"}}
-    assert reply.feed(*event("content_block_delta", index=0, delta=citation)) == []
     assert reply.text == "" and not reply.has_content
+
+
+def test_a_citation_without_a_text_block_is_still_relayed_and_counts_as_content() -> None:
+    reply = ReplyState("claude-haiku-4-5", citation_base=2)
+    citation = {"type": "citations_delta", "citation": {"cited_text": "quoted"}}
+    assert reply.feed(*event("content_block_delta", index=0, delta=citation)) == [
+        Citation(3, None, None, "quoted")]
+    assert reply.has_content and reply.citation_count == 3 and reply.text == ""
 
 
 def test_json_type_wins_over_the_sse_event_name() -> None:
@@ -307,10 +315,10 @@ def test_json_type_wins_over_the_sse_event_name() -> None:
     assert reply.feed("ping", "{}") == []
 
 
-def test_message_stop_emits_one_cost_and_finishes() -> None:
+def test_message_stop_finishes_without_a_cost_event() -> None:
     reply = ReplyState("claude-haiku-4-5")
     assert not reply.finished
-    assert len(reply.feed(*event("message_stop"))) == 1
+    assert reply.feed(*event("message_stop")) == []
     assert reply.finished
     assert reply.feed(*event("message_stop")) == []
 

@@ -1,7 +1,7 @@
 // What an app with a bundler writes: the package by name, its types from the package itself.
 import {
-  createClient, createSSEParser, type Client, type MessagesPage, type RelayError, type RelayStream, type SSEEvent,
-  type StreamResult,
+  createClient, createSSEParser, type Attachment, type Client, type CitationData, type MessagesPage, type RelayError,
+  type RelayStream, type SSEEvent, type StreamMessage, type StreamResult,
 } from 'deltarelay'
 
 const client: Client = createClient({ baseUrl: 'https://relay.example', transport: 'sse' })
@@ -40,6 +40,30 @@ async function branch(conversationId: string, answerId: string): Promise<string 
   // @ts-expect-error: the only path the API knows is "active"
   await client.getMessages(conversationId, { path: 'all' })
   return (await client.continue(answerId).done).text + edited.userMessageId + nextBefore
+}
+
+// Tools, web search, citations and attachments: each event typed by its name. Never called either.
+async function rich(file: Blob): Promise<string> {
+  const uploaded: Attachment = await client.uploadAttachment(file)
+  const stream = client.send('[search] and [tool]', { attachments: [file, { id: uploaded.id }, { name: 'a.png', mediaType: 'image/png', data: 'iVBORw0KGgo=' }] })
+  const links: CitationData[] = []
+  stream
+    .on('tool_input', ({ id, partialJson }) => id + partialJson)
+    .on('tool_use', ({ name, input }) => name + Object.keys(input).length)
+    .on('tool_result', ({ isError, content }) => (isError ? 'failed' : typeof content === 'string' ? content : content[0].type))
+    .on('citation', (citation) => links.push(citation))
+    .on('search', ({ name, query }) => name + query)
+    .on('search_results', ({ results, error }) => results.map((r) => r.url).join() + (error ?? ''))
+  // @ts-expect-error: a tool_use's data has no partialJson
+  stream.on('tool_use', ({ partialJson }) => partialJson)
+  for await (const message of stream as AsyncIterable<StreamMessage>) {
+    if (message.event === 'citation') return `[${message.data.index}] ${message.data.url ?? message.data.documentTitle}`
+  }
+  const { messages } = await client.getMessages('c1')
+  const refs = messages[0].blocks?.[0].content.filter((block) => block.type === 'image') ?? []
+  // @ts-expect-error: an attachment is a Blob, base64 with a name and type, or an id
+  client.send('x', { attachments: ['not a file'] })
+  return links.map((c) => c.index).join() + refs.length
 }
 
 // Run after bundling: the bundle holds the package's code, not just its types.

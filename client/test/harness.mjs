@@ -62,11 +62,11 @@ function stop(child) {
 
 /**
  * Start a relay: `python -m server` on a free port with a SQLite file in a new temp directory, an agent
- * "helper" besides the default one, and RELAY_OFFLINE_DELAY_MS=0 (the offline model answers at once).
+ * "helper" besides the default one (or `agents`, the agents file's JSON), and RELAY_OFFLINE_DELAY_MS=0 (the offline model answers at once).
  * `env` adds or overrides settings; `upstream`: arguments for `python -m server.mock_upstream`, which is
  * then started on a free port and made the relay's Messages API. Returns { url, close() }.
  */
-export async function startServer({ env = {}, upstream = null } = {}) {
+export async function startServer({ env = {}, upstream = null, agents = null } = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'deltarelay-client-test-'))
   const children = []
   const clean = Object.fromEntries(
@@ -75,7 +75,7 @@ export async function startServer({ env = {}, upstream = null } = {}) {
     ),
   )
   const cwd = process.env.DELTARELAY_SERVER_CWD || dir // outside the checkout, for an installed wheel
-  writeFileSync(join(dir, 'agents.json'), JSON.stringify({ agents: [{ id: 'helper', system: 'Be helpful.' }] }))
+  writeFileSync(join(dir, 'agents.json'), JSON.stringify(agents ?? { agents: [{ id: 'helper', system: 'Be helpful.' }] }))
   const settings = {
     DATABASE_URL: `sqlite:///${join(dir, 'relay.db')}`,
     RELAY_OFFLINE_DELAY_MS: '0',
@@ -394,10 +394,14 @@ function textFrame(text) {
   return Buffer.concat([head, payload])
 }
 
+/** Every answer event the relay sends. */
+export const EVENT_NAMES = ['start', 'chunk', 'thinking', 'tool_input', 'tool_use', 'tool_result', 'citation', 'search',
+  'search_results', 'cost', 'done', 'error']
+
 /** Collect a stream three ways at once: listeners, on() callbacks, the async iterator. */
 export function collect(stream) {
   const heard = { listeners: [], callbacks: [], iterated: [] }
-  for (const name of ['start', 'chunk', 'thinking', 'cost', 'done', 'error']) {
+  for (const name of EVENT_NAMES) {
     stream.addEventListener(name, (e) => heard.listeners.push({ event: e.type, data: e.detail }))
     stream.on(name, (data) => heard.callbacks.push({ event: name, data }))
   }

@@ -2,8 +2,10 @@
 
 Pure: no I/O, no await. The caller decodes SSE and passes each event's
 `event:` field and data string; ReplyState parses the JSON, accumulates the answer,
-thinking and usage, and returns the relay events to send. error_for_status maps an
-upstream HTTP error answer to an UpstreamError the same way.
+thinking, tool calls, server tool blocks, citations and usage, and returns the relay
+events to send; content_blocks() gives the response back in the API's shape for the
+next request of a tool loop. error_for_status maps an upstream HTTP error answer to an
+UpstreamError the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import orjson
 
 from server.errors import ProtocolError, UpstreamError
-from server.events import Chunk, Cost, RelayEvent, Thinking
+from server.events import Chunk, Citation, Cost, RelayEvent, Search, SearchResults, Thinking, ToolInput, ToolUse
 from server.pricing import Usage, cost_of
 
 #: Upstream error messages are capped: they reach users and the database.
@@ -103,6 +105,45 @@ class TextParts:
     def __bool__(self) -> bool:
         return bool(self._folded or self._pieces)
 
+    def mark(self) -> int:
+        """A position between two pieces: everything added so far is before it (see between)."""
+        if self._pieces:
+            self._folded.append("".join(self._pieces))
+            self._pieces.clear()
+        return len(self._folded)
+
+    def between(self, start: int, end: int) -> str:
+        """The text added between two marks."""
+        return "".join(self._folded[start:end])
+
+
+# Blocks whose input streams as input_json_delta.
+_TOOL_BLOCKS = frozenset({"tool_use", "server_tool_use"})
+# Server tool result blocks: complete in their content_block_start, kept as received.
+_RESULT_BLOCKS = frozenset({"web_search_tool_result", "web_fetch_tool_result"})
+# Server tools a `search` event stands for, and the input field that is its query.
+_SEARCH_QUERY = {"web_search": "query", "web_fetch": "url"}
+
+
+class _Block:
+    """One content block of the response being read: what content_blocks() needs of it, and no copy of its text.
+
+    A text or thinking block's text is the part of the reply's TextParts between its two marks.
+    """
+
+    __slots__ = ("citations", "data", "end", "error", "parts", "result_event", "start", "stopped", "type")
+
+    def __init__(self, block_type: str, data: dict[str, Any]) -> None:
+        self.type = block_type
+        self.data = data  # the content_block of content_block_start, as received
+        self.start = 0
+        self.end: int | None = None
+        self.parts: list[str] = []  # input_json_delta pieces, or signature pieces
+        self.citations: list[dict[str, Any]] = []
+        self.stopped = False
+        self.error = False  # a tool block whose input JSON did not parse
+        self.result_event: SearchResults | None = None
+
 
 class ReplyState:
     """One reply's stream: feed it upstream events, get relay events back.
@@ -110,10 +151,13 @@ class ReplyState:
     Args:
         requested_model: the model the request asked for; prices the reply when
             the upstream does not name its model in message_start.
+        context_window, truncated_messages: carried into the cost event.
+        citation_base: the citations the answer already has (earlier rounds of a tool loop): this response's
+            first citation is number citation_base + 1.
     """
 
-    def __init__(self, requested_model: str, context_window: int | None = None, truncated_messages: int = 0
-                 ) -> None:
+    def __init__(self, requested_model: str, context_window: int | None = None, truncated_messages: int = 0,
+                 citation_base: int = 0) -> None:
         self.requested_model = requested_model
         # Carried into the cost event (contextWindow, truncatedMessages): what the core planned for this request.
         self.context_window = context_window
@@ -127,6 +171,11 @@ class ReplyState:
         self._thinking = TextParts()
         self._other_output_bytes = 0  # tool input JSON: output tokens, never text
         self._blocks: dict[int, str] = {}
+        self._content: dict[int, _Block] = {}
+        self.citation_base = citation_base
+        self.citation_count = citation_base  # the answer's citations so far, this response's included
+        self._relayed_other = False  # a tool, search or citation event went out
+        self._malformed_tool: str | None = None  # the id of a tool block whose input JSON did not parse
         self._usage: dict[str, int] = {}
         self._output_tokens_final = False
 
@@ -158,8 +207,10 @@ class ReplyState:
                         self.chunk_count += 1
                         return [Chunk(text)]
                     return []
-                return self._other_delta(delta_type, delta)
-            if kind == "ping" or kind == "content_block_stop":
+                return self._other_delta(payload["index"], delta_type, delta)
+            if kind == "content_block_stop":
+                return self._block_stop(payload["index"])
+            if kind == "ping":
                 return []
             if kind == "content_block_start":
                 return self._block_start(payload["index"], payload["content_block"])
@@ -170,10 +221,10 @@ class ReplyState:
                 self._message_delta(payload)
                 return []
             if kind == "message_stop":
-                if self.finished:
-                    return []
+                if self._malformed_tool is not None and self.stop_reason != "max_tokens":
+                    raise ProtocolError(f"the upstream sent tool input that is not JSON ({self._malformed_tool[:60]})")
                 self.finished = True
-                return [self.cost_event()]
+                return []
             if kind == "error":
                 raise _stream_error(payload.get("error"))
         except (KeyError, TypeError, AttributeError):
@@ -181,7 +232,7 @@ class ReplyState:
         # Unknown event types are ignored: the API may add new ones.
         return []
 
-    def _other_delta(self, delta_type: str, delta: dict[str, Any]) -> list[RelayEvent]:
+    def _other_delta(self, index: int, delta_type: str, delta: dict[str, Any]) -> list[RelayEvent]:
         if delta_type == "thinking_delta":
             thinking = delta["thinking"]
             if not isinstance(thinking, str):
@@ -190,24 +241,118 @@ class ReplyState:
                 self._thinking.add(thinking)
                 return [Thinking(thinking)]
         elif delta_type == "input_json_delta":
+            partial = delta["partial_json"]
+            if not isinstance(partial, str):
+                raise ProtocolError("the upstream sent an input_json_delta without partial_json")
             # Tool input is not part of the answer, but it counts when estimating output.
-            self._other_output_bytes += len(str(delta.get("partial_json", "")).encode())
-        # signature_delta, citations_delta and unknown delta types: nothing to relay.
+            self._other_output_bytes += len(partial.encode())
+            block = self._content.get(index)
+            if block is not None and block.type in _TOOL_BLOCKS and partial:
+                block.parts.append(partial)
+                if block.type == "tool_use":
+                    self._relayed_other = True
+                    return [ToolInput(block.data["id"], partial)]
+        elif delta_type == "signature_delta":
+            signature = delta["signature"]
+            if not isinstance(signature, str):
+                raise ProtocolError("the upstream sent a signature delta without a signature")
+            block = self._content.get(index)
+            if block is not None and block.type == "thinking":
+                block.parts.append(signature)
+        elif delta_type == "citations_delta":
+            citation = delta["citation"]
+            if not isinstance(citation, dict):
+                raise ProtocolError("the upstream sent a citations delta without a citation")
+            block = self._content.get(index)
+            if block is not None and block.type == "text":
+                block.citations.append(citation)
+            return [self._citation(citation)]
+        # Unknown delta types: nothing to relay.
         return []
+
+    def _citation(self, citation: dict[str, Any]) -> Citation:
+        self.citation_count += 1
+        self._relayed_other = True
+        cited = citation.get("cited_text")
+        cited_text = cited if isinstance(cited, str) else ""
+        if "url" in citation or citation.get("type") == "web_search_result_location":
+            return Citation(self.citation_count, _str(citation.get("url")), _str(citation.get("title")), cited_text)
+        # A document's citation (char_location, page_location, content_block_location, ...): no url.
+        title = _str(citation.get("document_title"))
+        return Citation(self.citation_count, None, title, cited_text, title)
 
     def _block_start(self, index: int, block: dict[str, Any]) -> list[RelayEvent]:
         block_type = block["type"]
+        if not isinstance(block_type, str):
+            raise ProtocolError("the upstream sent a content block without a type")
         self._blocks[index] = block_type
+        content = self._content[index] = _Block(block_type, block)
         if block_type == "text":
+            content.start = self._text.mark()
+            relayed: list[RelayEvent] = []
             text = block.get("text")
             if isinstance(text, str) and text:
                 self._text.add(text)
-                return [Chunk(text)]
-        elif block_type == "thinking":
+                relayed.append(Chunk(text))
+            citations = block.get("citations")
+            if isinstance(citations, list):
+                for citation in citations:
+                    if not isinstance(citation, dict):
+                        raise ProtocolError("the upstream sent a citation that is not an object")
+                    content.citations.append(citation)
+                    relayed.append(self._citation(citation))
+            return relayed
+        if block_type == "thinking":
+            content.start = self._thinking.mark()
+            signature = block.get("signature")
+            if isinstance(signature, str) and signature:
+                content.parts.append(signature)
             thinking = block.get("thinking")
             if isinstance(thinking, str) and thinking:
                 self._thinking.add(thinking)
                 return [Thinking(thinking)]
+        elif block_type in _TOOL_BLOCKS:
+            if not isinstance(block["id"], str) or not isinstance(block["name"], str):
+                raise ProtocolError(f"the upstream sent a {block_type} block without an id or name")
+        elif block_type in _RESULT_BLOCKS:
+            content.result_event = _search_results(block)
+        return []
+
+    def _block_stop(self, index: int) -> list[RelayEvent]:
+        block = self._content.get(index)
+        if block is None or block.stopped:
+            return []
+        block.stopped = True
+        block_type = block.type
+        if block_type == "text":
+            block.end = self._text.mark()
+        elif block_type == "thinking":
+            block.end = self._thinking.mark()
+        elif block_type in _TOOL_BLOCKS:
+            joined = "".join(block.parts)
+            tool_input: Any = block.data.get("input") or {}
+            if joined:
+                try:
+                    tool_input = orjson.loads(joined)
+                except orjson.JSONDecodeError:
+                    tool_input = None
+            if not isinstance(tool_input, dict):
+                # Cut short (max_tokens): the block is incomplete, not a call. Anything else is an error,
+                # raised at message_stop once the stop reason is known.
+                block.error = True
+                self._malformed_tool = block.data["id"]
+                return []
+            block.data = {"type": block_type, "id": block.data["id"], "name": block.data["name"],
+                          "input": tool_input}
+            self._relayed_other = True
+            if block_type == "tool_use":
+                return [ToolUse(block.data["id"], block.data["name"], tool_input)]
+            field = _SEARCH_QUERY.get(block.data["name"])
+            if field is not None:
+                return [Search(block.data["id"], block.data["name"], _str(tool_input.get(field)))]
+        elif block.result_event is not None:
+            self._relayed_other = True
+            return [block.result_event]
         return []
 
     def _message_start(self, message: dict[str, Any]) -> None:
@@ -277,8 +422,47 @@ class ReplyState:
 
     @property
     def has_content(self) -> bool:
-        """Whether any text or thinking arrived: after that, a retry would repeat it."""
-        return bool(self._text or self._thinking)
+        """Whether any text, thinking, tool, search or citation event went out: after that, a retry would repeat it."""
+        return bool(self._text or self._thinking or self._relayed_other)
+
+    def content_blocks(self) -> list[dict[str, Any]]:
+        """This response's content in the API's shape, to send back as an assistant message.
+
+        In index order: each block whose content_block_stop arrived, and a text block still open (a cancelled
+        answer's last words). text `{type, text}` (+ `citations` as the API sent them, when it sent any; a text
+        block without text or citations is left out, the API refuses empty ones), thinking `{type, thinking,
+        signature}` (the signature byte for byte), redacted_thinking `{type, data}`, tool_use and server_tool_use
+        `{type, id, name, input}` with the parsed input, web_search_tool_result and web_fetch_tool_result as
+        received. A tool block whose input was cut short, and block types not named here, are left out.
+        """
+        blocks: list[dict[str, Any]] = []
+        for index in sorted(self._content):
+            block = self._content[index]
+            block_type = block.type
+            if block_type == "text":
+                end = block.end if block.end is not None else self._text.mark()
+                text = self._text.between(block.start, end)
+                if text or block.citations:
+                    entry: dict[str, Any] = {"type": "text", "text": text}
+                    if block.citations:
+                        entry["citations"] = list(block.citations)
+                    blocks.append(entry)
+            elif not block.stopped or block.error:
+                continue
+            elif block_type == "thinking":
+                blocks.append({"type": "thinking", "thinking": self._thinking.between(block.start, block.end or 0),
+                               "signature": "".join(block.parts)})
+            elif block_type == "redacted_thinking":
+                blocks.append({"type": "redacted_thinking", "data": block.data.get("data")})
+            elif block_type in _TOOL_BLOCKS or block_type in _RESULT_BLOCKS:
+                blocks.append(block.data)
+        return blocks
+
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """The completed client tool calls of this response, in order: `{id, name, input}` each."""
+        return [{"id": block.data["id"], "name": block.data["name"], "input": block.data["input"]}
+                for _, block in sorted(self._content.items())
+                if block.type == "tool_use" and block.stopped and not block.error]
 
     @property
     def block_types(self) -> list[str]:
@@ -315,6 +499,31 @@ class ReplyState:
             context_window=self.context_window,
             truncated_messages=self.truncated_messages,
         )
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _search_results(block: dict[str, Any]) -> SearchResults:
+    """The search_results event of a web_search_tool_result or web_fetch_tool_result block."""
+    tool_use_id = block["tool_use_id"]
+    if not isinstance(tool_use_id, str):
+        raise ProtocolError("the upstream sent a server tool result without a tool_use_id")
+    content = block.get("content")
+    if isinstance(content, dict):
+        content_type = content.get("type")
+        if isinstance(content_type, str) and content_type.endswith("_tool_result_error"):
+            return SearchResults(tool_use_id, (), _str(content.get("error_code")) or "unknown")
+        # web_fetch_result: one page, titled by the document it holds.
+        document = content.get("content")
+        title = _str(document.get("title")) if isinstance(document, dict) else None
+        return SearchResults(tool_use_id, ({"url": _str(content.get("url")), "title": title},))
+    if isinstance(content, list):
+        return SearchResults(tool_use_id, tuple(
+            {"url": _str(item.get("url")), "title": _str(item.get("title"))}
+            for item in content if isinstance(item, dict) and item.get("type") == "web_search_result"))
+    raise ProtocolError("the upstream sent a server tool result without content")
 
 
 def _count(value: Any) -> int | None:

@@ -12,7 +12,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -22,6 +22,7 @@ from ..config import OFFLINE_MODEL
 from ..pricing import min_cacheable_tokens, model_limits
 from ..protocol.caching import LOOKBACK_BLOCKS, breakpoint_errors, breakpoints
 from ..protocol.tokens import content_blocks, prefix_tokens, request_tokens
+from .shapes import Block, plan, request_error
 
 ERROR_MODES = (
     "none",
@@ -48,6 +49,7 @@ class OfflineOptions:
     error_message: str = "Overloaded"  # the message of the overloaded-* modes' `error` event
     stamp: bool = False  # each delta carries "seq:send_time_ns " for latency benchmarks
     context_window: int = 0  # refuse requests over this many tokens; 0: the model's window (server/pricing.py)
+    pause_turn: bool = False  # a `[search]` round stops with pause_turn after the results (server/upstream/shapes.py)
 
 
 def demo_words(messages: list[dict[str, Any]], words: int = 0, repeat: int = 1) -> list[str]:
@@ -122,6 +124,19 @@ def breakpoint_refusal(request: dict[str, Any]) -> bytes | None:
     if not errors:
         return None
     return orjson.dumps({"type": "error", "error": {"type": "invalid_request_error", "message": errors[0]}})
+
+
+def request_refusal(request: dict[str, Any]) -> bytes | None:
+    """The API's 400 body for a request refused for its shape (server/upstream/shapes.py, `request_error`:
+    tool results unpaired with tool calls, a thinking signature not issued for its text, a malformed image or
+    document block, a thinking budget out of bounds) or for its cache breakpoints; None: acceptable.
+
+    The in-process transport and `server.mock_upstream` both refuse through this one function.
+    """
+    message = request_error(request)
+    if message is None:
+        return breakpoint_refusal(request)
+    return orjson.dumps({"type": "error", "error": {"type": "invalid_request_error", "message": message}})
 
 
 TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
@@ -236,10 +251,17 @@ async def anthropic_stream(request: dict[str, Any], options: OfflineOptions,
     """The SSE body of one streamed Messages API response, paced like a real model.
 
     With `cache`, its usage figures are the emulated prompt cache's; without, every input token is uncached.
+    What it answers (a plain demo answer, or thinking, a web search with citations, a tool call, the text after
+    tool results) is `plan` in server/upstream/shapes.py. Output tokens: one per text delta, plus the emulated
+    count (server/protocol/tokens.py) of each thinking text and each tool call's input JSON.
     """
     messages = request.get("messages") or []
     model = str(request.get("model") or OFFLINE_MODEL)
-    deltas = demo_words(messages, options.words, options.repeat)
+    answer = plan(request, pause=options.pause_turn)
+    blocks = answer.blocks
+    if blocks is None:
+        deltas = demo_words(messages, options.words, options.repeat)
+        blocks = [Block({"type": "text", "text": ""}, [{"type": "text_delta", "text": t} for t in deltas], len(deltas))]
     usage = cache.usage(request) if cache is not None else _usage(request_tokens(request), 0, 0, 0)
     delay = options.delay_ms / 1000
     yield _event("message_start", {
@@ -254,26 +276,32 @@ async def anthropic_stream(request: dict[str, Any], options: OfflineOptions,
     if options.error == "overloaded-first":
         yield _event("error", overloaded)
         return
-    yield _event("content_block_start",
-                 {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
-    yield _event("ping", {"type": "ping"})
-    half = len(deltas) // 2
-    for seq, text in enumerate(deltas):
-        if seq == half and options.error == "overloaded-midstream":
-            yield _event("error", overloaded)
-            return
-        if seq == half and options.error == "cut-midstream":
-            return
-        # Even at pace 0, give the loop a turn per delta as a network read would: no stream hogs it.
-        await asyncio.sleep(delay)
-        if options.stamp:
-            text = f"{seq}:{time.time_ns()} "
-        yield _event("content_block_delta",
-                     {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}})
-    yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
+    half = sum(len(block.deltas) for block in blocks) // 2
+    seq = 0
+    for index, block in enumerate(blocks):
+        yield _event("content_block_start", {"type": "content_block_start", "index": index,
+                                             "content_block": block.start})
+        if index == 0:
+            yield _event("ping", {"type": "ping"})
+        for delta in block.deltas:
+            if seq == half and options.error == "overloaded-midstream":
+                yield _event("error", overloaded)
+                return
+            if seq == half and options.error == "cut-midstream":
+                return
+            # Even at pace 0, give the loop a turn per delta as a network read would: no stream hogs it.
+            await asyncio.sleep(delay)
+            if options.stamp and delta.get("type") == "text_delta":
+                delta = {"type": "text_delta", "text": f"{seq}:{time.time_ns()} "}
+            yield _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+            seq += 1
+        yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
+    final_usage: dict[str, Any] = {"output_tokens": sum(block.output_tokens for block in blocks)}
+    if answer.web_search_requests:
+        final_usage["server_tool_use"] = {"web_search_requests": answer.web_search_requests}
     yield _event("message_delta", {
-        "type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-        "usage": {"output_tokens": len(deltas)},
+        "type": "message_delta", "delta": {"stop_reason": answer.stop_reason, "stop_sequence": None},
+        "usage": final_usage,
     })
     yield _event("message_stop", {"type": "message_stop"})
 
@@ -291,8 +319,10 @@ class _Body(httpx.AsyncByteStream):
 
 
 class OfflineTransport(httpx.AsyncBaseTransport):
-    """An httpx transport that answers POST /v1/messages with the offline model's stream (or its refusal for
-    length), and POST /v1/messages/count_tokens with the emulated count."""
+    """An httpx transport that answers POST /v1/messages with the offline model's stream (or its refusal:
+    `request_refusal`, then `context_refusal`), and POST /v1/messages/count_tokens with the emulated count.
+
+    A request header `x-mock-pause-turn: 1` makes a `[search]` round stop with pause_turn, as in the mock."""
 
     def __init__(self, options: OfflineOptions | None = None, cache: PromptCache | None = None) -> None:
         self.options = options or OfflineOptions()
@@ -308,11 +338,14 @@ class OfflineTransport(httpx.AsyncBaseTransport):
         if status is not None:
             return httpx.Response(status, content=error_body(status), headers={"retry-after": "1"})
         payload = orjson.loads(await request.aread())
-        refusal = breakpoint_refusal(payload) or context_refusal(payload, self.options)
+        options = self.options
+        if request.headers.get("x-mock-pause-turn") == "1":
+            options = replace(options, pause_turn=True)
+        refusal = request_refusal(payload) or context_refusal(payload, options)
         if refusal is not None:
             return httpx.Response(400, content=refusal, headers={"content-type": "application/json"})
         return httpx.Response(
             200,
             headers={"content-type": "text/event-stream; charset=utf-8"},
-            stream=_Body(anthropic_stream(payload, self.options, self.cache)),
+            stream=_Body(anthropic_stream(payload, options, self.cache)),
         )
