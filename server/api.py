@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from decimal import Decimal
 from typing import Any
+from urllib.parse import quote
 
 import orjson
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from .attachments import InlineAttachment, checked_media_type, clean_name
 from .auth import SESSION_COOKIE, User
 from .core import Relay
 from .errors import BadRequestError, NotFoundError
@@ -270,3 +275,55 @@ async def readyz(request: Request) -> Response:
     checks["accepting"] = "ok" if hub.accepting else "shutting_down"
     ready = all(value == "ok" for value in checks.values())
     return JSONResponse({"status": "ready" if ready else "unavailable", **checks}, status_code=200 if ready else 503)
+
+
+def attachment_json(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "name": row["name"], "mediaType": row.get("mediaType", row.get("media_type")),
+            "size": row["size"]}
+
+
+async def upload_attachment(request: Request) -> Response:
+    """POST /api/attachments (multipart/form-data, one file in the field `file`): save an image or a PDF for a
+    later message's `attachmentIds`; 201 {id, name, mediaType, size}. The media type is the one its bytes
+    name (415 unsupported_media_type otherwise, or when the part's Content-Type claims another); over
+    RELAY_MAX_ATTACHMENT_BYTES (or an image over the API's 5 MB) is 413 too_large. Nothing is saved on any
+    refusal."""
+    relay: Relay = request.app.state.relay
+    user = await relay.admit(request.scope)
+    limit = relay.settings.max_attachment_bytes
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise BadRequestError("send the file as multipart/form-data in a field named file")
+    body = await read_body(request, limit + 64 * 1024)  # the file and its part's headers
+
+    async def chunks() -> AsyncGenerator[bytes, None]:
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, chunks(), max_files=1, max_fields=8).parse()
+    except (MultiPartException, ValueError) as error:
+        raise BadRequestError(f"the multipart body cannot be read: {error}") from None
+    try:
+        part = form.get("file")
+        if not isinstance(part, UploadFile):
+            raise BadRequestError("the multipart body needs a file in the field named file")
+        data = await part.read()
+        claimed = part.content_type
+        name = clean_name(part.filename)
+    finally:
+        await form.close()
+    media_type = checked_media_type(data, claimed, limit)
+    saved = await relay.store.add_attachment(user.id, InlineAttachment(name, media_type, data))
+    return JSONResponse(attachment_json(saved), status_code=201)
+
+
+async def get_attachment(request: Request) -> Response:
+    """GET /api/attachments/{id}: the file's bytes, with the media type checked at upload (the caller's own;
+    another user's is 404)."""
+    relay: Relay = request.app.state.relay
+    user = await relay.admit(request.scope)
+    found = await relay.store.get_attachment(request.path_params["attachment_id"], user.id)
+    quoted = found["name"].replace("\\", "_").replace('"', "_")
+    return Response(found["data"], media_type=found["media_type"], headers={
+        "cache-control": "private, max-age=86400", "x-content-type-options": "nosniff",
+        "content-disposition": f"inline; filename*=UTF-8''{quote(quoted)}", "etag": f'"{found["sha256"]}"'})

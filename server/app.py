@@ -240,6 +240,8 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         Route("/api/session", api.create_session, methods=["POST"]),
         Route("/api/session", api.delete_session, methods=["DELETE"]),
         Route("/api/conversations", api.list_conversations),
+        Route("/api/attachments", api.upload_attachment, methods=["POST"]),
+        Route("/api/attachments/{attachment_id}", api.get_attachment),
         Route("/api/conversations/{conversation_id}", api.update_conversation, methods=["PATCH"]),
         Route("/api/conversations/{conversation_id}", api.delete_conversation, methods=["DELETE"]),
         Route("/api/conversations/{conversation_id}/messages", api.list_messages),

@@ -18,6 +18,7 @@ from types import FrameType
 from typing import TypeVar
 
 from . import logs
+from .attachments import inline_room
 from .auth import new_secret, secret_hash, valid_user_name
 from .config import ConfigError, Settings, load_settings, masked_url
 from .errors import RelayError, one_line
@@ -217,7 +218,9 @@ def serve(settings: Settings) -> int:
         ws_ping_interval=settings.keepalive_seconds,
         # Answers are small text frames: compression costs more CPU than it saves, and a zlib context per socket.
         ws_per_message_deflate=False,
-        ws_max_size=settings.ws_max_frame_bytes,  # a bigger frame closes the socket (1009)
+        # A bigger frame closes the socket (1009); the room for inline attachments is only for a frame that
+        # has them (see RelaySocket.handle).
+        ws_max_size=settings.ws_max_frame_bytes + inline_room(settings.max_attachment_bytes),
         lifespan="on",
         # What a second signal leaves connections to close; a drain sets it to the rest of the grace period.
         timeout_graceful_shutdown=math.ceil(tail),

@@ -88,6 +88,9 @@ class Settings:
     agents_file: str | None = None
     prompt_cache: str = "5m"  # the agents' default: "off", "5m" or "1h"
     max_message_bytes: int = 32 * 1024
+    # Each attached file, and one message's files together (server/attachments.py: 24 MiB, the API's 32 MB
+    # request limit less base64's growth; images are also held to the API's 5 MB of base64).
+    max_attachment_bytes: int = 24 * 1024 * 1024
     # httpx's default pool holds 100 connections and would queue the 101st stream.
     upstream_max_connections: int = 4096
     sqlite_group_commit_ms: float = 5.0  # under load, SQLite writes wait this long to share a transaction
@@ -240,6 +243,7 @@ ENV_NAMES: dict[str, str] = {
     "agents_file": "RELAY_AGENTS_FILE",
     "prompt_cache": "RELAY_PROMPT_CACHE",
     "max_message_bytes": "RELAY_MAX_MESSAGE_BYTES",
+    "max_attachment_bytes": "RELAY_MAX_ATTACHMENT_BYTES",
     "upstream_max_connections": "RELAY_UPSTREAM_MAX_CONNECTIONS",
     "upstream_transport": "RELAY_UPSTREAM_TRANSPORT",
     "sqlite_group_commit_ms": "RELAY_SQLITE_GROUP_COMMIT_MS",
@@ -305,7 +309,7 @@ ENV_NAMES: dict[str, str] = {
 }
 
 _POSITIVE = {
-    "port", "max_tokens", "max_message_bytes", "upstream_max_connections", "connect_timeout",
+    "port", "max_tokens", "max_message_bytes", "max_attachment_bytes", "upstream_max_connections", "connect_timeout",
     "first_event_timeout", "idle_timeout", "stream_log_events", "subscriber_queue_events", "keepalive_seconds",
     "stream_retention_max", "session_hours", "ws_max_frame_bytes", "ws_max_streams", "max_history_messages",
     "instance_lease_seconds", "database_pool_size",

@@ -34,6 +34,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from .attachments import block_estimate
 from .errors import ContextTooLongError, TooLargeError
 from .pricing import model_limits
 
@@ -56,14 +57,22 @@ def estimate_text(text: str) -> int:
 
 
 def estimate_message(message: dict[str, Any]) -> int:
-    """A message's conservative estimate: its text (a string, or its blocks' texts) plus MESSAGE_ALLOWANCE."""
+    """A message's conservative estimate: its text (a string, or its blocks' texts) plus MESSAGE_ALLOWANCE, and
+    its images and PDFs by server.attachments.block_estimate (per image, per PDF page: not their base64)."""
     content = message.get("content", "")
+    files = 0
     if isinstance(content, list):
-        text = "".join(str(block.get("text", block)) if isinstance(block, dict) else str(block)
-                       for block in content)
+        parts: list[str] = []
+        for block in content:
+            counted = block_estimate(block) if isinstance(block, dict) else None
+            if counted is not None:
+                files += counted
+            else:
+                parts.append(str(block.get("text", block)) if isinstance(block, dict) else str(block))
+        text = "".join(parts)
     else:
         text = str(content)
-    return estimate_text(text) + MESSAGE_ALLOWANCE
+    return estimate_text(text) + files + MESSAGE_ALLOWANCE
 
 
 def _digest(system: str, messages: list[dict[str, Any]]) -> bytes:

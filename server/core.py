@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import orjson
 from starlette.types import Scope
 
+from .attachments import file_tokens, message_blocks
 from .auth import ANONYMOUS, Authenticator, User
 from .config import Agent, Settings
 from .context import ContextWindow, Counted, Fitting
@@ -205,12 +206,14 @@ class Relay:
         """The command's first write: the user's message and an empty answer, a new answer beside one, or an
         answer reopened."""
         if isinstance(command, SendMessage):
+            # Its files (uploaded ones by id, inline ones saved with it) as references, then its text.
+            blocks, files = message_blocks(command.message, command.attachment_ids, command.attachments)
             return await self.store.begin_turn(
                 conversation_id=command.conversation_id, agent_id=agent.id, user_text=command.message,
                 model=agent.model, stream_id=stream_id, task_trace_id=stream_id, owner_id=user.id,
                 max_history=self.settings.max_history_messages, instance_id=self.hub.instance_id,
                 parent_message_id=command.parent_message_id, parent_given=command.parent_given,
-                check=self._check(agent))
+                check=self._check(agent), user_blocks=blocks, attachments=files)
         if isinstance(command, Regenerate):
             return await self.store.begin_regenerate(
                 answer_id=command.message_id, model=agent.model, stream_id=stream_id, task_trace_id=stream_id,
@@ -230,6 +233,10 @@ class Relay:
         conversation_id: str | None
         if isinstance(command, SendMessage):
             size += len(command.message.encode())
+            # Files at 4 bytes a token of their estimate (server/attachments.py), not their base64.
+            size += 4 * sum(file_tokens(file.media_type, file.data) for file in command.attachments)
+            if command.attachment_ids:
+                size += 4 * await self.store.attachment_tokens(command.attachment_ids, user.id)
             conversation_id = command.conversation_id
         else:
             conversation_id = await self.store.conversation_of_message(command.message_id)

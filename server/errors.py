@@ -78,6 +78,13 @@ class TooLargeError(BadRequestError):
     status = 413
 
 
+class UnsupportedMediaTypeError(BadRequestError):
+    """A file that is not of a type the relay takes (checked from its bytes); details.detectedType names it."""
+
+    code = "unsupported_media_type"
+    status = 415
+
+
 class ContextTooLongError(TooLargeError):
     """The request would not fit the model's context window (`details`: inputTokens, contextWindow)."""
 

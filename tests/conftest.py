@@ -35,8 +35,8 @@ STREAMS = DATA / "anthropic-streams"
 SERVER_PYTHON = os.environ.get("DELTARELAY_SERVER_PYTHON") or sys.executable
 SERVER_CWD = Path(os.environ.get("DELTARELAY_SERVER_CWD") or ROOT)
 # Every table the migrations create (and the old runner's record), in an order that drops cleanly.
-SCHEMA_TABLES = ("usage", "messages", "sessions", "conversations", "users", "write_probe", "alembic_version",
-                 "schema_migrations")
+SCHEMA_TABLES = ("attachments", "usage", "messages", "sessions", "conversations", "users", "write_probe",
+                 "alembic_version", "schema_migrations")
 
 
 def stored_cost(value: Any) -> Decimal | None:

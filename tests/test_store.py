@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import sqlite3
@@ -19,6 +20,7 @@ import orjson
 import pytest
 from databases import Database
 
+from server.attachments import InlineAttachment
 from server.errors import BadRequestError, ConflictError, NotFoundError
 from server.store import (
     ONE,
@@ -494,13 +496,19 @@ async def test_an_answer_saved_with_blocks_goes_back_as_those_messages_byte_for_
     ]
     first = await turn(store, "weather in Paris?")
     await store.save_reply(first.assistant_message_id, replace(reply("It is 18 C in Paris."), blocks=rounds))
-    picture = [{"type": "image", "source": {"type": "attachment", "id": "att_x"}}, {"type": "text", "text": "and?"}]
+    dot = b"\x89PNG\r\n\x1a\n" + b"\x00" * 8
+    uploaded = await store.add_attachment(None, InlineAttachment("dot.png", "image/png", dot))
+    picture = [{"type": "image", "source": {"type": "attachment", "id": uploaded["id"]}},
+               {"type": "text", "text": "and?"}]
     second = await store.begin_turn(
         conversation_id=first.conversation_id, agent_id="default", user_text="and?", model="claude-haiku-4-5",
         stream_id=new_id(), trace_session_id="session", task_trace_id="task", user_blocks=picture)
 
+    # The reference is saved; the history sends the file as the API's base64 block (server/store/attachments.py).
+    sent = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                        "data": base64.b64encode(dot).decode()}}
     assert second.history == [{"role": "user", "content": "weather in Paris?"}, rounds[0], rounds[1], rounds[2],
-                              {"role": "user", "content": picture}]
+                              {"role": "user", "content": [sent, picture[1]]}]
     saved = await store.list_messages(first.conversation_id)
     assert [m["blocks"] is not None for m in saved] == [False, True, True, False]
     assert orjson.loads(saved[1]["blocks"]) == rounds

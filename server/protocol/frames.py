@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from ..attachments import DEFAULT_MAX_ATTACHMENT_BYTES, InlineAttachment, parse_ids, parse_inline
 from ..errors import BadRequestError, TooLargeError
 
 _ID_LIMIT = 200
@@ -27,6 +28,9 @@ class SendMessage:
     # without, the conversation's active leaf.
     parent_message_id: str | None = None
     parent_given: bool = False
+    # Files of the message: sent inline (checked: server/attachments.py), or uploaded before (their ids).
+    attachments: tuple[InlineAttachment, ...] = field(default=(), repr=False)
+    attachment_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,14 +107,18 @@ def _required_id(body: dict[str, Any], key: str) -> str:
     return value
 
 
-def parse_send_message(body: dict[str, Any], max_message_bytes: int) -> SendMessage:
-    """The `{message, agentId?, conversationId?, parentMessageId?, requestId?}` of a new answer."""
-    message = body.get("message")
+def parse_send_message(body: dict[str, Any], max_message_bytes: int,
+                       max_attachment_bytes: int = DEFAULT_MAX_ATTACHMENT_BYTES) -> SendMessage:
+    """The `{message, agentId?, conversationId?, parentMessageId?, requestId?, attachments?, attachmentIds?}`
+    of a new answer. A message with files may have no text."""
+    message = body.get("message", "" if body.get("attachments") or body.get("attachmentIds") else None)
     if message is None:
         raise BadRequestError("message is required")
     if not isinstance(message, str):
         raise BadRequestError("message must be a string")
-    if not message.strip():
+    attachments = parse_inline(body.get("attachments"), max_attachment_bytes)
+    attachment_ids = parse_ids(body.get("attachmentIds"))
+    if not message.strip() and not (attachments or attachment_ids):
         raise BadRequestError("message must not be empty")
     if "\x00" in message:
         # PostgreSQL's text cannot hold NUL; refused on every database alike.
@@ -125,16 +133,19 @@ def parse_send_message(body: dict[str, Any], max_message_bytes: int) -> SendMess
         request_id=_optional_id(body, "requestId"),
         parent_message_id=_optional_id(body, "parentMessageId"),
         parent_given="parentMessageId" in body,
+        attachments=attachments,
+        attachment_ids=attachment_ids,
     )
 
 
-def parse_answer_body(body: dict[str, Any], max_message_bytes: int) -> AnswerCommand:
+def parse_answer_body(body: dict[str, Any], max_message_bytes: int,
+                      max_attachment_bytes: int = DEFAULT_MAX_ATTACHMENT_BYTES) -> AnswerCommand:
     """The SSE POST body: `{"regenerate": id}`, `{"continue": id}`, or a message (see parse_send_message)."""
     if "regenerate" in body:
         return Regenerate(_required_id(body, "regenerate"), _optional_id(body, "requestId"))
     if "continue" in body:
         return Continue(_required_id(body, "continue"), _optional_id(body, "requestId"))
-    return parse_send_message(body, max_message_bytes)
+    return parse_send_message(body, max_message_bytes, max_attachment_bytes)
 
 
 def parse_event_id(raw: Any) -> int:
@@ -157,11 +168,12 @@ def parse_frame(raw: bytes | str, max_message_bytes: int) -> Command:
     return frame_command(parse_json_object(raw), max_message_bytes)
 
 
-def frame_command(body: dict[str, Any], max_message_bytes: int) -> Command:
+def frame_command(body: dict[str, Any], max_message_bytes: int,
+                  max_attachment_bytes: int = DEFAULT_MAX_ATTACHMENT_BYTES) -> Command:
     """The command of a WebSocket client frame already parsed as a JSON object."""
     kind = body.get("type")
     if kind == "message":
-        return parse_send_message(body, max_message_bytes)
+        return parse_send_message(body, max_message_bytes, max_attachment_bytes)
     if kind == "regenerate":
         return Regenerate(_required_id(body, "messageId"), _optional_id(body, "requestId"))
     if kind == "continue":

@@ -23,6 +23,7 @@ One module per concern:
     base.py             StoreBase: connect, write, read, readiness, leases, probe
     conversations.py    turns (send, regenerate, continue) on a tree of messages, saves, interrupted answers,
                         conversation reads, branches, rename, delete
+    attachments.py      attached files: upload, read, given to a message, resolved into history as base64
     users.py, usage.py  users and sessions; usage and budget sums over the usage ledger
     reads.py            the SQLite read pool
     sqlite_writer.py    the SQLite writer thread (group commit)
@@ -32,6 +33,7 @@ One module per concern:
 
 from __future__ import annotations
 
+from .attachments import AttachmentQueries
 from .base import StoreBase
 from .conversations import ConversationQueries
 from .faults import storage_error, unavailable
@@ -43,8 +45,9 @@ from .usage import UsageQueries
 from .users import UserQueries
 
 
-class Store(ConversationQueries, UserQueries, UsageQueries, StoreBase):
-    """Conversations, messages, users and usage on one database (see StoreBase for how it reads and writes)."""
+class Store(ConversationQueries, AttachmentQueries, UserQueries, UsageQueries, StoreBase):
+    """Conversations, messages, attachments, users and usage on one database (see StoreBase for how it reads
+    and writes)."""
 
 
 __all__ = [

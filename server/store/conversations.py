@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable, Collection, Generator, Iterable
+from collections.abc import Callable, Collection, Generator, Iterable, Mapping
 from typing import Any
 
 import orjson
 
+from ..attachments import InlineAttachment
 from ..errors import BadRequestError, ConflictError, NotFoundError, TooLargeError
+from .attachments import attachment_ids, claim, insert_attachment, resolve_history, typed_references
 from .base import StoreBase
 from .queries import ALL, ONE, Operation, Query
 from .records import FinishedElsewhereError, Reply, Status, Turn, new_id, now, storable_id
@@ -157,11 +159,15 @@ class ConversationQueries(StoreBase):
         parent_given: bool = False,
         check: HistoryCheck | None = None,
         user_blocks: list[dict[str, Any]] | None = None,
+        attachments: Mapping[str, InlineAttachment] | None = None,
     ) -> Turn:
         """Save the user's message and an empty assistant message; return the history to send.
 
         `user_blocks`: the user message's content blocks when it is more than its text (attachments, as
-        references: see migration 0008); saved with it and sent as its content.
+        references: see migration 0008); saved with it and sent as its content. Each reference names an
+        attachment of owner_id's that no message uses yet, or one of `attachments` (checked files sent with
+        the message, by the ids the blocks give them), saved here: the message's files become its own in this
+        transaction, and the history carries them as base64 blocks (see server/store/attachments.py).
 
         The user message follows the conversation's active leaf, or with `parent_given` the answer
         `parent_message_id` (None: a new first message); the new answer becomes the active leaf, and the
@@ -169,7 +175,9 @@ class ConversationQueries(StoreBase):
         the answer (see interrupt_unfinished).
 
         Raises:
-            NotFoundError: conversation_id (or the parent) names no conversation of owner_id; nothing is saved.
+            NotFoundError: conversation_id (or the parent) names no conversation of owner_id, or a reference
+                no attachment of owner_id's; nothing is saved.
+            ConflictError (attachment_used): a reference names an attachment another message uses.
             BadRequestError: the parent is not an answer.
             ConflictError (busy): an answer of the conversation is still generating; nothing is saved.
             TooLargeError: the path already holds max_history messages; nothing is saved.
@@ -218,13 +226,21 @@ class ConversationQueries(StoreBase):
                 seq = (rows[-1]["seq"] + 1) if rows else 0
                 conversation_sql = "UPDATE conversations SET updated_at = :t, active_leaf_id = :aid WHERE id = :conv"
                 conversation_params = {}
-            user_json = None if user_blocks is None else orjson.dumps(
-                [{"role": "user", "content": user_blocks}]).decode()
-            history = _history([*path, {"role": "user", "content": user_text, "blocks": user_json}])
+            user_id, assistant_id = new_id(), new_id()
+            # The message's files become its own (owner_id's, unused: else nothing is saved) before any of
+            # them is read into the history.
+            for attachment_id, attachment in (attachments or {}).items():
+                yield from insert_attachment(owner_id, attachment, attachment_id)
+            files = attachment_ids(user_blocks or [])
+            blocks = user_blocks
+            if files:
+                blocks = typed_references(user_blocks or [], (yield from claim(files, owner_id, conv_id, user_id)))
+            user_json = None if blocks is None else orjson.dumps([{"role": "user", "content": blocks}]).decode()
+            history = yield from resolve_history(
+                _history([*path, {"role": "user", "content": user_text, "blocks": user_json}]))
             counted = _counted(path)
             if check is not None:
                 check(conv_id, history, counted)
-            user_id, assistant_id = new_id(), new_id()
             # One trace session per conversation unless the caller names one.
             trace_session = trace_session_id or conv_id
             messages_sql = (
@@ -246,7 +262,7 @@ class ConversationQueries(StoreBase):
                 # Alone (no transaction around it) only when nothing was read before it.
                 yield Query(f"WITH conversation AS ({conversation_sql}) {messages_sql}",
                             {**conversation_params, **messages_params}, alone=conversation_id is None and not
-                            (parent_given and parent_message_id is not None))
+                            (parent_given and parent_message_id is not None) and not files)
             else:
                 yield Query(conversation_sql, {"conv": conv_id, "t": stamp, "aid": assistant_id, **conversation_params})
                 yield Query(messages_sql, messages_params)
@@ -275,7 +291,7 @@ class ConversationQueries(StoreBase):
             if max_history is not None and len(path) + 1 > max_history:
                 raise TooLargeError(f"this conversation has {len(path)} messages and the limit is {max_history};"
                                     " start a new conversation", code="history_too_long")
-            history = _history(path)
+            history = yield from resolve_history(_history(path))
             counted = _counted(path)
             if check is not None:
                 check(conv_id, history, counted)
@@ -315,7 +331,7 @@ class ConversationQueries(StoreBase):
                 raise ConflictError(f"only an answer stopped at max_tokens or cancelled can be continued; this"
                                     f" one's stop reason is {found['stop_reason']}", code="not_continuable")
             path = active_path(rows, answer_id)
-            history = _history(path)
+            history = yield from resolve_history(_history(path))
             _strip_final_assistant(history)
             counted = _counted(path)
             if check is not None:
@@ -691,7 +707,8 @@ class ConversationQueries(StoreBase):
         return [str(row[0]) for row in rows]
 
     async def delete_conversation(self, conversation_id: str) -> int:
-        """Delete a conversation and all its messages in one transaction; the usage rows of its answers stay.
+        """Delete a conversation, all its messages and their attachments in one transaction; the usage rows of
+        its answers stay.
 
         An answer still `streaming` (one that a cancel did not end in time) is written to the ledger as it was
         last saved, so what it spent stays counted; its own later save then finds nothing to finish. The
@@ -712,6 +729,7 @@ class ConversationQueries(StoreBase):
                         {"id": conversation_id, "s": Status.STREAMING.value})
             rows = yield Query("DELETE FROM messages WHERE conversation_id = :id RETURNING id",
                                {"id": conversation_id}, ALL)
+            yield Query("DELETE FROM attachments WHERE conversation_id = :id", {"id": conversation_id})
             yield Query("DELETE FROM conversations WHERE id = :id", {"id": conversation_id})
             return len(rows)
 
@@ -744,7 +762,8 @@ class ConversationQueries(StoreBase):
 
 
     async def history_bytes(self, conversation_id: str, owner_id: str | None) -> int:
-        """The UTF-8 size of a conversation's messages, which an answer in it sends upstream (0: not owner_id's)."""
+        """The UTF-8 size of a conversation's messages, which an answer in it sends upstream, with its files at
+        4 bytes a token of their estimate (0: not owner_id's)."""
         if not storable_id(conversation_id):
             return 0
         size = "LENGTH(CAST(m.content AS BLOB))" if self.is_sqlite else "OCTET_LENGTH(m.content)"
@@ -755,7 +774,13 @@ class ConversationQueries(StoreBase):
         total = await self.reads.fetch_val(
             f"SELECT COALESCE(SUM({size}), 0) FROM messages m JOIN conversations c ON c.id = m.conversation_id"
             f" WHERE m.conversation_id = :id AND {owner_clause}", params)
-        return int(total or 0)
+        if not total:
+            return 0
+        # A file counts as the text its estimate of tokens stands for (4 bytes a token, as the budget reads
+        # bytes), not as its base64: an image costs its pixels, not its bytes.
+        files = await self.reads.fetch_val("SELECT COALESCE(SUM(tokens), 0) FROM attachments WHERE conversation_id"
+                                           " = :id", {"id": conversation_id})
+        return int(total) + 4 * int(files or 0)
 
 
 def _without_start_of(saved: str, continuation: str) -> str:

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from ..attachments import inline_room
 from ..core import Relay, resume
 from ..errors import TooLargeError
 from ..events import Error, encode_data
@@ -136,9 +137,14 @@ async def post_message(request: Request) -> Response | EventStreamResponse:
     relay: Relay = request.app.state.relay
     user = await relay.admit(request.scope)
     max_bytes = relay.settings.max_message_bytes
-    # JSON escapes can take 6 bytes per character of the message, plus room for the other fields.
-    body = await read_body(request, max_bytes * 6 + 4096)
-    command = parse_answer_body(parse_json_object(body), max_bytes)
+    # JSON escapes can take 6 bytes per character of the message, plus room for the other fields; a body with
+    # inline attachments may also hold their base64 (see inline_room), and only such a body may be that big.
+    text_limit = max_bytes * 6 + 4096
+    body = await read_body(request, text_limit + inline_room(relay.settings.max_attachment_bytes))
+    parsed = parse_json_object(body)
+    if len(body) > text_limit and not parsed.get("attachments"):
+        raise TooLargeError(f"the body is over {text_limit} bytes")
+    command = parse_answer_body(parsed, max_bytes, relay.settings.max_attachment_bytes)
     if _wants_json(request):
         stream = await relay.start(command, user)
         return JSONResponse({"streamId": stream.id, "conversationId": stream.conversation_id}, status_code=202)

@@ -24,7 +24,14 @@ from starlette.types import Receive, Scope, Send
 
 from ..auth import ANONYMOUS, User, header, session_secret
 from ..core import Relay, resume
-from ..errors import BadRequestError, GoneError, LimitError, RelayError, TokenExpiredError, UnauthorizedError
+from ..errors import (
+    BadRequestError,
+    GoneError,
+    LimitError,
+    RelayError,
+    TokenExpiredError,
+    UnauthorizedError,
+)
 from ..events import encode_data, error_event, kept_json
 from ..hub import LogLostError, Subscriber, SubscriberDropped
 from ..protocol.frames import (
@@ -269,6 +276,12 @@ class Connection:
     async def handle(self, raw: str) -> None:
         request_id: str | None = None
         body: dict[str, Any] | None = None  # the frame parsed once: for its command, and for its error's routing
+        limit = self.relay.settings.ws_max_frame_bytes
+        if len(raw) * 4 > limit and len(raw.encode("utf-8", "surrogatepass")) > limit and not _has_inline_files(raw):
+            # The protocol admits bigger frames only for inline attachments' base64 (see server/cli.py); any
+            # other is closed as the protocol closes a frame over both limits.
+            await self._close(1009, "frame too big")
+            return
         try:
             try:
                 body = parse_json_object(raw)
@@ -278,7 +291,8 @@ class Connection:
                 raise
             if not self.authenticated and body.get("type") != "auth":
                 raise UnauthorizedError(AUTHENTICATE_FIRST)
-            command = frame_command(body, self.relay.settings.max_message_bytes)
+            command = frame_command(body, self.relay.settings.max_message_bytes,
+                                    self.relay.settings.max_attachment_bytes)
             if isinstance(command, Auth):
                 await self.authenticate(command)
                 return
@@ -372,3 +386,13 @@ class WebSocketEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await Connection(scope["app"].state.relay, scope, receive, send).run()
+
+
+def _has_inline_files(raw: str) -> bool:
+    """Whether a frame is a JSON object with a non-empty `attachments` (the one kind of frame that may be
+    bigger than RELAY_WS_MAX_FRAME_BYTES)."""
+    try:
+        body = parse_json_object(raw)
+    except BadRequestError:
+        return False
+    return bool(body.get("attachments"))
