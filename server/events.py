@@ -160,10 +160,16 @@ class Cost:
     # None: not known (the wire then has neither, nor contextTokens).
     context_window: int | None = None
     truncated_messages: int = 0
+    # The input of the answer's last request when it made several (a tool loop: each round sends the whole
+    # conversation so far, so the summed tokens above are not the context's size); None: one request.
+    last_request_tokens: int | None = None
 
     @property
     def context_tokens(self) -> int:
-        """The request's input as the upstream counted it: input, cache writes and cache reads."""
+        """The context the answer's last request filled, as the upstream counted it: input, cache writes and
+        cache reads."""
+        if self.last_request_tokens is not None:
+            return self.last_request_tokens
         return self.input_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
 
     def to_wire(self) -> dict[str, Any]:

@@ -439,8 +439,9 @@ class RedisStreamHub(StreamHub):
                 lost.append(copy)
             elif result == -2:
                 # Another instance took this stream for dead and ended its log: stop, as a shutdown would.
+                if self._copies.pop(stream.id, None) is None:
+                    continue  # already stopped: a write retried after a failure sent it again
                 log.warning("stream %s was ended as interrupted by another instance; stopping it", stream.id)
-                del self._copies[stream.id]
                 stream.sink = None
                 self.cancel(stream.id, status="interrupted")
             else:

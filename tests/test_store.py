@@ -509,6 +509,8 @@ async def test_an_answer_saved_with_blocks_goes_back_as_those_messages_byte_for_
                                         "data": base64.b64encode(dot).decode()}}
     assert second.history == [{"role": "user", "content": "weather in Paris?"}, rounds[0], rounds[1], rounds[2],
                               {"role": "user", "content": [sent, picture[1]]}]
+    # Its saved input is the rounds' sum, no one request's count: the next turn's estimate does not learn from it.
+    assert second.counted is None
     saved = await store.list_messages(first.conversation_id)
     assert [m["blocks"] is not None for m in saved] == [False, True, True, False]
     assert orjson.loads(saved[1]["blocks"]) == rounds

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import hmac
 import importlib.util
+import json
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from pathlib import Path
@@ -33,7 +34,7 @@ from .fakes import (
     relay_in_process,
 )
 from .raw_upstream import Server
-from .relay_clients import sse_read, sse_read_first, sse_stream, ws_read_until_end, ws_stream
+from .relay_clients import loads, sse_read, sse_read_first, sse_stream, ws_read_until_end, ws_stream
 
 STREAMS = Path(__file__).parent / "data" / "anthropic-streams"
 SECRET = "tools-secret-of-the-test-app"
@@ -190,6 +191,9 @@ async def test_cost_is_the_sum_of_the_rounds_usage_priced_by_hand(tmp_path, upst
     assert (cost["inputTokens"], cost["outputTokens"]) == (1072, 109)
     assert cost["totalCost"] == by_hand == Decimal("0.024255")
     assert "estimated" not in cost
+    # The context meter shows the last request's input, not the rounds' sum.
+    assert 0 < cost["contextTokens"] < cost["inputTokens"] + cost["cacheCreationInputTokens"] + cost[
+        "cacheReadInputTokens"]
     assert Decimal(str(rows[1]["cost"])) == by_hand
     assert (rows[1]["input_tokens"], rows[1]["output_tokens"]) == (1072, 109)
 
@@ -520,3 +524,86 @@ async def test_the_offline_model_calls_the_tool_and_takes_its_result_on_both_tra
     assert len(tools.bodies) == 1
     call = orjson.loads(tools.bodies[0])["call"]
     assert call["name"] == "get_weather" and isinstance(call["input"].get("location"), str)
+
+
+async def read_until(transport: str, server: Any, body: dict[str, Any], last: str) -> list[tuple[int, str, Any]]:
+    """Send `body` on `transport` and read its events up to the first `last` event, then drop the connection
+    (the answer goes on without a reader)."""
+    events: list[tuple[int, str, Any]] = []
+    if transport == "websocket":
+        async with websockets.connect(server.ws_url + "/api/command-center/ws") as socket:
+            await socket.send(orjson.dumps({"type": "message", **body}).decode())
+            async with asyncio.timeout(30):
+                while not events or events[-1][1] != last:
+                    frame = json.loads(await socket.recv(), parse_float=Decimal)
+                    events.append((frame["id"], frame["event"], frame["data"]))
+        return events
+    from httpx_sse import aconnect_sse
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        async with aconnect_sse(client, "POST", "/api/command-center/message", json=body) as source:
+            async for event in source.aiter_sse():
+                events.append((int(event.id), event.event, loads(event.data)))
+                if event.event == last:
+                    break
+    return events
+
+
+@pytest.mark.parametrize("transport", ["sse", "websocket"])
+async def test_thinking_a_web_search_and_an_app_tool_in_one_answer_with_exact_cost_and_resume(
+        tmp_path, make_server, transport):
+    """The issue's acceptance: an agent with thinking, web search and one app tool, no API key (the offline
+    model). One answer thinks, searches the web, cites its sources, calls the app's tool and answers with its
+    result: one start, one cost, one done. The reader leaves after the search results and resumes on SSE by
+    event id: what it read plus the resumed tail is exactly the stream's log replayed after done. The cost is
+    the summed tokens plus one web search priced by hand, and what REST saved. Mutation: a tool loop that
+    emitted a cost per upstream request, or a resume off by one event, fails it."""
+    from server.pricing import Usage, cost_of
+
+    async with ToolServer(lambda call: ok("18 degrees and sunny")) as tools:
+        agents = tmp_path / "agents.json"
+        agents.write_text(orjson.dumps({"agents": [{
+            "id": "researcher", "model": "claude-sonnet-4-5", "maxTokens": 4096,
+            "thinking": {"budgetTokens": 2048}, "serverTools": [{"type": "web_search", "maxUses": 3}],
+            "tools": [WEATHER], "toolsUrl": tools.url}]}).decode())
+        server = make_server({"RELAY_AGENTS_FILE": str(agents), "RELAY_TOOLS_SECRET": SECRET,
+                              "RELAY_OFFLINE_DELAY_MS": "5"})
+        body = {"message": "[search] [tool] Paris weather today", "agentId": "researcher"}
+        first = await read_until(transport, server, body, "search_results")
+        stream_id = first[0][2]["streamId"]
+        tail = await sse_read(server.url, stream_id, last_event_id=first[-1][0])
+        whole = await sse_read(server.url, stream_id, last_event_id=0)
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            listed = (await client.get(f"/api/conversations/{first[0][2]['conversationId']}/messages")).json()
+    assert first + tail == whole
+    assert [event_id for event_id, _, _ in whole] == list(range(1, len(whole) + 1))
+    event_names = [name for _, name, _ in whole]
+    assert event_names.count("start") == event_names.count("cost") == event_names.count("done") == 1
+    for name in ("thinking", "search", "search_results", "citation", "tool_input", "tool_use", "tool_result"):
+        assert name in event_names, (name, event_names)
+    order = [event_names.index(name) for name in ("thinking", "search", "search_results", "citation", "tool_use",
+                                                 "tool_result")]
+    assert order == sorted(order) and event_names[-2:] == ["cost", "done"]
+    search = next(data for _, name, data in whole if name == "search")
+    assert search["name"] == "web_search" and search["query"] == "Paris weather today"
+    results = next(data for _, name, data in whole if name == "search_results")["results"]
+    cited = {data["url"] for _, name, data in whole if name == "citation"}
+    assert results and cited <= {result["url"] for result in results}
+    assert next(data for _, name, data in whole if name == "tool_result")["content"] == "18 degrees and sunny"
+    text = "".join(data["text"] for _, name, data in whole if name == "chunk")
+    assert "18 degrees and sunny" in text  # the model saw the tool's result
+    cost = next(data for _, name, data in whole if name == "cost")
+    usage = Usage(input_tokens=cost["inputTokens"], output_tokens=cost["outputTokens"],
+                  cache_creation_input_tokens=cost["cacheCreationInputTokens"],
+                  cache_read_input_tokens=cost["cacheReadInputTokens"], web_search_requests=1)
+    assert Decimal(str(cost["totalCost"])) == cost_of(usage, "claude-sonnet-4-5")
+    assert "estimated" not in cost
+    # The context meter shows the last request's input, not the rounds' sum.
+    assert 0 < cost["contextTokens"] < cost["inputTokens"] + cost["cacheCreationInputTokens"] + cost[
+        "cacheReadInputTokens"]
+    messages = listed["messages"] if isinstance(listed, dict) else listed
+    answer = next(message for message in messages if message["role"] == "assistant")
+    assert Decimal(answer["totalCost"]) == Decimal(str(cost["totalCost"])) and answer["content"] == text
+    kinds = [block["type"] for message in answer["blocks"] for block in message["content"]]
+    for kind in ("thinking", "server_tool_use", "web_search_tool_result", "tool_use", "tool_result", "text"):
+        assert kind in kinds, (kind, kinds)
+    assert len(tools.bodies) == 1

@@ -137,4 +137,6 @@ class AnswerState:
             estimated=any(cost.estimated for cost in costs) or (estimated and self.tools_running),
             context_window=first.context_window,
             truncated_messages=first.truncated_messages,
+            last_request_tokens=None if len(costs) == 1 else next(
+                (cost.context_tokens for cost in reversed(costs) if cost.context_tokens), 0),
         )

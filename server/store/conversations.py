@@ -797,9 +797,17 @@ def _counted(path: list[dict[str, Any]]) -> tuple[int, int] | None:
     messages before it are the same in the path's history and in its own request's."""
     for index in range(len(path) - 1, -1, -1):
         row = path[index]
-        if row["role"] == "assistant" and row["content"] and row.get("prompt_tokens"):
+        # An answer of several requests (a tool loop) saved their summed input: no one request's count.
+        if row["role"] == "assistant" and row["content"] and row.get("prompt_tokens") and not _rounds(row):
             return len(_history(path[:index])), int(row["prompt_tokens"])
     return None
+
+
+def _rounds(row: dict[str, Any]) -> bool:
+    """Whether an answer's row may have come from more than one upstream request: its blocks hold a tool
+    result (a tool loop) or a server tool's call (which may have stopped for pause_turn and been continued)."""
+    blocks = str(row.get("blocks") or "")
+    return '"tool_result"' in blocks or '"server_tool_use"' in blocks
 
 
 def _history(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -11,9 +11,9 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, overload
 
 import httpx
 import orjson
@@ -139,6 +139,30 @@ def request_refusal(request: dict[str, Any]) -> bytes | None:
     return orjson.dumps({"type": "error", "error": {"type": "invalid_request_error", "message": message}})
 
 
+class TextDeltas(Sequence[dict[str, Any]]):
+    """The text_delta of each piece of a plain answer, made as it is streamed: a benchmark's answer of 100,000
+    words to each of 500 streams would otherwise hold 50 million delta dicts at once."""
+
+    __slots__ = ("_texts",)
+
+    def __init__(self, texts: list[str]) -> None:
+        self._texts = texts
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[dict[str, Any]]: ...
+
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | Sequence[dict[str, Any]]:
+        if isinstance(index, slice):
+            return TextDeltas(self._texts[index])
+        return {"type": "text_delta", "text": self._texts[index]}
+
+
 TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
 
 
@@ -261,7 +285,7 @@ async def anthropic_stream(request: dict[str, Any], options: OfflineOptions,
     blocks = answer.blocks
     if blocks is None:
         deltas = demo_words(messages, options.words, options.repeat)
-        blocks = [Block({"type": "text", "text": ""}, [{"type": "text_delta", "text": t} for t in deltas], len(deltas))]
+        blocks = [Block({"type": "text", "text": ""}, TextDeltas(deltas), len(deltas))]
     usage = cache.usage(request) if cache is not None else _usage(request_tokens(request), 0, 0, 0)
     delay = options.delay_ms / 1000
     yield _event("message_start", {

@@ -33,6 +33,7 @@ import hmac
 import re
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,7 +168,7 @@ class Block:
     """One content block to stream: its content_block_start shape and its deltas (in order)."""
 
     start: dict[str, Any]
-    deltas: list[dict[str, Any]] = field(default_factory=list)
+    deltas: Sequence[dict[str, Any]] = field(default_factory=list)
     output_tokens: int = 0
 
 
