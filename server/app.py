@@ -57,9 +57,10 @@ async def internal_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": {"code": "internal_error", "message": "internal server error"}}, status_code=500)
 
 
-# The page loads only its own files: no inline script, no framing, no sniffing (issue 6).
+# The page loads only its own files: no inline script, no framing, no sniffing (issue 6). Images may be blob:
+# URLs too: the thumbnails of attachments are object URLs the page's own script made of the user's files.
 CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self';"
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self';"
     " object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
 SECURITY_HEADERS = [
