@@ -10,14 +10,15 @@ import pytest
 
 from server.app import create_app
 from server.auth import ANONYMOUS
-from server.config import load_settings
+from server.config import Settings, load_settings
 from server.errors import NotFoundError
 
 
 class FakeRelay:
     def __init__(self, failure: Exception) -> None:
         self.failure = failure
-        self.settings = SimpleNamespace(max_message_bytes=1000, cancel_on_disconnect=False)
+        self.settings = SimpleNamespace(max_message_bytes=1000, cancel_on_disconnect=False,
+                                        max_attachment_bytes=Settings().max_attachment_bytes)
         self.limits = SimpleNamespace(take_connection=lambda user: None, give_connection=lambda user: None)
 
     async def admit(self, scope: Any) -> Any:
