@@ -161,7 +161,7 @@ class Settings:
     redis_url: str | None = None
     redis_prefix: str = "deltarelay"  # the start of every Redis key: deployments sharing a Redis stay apart
     # Events reach Redis in writes at most this often: what arrives meanwhile shares one round trip.
-    redis_write_ms: float = 2.0
+    redis_write_ms: float = 10.0
     instance_lease_seconds: float = 3.0  # an instance silent this long is dead: its answers end as interrupted
     # The embedding app's tools (issue 19): the key their calls are signed with, and each call's time limit.
     tools_secret: str | None = None

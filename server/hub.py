@@ -399,6 +399,13 @@ class EventLog:
         """The name and the data of every event from the `start`-th held one, in order: two items per event,
         for joining with newlines (no name and no JSON data holds a newline of its own)."""
         parts: list[bytes | bytearray] = []
+        open_names, open_data, open_offsets = self._names, self._data, self._offsets
+        first = len(open_names) - (self._count - start)
+        if first >= 0:  # all in the open block: what came since a write, as a rule
+            for k in range(first, len(open_names)):
+                parts.append(_NAME_BYTES[open_names[k]])
+                parts.append(open_data[open_offsets[k]:open_offsets[k + 1]])
+            return parts
         for names, joined, offsets, first in self._blocks_from(start):
             for k in range(first, len(names)):
                 parts.append(_NAME_BYTES[names[k]])

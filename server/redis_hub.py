@@ -41,7 +41,7 @@ from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .errors import NotFoundError, RelayError
 from .events import TERMINAL_EVENTS, Error, encode_data
@@ -76,38 +76,44 @@ def entry_number(entry_id: bytes) -> int:
 def text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
-# One call for every stream a write carries. KEYS: each stream's log and epoch, in pairs. ARGV: maxlen, then one
-# argument per stream, its lines joined by newlines: its mode, its epoch, ttl (0: leave it), the id of its first
-# event, then the name and the JSON data of each event, in order (neither holds a newline of its own). One argument
-# per stream, not three per event: redis-py packs each argument in Python, and that was most of a write's cost.
+# One call for a whole write: every stream's new events and the running list's changes, atomically. KEYS: the
+# running list of this instance (a hash). ARGV: maxlen; the key prefix ("deltarelay:"); every stream's part, as
+# one blob of lines: its id, its mode, its epoch, ttl (0: leave it), the id of its first event, the number of its
+# events, then the name and the JSON data of each event, in order (neither holds a newline of its own); the ids
+# of the streams to take off the running list, one per line (they ended, and their last events are in this
+# write); then field and value pairs for the running list (usage copies). The logs' and epochs' keys are made
+# here from the prefix and the ids: one argument for all streams, since redis-py packs each argument in Python,
+# and three per stream were most of a write's cost (a single Redis: keys are not declared for a Cluster).
 # Mode "a" appends to the copy of that epoch the events it does not hold yet (XADD refuses an id at or below the
 # top); mode "c" makes a new copy of the log, of this epoch, holding exactly these events.
-# Per stream, the number added; -1: the copy is not this epoch's (Redis lost it); -2: another instance ended it.
+# Returns one line per stream, comma-separated, in order: the number added; -1: the copy is not this epoch's
+# (Redis lost it); -2: another instance ended it.
 WRITE_SCRIPT = """
-local function line(blob, from)
-  local stop = string.find(blob, '\\n', from, true)
-  if stop == nil then return string.sub(blob, from), #blob + 2 end
-  return string.sub(blob, from, stop - 1), stop + 1
+local blob, at = ARGV[3], 1
+local function line()
+  local stop = string.find(blob, '\\n', at, true)
+  local value
+  if stop == nil then value, at = string.sub(blob, at), #blob + 2
+  else value, at = string.sub(blob, at, stop - 1), stop + 1 end
+  return value
 end
+local prefix, maxlen = ARGV[2], ARGV[1]
 local results = {}
-for k = 1, #KEYS, 2 do
-  local log, epoch, blob = KEYS[k], KEYS[k + 1], ARGV[(k + 1) / 2 + 1]
-  local mode, token, ttl, first, at
-  mode, at = line(blob, 1)
-  token, at = line(blob, at)
-  ttl, at = line(blob, at)
-  first, at = line(blob, at)
-  first = tonumber(first)
+while at <= #blob do
+  local id = line()
+  local log, epoch = prefix .. 'log:' .. id, prefix .. 'epoch:' .. id
+  local mode, token, ttl = line(), line(), line()
+  local first, count = tonumber(line()), tonumber(line())
   local names, datas = {}, {}
-  while at <= #blob do
-    names[#names + 1], at = line(blob, at)
-    datas[#datas + 1], at = line(blob, at)
+  for i = 1, count do
+    names[i] = line()
+    datas[i] = line()
   end
-  local count, result = #names, nil
+  local result = nil
   if mode == 'c' then
     redis.call('DEL', log)
     for i = 1, count do
-      redis.call('XADD', log, 'MAXLEN', '~', ARGV[1], (first + i - 1) .. '-0', 'e', names[i], 'd', datas[i])
+      redis.call('XADD', log, 'MAXLEN', '~', maxlen, (first + i - 1) .. '-0', 'e', names[i], 'd', datas[i])
     end
     redis.call('SET', epoch, token, 'EX', ttl)
     redis.call('EXPIRE', log, ttl)
@@ -124,7 +130,7 @@ for k = 1, #KEYS, 2 do
     if result == nil then
       local added = 0
       for i = 1, count do
-        local id = redis.pcall('XADD', log, 'MAXLEN', '~', ARGV[1], (first + i - 1) .. '-0', 'e', names[i], 'd',
+        local id = redis.pcall('XADD', log, 'MAXLEN', '~', maxlen, (first + i - 1) .. '-0', 'e', names[i], 'd',
                                datas[i])
         if type(id) == 'string' then added = added + 1 end
       end
@@ -137,7 +143,13 @@ for k = 1, #KEYS, 2 do
   end
   results[#results + 1] = result
 end
-return results
+for id in string.gmatch(ARGV[4], '[^\\n]+') do
+  redis.call('HDEL', KEYS[1], id)
+end
+if #ARGV > 4 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+end
+return table.concat(results, ',')
 """
 
 # KEYS: log, epoch. ARGV: the last id read, the `error` event's data, ttl. Ends a dead instance's log with
@@ -167,6 +179,7 @@ class LogCopy:
 
     stream: LiveStream
     epoch: str
+    id: bytes  # the stream's id, as the write script takes it
     written: int = 0  # the last id Redis took
     made: bool = False  # the copy of this epoch exists in Redis (as far as this instance knows)
 
@@ -207,7 +220,7 @@ class RedisStreamHub(StreamHub):
         self._copies: dict[str, LogCopy] = {}  # this instance's streams whose last event Redis has not taken yet
         self._dirty: dict[str, LogCopy] = {}  # those with events to write
         self._dirty_ready = asyncio.Event()
-        self._copied_usage: dict[str, Usage] = {}
+        self._copied_usage: dict[str, tuple[int, int]] = {}  # stream id -> usage_mark of its last usage copy
         self._mirrors: dict[str, LiveStream] = {}  # log key -> mirror still being read
         self._read_from: dict[str, str] = {}  # log key -> last entry id read
         self._epoch_of: dict[str, str | None] = {}  # log key -> the epoch of the copy a mirror reads
@@ -222,6 +235,10 @@ class RedisStreamHub(StreamHub):
         self._burials: dict[str, asyncio.Task[None]] = {}  # instance id -> its burial by this instance
 
     # --- keys -----------------------------------------------------------------------------------
+
+    @property
+    def _key_prefix(self) -> str:
+        return f"{self.prefix}:"
 
     def log_key(self, stream_id: str) -> str:
         return f"{self.prefix}:log:{stream_id}"
@@ -329,7 +346,7 @@ class RedisStreamHub(StreamHub):
     def create(self, stream_id: str, conversation_id: str, message_id: str, model: str) -> LiveStream:
         stream = super().create(stream_id, conversation_id, message_id, model)
         stream.sink = self._queue
-        self._copies[stream_id] = LogCopy(stream, new_epoch())
+        self._copies[stream_id] = LogCopy(stream, new_epoch(), stream_id.encode())
         return stream
 
     def _queue(self, stream: LiveStream, event_id: int, name: str, data: bytes) -> None:
@@ -376,20 +393,18 @@ class RedisStreamHub(StreamHub):
                 return
 
     async def _write(self, copies: list[LogCopy]) -> None:
-        """One pipeline: one script call with, for each stream, the events Redis does not have yet from its log
-        (so its commands and replies cost once per write, not once per stream), then the running list's changes
-        (usage copies; finished streams off it, after their last events).
+        """One script call: for each stream, the events Redis does not have yet from its log, and the running
+        list's changes (usage copies; finished streams off it, with their last events), so that its commands and
+        replies cost once per write, not once per stream.
 
         Raises:
             RedisError, OSError: Redis did not take them all (those not taken are marked to be sent again).
         """
-        running = self._running_key(self.instance_id)
         retention = max(1, math.ceil(self.retention_seconds))
         sent: list[tuple[LogCopy, int]] = []  # (copy, last id sent), in the script's order
-        ended: list[str] = []  # streams to take off the running list once their last events are in
-        usages: dict[str, str] = {}  # running streams whose usage copy changed
-        keys: list[str] = []
-        args: list[Any] = [self.log_limit]
+        ended: list[bytes] = []  # streams to take off the running list, their last events in this write
+        usages: list[str | bytes] = []  # field and value pairs: running streams whose usage copy changed
+        parts: list[bytes | bytearray] = []
         for copy in copies:
             stream = copy.stream
             if stream.last_id <= copy.written:
@@ -399,41 +414,42 @@ class RedisStreamHub(StreamHub):
             anew = not copy.made or copy.written + 1 < first_held
             start = first_held if anew else copy.written + 1
             ttl = retention if stream.finished else LOG_TTL_SECONDS if anew else 0
-            head = b"%s\n%s\n%d\n%d" % (b"c" if anew else b"a", copy.epoch.encode(), ttl, start)
-            args.append(b"\n".join([head, *stream.log.lines(start - first_held)]))
+            parts.append(b"%s\n%s\n%s\n%d\n%d\n%d" % (copy.id, b"c" if anew else b"a", copy.epoch.encode(), ttl,
+                                                        start, stream.last_id - start + 1))
+            parts += stream.log.lines(start - first_held)
             sent.append((copy, stream.last_id))
-            keys += (self.log_key(stream.id), self.epoch_key(stream.id))
             if stream.finished:
-                ended.append(stream.id)
+                ended.append(copy.id)
                 self._copied_usage.pop(stream.id, None)
                 continue
             # What a survivor needs to save this answer if this instance dies: its message and last usage.
-            usage = stream.reply.usage if stream.reply is not None else Usage()
-            if anew or self._copied_usage.get(stream.id) != usage:
-                self._copied_usage[stream.id] = usage
-                usages[stream.id] = orjson.dumps(
-                    {"messageId": stream.message_id, "model": stream.model, "usage": asdict(usage)}).decode()
+            reply = stream.reply
+            mark = reply.usage_mark if reply is not None else (-1, -1)
+            if anew or self._copied_usage.get(stream.id) != mark:
+                self._copied_usage[stream.id] = mark
+                usage = reply.usage if reply is not None else Usage()
+                usages += (copy.id, orjson.dumps(
+                    {"messageId": stream.message_id, "model": stream.model, "usage": asdict(usage)}))
         if not sent:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.evalsha(self._scripts[WRITE_SCRIPT], len(keys), *keys, *args)
-        if ended:
-            pipe.hdel(running, *ended)
-        if usages:
-            pipe.hset(running, mapping=usages)  # type: ignore[arg-type]
-        written = (await pipe.execute(raise_on_error=False))[0]
-        refused: Exception | None = None
-        scripts_lost = False
-        lost: list[LogCopy] = []
-        if isinstance(written, Exception):
+        try:
+            reply_text = await self.redis.evalsha(
+                self._scripts[WRITE_SCRIPT], 1, self._running_key(self.instance_id), self.log_limit,
+                self._key_prefix, b"\n".join(parts), b"\n".join(ended), *usages)
+        except NoScriptError:
+            # A Redis that restarted has no scripts: load them, send again at once.
             for copy, _ in sent:
                 self._dirty.setdefault(copy.stream.id, copy)
-            if isinstance(written, NoScriptError):
-                scripts_lost = True  # a Redis that restarted has no scripts: load them, send again at once
-            else:
-                refused = written
-            written = []
-        for (copy, last_id), result in zip(sent, written, strict=False):
+            await self._load_scripts()
+            self._dirty_ready.set()
+            return
+        except ResponseError:
+            for copy, _ in sent:
+                self._dirty.setdefault(copy.stream.id, copy)
+            raise
+        written = [int(result) for result in cast(bytes, reply_text).split(b",")]
+        lost: list[LogCopy] = []
+        for (copy, last_id), result in zip(sent, written, strict=True):
             stream = copy.stream
             if result == -1:
                 lost.append(copy)
@@ -450,11 +466,6 @@ class RedisStreamHub(StreamHub):
                     self._copies.pop(stream.id, None)
         if lost:
             self._copy_again(lost)
-        if scripts_lost:
-            await self._load_scripts()
-            self._dirty_ready.set()
-        if refused is not None:
-            raise refused
 
     def _copy_again(self, lost: list[LogCopy]) -> None:
         """Make new copies, from this instance's logs, of the logs that Redis lost."""

@@ -471,3 +471,32 @@ def test_text_parts_keep_every_piece_in_order_across_folds() -> None:
     for piece in pieces:
         parts.add(piece)
     assert parts and parts.value() == "".join(pieces)
+
+
+def test_the_usage_mark_moves_whenever_the_answers_usage_can_have_changed() -> None:
+    """The Redis copy of a running answer's usage (what a survivor saves it with) is sent again only when this
+    mark moved: a mark that stood still across a usage report, a retry or a new round (drop any of the three
+    increments) fails here."""
+    from server.protocol.answer import AnswerState
+
+    answer = AnswerState(ReplyState("claude-haiku-4-5"))
+    marks = [answer.usage_mark]
+
+    def changed() -> bool:
+        marks.append(answer.usage_mark)
+        return marks[-1] != marks[-2]
+
+    assert not changed()
+    answer.current.feed(*message_start(input_tokens=10, output_tokens=1))
+    assert changed() and answer.usage.input_tokens == 10
+    answer.current.feed(*event("content_block_start", index=0, content_block={"type": "text", "text": ""}))
+    answer.current.feed(*text_delta("hi"))
+    assert not changed()  # text alone leaves the usage as it was
+    answer.current.feed(*event("message_delta", delta={"stop_reason": "tool_use"}, usage={"output_tokens": 7}))
+    assert changed() and answer.usage.output_tokens == 7
+    answer.next_round(ReplyState("claude-haiku-4-5"))
+    assert changed()
+    answer.current.feed(*message_start(input_tokens=20))
+    assert changed() and answer.usage.input_tokens == 30
+    answer.retry(ReplyState("claude-haiku-4-5"))
+    assert changed() and answer.usage.input_tokens == 10

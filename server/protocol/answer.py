@@ -40,6 +40,7 @@ class AnswerState:
         self.tools_running = False  # between a tool_use stop and the round that takes the results
         self.tool_calls = 0
         self.tool_errors = 0
+        self._rounds_changed = 0  # rounds replaced or added: with the current round's reports, `usage_mark`
 
     @property
     def current(self) -> ReplyState:
@@ -48,10 +49,12 @@ class AnswerState:
     def retry(self, reply: ReplyState) -> None:
         """The current round again, from nothing (its failed attempt sent no content): `reply` replaces it."""
         self.rounds[-1] = reply
+        self._rounds_changed += 1
 
     def next_round(self, reply: ReplyState) -> None:
         """The current round is recorded; `reply` is the next request's."""
         self.rounds.append(reply)
+        self._rounds_changed += 1
         self.recorded = False
         self.tools_running = False
 
@@ -112,6 +115,11 @@ class AnswerState:
     @property
     def model(self) -> str:
         return self.rounds[0].model
+
+    @property
+    def usage_mark(self) -> tuple[int, int]:
+        """Equal for two reads of `usage` only if nothing could have changed it between them (cheap: no sum)."""
+        return self._rounds_changed, self.current.usage_reports
 
     @property
     def usage(self) -> Usage:

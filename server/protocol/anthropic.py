@@ -177,6 +177,7 @@ class ReplyState:
         self._relayed_other = False  # a tool, search or citation event went out
         self._malformed_tool: str | None = None  # the id of a tool block whose input JSON did not parse
         self._usage: dict[str, int] = {}
+        self.usage_reports = 0  # usage objects taken so far: `usage` can have changed only when this grew
         self._output_tokens_final = False
 
     def feed(self, event_type: str, data: str) -> list[RelayEvent]:
@@ -381,6 +382,7 @@ class ReplyState:
     def _take_usage(self, usage: dict[str, Any]) -> None:
         # message_delta usage is cumulative: every field present replaces the
         # earlier value, never adds to it.
+        self.usage_reports += 1
         for field in _FLAT_USAGE:
             value = _count(usage.get(field))
             if value is not None:
