@@ -341,7 +341,8 @@ def profiled(pid: int, output: Path | None) -> Iterator[None]:
         yield
         return
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    sampler = subprocess.Popen(["taskset", "-c", str(LOAD_CORE), spy, "record", "--pid", str(pid), "--rate", "250",
+    rate = os.environ.get("BENCH_SPY_RATE", "250")  # samples per second
+    sampler = subprocess.Popen(["taskset", "-c", str(LOAD_CORE), spy, "record", "--pid", str(pid), "--rate", rate,
                                 "--format", "raw", "--nonblocking", "--output", str(output)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -11,7 +11,8 @@ machine's load between steps moves both: the ratios hold where absolute figures 
   at least 80% of SQLite's;
 - CPU per stream start: the relay's CPU for a burst of N streams of one delta each (a start, one chunk, the
   save) subtracted from that for 2N, divided by N: the marginal cost of a start, without what an instance
-  spends anyway; target: PostgreSQL + Redis within 1.5x SQLite's.
+  spends anyway; the median of three such pairs per deployment, taken in turns; target: PostgreSQL + Redis
+  within 1.5x SQLite's.
 
 The relay runs pinned to core 0 as in bench.run; the upstream and the load generator share core 1.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +33,7 @@ from .run import RESULTS, Case, Deployment, machine, run_case
 
 CAPACITY_RATIO_TARGET = 0.8
 START_CPU_RATIO_TARGET = 1.5
+START_REPEATS = 3
 
 
 def capacity_steps(quick: bool) -> list[int]:
@@ -55,6 +58,7 @@ def measure(transports: list[str], deployments: dict[str, Deployment], quick: bo
 
     capacity: dict[str, dict[str, int]] = {transport: {} for transport in transports}
     start_cpu: dict[str, dict[str, float | None]] = {transport: {} for transport in transports}
+    start_cpu_all: dict[str, dict[str, list[float]]] = {transport: {} for transport in transports}
     for transport in transports:
         climbing = set(deployments)
         for streams in capacity_steps(quick):
@@ -68,27 +72,40 @@ def measure(transports: list[str], deployments: dict[str, Deployment], quick: bo
                 else:
                     climbing.discard(name)
         # The marginal CPU between a burst and one twice its size: a start's own cost, without what an instance
-        # spends anyway over the case (timers, leases, the warm-up).
+        # spends anyway over the case (timers, leases, the warm-up). Each deployment measures it START_REPEATS
+        # times, the deployments in turns, and keeps the median: one pair moves by a third between runs here.
         small = 50 if quick else 250
-        for name in deployments:
-            cpu: list[float] = []
-            for streams in (small, 2 * small):
-                result = run(Case("starts", "relay", transport, streams=streams, deltas=1, delay_ms=0, ramp_s=2), name)
-                spent = result.get("target_cpu_s")
-                if "failed" not in result and result.get("errors") == 0 and isinstance(spent, (int, float)):
-                    cpu.append(float(spent))
-            start_cpu[transport][name] = (cpu[1] - cpu[0]) / small * 1e3 if len(cpu) == 2 else None
-    return {"runs": runs, "capacity": capacity, "start_cpu_ms": start_cpu}
+        marginals: dict[str, list[float]] = {name: [] for name in deployments}
+        for _ in range(1 if quick else START_REPEATS):
+            for name in deployments:
+                cpu: list[float] = []
+                for streams in (small, 2 * small):
+                    result = run(Case("starts", "relay", transport, streams=streams, deltas=1, delay_ms=0,
+                                      ramp_s=2), name)
+                    spent = result.get("target_cpu_s")
+                    if "failed" not in result and result.get("errors") == 0 and isinstance(spent, (int, float)):
+                        cpu.append(float(spent))
+                if len(cpu) == 2:
+                    marginals[name].append((cpu[1] - cpu[0]) / small * 1e3)
+        for name, values in marginals.items():
+            start_cpu[transport][name] = statistics.median(values) if values else None
+            start_cpu_all[transport][name] = [round(value, 3) for value in values]
+    return {"runs": runs, "capacity": capacity, "start_cpu_ms": start_cpu, "start_cpu_ms_each": start_cpu_all}
 
 
 def verdicts(measured: dict[str, Any]) -> list[str]:
     lines = ["| transport | capacity SQLite | capacity PostgreSQL + Redis | ratio (target >= 0.8) "
-             "| CPU per start SQLite | CPU per start PostgreSQL + Redis | ratio (target <= 1.5) |",
+             "| CPU per start SQLite (median of) | CPU per start PostgreSQL + Redis (median of) "
+             "| ratio (target <= 1.5) |",
              "|---|---|---|---|---|---|---|"]
     for transport, capacity in measured["capacity"].items():
         lite, scaled = capacity.get("sqlite", 0), capacity.get("postgresql+redis", 0)
         cpu = measured["start_cpu_ms"][transport]
         lite_cpu, scaled_cpu = cpu.get("sqlite"), cpu.get("postgresql+redis")
+
+        def each(name: str, transport: str = transport) -> str:
+            values = measured.get("start_cpu_ms_each", {}).get(transport, {}).get(name, [])
+            return f" ({', '.join(f'{value:.2f}' for value in values)})" if len(values) > 1 else ""
         ratio = scaled / lite if lite else None
         cpu_ratio = scaled_cpu / lite_cpu if lite_cpu and scaled_cpu else None
         capacity_verdict = "met" if ratio is not None and ratio >= CAPACITY_RATIO_TARGET else "missed"
@@ -96,8 +113,8 @@ def verdicts(measured: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {transport} | {lite or 'none'} | {scaled or 'none'} | "
             f"{'n/a' if ratio is None else f'{ratio:.2f}'}: {capacity_verdict} | "
-            f"{'n/a' if lite_cpu is None else f'{lite_cpu:.2f} ms'} | "
-            f"{'n/a' if scaled_cpu is None else f'{scaled_cpu:.2f} ms'} | "
+            f"{'n/a' if lite_cpu is None else f'{lite_cpu:.2f} ms'}{each('sqlite')} | "
+            f"{'n/a' if scaled_cpu is None else f'{scaled_cpu:.2f} ms'}{each('postgresql+redis')} | "
             f"{'n/a' if cpu_ratio is None else f'{cpu_ratio:.2f}'}: {cpu_verdict} |")
     return lines
 
