@@ -41,7 +41,7 @@ from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError
 
 from .errors import NotFoundError, RelayError
 from .events import TERMINAL_EVENTS, Error, encode_data
@@ -398,7 +398,7 @@ class RedisStreamHub(StreamHub):
         replies cost once per write, not once per stream.
 
         Raises:
-            RedisError, OSError: Redis did not take them all (those not taken are marked to be sent again).
+            RedisError, OSError: Redis did not take them all (the write loop marks them to be sent again).
         """
         retention = max(1, math.ceil(self.retention_seconds))
         sent: list[tuple[LogCopy, int]] = []  # (copy, last id sent), in the script's order
@@ -443,10 +443,6 @@ class RedisStreamHub(StreamHub):
             await self._load_scripts()
             self._dirty_ready.set()
             return
-        except ResponseError:
-            for copy, _ in sent:
-                self._dirty.setdefault(copy.stream.id, copy)
-            raise
         written = [int(result) for result in cast(bytes, reply_text).split(b",")]
         lost: list[LogCopy] = []
         for (copy, last_id), result in zip(sent, written, strict=True):
