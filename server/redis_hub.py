@@ -86,8 +86,8 @@ def text(value: bytes | str | None) -> str | None:
 # and three per stream were most of a write's cost (a single Redis: keys are not declared for a Cluster).
 # Mode "a" appends to the copy of that epoch the events it does not hold yet (XADD refuses an id at or below the
 # top); mode "c" makes a new copy of the log, of this epoch, holding exactly these events.
-# Returns one line per stream, comma-separated, in order: the number added; -1: the copy is not this epoch's
-# (Redis lost it); -2: another instance ended it.
+# Returns one number per stream, comma-separated, in the blob's order: the number of events added; -1: the copy
+# is not this epoch's (Redis lost it); -2: another instance ended it.
 WRITE_SCRIPT = """
 local blob, at = ARGV[3], 1
 local function line()
@@ -130,9 +130,9 @@ while at <= #blob do
     if result == nil then
       local added = 0
       for i = 1, count do
-        local id = redis.pcall('XADD', log, 'MAXLEN', '~', maxlen, (first + i - 1) .. '-0', 'e', names[i], 'd',
-                               datas[i])
-        if type(id) == 'string' then added = added + 1 end
+        local entry = redis.pcall('XADD', log, 'MAXLEN', '~', maxlen, (first + i - 1) .. '-0', 'e', names[i], 'd',
+                                  datas[i])
+        if type(entry) == 'string' then added = added + 1 end
       end
       if ttl ~= '0' then
         redis.call('EXPIRE', log, ttl)
