@@ -496,3 +496,50 @@ async def test_events_that_arrive_within_the_write_interval_share_one_redis_writ
         for hub in (owner, reader):
             await hub.shutdown(0)
             await hub.close()
+
+
+@pytest.mark.skipif(not REDIS_URL, reason="set TEST_REDIS_URL=redis://127.0.0.1:6379/7 to run the hub tests on Redis")
+async def test_the_running_list_holds_each_running_answers_latest_usage_and_lets_go_of_a_finished_one():
+    """What a survivor saves a dead instance's answers with: the running list (a Redis hash) has each running
+    stream's message and its latest usage, taken in the same script call as the events, and loses a stream once
+    its last event is in. Fails if the script's HSET of usage copies or its HDEL of ended streams is dropped, or
+    if a usage change no longer moves the mark that sends the copy again."""
+    from server.protocol.answer import AnswerState
+    from server.protocol.anthropic import ReplyState
+
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    owner = await open_redis_hub(prefix)
+    running = f"{prefix}:running:{owner.instance_id}"  # type: ignore[attr-defined]
+
+    async def listed() -> dict[str, dict]:
+        return {key.decode(): json.loads(value)
+                for key, value in (await owner.redis.hgetall(running)).items()}  # type: ignore[attr-defined]
+
+    async def until(check) -> dict[str, dict]:  # type: ignore[no-untyped-def]
+        async with asyncio.timeout(5):
+            while not check(entries := await listed()):  # noqa: ASYNC110 - the state is in Redis: polled
+                await asyncio.sleep(0.01)
+        return entries
+
+    def started(stream_id: str) -> LiveStream:
+        stream = make_stream(owner, stream_id=stream_id)
+        stream.reply = AnswerState(ReplyState("claude-haiku-4-5"))
+        stream.reply.current.feed("message_start", json.dumps(
+            {"type": "message_start", "message": {"id": "m", "usage": {"input_tokens": 11, "output_tokens": 1}}}))
+        stream.append(Chunk("a"))
+        return stream
+
+    try:
+        first, second = started("s1"), started("s2")
+        entries = await until(lambda entries: {"s1", "s2"} <= set(entries))
+        assert entries["s1"]["messageId"] == "m1" and entries["s1"]["usage"]["input_tokens"] == 11
+        first.reply.current.feed("message_delta", json.dumps(  # type: ignore[union-attr]
+            {"type": "message_delta", "delta": {}, "usage": {"output_tokens": 7}}))
+        first.append(Chunk("b"))
+        await until(lambda entries: entries.get("s1", {}).get("usage", {}).get("output_tokens") == 7)
+        second.append(Done("c1", "m1", "end_turn"))
+        entries = await until(lambda entries: "s2" not in entries)
+        assert set(entries) == {"s1"}
+    finally:
+        await owner.shutdown(0)
+        await owner.close()
