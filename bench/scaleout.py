@@ -93,6 +93,12 @@ def measure(transports: list[str], deployments: dict[str, Deployment], quick: bo
     return {"runs": runs, "capacity": capacity, "start_cpu_ms": start_cpu, "start_cpu_ms_each": start_cpu_all}
 
 
+def _each(measured: dict[str, Any], transport: str, name: str) -> str:
+    """The pairs a CPU-per-start median was taken of, as " (a, b, c)", or nothing for a single pair."""
+    values = measured.get("start_cpu_ms_each", {}).get(transport, {}).get(name, [])
+    return f" ({', '.join(f'{value:.2f}' for value in values)})" if len(values) > 1 else ""
+
+
 def verdicts(measured: dict[str, Any]) -> list[str]:
     lines = ["| transport | capacity SQLite | capacity PostgreSQL + Redis | ratio (target >= 0.8) "
              "| CPU per start SQLite (median of) | CPU per start PostgreSQL + Redis (median of) "
@@ -102,10 +108,6 @@ def verdicts(measured: dict[str, Any]) -> list[str]:
         lite, scaled = capacity.get("sqlite", 0), capacity.get("postgresql+redis", 0)
         cpu = measured["start_cpu_ms"][transport]
         lite_cpu, scaled_cpu = cpu.get("sqlite"), cpu.get("postgresql+redis")
-
-        def each(name: str, transport: str = transport) -> str:
-            values = measured.get("start_cpu_ms_each", {}).get(transport, {}).get(name, [])
-            return f" ({', '.join(f'{value:.2f}' for value in values)})" if len(values) > 1 else ""
         ratio = scaled / lite if lite else None
         cpu_ratio = scaled_cpu / lite_cpu if lite_cpu and scaled_cpu else None
         capacity_verdict = "met" if ratio is not None and ratio >= CAPACITY_RATIO_TARGET else "missed"
@@ -113,8 +115,9 @@ def verdicts(measured: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {transport} | {lite or 'none'} | {scaled or 'none'} | "
             f"{'n/a' if ratio is None else f'{ratio:.2f}'}: {capacity_verdict} | "
-            f"{'n/a' if lite_cpu is None else f'{lite_cpu:.2f} ms'}{each('sqlite')} | "
-            f"{'n/a' if scaled_cpu is None else f'{scaled_cpu:.2f} ms'}{each('postgresql+redis')} | "
+            f"{'n/a' if lite_cpu is None else f'{lite_cpu:.2f} ms'}{_each(measured, transport, 'sqlite')} | "
+            f"{'n/a' if scaled_cpu is None else f'{scaled_cpu:.2f} ms'}"
+            f"{_each(measured, transport, 'postgresql+redis')} | "
             f"{'n/a' if cpu_ratio is None else f'{cpu_ratio:.2f}'}: {cpu_verdict} |")
     return lines
 
